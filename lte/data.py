@@ -1,0 +1,150 @@
+"""Training and held-out data through the ``datasets`` library.
+
+Sources are local files (``.txt`` split into documents by line/paragraph/whole file,
+``.json``/``.jsonl``, ``.csv``, ``.parquet``) or hub dataset names. Two formats:
+
+* ``text``: documents are tokenised, concatenated and cut into ``block_size`` blocks
+  (causal-LM packing, as ``run_clm`` does); every token is a label.
+* ``instruction``: alpaca-style records (instruction, optional input, output). The prompt is
+  rendered with the tokenizer's chat template when it has one, else the Alpaca template;
+  the loss is on the response tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from .config import DataArgs
+from .errors import UsageError
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ALPACA_PROMPT = "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS or source.count("/") > 1
+
+
+def check_source(source: str, key: str) -> None:
+    """Fail early, before anything is written, when a local data file is missing."""
+    if _looks_like_path(source) and not Path(source).expanduser().exists():
+        raise UsageError(f"{key}={source}: file not found; give an existing file or a hub dataset name")
+
+
+def load_documents(source: str, split: str, args: DataArgs) -> Dataset:
+    path = Path(source).expanduser()
+    if path.exists():
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UsageError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
+        kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
+        dataset = load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+    else:
+        check_source(source, "data")
+        try:
+            dataset = load_dataset(source, args.name, split=split)
+        except Exception as exc:  # the hub raises many kinds; all mean "cannot get this dataset"
+            raise UsageError(f"could not load dataset {source!r} (split {split!r}): {exc}") from None
+    return dataset
+
+
+def _text_column(dataset: Dataset, field_name: str, source: str) -> Dataset:
+    if field_name not in dataset.column_names:
+        raise UsageError(f"{source} has no {field_name!r} column (columns: {dataset.column_names}); set data.text_field")
+    return dataset.filter(lambda row: bool(row[field_name] and row[field_name].strip()))
+
+
+def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> Dataset:
+    """Tokenise documents and cut the concatenation into ``block_size`` blocks."""
+    field_name = args.text_field
+    dataset = _text_column(dataset, field_name, args.train)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        ids = tokenizer(batch[field_name], add_special_tokens=True)["input_ids"]
+        # Tokenizers that mark a document's start (Llama's BOS) need no separator; the
+        # others (GPT-2, OPT without BOS) get EOS between documents, as run_clm-style data does.
+        starts_marked = tokenizer.bos_token_id is not None and all(s[:1] == [tokenizer.bos_token_id] for s in ids if s)
+        return {"ids": [s if starts_marked else s + eos for s in ids]}
+
+    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    block = args.block_size
+    limit = None if max_tokens is None else max_tokens // block
+
+    def group(batch):
+        flat = [t for seq in batch["ids"] for t in seq]
+        n = len(flat) // block
+        blocks = [flat[i * block:(i + 1) * block] for i in range(n)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    packed = tokens.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Packing")
+    if len(packed) == 0:
+        raise UsageError(f"the data has fewer than data.block_size={block} tokens; give more text or a smaller block_size")
+    if limit is not None:
+        packed = packed.select(range(min(limit, len(packed))))
+    return packed
+
+
+def render_instruction(record: dict, tokenizer, args: DataArgs) -> tuple[str, str]:
+    """(prompt, response) strings for one alpaca-style record."""
+    instruction = record[args.instruction_field]
+    context = (record.get(args.input_field) or "").strip()
+    response = record[args.response_field]
+    if getattr(tokenizer, "chat_template", None):
+        user = instruction if not context else f"{instruction}\n\n{context}"
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        return prompt, response + (tokenizer.eos_token or "")
+    prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if context else "",
+                                  instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
+    return prompt, response + (tokenizer.eos_token or "")
+
+
+def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> Dataset:
+    for key in (args.instruction_field, args.response_field):
+        if key not in dataset.column_names:
+            raise UsageError(f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
+                             f"set data.instruction_field / data.response_field")
+
+    def encode(record):
+        prompt, response = render_instruction(record, tokenizer, args)
+        prompt_ids = tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + response_ids)[: args.block_size]
+        labels = ([-100] * len(prompt_ids) + response_ids)[: args.block_size]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    examples = dataset.map(encode, remove_columns=dataset.column_names, desc="Tokenizing")
+    examples = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
+    if max_tokens is not None:
+        lengths = [len(x) for x in examples["input_ids"]]
+        total, keep = 0, 0
+        while keep < len(lengths) and total + lengths[keep] <= max_tokens:
+            total += lengths[keep]
+            keep += 1
+        examples = examples.select(range(max(keep, 1)))
+    return examples
+
+
+@dataclass
+class LMData:
+    train: Dataset
+    eval: Dataset
+    padded: bool  # instruction data has variable lengths and needs a padding collator
+
+
+def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
+    """Load, split and tokenise the training and held-out data."""
+    train_docs = load_documents(args.train, args.train_split, args)
+    if args.eval:
+        eval_docs = load_documents(args.eval, args.eval_split, args)
+    else:
+        split = train_docs.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train_docs, eval_docs = split["train"], split["test"]
+    if args.format == "text":
+        return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens),
+                      pack(eval_docs, tokenizer, args, args.max_eval_tokens), padded=False)
+    return LMData(instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
+                  instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens), padded=True)

@@ -1,0 +1,58 @@
+"""Held-out perplexity and realised FFN sparsity of a (possibly LTE) causal LM."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .layers import collect_router_scores
+from .losses import layer_sparsity
+
+
+@dataclass
+class EvalResult:
+    nll: float
+    tokens: int
+    per_layer_sparsity: list[float] = field(default_factory=list)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def sparsity(self) -> float | None:
+        return sum(self.per_layer_sparsity) / len(self.per_layer_sparsity) if self.per_layer_sparsity else None
+
+
+@torch.no_grad()
+def evaluate_lm(model, dataset, collator, batch_size: int = 8, desc: str = "Evaluating") -> EvalResult:
+    """Token-weighted NLL over every label of ``dataset``; sparsity over the same tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    skipped = tokens_routed = None
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with collect_router_scores() as records:
+            logits = model(**batch).logits.float()
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((targets != -100).sum())
+        if records:
+            mask = batch.get("attention_mask")
+            per_layer = layer_sparsity(records, mask)
+            n = mask.sum().item() if mask is not None else batch["input_ids"].numel()
+            skipped = per_layer * n if skipped is None else skipped + per_layer * n
+            tokens_routed = n if tokens_routed is None else tokens_routed + n
+    model.train(was_training)
+    per_layer = [] if skipped is None else (skipped / tokens_routed).tolist()
+    return EvalResult(total_nll / max(total_tokens, 1), total_tokens, per_layer)

@@ -1,0 +1,185 @@
+"""Put LTE into a Hugging Face model, and take it out again (PEFT's tuner shape).
+
+``inject_lte`` walks ``named_modules``, wraps every module whose class is in the FFN
+registry with :class:`LTEMLP`, and (unless loading a trained checkpoint) first clusters and
+permutes its neurons. The model stays a ``PreTrainedModel``, so ``Trainer`` saves it as
+usual; router parameters all carry the ``lte_router`` prefix, so saving LTE's own state is a
+name filter. ``save_lte``/``load_lte`` write a normal Hugging Face checkpoint of the
+(permuted) base model plus ``lte_routers.safetensors`` and ``lte_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .layers import MODES, ROUTER_PREFIX, LTEMLP
+from .moefication import moefy
+from .registry import FFN_REGISTRY, spec_for
+
+LTE_CONFIG_NAME = "lte_config.json"
+ROUTERS_NAME = "lte_routers.safetensors"
+
+
+@dataclass
+class LTEModelConfig:
+    """What is needed to rebuild the LTE structure around a saved base model."""
+
+    expert_size: int
+    tau: float = 0.5
+    router_bias: bool = False
+
+
+def lte_layers(model: nn.Module) -> list[LTEMLP]:
+    """The model's LTE layers in depth order. Resolved on each call, never cached, so it stays
+    right after PEFT, FSDP or DeepSpeed rewrap the model."""
+    return [m for m in model.modules() if isinstance(m, LTEMLP)]
+
+
+def _ffn_hosts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    hosts = [(name, module) for name, module in model.named_modules() if spec_for(module) is not None]
+    if not hosts:
+        candidates = sorted({type(m).__name__ for n, m in model.named_modules()
+                             if n.split(".")[-1] in ("mlp", "feed_forward", "ffn") or type(m).__name__.endswith(("MLP", "DecoderLayer", "Block"))})
+        found = ", ".join(candidates) or "none"
+        raise UsageError(
+            f"no supported FFN found in {type(model).__name__}: found module classes [{found}], "
+            f"but LTE knows only [{', '.join(sorted(FFN_REGISTRY))}]. Register the FFN layout with "
+            f"lte.registry.register_ffn(CLASS_NAME, FFNSpec(first=..., down=..., cluster_on=...))."
+        )
+    return hosts
+
+
+def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = True,
+               kmeans_iters: int = 10, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Wrap every FFN of ``model`` in :class:`LTEMLP`, in place.
+
+    With ``moefy_experts`` the neurons are first grouped into experts (balanced k-means) and
+    permuted; pass False when the weights are already permuted (loading a trained run).
+    Routers are initialised from ``seed`` so every process builds identical routers.
+    """
+    hosts = _ffn_hosts(model)
+    for _, host in hosts:
+        width = host.get_submodule(spec_for(host).down)
+        _check_expert_size(width, cfg.expert_size)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for index, (name, host) in enumerate(tqdm(hosts, desc="MoEfying FFNs" if moefy_experts else "Wrapping FFNs",
+                                                  disable=not progress)):
+            spec = spec_for(host)
+            if moefy_experts:
+                moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
+            wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(parent, nn.ModuleList):
+                parent[int(child)] = wrapper
+            else:
+                setattr(parent, child, wrapper)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.lte_config = cfg
+    return model
+
+
+def _check_expert_size(down: nn.Module, expert_size: int) -> None:
+    from .registry import feature_axes
+
+    width = down.weight.shape[feature_axes(down)[1]]
+    if expert_size <= 0 or width % expert_size:
+        divisors = [d for d in range(1, width + 1) if width % d == 0]
+        raise UsageError(
+            f"lte.expert_size={expert_size} does not divide the FFN width {width}; "
+            f"choose one of {divisors if len(divisors) <= 24 else divisors[:12] + ['...'] + divisors[-4:]}"
+        )
+
+
+def set_lte_mode(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for layer in lte_layers(model):
+        layer.mode = mode
+
+
+def set_thresholds(model: nn.Module, thresholds: list[float] | float) -> None:
+    layers = lte_layers(model)
+    values = thresholds if isinstance(thresholds, list) else [thresholds] * len(layers)
+    for layer, tau in zip(layers, values, strict=True):
+        layer.tau = float(tau)
+
+
+def unload_lte(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LTEMLP` by its original module (weights stay permuted)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LTEMLP):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(parent, nn.ModuleList):
+                parent[int(child)] = module.unwrap()
+            else:
+                setattr(parent, child, module.unwrap())
+    if hasattr(model, "lte_config"):
+        del model.lte_config
+    return model
+
+
+def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router weights by layer: ``{"layers.{i}.weight": ..., ...}`` (a prefix filter, PEFT-style)."""
+    out = {}
+    for layer in lte_layers(model):
+        for key, value in layer.lte_router.state_dict().items():
+            out[f"layers.{layer.layer_index}.{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The wrapped model's state dict with LTE's wrapper names removed: loadable by the base class."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if f".{ROUTER_PREFIX}." in key or key.startswith(f"{ROUTER_PREFIX}."):
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def save_lte(model, out_dir: str | os.PathLike, tokenizer=None) -> None:
+    """Write ``out_dir`` as a standard checkpoint of the permuted base model plus the routers."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=base_state_dict(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    save_file(router_state_dict(model), str(out_dir / ROUTERS_NAME))
+    (out_dir / LTE_CONFIG_NAME).write_text(json.dumps(asdict(model.lte_config), indent=2) + "\n")
+
+
+def is_lte_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / LTE_CONFIG_NAME).is_file() and (Path(path) / ROUTERS_NAME).is_file()
+
+
+def load_lte(path: str | os.PathLike, **from_pretrained_kwargs):
+    """Load a checkpoint written by :func:`save_lte`; returns the model in ``hard`` mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_lte_checkpoint(path):
+        raise UsageError(f"{path} is not an LTE checkpoint (no {LTE_CONFIG_NAME} / {ROUTERS_NAME}); "
+                         f"point to a stage directory written by `lte train`, e.g. RUN_DIR/stage2")
+    cfg = LTEModelConfig(**json.loads((path / LTE_CONFIG_NAME).read_text()))
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    inject_lte(model, cfg, moefy_experts=False, progress=False)
+    routers = load_file(str(path / ROUTERS_NAME))
+    for layer in lte_layers(model):
+        prefix = f"layers.{layer.layer_index}."
+        layer.lte_router.load_state_dict({k[len(prefix):]: v for k, v in routers.items() if k.startswith(prefix)})
+    set_lte_mode(model, "hard")
+    return model

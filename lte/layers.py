@@ -1,0 +1,118 @@
+"""The LTE FFN: the original FFN module kept as ``base_layer``, plus a sigmoid router.
+
+The router reads the FFN input (the input of its first projection) and scores each expert
+``G = sigmoid(router(x))``. The expert mask is applied to the input of the down projection,
+where every intermediate neuron is visible, and the model's own forward does the rest:
+
+* ``dense``: router unused, output identical to the original model;
+* ``soft`` (stage 1): ``sum_i G_i(x) E_i(x)``, every neuron of expert ``i`` scaled by ``G_i``;
+* ``hard`` (stage 2, inference): ``sum_{i: G_i > tau} E_i(x)``, unscaled.
+
+Both hooks are registered on the wrapped projections and removed by :meth:`LTEMLP.unwrap`.
+Router scores are handed to the loss through :func:`collect_router_scores`, a ContextVar
+scope that is open only during the top-level forward, so the forward that activation
+checkpointing replays during backward records nothing twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .registry import FFNSpec, feature_axes
+
+MODES = ("dense", "soft", "hard")
+ROUTER_PREFIX = "lte_router"
+
+
+@dataclass
+class RouterRecord:
+    """One layer's router scores for one forward: ``scores`` [tokens, experts] (graph attached)."""
+
+    layer: int
+    scores: torch.Tensor
+    tau: float
+
+
+_collector: ContextVar[list[RouterRecord] | None] = ContextVar("lte_router_collector", default=None)
+
+
+@contextlib.contextmanager
+def collect_router_scores():
+    """Record every LTE layer's router scores during the forwards run inside this block."""
+    records: list[RouterRecord] = []
+    token = _collector.set(records)
+    try:
+        yield records
+    finally:
+        _collector.reset(token)
+
+
+class LTEMLP(nn.Module):
+    """Wraps one FFN host module; see the module docstring for the modes."""
+
+    def __init__(self, base_layer: nn.Module, spec: FFNSpec, expert_size: int, layer_index: int,
+                 tau: float = 0.5, router_bias: bool = False):
+        super().__init__()
+        first = base_layer.get_submodule(spec.first[0])
+        down = base_layer.get_submodule(spec.down)
+        in_axis = feature_axes(first)[1]
+        d_model = first.weight.shape[in_axis]
+        width = down.weight.shape[feature_axes(down)[1]]
+        if width % expert_size:
+            raise ValueError(f"expert_size {expert_size} does not divide the FFN width {width}")
+        self.base_layer = base_layer
+        self.spec = spec
+        self.expert_size = expert_size
+        self.num_experts = width // expert_size
+        self.layer_index = layer_index
+        self.tau = tau
+        self.mode = "dense"
+        weight = first.weight
+        self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=weight.dtype)
+        self._scores: torch.Tensor | None = None
+        self._hooks = [
+            first.register_forward_pre_hook(self._route),
+            down.register_forward_pre_hook(self._mask),
+        ]
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Router scores G(x) in (0, 1), one per expert."""
+        return torch.sigmoid(self.lte_router(x.to(self.lte_router.weight.dtype)))
+
+    def _route(self, module, args):
+        if self.mode == "dense":
+            return None
+        scores = self.scores(args[0])
+        self._scores = scores
+        records = _collector.get()
+        if records is not None:
+            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.tau))
+        return None
+
+    def _mask(self, module, args):
+        if self.mode == "dense":
+            return None
+        scores, self._scores = self._scores, None
+        h = args[0]
+        gate = scores if self.mode == "soft" else (scores > self.tau).to(scores.dtype)
+        shape = h.shape
+        h = (h.reshape(*shape[:-1], self.num_experts, self.expert_size) * gate.to(h.dtype).unsqueeze(-1)).reshape(shape)
+        return (h, *args[1:])
+
+    def unwrap(self) -> nn.Module:
+        """Remove the hooks and return the original module (weights stay permuted)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, mode={self.mode}"

@@ -1,0 +1,219 @@
+"""The LTE run: optional dense fine-tune, stage 1 (soft routing), stage 2 (hard routing), report.
+
+Each stage is its own ``Trainer.train()`` with its own trainable set, writing checkpoints to
+``OUTPUT_DIR/stageN/checkpoint-*`` and its finished model to ``OUTPUT_DIR/stageN/model``
+(written to a temporary directory and renamed, so a finished stage is never half-written).
+Rerunning the same command skips finished stages and resumes an unfinished one from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint, set_seed
+
+from .config import Recipe
+from .data import LMData, build_data, check_source
+from .errors import UsageError
+from .evaluate import EvalResult, evaluate_lm
+from .inject import LTEModelConfig, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
+from .layers import ROUTER_PREFIX
+from .trainer import LTETrainer
+
+logger = logging.getLogger("lte")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+STAGE_MODEL = "model"
+REPORT = "report.json"
+
+
+def model_kwargs(recipe: Recipe) -> dict:
+    kwargs = {"dtype": DTYPES[recipe.model.dtype], "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.model.revision:
+        kwargs["revision"] = recipe.model.revision
+    return kwargs
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check the model and data exist before anything is written."""
+    check_source(recipe.data.train, "data.train")
+    if recipe.data.eval:
+        check_source(recipe.data.eval, "data.eval")
+    source = recipe.model.name_or_path
+    local = Path(source).expanduser()
+    if (source.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        raise UsageError(f"model.name_or_path={source}: no model there (expected a directory with config.json)")
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load model.name_or_path={source!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(recipe: Recipe):
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code,
+                                              revision=recipe.model.revision)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss and the router statistics, so any token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def collator_for(data: LMData, tokenizer):
+    if data.padded:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return default_data_collator
+
+
+def _save_atomically(save, final: Path) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def build_stage_model(stage: str, recipe: Recipe, source: str | Path):
+    """The model a stage starts from, with the stage's routing mode and trainable set."""
+    kwargs = model_kwargs(recipe)
+    if stage == "stage0":
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if stage == "stage1":
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        lte = recipe.lte
+        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias),
+                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, progress=PartialState().is_main_process)
+        set_lte_mode(model, "soft")
+        return model
+    model = load_lte(source, **kwargs)
+    set_lte_mode(model, "hard")
+    for name, param in model.named_parameters():
+        if ROUTER_PREFIX in name:
+            param.requires_grad_(False)
+    return model
+
+
+def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer) -> Path:
+    """Train one stage (or resume it) and return the directory of its finished model."""
+    args = recipe.stage_args(stage)
+    final = Path(args.output_dir) / STAGE_MODEL
+    state = PartialState()
+    if (final / "config.json").is_file():
+        logger.info("%s: finished model found at %s, skipping", stage, final)
+        return final
+    model = build_stage_model(stage, recipe, source)
+    if args.max_steps > 0:
+        trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                             data_collator=collator_for(data, tokenizer), processing_class=tokenizer)
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last:
+            logger.info("%s: resuming from %s", stage, last)
+        logger.info("%s: training %d steps in %s mode", stage, args.max_steps, args.lte_mode)
+        trainer.train(resume_from_checkpoint=last)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    if state.is_main_process:
+        save = (lambda d: save_lte(model, d, tokenizer)) if lte_layers(model) else (
+            lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        _save_atomically(save, final)
+    state.wait_for_everyone()
+    return final
+
+
+def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> tuple[EvalResult, EvalResult]:
+    """Held-out perplexity of the original model and of the trained sparse model (hard routing)."""
+    device = PartialState().device
+    collator = collator_for(data, tokenizer)
+    batch = recipe.train.get("per_device_eval_batch_size", 8)
+    dense_model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **model_kwargs(recipe)).to(device)
+    dense = evaluate_lm(dense_model, data.eval, collator, batch, desc="Evaluating the original model")
+    del dense_model
+    sparse_model = load_lte(stage2, **model_kwargs(recipe)).to(device)
+    sparse = evaluate_lm(sparse_model, data.eval, collator, batch, desc="Evaluating the sparse model")
+    return dense, sparse
+
+
+def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(per_layer) + 2), 3))
+    ax.bar(range(len(per_layer)), [100 * s for s in per_layer], color="tab:blue")
+    ax.axhline(100 * sum(per_layer) / len(per_layer), color="tab:red", linestyle="--", label="mean")
+    ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100), title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: Path) -> dict:
+    out = Path(recipe.output_dir)
+    report = {
+        "dense_ppl": dense.ppl,
+        "sparse_ppl": sparse.ppl,
+        "ppl_increase": sparse.ppl / dense.ppl - 1,
+        "sparsity": sparse.sparsity,
+        "per_layer_sparsity": sparse.per_layer_sparsity,
+        "eval_tokens": sparse.tokens,
+        "model_dir": os.path.relpath(stage2, out),
+        "export_dir": None,
+        "recipe": recipe.to_dict(),
+    }
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / REPORT)
+    plot_per_layer(sparse.per_layer_sparsity, out / "per_layer_sparsity.png",
+                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, ppl {sparse.ppl:.3f} (dense {dense.ppl:.3f})")
+    return report
+
+
+def summary(report: dict, out: Path) -> str:
+    per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
+    return (f"\nLTE run finished: {out}\n"
+            f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
+            f"({100 * report['ppl_increase']:+.2f}%)\n"
+            f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token "
+            f"(per layer: {per_layer})\n"
+            f"  sparse model         {out / report['model_dir']}\n"
+            f"  report               {out / REPORT}, {out / 'per_layer_sparsity.png'}\n")
+
+
+def run(recipe: Recipe) -> dict | None:
+    """Run every stage of ``recipe`` (resuming what is already done); returns the report."""
+    preflight(recipe)
+    set_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.seed)
+    state = PartialState()
+    out = Path(recipe.output_dir)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    state.wait_for_everyone()
+    logger.info("data: %d training and %d held-out examples", len(data.train), len(data.eval))
+
+    source: str | Path = recipe.model.name_or_path
+    if recipe.lte.stage0_steps > 0:
+        source = run_stage("stage0", recipe, source, data, tokenizer)
+    stage1 = run_stage("stage1", recipe, source, data, tokenizer)
+    stage2 = run_stage("stage2", recipe, stage1, data, tokenizer)
+    if not is_lte_checkpoint(stage2):
+        raise UsageError(f"{stage2} is not an LTE checkpoint; delete {out} and rerun")
+    if not state.is_main_process:
+        return None
+    dense, sparse = evaluate_run(recipe, data, tokenizer, stage2)
+    report = write_report(recipe, dense, sparse, stage2)
+    print(summary(report, out), flush=True)
+    return report

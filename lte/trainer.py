@@ -1,0 +1,171 @@
+"""``LTETrainer``: a thin ``transformers.Trainer`` that adds LTE's losses and sparsity metrics.
+
+The model is an ordinary causal LM whose FFNs were wrapped by :func:`lte.inject.inject_lte`.
+``compute_loss`` runs the usual task loss through ``super()`` inside a router-score scope,
+then (in ``soft`` mode) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
+task loss is normalised over the whole accumulated batch (``num_items_in_batch``), the
+Trainer does not divide by the accumulation steps, so the per-micro-batch regularisers are
+divided here; otherwise the Trainer divides everything. Either way the router gradients do
+not depend on the number of accumulation steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+from typing_extensions import override
+
+from .errors import UsageError
+from .layers import MODES, ROUTER_PREFIX, collect_router_scores
+from .losses import efficiency_loss, layer_sparsity, separability_loss
+
+
+@dataclass
+class LTEArguments:
+    """LTE's own settings (the recipe's ``lte.*`` group)."""
+
+    expert_size: int = field(default=32, metadata={"help": "FFN neurons per expert (must divide the FFN width)."})
+    eta: float = field(default=1.0, metadata={"help": "Weight of the efficiency loss: the sparsity knob (>= 0)."})
+    lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
+    tau: float = field(default=0.5, metadata={"help": "Router threshold in (0, 1): experts with G > tau run."})
+    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - tau)^2 + eps); keeps L_sep finite at G = tau."})
+    efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
+    router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
+    router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
+    kmeans_iters: int = field(default=10, metadata={"help": "Balanced k-means iterations for expert grouping."})
+    stage0_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."})
+    stage1_steps: int = field(default=100, metadata={"help": "Stage 1 steps (soft routing + regularisers)."})
+    stage2_steps: int = field(default=100, metadata={"help": "Stage 2 steps (hard routing, routers frozen)."})
+
+    def validate(self) -> None:
+        problems = []
+        if self.eta < 0:
+            problems.append(f"lte.eta={self.eta} must be >= 0 (it weighs the efficiency loss)")
+        if self.lam < 0:
+            problems.append(f"lte.lam={self.lam} must be >= 0 (it weighs the separability loss)")
+        if not 0 < self.tau < 1:
+            problems.append(f"lte.tau={self.tau} must lie in (0, 1): router scores are sigmoids")
+        if self.sep_eps <= 0:
+            problems.append(f"lte.sep_eps={self.sep_eps} must be > 0")
+        if self.efficiency_loss not in ("l1", "l2"):
+            problems.append(f"lte.efficiency_loss={self.efficiency_loss!r} must be 'l1' or 'l2'")
+        if self.expert_size < 1:
+            problems.append(f"lte.expert_size={self.expert_size} must be >= 1")
+        if self.router_learning_rate is not None and self.router_learning_rate <= 0:
+            problems.append(f"lte.router_learning_rate={self.router_learning_rate} must be > 0")
+        for stage in ("stage0_steps", "stage1_steps", "stage2_steps"):
+            if getattr(self, stage) < 0:
+                problems.append(f"lte.{stage}={getattr(self, stage)} must be >= 0")
+        if self.kmeans_iters < 1:
+            problems.append(f"lte.kmeans_iters={self.kmeans_iters} must be >= 1")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+@dataclass
+class LTETrainingArguments(TrainingArguments, LTEArguments):
+    """``TrainingArguments`` plus the LTE fields, plus which routing mode this stage trains."""
+
+    lte_mode: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lte_mode not in MODES:
+            raise ValueError(f"lte_mode must be one of {MODES}, got {self.lte_mode!r}")
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN/inf; the last checkpoint on disk is left as it was."""
+
+
+class LTETrainer(Trainer):
+    """Trainer for one LTE stage; the stage is ``args.lte_mode``."""
+
+    args: LTETrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @override
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with collect_router_scores() as records:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        split = "train" if model.training else "eval"
+        metrics = self._metrics[split]
+        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = self.current_gradient_accumulation_steps if (scaled_for_ga and model.training) else 1
+        if scaled_for_ga and self.args.average_tokens_across_devices:
+            task = loss.detach() * steps / self.accelerator.num_processes
+        else:
+            task = loss.detach()
+        metrics["task_loss"].append(self._gather_mean(task))
+        if records:
+            mask = inputs.get("attention_mask")
+            per_layer = layer_sparsity(records, mask)
+            metrics["sparsity"].append(self._gather_mean(per_layer.mean()))
+            metrics["per_layer_sparsity"].append(per_layer.tolist())
+            if self.args.lte_mode == "soft":
+                eff = efficiency_loss(records, mask, self.args.efficiency_loss)
+                sep = separability_loss(records, mask, self.args.sep_eps)
+                metrics["efficiency_loss"].append(self._gather_mean(eff.detach()))
+                metrics["separability_loss"].append(self._gather_mean(sep.detach()))
+                loss = loss + (self.args.eta * eff + self.args.lam * sep) / steps
+        if model.training and not torch.isfinite(loss.detach()).all():
+            step = self.state.global_step + 1
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {step} of the {self.args.lte_mode} stage; "
+                f"nothing was saved from this step. Lower train.learning_rate or lte.eta, then rerun the "
+                f"same command: it resumes from the last checkpoint in {self.args.output_dir}"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def _gather_mean(self, value: torch.Tensor) -> float:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
+        return self.accelerator.gather_for_metrics(value).mean().item()
+
+    @override
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if self.model.training else "eval"
+        metrics = self._metrics[split]
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in metrics.items():
+            if not values:
+                continue
+            if key == "per_layer_sparsity":
+                for layer, value in enumerate(torch.tensor(values).mean(dim=0).tolist()):
+                    logs[f"{prefix}sparsity/layer_{layer:02d}"] = round(value, 4)
+            else:
+                logs[f"{prefix}{key}"] = sum(values) / len(values)
+        metrics.clear()
+        super().log(logs, start_time)
+
+    @override
+    def create_optimizer(self, model=None):
+        """Give the routers their own learning rate when ``router_learning_rate`` is set."""
+        optimizer = super().create_optimizer(model)
+        router_lr = self.args.router_learning_rate
+        if router_lr is None or getattr(self, "_routers_regrouped", False):
+            return optimizer
+        opt_model = self.model if model is None else model
+        router_params = {id(p) for n, p in opt_model.named_parameters() if ROUTER_PREFIX in n and p.requires_grad}
+        if router_params:
+            moved = []
+            for group in optimizer.param_groups:
+                keep = [p for p in group["params"] if id(p) not in router_params]
+                moved += [(p, group["weight_decay"]) for p in group["params"] if id(p) in router_params]
+                group["params"] = keep
+            for decay in sorted({wd for _, wd in moved}):
+                optimizer.add_param_group({"params": [p for p, wd in moved if wd == decay], "weight_decay": decay,
+                                           "lr": router_lr})
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        self._routers_regrouped = True
+        return optimizer
+
+
+def perplexity(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else float("inf")

@@ -1,0 +1,121 @@
+"""Injection across every supported FFN family (PEFT-style case table on tiny random models)."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAMILY_CONFIGS, tiny_model
+from lte import UsageError
+from lte.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
+                        set_lte_mode, unload_lte)
+from lte.layers import collect_router_scores
+from lte.registry import feature_axes
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+def tokens(seed=1):
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def zero_ffn_reference(family):
+    """The same model with every FFN's down projection zeroed: what 'all experts off' must give."""
+    ref = inject_lte(tiny_model(family), LTEModelConfig(expert_size=8), progress=False)
+    for layer in lte_layers(ref):
+        layer.base_layer.get_submodule(layer.spec.down).weight.data.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouping_keeps_outputs_and_modes_behave(family):
+    x = tokens()
+    reference = tiny_model(family)(x).logits
+    model = inject_lte(tiny_model(family), LTEModelConfig(expert_size=8), progress=False)
+    layers = lte_layers(model)
+    assert len(layers) == 2 and all(layer.num_experts == 8 for layer in layers)
+    # Permuting neurons into contiguous experts does not change the function.
+    torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
+
+    set_lte_mode(model, "hard")
+    for layer in layers:
+        layer.tau = -1.0  # every expert selected
+    torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
+    for layer in layers:
+        layer.tau = 1.0  # no expert selected
+    with collect_router_scores() as records:
+        all_off = model(x).logits
+    torch.testing.assert_close(all_off, zero_ffn_reference(family)(x).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(all_off, reference, atol=1e-3)
+    assert [r.layer for r in records] == [0, 1]
+    assert all(r.scores.shape == (14, 8) for r in records)
+
+    # Soft mode scales each expert's neurons by its score: with scores forced to s, the FFN output is s times.
+    set_lte_mode(model, "soft")
+    for layer in layers:
+        nn.init.zeros_(layer.lte_router.weight)
+    soft = model(x).logits  # every score is sigmoid(0) = 0.5
+    assert not torch.allclose(soft, reference, atol=1e-3) and not torch.allclose(soft, all_off, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_are_contiguous_clusters(family):
+    model = tiny_model(family)
+    inject_lte(model, LTEModelConfig(expert_size=8), progress=False)
+    layer = lte_layers(model)[0]
+    spec = layer.spec
+    rows = layer.base_layer.get_submodule(spec.cluster_on).weight.detach()
+    rows = rows.movedim(feature_axes(layer.base_layer.get_submodule(spec.cluster_on))[0], 0)[:64]
+    rows = nn.functional.normalize(rows, dim=1)
+    experts = rows.reshape(8, 8, -1)
+    within = torch.einsum("eid,ejd->e", experts, experts).mean() / 64
+    shuffled = rows[torch.randperm(64, generator=torch.Generator().manual_seed(0))].reshape(8, 8, -1)
+    across = torch.einsum("eid,ejd->e", shuffled, shuffled).mean() / 64
+    assert within > across  # k-means groups similar neurons
+
+
+def test_unload_restores_plain_modules_and_state_dict_keys(tiny_llama):
+    x = tokens()
+    reference = tiny_llama(x).logits
+    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=16), progress=False)
+    assert all(k.startswith("layers.") for k in router_state_dict(model))
+    assert not any("base_layer" in k or "lte_router" in k for k in base_state_dict(model))
+    set_lte_mode(model, "hard")
+    unload_lte(model)
+    assert not lte_layers(model)
+    assert not any("lte_router" in name for name, _ in model.named_parameters())
+    torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
+    # The hooks are gone: the permuted plain model is dense.
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def test_save_and_load_round_trip(tiny_llama, tmp_path):
+    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, tau=0.4), progress=False)
+    for layer in lte_layers(model):
+        nn.init.normal_(layer.lte_router.weight, std=0.5)
+    set_lte_mode(model, "hard")
+    x = tokens()
+    expected = model(x).logits
+    save_lte(model, tmp_path / "ckpt")
+    loaded = load_lte(tmp_path / "ckpt").eval()
+    assert [layer.tau for layer in lte_layers(loaded)] == [0.4, 0.4]
+    torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_unsupported_model_names_the_mlp_class_it_found():
+    class ToyMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(4, 4)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = ToyMLP()
+
+    with pytest.raises(UsageError, match="ToyMLP"):
+        inject_lte(Toy(), LTEModelConfig(expert_size=2), progress=False)
+
+
+def test_expert_size_must_divide_width(tiny_llama):
+    with pytest.raises(UsageError, match=r"expert_size=5 does not divide the FFN width 64"):
+        inject_lte(tiny_llama, LTEModelConfig(expert_size=5), progress=False)
