@@ -195,8 +195,12 @@ def parse_overrides(args: list[str]) -> tuple[str, list[str]]:
     return recipe, rest
 
 
-def load_recipe(args: list[str]) -> Recipe:
-    """Build a validated :class:`Recipe` from ``["recipe=NAME", "key=value", ...]``."""
+def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
+    """Build a validated :class:`Recipe` from ``["recipe=NAME", "key=value", ...]``.
+
+    ``check_hardware=False`` validates every key and value without asking whether this machine
+    can run them (a bf16 GPU recipe on a CPU-only machine), as the recipe tests do.
+    """
     name, overrides = parse_overrides(args)
     path = find_recipe(name)
     try:
@@ -221,7 +225,7 @@ def load_recipe(args: list[str]) -> Recipe:
         part.validate()
     for stage in STAGES:
         try:
-            recipe.stage_args(stage)
+            recipe.stage_args(stage, **({} if check_hardware else {"use_cpu": True, "bf16": False, "fp16": False}))
         except (TypeError, ValueError) as exc:
             raise UsageError(f"invalid train settings for {stage}: {exc}") from None
     return recipe

@@ -36,14 +36,14 @@ def check_source(source: str, key: str) -> None:
 
 def load_documents(source: str, split: str, args: DataArgs) -> Dataset:
     path = Path(source).expanduser()
-    if path.exists():
+    if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UsageError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
         kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
         dataset = load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
     else:
-        check_source(source, "data")
+        check_source(source, "data")  # a hub name, or a local dataset directory (same loader)
         try:
             dataset = load_dataset(source, args.name, split=split)
         except Exception as exc:  # the hub raises many kinds; all mean "cannot get this dataset"

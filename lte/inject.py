@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .layers import MODES, ROUTER_PREFIX, LTEMLP
 from .moefication import moefy
-from .registry import FFN_REGISTRY, spec_for
+from .registry import FFN_REGISTRY, feature_axes, spec_for
 
 LTE_CONFIG_NAME = "lte_config.json"
 ROUTERS_NAME = "lte_routers.safetensors"
@@ -36,6 +36,9 @@ class LTEModelConfig:
     expert_size: int
     tau: float = 0.5
     router_bias: bool = False
+    router_init: str = "random"  # "centroid" (expert mean gate rows) or "random" (nn.Linear default)
+    router_init_scale: float = 1.0
+    detach_router_input: bool = False
 
 
 def lte_layers(model: nn.Module) -> list[LTEMLP]:
@@ -67,9 +70,7 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
     Routers are initialised from ``seed`` so every process builds identical routers.
     """
     hosts = _ffn_hosts(model)
-    for _, host in hosts:
-        width = host.get_submodule(spec_for(host).down)
-        _check_expert_size(width, cfg.expert_size)
+    check_expert_size(model, cfg.expert_size)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -78,7 +79,10 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
             spec = spec_for(host)
             if moefy_experts:
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
-            wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias)
+            wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias,
+                             detach_router_input=cfg.detach_router_input)
+            if moefy_experts and cfg.router_init == "centroid":
+                wrapper.init_router_from_experts(cfg.router_init_scale)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             if isinstance(parent, nn.ModuleList):
@@ -91,16 +95,15 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
     return model
 
 
-def _check_expert_size(down: nn.Module, expert_size: int) -> None:
-    from .registry import feature_axes
-
-    width = down.weight.shape[feature_axes(down)[1]]
-    if expert_size <= 0 or width % expert_size:
-        divisors = [d for d in range(1, width + 1) if width % d == 0]
-        raise UsageError(
-            f"lte.expert_size={expert_size} does not divide the FFN width {width}; "
-            f"choose one of {divisors if len(divisors) <= 24 else divisors[:12] + ['...'] + divisors[-4:]}"
-        )
+def check_expert_size(model: nn.Module, expert_size: int) -> None:
+    """Every FFN width must be a multiple of ``expert_size`` (works on a meta-device model)."""
+    for _, host in _ffn_hosts(model):
+        down = host.get_submodule(spec_for(host).down)
+        width = down.weight.shape[feature_axes(down)[1]]
+        if expert_size <= 0 or width % expert_size:
+            divisors = [d for d in range(1, width + 1) if width % d == 0]
+            shown = ", ".join(map(str, divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]))
+            raise UsageError(f"lte.expert_size={expert_size} does not divide the FFN width {width}; choose one of {shown}")
 
 
 def set_lte_mode(model: nn.Module, mode: str) -> None:

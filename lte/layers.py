@@ -56,7 +56,7 @@ class LTEMLP(nn.Module):
     """Wraps one FFN host module; see the module docstring for the modes."""
 
     def __init__(self, base_layer: nn.Module, spec: FFNSpec, expert_size: int, layer_index: int,
-                 tau: float = 0.5, router_bias: bool = False):
+                 tau: float = 0.5, router_bias: bool = False, detach_router_input: bool = False):
         super().__init__()
         first = base_layer.get_submodule(spec.first[0])
         down = base_layer.get_submodule(spec.down)
@@ -72,6 +72,7 @@ class LTEMLP(nn.Module):
         self.layer_index = layer_index
         self.tau = tau
         self.mode = "dense"
+        self.detach_router_input = detach_router_input
         weight = first.weight
         self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=weight.dtype)
         self._scores: torch.Tensor | None = None
@@ -79,6 +80,29 @@ class LTEMLP(nn.Module):
             first.register_forward_pre_hook(self._route),
             down.register_forward_pre_hook(self._mask),
         ]
+
+    @torch.no_grad()
+    def init_router_from_experts(self, scale: float = 1.0) -> None:
+        """Router row ``e`` := mean weight row of expert ``e``'s neurons (times ``scale``).
+
+        The initial logit is then the expert's mean gate pre-activation, so the starting
+        routing already tracks which experts a token activates (MoEfication initialises its
+        routers from cluster centroids the same way). Without it, scores start near 0.5 at
+        random and the first steps of stage 1 mostly undo an arbitrary split.
+        """
+        from .moefication import neuron_rows
+
+        rows = neuron_rows(self.base_layer, self.spec).float()
+        centroids = rows.reshape(self.num_experts, self.expert_size, -1).mean(dim=1)
+        self.lte_router.weight.copy_(scale * centroids)
+        if self.lte_router.bias is not None:
+            projection = self.base_layer.get_submodule(self.spec.cluster_on)
+            bias = getattr(projection, "bias", None)
+            if bias is None:
+                self.lte_router.bias.zero_()
+            else:
+                width = self.num_experts * self.expert_size
+                self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
@@ -90,7 +114,8 @@ class LTEMLP(nn.Module):
     def _route(self, module, args):
         if self.mode == "dense":
             return None
-        scores = self.scores(args[0])
+        x = args[0].detach() if self.detach_router_input else args[0]
+        scores = self.scores(x)
         self._scores = scores
         records = _collector.get()
         if records is not None:

@@ -25,8 +25,9 @@ from .config import Recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
-from .inject import LTEModelConfig, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
+from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
 from .layers import ROUTER_PREFIX
+from .router_init import calibrate_routers
 from .trainer import LTETrainer
 
 logger = logging.getLogger("lte")
@@ -55,9 +56,13 @@ def preflight(recipe: Recipe) -> None:
     if (source.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
         raise UsageError(f"model.name_or_path={source}: no model there (expected a directory with config.json)")
     try:
-        AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
+                                            revision=recipe.model.revision)
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model.name_or_path={source!r}: {str(exc).splitlines()[0]}") from None
+    with torch.device("meta"):  # the architecture without weights: checks the FFNs in milliseconds
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    check_expert_size(skeleton, recipe.lte.expert_size)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -83,7 +88,27 @@ def _save_atomically(save, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def build_stage_model(stage: str, recipe: Recipe, source: str | Path):
+def calibration_batches(data: LMData, tokenizer, tokens: int, batch_size: int) -> list[dict]:
+    """The first ``tokens`` training tokens, batched: calibration data for the router init."""
+    rows, total = [], 0
+    for row in data.train:
+        if total >= tokens:
+            break
+        rows.append(row)
+        total += len(row["input_ids"])
+    collate = collator_for(data, tokenizer)
+    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def broadcast_routers(model) -> None:
+    """Make every process start from rank 0's routers."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for layer in lte_layers(model):
+            for param in layer.lte_router.parameters():
+                torch.distributed.broadcast(param.data, src=0)
+
+
+def build_stage_model(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer):
     """The model a stage starts from, with the stage's routing mode and trainable set."""
     kwargs = model_kwargs(recipe)
     if stage == "stage0":
@@ -91,8 +116,17 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path):
     if stage == "stage1":
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         lte = recipe.lte
-        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias),
+        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
+                                         router_init=lte.router_init, router_init_scale=lte.router_init_scale,
+                                         detach_router_input=lte.detach_router_input),
                    kmeans_iters=lte.kmeans_iters, seed=recipe.seed, progress=PartialState().is_main_process)
+        if lte.router_init == "calibrated":
+            batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
+                                          recipe.train.get("per_device_train_batch_size", 8))
+            agreement = calibrate_routers(model, batches, lte.router_init_sparsity, lte.router_init_steps)
+            logger.info("stage1: routers fitted to expert importance (label agreement per layer: %s)",
+                        " ".join(f"{a:.2f}" for a in agreement))
+        broadcast_routers(model)
         set_lte_mode(model, "soft")
         return model
     model = load_lte(source, **kwargs)
@@ -103,7 +137,7 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path):
     return model
 
 
-def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer) -> Path:
+def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer, teacher_source=None) -> Path:
     """Train one stage (or resume it) and return the directory of its finished model."""
     args = recipe.stage_args(stage)
     final = Path(args.output_dir) / STAGE_MODEL
@@ -111,10 +145,13 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     if (final / "config.json").is_file():
         logger.info("%s: finished model found at %s, skipping", stage, final)
         return final
-    model = build_stage_model(stage, recipe, source)
+    model = build_stage_model(stage, recipe, source, data, tokenizer)
     if args.max_steps > 0:
+        teacher = None
+        if stage != "stage0" and recipe.lte.distill_weight > 0:
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
         trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             data_collator=collator_for(data, tokenizer), processing_class=tokenizer)
+                             data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if last:
             logger.info("%s: resuming from %s", stage, last)
@@ -207,8 +244,8 @@ def run(recipe: Recipe) -> dict | None:
     source: str | Path = recipe.model.name_or_path
     if recipe.lte.stage0_steps > 0:
         source = run_stage("stage0", recipe, source, data, tokenizer)
-    stage1 = run_stage("stage1", recipe, source, data, tokenizer)
-    stage2 = run_stage("stage2", recipe, stage1, data, tokenizer)
+    stage1 = run_stage("stage1", recipe, source, data, tokenizer, teacher_source=source)
+    stage2 = run_stage("stage2", recipe, stage1, data, tokenizer, teacher_source=source)
     if not is_lte_checkpoint(stage2):
         raise UsageError(f"{stage2} is not an LTE checkpoint; delete {out} and rerun")
     if not state.is_main_process:

@@ -36,13 +36,24 @@ class LTEArguments:
     efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
     router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
     router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
+    router_init: str = field(default="calibrated", metadata={"help": "'calibrated': fit routers to expert importance on "
+                             "training tokens before stage 1; 'centroid': the experts' mean gate rows; 'random': nn.Linear init."})
+    router_init_scale: float = field(default=1.0, metadata={"help": "Scale of the centroid router init (a logit temperature)."})
+    router_init_tokens: int = field(default=16384, metadata={"help": "Training tokens used by the calibrated router init."})
+    router_init_sparsity: float = field(default=0.5, metadata={"help": "Share of (token, expert) pairs the calibrated init labels as not needed."})
+    router_init_steps: int = field(default=200, metadata={"help": "Logistic-regression steps of the calibrated router init."})
+    detach_router_input: bool = field(default=False, metadata={"help": "Routers read a detached FFN input, so the "
+                                      "regularisers train only the routers and the backbone sees only the task loss."})
+    distill_weight: float = field(default=0.0, metadata={"help": "alpha in (1 - alpha) * task + alpha * KL(original || "
+                                  "LTE model) over next-token distributions, in stages 1 and 2 (0: the paper's task loss only)."})
     kmeans_iters: int = field(default=10, metadata={"help": "Balanced k-means iterations for expert grouping."})
     stage0_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."})
     stage1_steps: int = field(default=100, metadata={"help": "Stage 1 steps (soft routing + regularisers)."})
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 steps (hard routing, routers frozen)."})
 
     def validate(self) -> None:
-        problems = []
+        problems = [f"lte.{name}={value} must be a finite number" for name, value in vars(self).items()
+                    if isinstance(value, float) and not math.isfinite(value)]
         if self.eta < 0:
             problems.append(f"lte.eta={self.eta} must be >= 0 (it weighs the efficiency loss)")
         if self.lam < 0:
@@ -60,6 +71,14 @@ class LTEArguments:
         for stage in ("stage0_steps", "stage1_steps", "stage2_steps"):
             if getattr(self, stage) < 0:
                 problems.append(f"lte.{stage}={getattr(self, stage)} must be >= 0")
+        if not 0 <= self.distill_weight <= 1:
+            problems.append(f"lte.distill_weight={self.distill_weight} must lie in [0, 1]")
+        if self.router_init not in ("calibrated", "centroid", "random"):
+            problems.append(f"lte.router_init={self.router_init!r} must be 'calibrated', 'centroid' or 'random'")
+        if not 0 < self.router_init_sparsity < 1:
+            problems.append(f"lte.router_init_sparsity={self.router_init_sparsity} must lie in (0, 1)")
+        if self.router_init_tokens < 1 or self.router_init_steps < 1:
+            problems.append("lte.router_init_tokens and lte.router_init_steps must be >= 1")
         if self.kmeans_iters < 1:
             problems.append(f"lte.kmeans_iters={self.kmeans_iters} must be >= 1")
         if problems:
@@ -87,9 +106,13 @@ class LTETrainer(Trainer):
 
     args: LTETrainingArguments
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, teacher=None, **kwargs):
+        """``teacher``: the original dense model, for ``distill_weight > 0`` (frozen, never saved)."""
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if self.args.distill_weight > 0 and teacher is None:
+            raise ValueError("distill_weight > 0 needs the original model as `teacher`")
+        self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False) if teacher is not None else None
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -104,6 +127,11 @@ class LTETrainer(Trainer):
         else:
             task = loss.detach()
         metrics["task_loss"].append(self._gather_mean(task))
+        if self.teacher is not None and self.args.distill_weight > 0:
+            kl = self._distillation_loss(inputs, outputs.logits)
+            metrics["distill_kl"].append(self._gather_mean(kl.detach()))
+            alpha = self.args.distill_weight
+            loss = (1 - alpha) * loss + alpha * kl / steps
         if records:
             mask = inputs.get("attention_mask")
             per_layer = layer_sparsity(records, mask)
@@ -123,6 +151,15 @@ class LTETrainer(Trainer):
                 f"same command: it resumes from the last checkpoint in {self.args.output_dir}"
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation_loss(self, inputs, logits: torch.Tensor) -> torch.Tensor:
+        """Mean KL(teacher || student) of the next-token distributions over label positions."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        valid = inputs["labels"][:, 1:] != -100
+        student = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+        teacher = torch.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
     def _gather_mean(self, value: torch.Tensor) -> float:
         value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)

@@ -1,0 +1,80 @@
+"""Data loading, packing and the instruction format, on local files."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import SHARED_DATA, STORIES
+from lte.config import DataArgs
+from lte.data import build_data, render_instruction
+from lte.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+def write_stories(path, n=40):
+    stories = [f"Once upon a time there was a cat number {i}. It liked milk and naps in the sun." for i in range(n)]
+    path.write_text("\n".join(json.dumps({"text": s}) for s in stories) + "\n")
+    return stories
+
+
+def test_jsonl_is_packed_into_full_blocks_with_labels(tmp_path, tokenizer):
+    write_stories(tmp_path / "train.jsonl")
+    data = build_data(DataArgs(train=str(tmp_path / "train.jsonl"), block_size=32, eval_fraction=0.25), tokenizer, seed=0)
+    assert not data.padded
+    assert len(data.train) > 0 and len(data.eval) > 0
+    for row in data.train:
+        assert len(row["input_ids"]) == 32 and row["labels"] == row["input_ids"]
+    # Documents start with BOS (Llama-style tokenizer), so no separator is added.
+    first = data.train[0]["input_ids"]
+    assert first[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in first
+
+
+def test_text_file_documents_and_token_budget(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("One story here.\n\nAnother story there.\n\n" * 50)
+    args = DataArgs(train=str(tmp_path / "a.txt"), eval=str(tmp_path / "a.txt"), block_size=16, max_train_tokens=64)
+    data = build_data(args, tokenizer, seed=0)
+    assert len(data.train) == 4  # 64 tokens / 16 per block
+    assert len(data.eval) > 4
+
+
+def test_local_dataset_directory_goes_through_the_hub_loader(tmp_path, tokenizer):
+    (tmp_path / "ds").mkdir()
+    write_stories(tmp_path / "ds" / "train.jsonl")
+    write_stories(tmp_path / "ds" / "validation.jsonl", n=10)
+    data = build_data(DataArgs(train=str(tmp_path / "ds"), eval=str(tmp_path / "ds"), block_size=16), tokenizer, seed=0)
+    assert len(data.train) > len(data.eval) > 0
+
+
+def test_alpaca_records_train_on_the_response_only(tokenizer):
+    path = SHARED_DATA / "alpaca"
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+    assert files, f"no alpaca records in {path}"
+    data = build_data(DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096),
+                      tokenizer, seed=0)
+    assert data.padded
+    row = data.train[0]
+    labels, ids = row["labels"], row["input_ids"]
+    masked = labels.index(next(label for label in labels if label != -100))
+    assert masked > 0 and all(label == -100 for label in labels[:masked])
+    assert labels[masked:] == ids[masked:]
+    prompt = tokenizer.decode(ids[:masked])
+    assert "### Instruction:" in prompt and prompt.rstrip().endswith("### Response:")
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    prompt, response = render_instruction({"instruction": "Name a color.", "input": "", "output": "Blue."},
+                                          tokenizer, DataArgs(train="x"))
+    assert prompt == "<|user|>Name a color.\n<|assistant|>" and response.startswith("Blue.")
+
+
+def test_missing_column_is_a_usage_error(tmp_path, tokenizer):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
+    with pytest.raises(UsageError, match="no 'text' column"):
+        build_data(DataArgs(train=str(tmp_path / "d.jsonl"), eval=str(tmp_path / "d.jsonl"), block_size=4), tokenizer, 0)

@@ -1,0 +1,123 @@
+"""LTETrainer: gradient-accumulation invariance, checkpointing, metrics, router LR, NaN stop."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import tiny_model
+from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.layers import collect_router_scores
+from lte.trainer import LTETrainer, LTETrainingArguments, TrainingDiverged
+
+
+def packed_dataset(n=8, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, length), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def lte_model(expert_size=8):
+    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=expert_size), seed=3, progress=False)
+    set_lte_mode(model, "soft")
+    return model.train()
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant",
+                use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, eta=1.0, lam=0.5,
+                dataloader_drop_last=True, seed=0, disable_tqdm=True)
+    base.update(kw)
+    return LTETrainingArguments(**base)
+
+
+def router_after_one_step(tmp_path, batch, accumulation, **kw):
+    model = lte_model()
+    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=batch,
+                                                 gradient_accumulation_steps=accumulation, **kw),
+                         train_dataset=packed_dataset())
+    before = lte_layers(model)[0].lte_router.weight.detach().clone()
+    trainer.train()
+    return lte_layers(model)[0].lte_router.weight.detach() - before
+
+
+def test_router_update_does_not_depend_on_gradient_accumulation(tmp_path):
+    """8 sequences per optimizer step, as 1x8, 2x4 or 4x2: the same router update (SGD, so update = lr * grad)."""
+    reference = router_after_one_step(tmp_path / "a", 8, 1)
+    assert reference.abs().max() > 1e-6
+    for batch, accumulation in ((4, 2), (2, 4)):
+        update = router_after_one_step(tmp_path / f"b{batch}", batch, accumulation)
+        torch.testing.assert_close(update, reference, atol=1e-6, rtol=1e-4)
+
+
+def test_router_scores_are_recorded_once_under_activation_checkpointing(tmp_path):
+    model = lte_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = torch.tensor(packed_dataset()["input_ids"][:2])
+    with collect_router_scores() as records:
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()  # the recompute runs the routers again, outside the collection scope
+    assert len(records) == 2
+
+
+def test_metrics_are_logged_and_stage1_regularisers_change_the_loss(tmp_path):
+    trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+                         train_dataset=packed_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "task_loss" in h]
+    assert len(logged) == 2
+    entry = logged[0]
+    for key in ("efficiency_loss", "separability_loss", "sparsity", "sparsity/layer_00", "sparsity/layer_01"):
+        assert key in entry
+    assert 0.0 <= entry["sparsity"] <= 1.0
+    expected = entry["task_loss"] + 1.0 * entry["efficiency_loss"] + 0.5 * entry["separability_loss"]
+    assert entry["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_hard_stage_logs_no_regularisers(tmp_path):
+    model = lte_model()
+    set_lte_mode(model, "hard")
+    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_mode="hard"),
+                         train_dataset=packed_dataset())
+    trainer.train()
+    entry = next(h for h in trainer.state.log_history if "task_loss" in h)
+    assert "efficiency_loss" not in entry and "sparsity" in entry
+    assert entry["loss"] == pytest.approx(entry["task_loss"], rel=1e-4)
+
+
+def test_router_learning_rate_gets_its_own_param_group(tmp_path):
+    model = lte_model()
+    trainer = LTETrainer(model=model, args=args(tmp_path, router_learning_rate=0.5), train_dataset=packed_dataset())
+    optimizer = trainer.create_optimizer()
+    router_ids = {id(p) for layer in lte_layers(model) for p in layer.lte_router.parameters()}
+    router_groups = [g for g in optimizer.param_groups if any(id(p) in router_ids for p in g["params"])]
+    assert router_groups and all(g["lr"] == 0.5 for g in router_groups)
+    assert all(id(p) in router_ids for g in router_groups for p in g["params"])
+    other = [g for g in optimizer.param_groups if g not in router_groups]
+    assert other and all(g["lr"] == 1e-2 for g in other)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    model = lte_model()
+    with torch.no_grad():
+        lte_layers(model)[0].lte_router.weight.fill_(math.nan)
+    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=packed_dataset())
+    with pytest.raises(TrainingDiverged, match="at step 1 of the soft stage"):
+        trainer.train()
+
+
+def test_distillation_to_the_original_model(tmp_path):
+    """distill_weight=1: the loss is KL(original || LTE model); against an identical dense copy it is zero."""
+    teacher = tiny_model("llama")
+    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
+    set_lte_mode(model, "dense")
+    trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
+                                                       distill_weight=1.0, lte_mode="dense"),
+                         train_dataset=packed_dataset(), teacher=teacher)
+    batch = trainer.data_collator([packed_dataset()[i] for i in range(4)])
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(0.0, abs=1e-6)
+    set_lte_mode(model, "soft")  # now the student differs from the teacher
+    loss = trainer.compute_loss(model, batch)
+    assert loss.item() > 1e-4
+    assert trainer._metrics["train"]["distill_kl"][-1] == pytest.approx(loss.item(), rel=1e-4)
