@@ -117,7 +117,8 @@ def test_distillation_to_the_original_model(tmp_path):
                          train_dataset=packed_dataset(), teacher=teacher)
     batch = trainer.data_collator([packed_dataset()[i] for i in range(4)])
     assert trainer.compute_loss(model, batch).item() == pytest.approx(0.0, abs=1e-6)
-    set_lte_mode(model, "soft")  # now the student differs from the teacher
+    with torch.no_grad():  # now the student differs from the teacher
+        model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight))
     loss = trainer.compute_loss(model, batch)
-    assert loss.item() > 1e-4
+    assert loss.item() > 1e-3
     assert trainer._metrics["train"]["distill_kl"][-1] == pytest.approx(loss.item(), rel=1e-4)
