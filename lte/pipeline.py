@@ -185,10 +185,11 @@ def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(per_layer) + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(per_layer) + 2), 3.2))
     ax.bar(range(len(per_layer)), [100 * s for s in per_layer], color="tab:blue")
     ax.axhline(100 * sum(per_layer) / len(per_layer), color="tab:red", linestyle="--", label="mean")
-    ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100), title=title)
+    ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100))
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -212,7 +213,7 @@ def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: 
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / REPORT)
     plot_per_layer(sparse.per_layer_sparsity, out / "per_layer_sparsity.png",
-                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, ppl {sparse.ppl:.3f} (dense {dense.ppl:.3f})")
+                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} (dense {dense.ppl:.3f})")
     return report
 
 
