@@ -135,7 +135,8 @@ class LTETrainer(Trainer):
         if records:
             mask = inputs.get("attention_mask")
             per_layer = layer_sparsity(records, mask)
-            metrics["sparsity"].append(self._gather_mean(per_layer.mean()))
+            per_layer = self.accelerator.gather_for_metrics(per_layer.float().to(self.accelerator.device)[None]).mean(0)
+            metrics["sparsity"].append(per_layer.mean().item())
             metrics["per_layer_sparsity"].append(per_layer.tolist())
             if self.args.lte_mode == "soft":
                 eff = efficiency_loss(records, mask, self.args.efficiency_loss)
