@@ -113,13 +113,6 @@ def set_lte_mode(model: nn.Module, mode: str) -> None:
         layer.mode = mode
 
 
-def set_thresholds(model: nn.Module, thresholds: list[float] | float) -> None:
-    layers = lte_layers(model)
-    values = thresholds if isinstance(thresholds, list) else [thresholds] * len(layers)
-    for layer, tau in zip(layers, values, strict=True):
-        layer.tau = float(tau)
-
-
 def unload_lte(model: nn.Module) -> nn.Module:
     """Replace every :class:`LTEMLP` by its original module (weights stay permuted)."""
     for name, module in list(model.named_modules()):

@@ -204,6 +204,3 @@ class LTETrainer(Trainer):
         self._routers_regrouped = True
         return optimizer
 
-
-def perplexity(nll: float) -> float:
-    return math.exp(nll) if nll < 700 else float("inf")
