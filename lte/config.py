@@ -155,7 +155,7 @@ def _check_keys(cfg: DictConfig) -> None:
         valid = {f.name for f in dataclasses.fields(schema)}
         for key in cfg.get(group) or {}:
             if key not in valid:
-                raise UsageError(f"unknown key '{group}.{key}'" + _closest(f"{key}", valid).replace("'", f"'{group}.", 1))
+                raise UsageError(f"unknown key '{group}.{key}'" + _closest(f"{group}.{key}", {f"{group}.{v}" for v in valid}))
     train = cfg.get("train") or {}
     for key in train:
         scope = [train[key]] if key in STAGES else []
@@ -174,7 +174,7 @@ def _check_train_key(full: str, key: str) -> None:
         raise UsageError(f"{full} is set by the pipeline; use {where} instead")
     if key not in _TRAIN_KEYS:
         raise UsageError(f"unknown key '{full}' (not a TrainingArguments field)"
-                         + _closest(key, _TRAIN_KEYS).replace("'", "'train.", 1))
+                         + _closest(f"train.{key}", {f"train.{k}" for k in _TRAIN_KEYS}))
 
 
 def parse_overrides(args: list[str]) -> tuple[str, list[str]]:

@@ -83,12 +83,7 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
                              detach_router_input=cfg.detach_router_input)
             if moefy_experts and cfg.router_init == "centroid":
                 wrapper.init_router_from_experts(cfg.router_init_scale)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(parent, nn.ModuleList):
-                parent[int(child)] = wrapper
-            else:
-                setattr(parent, child, wrapper)
+            model.set_submodule(name, wrapper)
     finally:
         torch.random.set_rng_state(generator_state)
     model.lte_config = cfg
@@ -117,12 +112,7 @@ def unload_lte(model: nn.Module) -> nn.Module:
     """Replace every :class:`LTEMLP` by its original module (weights stay permuted)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LTEMLP):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(parent, nn.ModuleList):
-                parent[int(child)] = module.unwrap()
-            else:
-                setattr(parent, child, module.unwrap())
+            model.set_submodule(name, module.unwrap())
     if hasattr(model, "lte_config"):
         del model.lte_config
     return model

@@ -60,11 +60,8 @@ class LTEMLP(nn.Module):
         super().__init__()
         first = base_layer.get_submodule(spec.first[0])
         down = base_layer.get_submodule(spec.down)
-        in_axis = feature_axes(first)[1]
-        d_model = first.weight.shape[in_axis]
-        width = down.weight.shape[feature_axes(down)[1]]
-        if width % expert_size:
-            raise ValueError(f"expert_size {expert_size} does not divide the FFN width {width}")
+        d_model = first.weight.shape[feature_axes(first)[1]]
+        width = down.weight.shape[feature_axes(down)[1]]  # a multiple of expert_size: see check_expert_size
         self.base_layer = base_layer
         self.spec = spec
         self.expert_size = expert_size

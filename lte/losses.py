@@ -54,11 +54,12 @@ def layer_sparsity(records: list[RouterRecord], mask: torch.Tensor | None = None
     Returns [num_layers] (records of the same layer, e.g. from several forwards, are pooled).
     """
     n_layers = 1 + max(r.layer for r in records)
-    skipped = torch.zeros(n_layers, dtype=torch.float64)
-    tokens = torch.zeros(n_layers, dtype=torch.float64)
+    device = records[0].scores.device
+    skipped = torch.zeros(n_layers, dtype=torch.float64, device=device)
+    tokens = torch.zeros(n_layers, dtype=torch.float64, device=device)
     for r in records:
-        weights = _token_weights(mask, r.scores.shape[0], r.scores.device).double()
+        weights = _token_weights(mask, r.scores.shape[0], device).double()
         off = (r.scores <= r.tau).double().mean(dim=1)
-        skipped[r.layer] += (off * weights).sum().cpu()
-        tokens[r.layer] += weights.sum().cpu()
+        skipped[r.layer] += (off * weights).sum()
+        tokens[r.layer] += weights.sum()
     return skipped / tokens.clamp_min(1.0)

@@ -126,23 +126,22 @@ class LTETrainer(Trainer):
             task = loss.detach() * steps / self.accelerator.num_processes
         else:
             task = loss.detach()
-        metrics["task_loss"].append(self._gather_mean(task))
+        metrics["task_loss"].append(task)
         if self.teacher is not None and self.args.distill_weight > 0:
             kl = self._distillation_loss(inputs, outputs.logits)
-            metrics["distill_kl"].append(self._gather_mean(kl.detach()))
+            metrics["distill_kl"].append(kl.detach())
             alpha = self.args.distill_weight
             loss = (1 - alpha) * loss + alpha * kl / steps
         if records:
             mask = inputs.get("attention_mask")
             per_layer = layer_sparsity(records, mask)
-            per_layer = self.accelerator.gather_for_metrics(per_layer.float().to(self.accelerator.device)[None]).mean(0)
-            metrics["sparsity"].append(per_layer.mean().item())
-            metrics["per_layer_sparsity"].append(per_layer.tolist())
+            metrics["sparsity"].append(per_layer.mean())
+            metrics["sparsity/layer"].append(per_layer)
             if self.args.lte_mode == "soft":
                 eff = efficiency_loss(records, mask, self.args.efficiency_loss)
                 sep = separability_loss(records, mask, self.args.sep_eps)
-                metrics["efficiency_loss"].append(self._gather_mean(eff.detach()))
-                metrics["separability_loss"].append(self._gather_mean(sep.detach()))
+                metrics["efficiency_loss"].append(eff.detach())
+                metrics["separability_loss"].append(sep.detach())
                 loss = loss + (self.args.eta * eff + self.args.lam * sep) / steps
         if model.training and not torch.isfinite(loss.detach()).all():
             step = self.state.global_step + 1
@@ -162,23 +161,24 @@ class LTETrainer(Trainer):
         teacher = torch.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
         return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
-    def _gather_mean(self, value: torch.Tensor) -> float:
-        value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
-        return self.accelerator.gather_for_metrics(value).mean().item()
-
     @override
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the LTE metrics since the last log into ``logs``: each is averaged over the steps
+        on this process, then over processes. They are kept as device tensors until here, so the
+        training step itself never waits for the host."""
         split = "train" if self.model.training else "eval"
         metrics = self._metrics[split]
         prefix = "eval_" if split == "eval" else ""
         for key, values in metrics.items():
             if not values:
                 continue
-            if key == "per_layer_sparsity":
-                for layer, value in enumerate(torch.tensor(values).mean(dim=0).tolist()):
-                    logs[f"{prefix}sparsity/layer_{layer:02d}"] = round(value, 4)
+            local = torch.stack([v.float().to(self.accelerator.device) for v in values]).mean(dim=0)
+            value = self.accelerator.gather(local[None]).mean(dim=0)
+            if key == "sparsity/layer":
+                for layer, layer_value in enumerate(value.tolist()):
+                    logs[f"{prefix}sparsity/layer_{layer:02d}"] = round(layer_value, 4)
             else:
-                logs[f"{prefix}{key}"] = sum(values) / len(values)
+                logs[f"{prefix}{key}"] = value.item()
         metrics.clear()
         super().log(logs, start_time)
 
