@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python train.py recipe=tiny
+	$(BIN)/lte generate runs/tiny/export --prompt "Once upon a time" --max-new-tokens 80 --compare-dense
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,4 +1,4 @@
-"""The ``lte`` command: ``lte train``, ``lte convert-llama2c``, ``lte recipes``.
+"""The ``lte`` command: ``lte train``, ``lte export``, ``lte generate``, ``lte convert-llama2c``, ``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
 (:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
@@ -43,6 +43,34 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import ExportRequest, export, summary
+
+    request = ExportRequest(run_dir=args.run_dir, out=args.out, target_sparsity=args.target_sparsity,
+                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
+                            calibration_tokens=args.calibration_tokens, allocation=args.allocation, overwrite=args.overwrite)
+    report = export(request)
+    print(summary(report, args.out), flush=True)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import describe, generate, load_export
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    model, tokenizer = load_export(args.model_dir)
+    modes = ["sparse", "dense"] if args.compare_dense else ["sparse"]
+    results = [generate(model, tokenizer, args.prompt, args.max_new_tokens, mode, args.temperature, args.seed) for mode in modes]
+    for result in results:
+        print(describe(result), flush=True)
+    if args.compare_dense:
+        sparse, dense = results
+        print(f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
+              f"(pure-torch path; see `lte bench` for kernels)")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     from .config import available_recipes, find_recipe
 
@@ -57,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run an LTE recipe: lte train recipe=tiny [key=value ...]")
     p.add_argument("overrides", nargs="*", help="recipe=NAME followed by dotted key=value overrides")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("export", help="tune thresholds to a sparsity and write a checkpoint that loads with from_pretrained")
+    p.add_argument("run_dir", help="output_dir of an `lte train` run (uses RUN_DIR/stage2/model)")
+    p.add_argument("--out", required=True, help="directory to write the exported checkpoint to")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-sparsity", type=float, help="fraction of FFN neurons to skip per token, in [0, 1)")
+    goal.add_argument("--max-ppl-increase", type=float, metavar="P",
+                      help="export the highest sparsity whose calibration ppl stays within P%% of all experts'")
+    p.add_argument("--calibration", help="calibration text file (default: the run's training data)")
+    p.add_argument("--calibration-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"],
+                   help="per-layer sparsity: tuned by layer sensitivity (default) or the same for every layer")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
+    p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
+    p.add_argument("--prompt", default="Once upon a time", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-dense", action="store_true", help="also run every expert and compare text and speed")
+    p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")
     p.add_argument("model", help="llama2.c model .bin")
     p.add_argument("tokenizer", help="SentencePiece tokenizer .model")

@@ -82,11 +82,31 @@ class DataArgs:
 
 @dataclass
 class ExportArgs:
-    target_sparsity: float | None = field(default=None, metadata={"help": "Sparsity the export tunes thresholds to hit."})
+    """The export stage after training (``lte export`` with the same options); off unless
+    ``target_sparsity`` or ``max_ppl_increase`` is set."""
+
+    target_sparsity: float | None = field(default=None, metadata={"help": "FFN sparsity the export tunes thresholds to hit."})
+    max_ppl_increase: float | None = field(default=None, metadata={"help": "Or: the highest sparsity within this % of calibration ppl."})
+    allocation: str = field(default="tuned", metadata={"help": "tuned (per-layer, by sensitivity) or uniform."})
+    calibration: str | None = field(default=None, metadata={"help": "Calibration text file; default: the training data."})
+    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens."})
+    out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_sparsity is not None or self.max_ppl_increase is not None
 
     def validate(self) -> None:
+        if self.target_sparsity is not None and self.max_ppl_increase is not None:
+            raise UsageError("set only one of export.target_sparsity and export.max_ppl_increase")
         if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
             raise UsageError(f"export.target_sparsity={self.target_sparsity} must lie in [0, 1)")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise UsageError(f"export.max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
+        if self.allocation not in ("tuned", "uniform"):
+            raise UsageError(f"export.allocation={self.allocation!r} must be 'tuned' or 'uniform'")
+        if self.calibration_tokens < 1:
+            raise UsageError(f"export.calibration_tokens={self.calibration_tokens} must be positive")
 
 
 @dataclass
@@ -207,6 +227,21 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
         cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise UsageError(f"could not read recipe {path} with overrides {overrides}: {exc}") from None
+    return build_recipe(cfg, path.stem, check_hardware)
+
+
+def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
+    """The recipe a training run used (``RUN_DIR/recipe.yaml``, written by the pipeline)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no recipe.yaml; give the output_dir of an `lte train` run")
+    cfg = OmegaConf.load(path)
+    name = str(cfg.pop("name", "") or path.parent.name)
+    return build_recipe(cfg, name, check_hardware=False)
+
+
+def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Recipe:
+    """Check and type a merged recipe config."""
     _check_keys(cfg)
     groups = {}
     for group, schema in _GROUPS.items():
@@ -220,7 +255,7 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
         raise UsageError("output_dir is not set: add output_dir=runs/NAME")
     train = OmegaConf.to_container(cfg.get("train") or OmegaConf.create({}), resolve=True)
     recipe = Recipe(model=groups["model"], data=groups["data"], lte=groups["lte"], train=train,
-                    export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=path.stem)
+                    export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=name)
     for part in (recipe.model, recipe.data, recipe.lte, recipe.export):
         part.validate()
     for stage in STAGES:

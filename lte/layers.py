@@ -6,7 +6,8 @@ where every intermediate neuron is visible, and the model's own forward does the
 
 * ``dense``: router unused, output identical to the original model;
 * ``soft`` (stage 1): ``sum_i G_i(x) E_i(x)``, every neuron of expert ``i`` scaled by ``G_i``;
-* ``hard`` (stage 2, inference): ``sum_{i: G_i > tau} E_i(x)``, unscaled.
+* ``hard`` (stage 2, inference): ``sum_{i: G_i > threshold} E_i(x)``, unscaled. The threshold
+  is ``tau`` during training; ``lte export`` tunes one per layer.
 
 Both hooks are registered on the wrapped projections and removed by :meth:`LTEMLP.unwrap`.
 Router scores are handed to the loss through :func:`collect_router_scores`, a ContextVar
@@ -36,6 +37,7 @@ class RouterRecord:
     layer: int
     scores: torch.Tensor
     tau: float
+    threshold: float
 
 
 _collector: ContextVar[list[RouterRecord] | None] = ContextVar("lte_router_collector", default=None)
@@ -68,6 +70,7 @@ class LTEMLP(nn.Module):
         self.num_experts = width // expert_size
         self.layer_index = layer_index
         self.tau = tau
+        self.threshold = tau
         self.mode = "dense"
         self.detach_router_input = detach_router_input
         weight = first.weight
@@ -116,7 +119,7 @@ class LTEMLP(nn.Module):
         self._scores = scores
         records = _collector.get()
         if records is not None:
-            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.tau))
+            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.tau, self.threshold))
         return None
 
     def _mask(self, module, args):
@@ -124,7 +127,7 @@ class LTEMLP(nn.Module):
             return None
         scores, self._scores = self._scores, None
         h = args[0]
-        gate = scores if self.mode == "soft" else (scores > self.tau).to(scores.dtype)
+        gate = scores if self.mode == "soft" else (scores > self.threshold).to(scores.dtype)
         shape = h.shape
         h = (h.reshape(*shape[:-1], self.num_experts, self.expert_size) * gate.to(h.dtype).unsqueeze(-1)).reshape(shape)
         return (h, *args[1:])
@@ -137,4 +140,5 @@ class LTEMLP(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, mode={self.mode}"
+        return (f"experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, "
+                f"threshold={self.threshold}, mode={self.mode}")

@@ -7,7 +7,7 @@ Eq. 4-6 of the paper, averaged over real tokens (padding excluded), experts and 
   term is singular at ``G = tau`` without one.
 
 FFN sparsity is the fraction of FFN neurons a token skips under hard routing; experts have
-equal size, so it is the fraction of experts with ``G <= tau``.
+equal size, so it is the fraction of experts with ``G <= threshold`` (``tau`` unless ``lte export`` tuned it).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def layer_sparsity(records: list[RouterRecord], mask: torch.Tensor | None = None
     tokens = torch.zeros(n_layers, dtype=torch.float64, device=device)
     for r in records:
         weights = _token_weights(mask, r.scores.shape[0], device).double()
-        off = (r.scores <= r.tau).double().mean(dim=1)
+        off = (r.scores <= r.threshold).double().mean(dim=1)
         skipped[r.layer] += (off * weights).sum()
         tokens[r.layer] += weights.sum()
     return skipped / tokens.clamp_min(1.0)

@@ -254,4 +254,34 @@ def run(recipe: Recipe) -> dict | None:
     dense, sparse = evaluate_run(recipe, data, tokenizer, stage2)
     report = write_report(recipe, dense, sparse, stage2)
     print(summary(report, out), flush=True)
+    if recipe.export.enabled:
+        report = run_export(recipe, report)
+    return report
+
+
+def run_export(recipe: Recipe, report: dict) -> dict:
+    """The export stage: ``lte export`` with the recipe's ``export.*``; skipped when done."""
+    from .export import EXPORT_REPORT, ExportRequest, export
+    from .export import summary as export_summary
+
+    out = Path(recipe.output_dir)
+    target = Path(recipe.export.out or out / "export")
+    done = target / EXPORT_REPORT
+    stale = done.is_file() and done.stat().st_mtime < (out / "stage2" / STAGE_MODEL / "config.json").stat().st_mtime
+    if done.is_file() and not stale:
+        logger.info("export: finished export found at %s, skipping", target)
+        exported = json.loads(done.read_text())
+    else:
+        args = recipe.export
+        exported = export(ExportRequest(run_dir=str(out), out=str(target), target_sparsity=args.target_sparsity,
+                                        max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
+                                        calibration_tokens=args.calibration_tokens, allocation=args.allocation,
+                                        overwrite=stale))
+        print(export_summary(exported, target), flush=True)
+    report["export_dir"] = os.path.relpath(target, out)
+    report["export"] = {k: exported[k] for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",
+                                                 "dense_ppl", "allocation")}
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / REPORT)
     return report

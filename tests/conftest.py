@@ -7,6 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -41,3 +44,24 @@ def tiny_model(family: str = "llama", seed: int = 0):
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+# The main job with a few steps per stage (and the recipe's export stage), run once per session.
+FAST = ["lte.stage1_steps=4", "lte.stage2_steps=4", "data.max_train_tokens=8192", "data.max_eval_tokens=4096",
+        "lte.router_init_tokens=2048", "lte.router_init_steps=20", "train.per_device_train_batch_size=4",
+        "train.save_steps=2", "train.save_total_limit=5", "train.logging_steps=1", "train.report_to=[]", "train.warmup_steps=0",
+        "export.calibration_tokens=4096"]
+
+
+def run_train(out, *extra, entry=("train.py",)):
+    proc = subprocess.run([sys.executable, *entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run directory, completed process) of the smoke run of `train.py recipe=tiny`."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return out, run_train(out)

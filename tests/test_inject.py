@@ -38,10 +38,10 @@ def test_grouping_keeps_outputs_and_modes_behave(family):
 
     set_lte_mode(model, "hard")
     for layer in layers:
-        layer.tau = -1.0  # every expert selected
+        layer.threshold = -1.0  # every expert selected
     torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
     for layer in layers:
-        layer.tau = 1.0  # no expert selected
+        layer.threshold = 1.0  # no expert selected
     with collect_router_scores() as records:
         all_off = model(x).logits
     torch.testing.assert_close(all_off, zero_ffn_reference(family)(x).logits, atol=1e-5, rtol=1e-5)

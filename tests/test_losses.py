@@ -10,7 +10,7 @@ from lte.losses import efficiency_loss, layer_sparsity, separability_loss
 def records():
     layer0 = torch.tensor([[0.9, 0.1], [0.6, 0.2], [0.3, 0.8]])  # 3 tokens x 2 experts
     layer1 = torch.tensor([[0.5, 0.5], [0.7, 0.05], [0.99, 0.4]])
-    return [RouterRecord(0, layer0, 0.5), RouterRecord(1, layer1, 0.5)]
+    return [RouterRecord(0, layer0, 0.5, 0.5), RouterRecord(1, layer1, 0.5, 0.5)]
 
 
 def test_efficiency_loss_is_mean_over_tokens_experts_layers():
@@ -31,7 +31,7 @@ def test_separability_loss_formula_and_minimum():
     sep = separability_loss(records(), eps=1e-3).item()
     g = torch.stack([r.scores for r in records()])
     assert sep == pytest.approx((1 / ((g - 0.5) ** 2 + 1e-3)).mean().item(), rel=1e-6)
-    saturated = [RouterRecord(0, torch.tensor([[0.0, 1.0]]), 0.5)]
+    saturated = [RouterRecord(0, torch.tensor([[0.0, 1.0]]), 0.5, 0.5)]
     assert separability_loss(saturated, eps=0.0).item() == pytest.approx(4.0)  # the paper's floor at tau = 0.5
 
 

@@ -2,34 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import run_train
 
-FAST = ["lte.stage1_steps=4", "lte.stage2_steps=4", "data.max_train_tokens=8192", "data.max_eval_tokens=4096",
-        "lte.router_init_tokens=2048", "lte.router_init_steps=20", "train.per_device_train_batch_size=4",
-        "train.save_steps=2", "train.save_total_limit=5", "train.logging_steps=1", "train.report_to=[]", "train.warmup_steps=0"]
-
-
-def train(out, *extra, entry=("train.py",)):
-    proc = subprocess.run([sys.executable, *entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    proc = train(out)
-    return out, proc
-
-
-def test_report_has_the_promised_keys_and_sane_values(run_dir):
-    out, proc = run_dir
+def test_report_has_the_promised_keys_and_sane_values(tiny_run):
+    out, proc = tiny_run
     report = json.loads((out / "report.json").read_text())
     for key in ("dense_ppl", "sparse_ppl", "sparsity", "per_layer_sparsity", "export_dir", "recipe"):
         assert key in report
@@ -44,8 +23,8 @@ def test_report_has_the_promised_keys_and_sane_values(run_dir):
     assert "LTE run finished" in proc.stdout and "FFN sparsity" in proc.stdout
 
 
-def test_each_stage_leaves_checkpoints_and_a_model(run_dir):
-    out, _ = run_dir
+def test_each_stage_leaves_checkpoints_and_a_model(tiny_run):
+    out, _ = tiny_run
     for stage in ("stage1", "stage2"):
         assert (out / stage / "model" / "lte_routers.safetensors").is_file()
         assert (out / stage / "checkpoint-4" / "trainer_state.json").is_file()
@@ -54,15 +33,15 @@ def test_each_stage_leaves_checkpoints_and_a_model(run_dir):
     assert logged and all("sparsity/layer_04" in h for h in logged)
 
 
-def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(run_dir, tmp_path):
-    out, _ = run_dir
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(tiny_run, tmp_path):
+    out, _ = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     # Simulate a run stopped in stage 2 after its step-2 checkpoint: no finished model, later checkpoints gone.
     shutil.rmtree(copy / "stage2" / "model")
     shutil.rmtree(copy / "stage2" / "checkpoint-4")
     (copy / "report.json").unlink()
-    proc = train(copy, entry=("-m", "lte", "train"))
+    proc = run_train(copy, entry=("-m", "lte", "train"))
     log = proc.stderr
     assert "stage1: finished model found" in log
     assert "stage2: resuming from" in log and "checkpoint-2" in log

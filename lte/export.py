@@ -1,0 +1,331 @@
+"""``lte export``: a trained run -> a checkpoint at a chosen sparsity that loads anywhere.
+
+1. Load the run's stage-2 model and the calibration tokens (the run's training data, or
+   ``--calibration FILE``).
+2. Tune per-layer thresholds (:mod:`lte.thresholds`) to the target sparsity, or to the
+   highest sparsity within a perplexity budget.
+3. Convert the FFN projections to the routed, expert-contiguous layout of
+   :mod:`lte.remote.modeling_lte`, ``save_pretrained`` the model, and write ``config.json``
+   with ``model_type: lte`` and an ``auto_map`` to the two code files copied beside it.
+4. Load the written checkpoint back (``trust_remote_code=True``) and compare its logits with
+   the in-memory model; a mismatch fails the export.
+5. Measure sparsity and perplexity on the run's held-out data and write ``lte_export.json``
+   and two plots.
+
+Everything is written to a temporary directory next to ``--out`` and renamed into place at
+the end, so a failed or interrupted export never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from .errors import UsageError
+from .inject import is_lte_checkpoint, load_lte, lte_layers, unload_lte
+from .thresholds import ALLOCATIONS, DENSE, calibration_loss, choose_thresholds, max_sparsity_within, set_thresholds
+
+logger = logging.getLogger("lte")
+
+REMOTE_DIR = Path(__file__).resolve().parent / "remote"
+REMOTE_FILES = ("configuration_lte.py", "modeling_lte.py")
+EXPORT_REPORT = "lte_export.json"
+AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
+VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+@dataclasses.dataclass
+class ExportRequest:
+    run_dir: str
+    out: str
+    target_sparsity: float | None = None
+    max_ppl_increase: float | None = None  # percent
+    calibration: str | None = None
+    calibration_tokens: int = 32768
+    allocation: str = "tuned"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if (self.target_sparsity is None) == (self.max_ppl_increase is None):
+            raise UsageError("give exactly one of --target-sparsity S or --max-ppl-increase P")
+        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
+            raise UsageError(f"--target-sparsity {self.target_sparsity} must lie in [0, 1) (0.5 skips half the FFN neurons)")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise UsageError(f"--max-ppl-increase {self.max_ppl_increase} must be a positive percentage (5 means +5%)")
+        if self.calibration_tokens < 1:
+            raise UsageError(f"--calibration-tokens {self.calibration_tokens} must be positive")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UsageError(f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file")
+        out = Path(self.out)
+        if out.exists() and not self.overwrite:
+            raise UsageError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        stage2_model(self.run_dir)  # raises if the run has no stage-2 model
+
+
+def stage2_model(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / "stage2" / "model"
+    if not Path(run_dir).is_dir():
+        raise UsageError(f"{run_dir}: no such run directory; give the output_dir of an `lte train` run")
+    if not is_lte_checkpoint(path):
+        raise UsageError(f"{run_dir} has no stage-2 model ({path} is missing or incomplete); "
+                         f"finish training first: rerun `python train.py recipe=... output_dir={run_dir}`")
+    return path
+
+
+def calibration_data(request: ExportRequest, recipe, tokenizer):
+    """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
+    data, or of ``--calibration FILE``."""
+    from .data import build_data, load_documents, pack
+
+    if request.calibration is None:
+        source, blocks = f"the run's training data ({recipe.data.train})", build_data(recipe.data, tokenizer, recipe.seed).train
+    else:
+        args = dataclasses.replace(recipe.data, train=request.calibration, format="text", max_train_tokens=None)
+        source = request.calibration
+        try:
+            blocks = pack(load_documents(request.calibration, "train", args), tokenizer, args, None)
+        except UsageError:
+            blocks = []
+    available = sum(len(row["input_ids"]) for row in blocks)
+    if available < request.calibration_tokens:
+        raise UsageError(f"{source} has only {available} tokens (in blocks of {recipe.data.block_size}), fewer than "
+                         f"--calibration-tokens {request.calibration_tokens}; give more text or fewer tokens")
+    return blocks
+
+
+def base_architecture(model) -> str:
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise UsageError(f"cannot export {name}: the exported code subclasses the model class, so it must ship with "
+                         f"transformers (remote-code base models are not supported yet)")
+    return name
+
+
+def to_routed(model, thresholds: list[float]):
+    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place."""
+    from .remote.modeling_lte import install_routed_ffns
+
+    layers = lte_layers(model)
+    hosts = [name for name, module in model.named_modules() if module in layers]
+    specs = {layer.spec for layer in layers}
+    if len(specs) != 1:
+        raise UsageError("cannot export a model whose FFN layers have different layouts")
+    spec = specs.pop()
+    routers = [layer.lte_router for layer in layers]
+    expert_size = layers[0].expert_size
+    unload_lte(model)
+    config = model.config
+    config.lte_ffn = {"hosts": hosts, "first": list(spec.first), "down": spec.down, "fused_chunks": spec.fused_chunks,
+                      "expert_size": expert_size, "router_bias": routers[0].bias is not None}
+    config.lte_thresholds = [float(t) for t in thresholds]
+    config.lte_mode = "sparse"
+    config.lte_track_sparsity = False
+    install_routed_ffns(model, config)
+    for host, router in zip(hosts, routers, strict=True):
+        model.get_submodule(f"{host}.{spec.first[0]}").router.load_state_dict(router.state_dict())
+    return model
+
+
+def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
+    """``save_pretrained`` + the LTE config.json + the two code files."""
+    # Current parameter names: the exported class is custom code, which transformers loads
+    # without the legacy-name conversions (GPT-NeoX's embed_out -> lm_head) a native class gets.
+    model.save_pretrained(directory, save_original_format=False)
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="lte", architectures=["LTEForCausalLM"], auto_map=AUTO_MAP)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in REMOTE_FILES:
+        source = (REMOTE_DIR / name).read_text()
+        line = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'
+        assert line in source or name != "configuration_lte.py", "the BASE_ARCHITECTURE line moved"
+        (directory / name).write_text(source.replace(line, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`'))
+
+
+def validation_inputs(batches) -> list[dict]:
+    """Full calibration sequences (the masked path) and single tokens (the compact decode path)."""
+    inputs = []
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        inputs.append({"input_ids": batch["input_ids"], **({} if mask is None else {"attention_mask": mask})})
+        inputs.append({"input_ids": batch["input_ids"][:1, :1]})
+    return inputs
+
+
+@torch.no_grad()
+def reference_logits(model, inputs: list[dict]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
+
+
+@torch.no_grad()
+def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Tensor], dtype, device) -> float:
+    """Load ``directory`` like a user would and compare its logits with ``expected`` (the
+    in-memory LTE model's at the same thresholds). Returns the worst relative error; raises
+    on a mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype).to(device).eval()
+    worst = 0.0
+    for x, want in zip(inputs, expected, strict=True):
+        got = exported(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu()
+        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-12)))
+    tolerance = VALIDATION_TOLERANCE.get(dtype, 3e-2)
+    if not worst <= tolerance:
+        raise RuntimeError(f"export validation failed: the exported model's logits differ from the trained model's "
+                           f"by {worst:.2e} (relative), above {tolerance:.0e}; nothing was written")
+    del exported
+    return worst
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_export(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(len(report["per_layer_sparsity"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 3.4))
+    ax.bar([i - 0.2 for i in layers], [100 * s for s in report["per_layer_sparsity"]], width=0.4,
+           label=f"{report['allocation']} (held-out)")
+    ax.bar([i + 0.2 for i in layers], [100 * s for s in report["uniform_per_layer_sparsity"]], width=0.4,
+           color="tab:gray", label="uniform (held-out)")
+    ax.axhline(100 * report["target_sparsity"], color="tab:red", linestyle="--", label="target")
+    ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100))
+    ax.set_title(f"held-out ppl {report['sparse_ppl']:.3f} ({report['allocation']}) vs {report['uniform_ppl']:.3f} "
+                 f"(uniform); dense {report['dense_ppl']:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export(request: ExportRequest, progress: bool = True) -> dict:
+    """Run an export; returns the content of ``lte_export.json``."""
+    from .config import load_run_recipe
+    from .evaluate import evaluate_lm
+    from .pipeline import DTYPES, calibration_batches, collator_for, load_tokenizer, model_kwargs
+
+    request.validate()
+    run_dir = Path(request.run_dir)
+    source = stage2_model(run_dir)
+    recipe = load_run_recipe(run_dir)
+    tokenizer = load_tokenizer(recipe)
+    blocks = calibration_data(request, recipe, tokenizer)
+    from .data import LMData, build_data
+
+    data = build_data(recipe.data, tokenizer, recipe.seed)
+    batch_size = recipe.train.get("per_device_eval_batch_size", 8)
+    batches = calibration_batches(LMData(blocks, data.eval, data.padded), tokenizer, request.calibration_tokens, batch_size)
+    dtype = DTYPES[recipe.model.dtype]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
+    base = base_architecture(model)
+    dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
+
+    if request.target_sparsity is not None:
+        logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
+                    100 * request.target_sparsity, request.calibration_tokens, request.allocation)
+        chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
+        target = request.target_sparsity
+    else:
+        logger.info("export: searching the highest sparsity within +%.1f%% calibration perplexity", request.max_ppl_increase)
+        chosen, calib_dense_ppl = max_sparsity_within(model, batches, request.max_ppl_increase / 100, request.allocation,
+                                                      progress=progress)
+        target = round(chosen.sparsity, 4)
+        _, uniform = choose_thresholds(model, batches, target, "uniform", progress=progress)
+        logger.info("export: %.1f%% sparsity keeps calibration ppl at %.4f (dense routing %.4f)", 100 * target, chosen.ppl,
+                    calib_dense_ppl)
+
+    # Held-out: the run's eval split, which calibration never reads.
+    collator = collator_for(data, tokenizer)
+    set_thresholds(model, uniform.thresholds)
+    uniform_heldout = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (uniform allocation)")
+    set_thresholds(model, [DENSE] * len(chosen.thresholds))
+    dense = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (all experts)")
+    set_thresholds(model, chosen.thresholds)
+    sparse = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (exported thresholds)")
+    original_ppl = None
+    run_report = run_dir / "report.json"
+    if run_report.is_file():
+        original_ppl = json.loads(run_report.read_text()).get("dense_ppl")
+
+    out = Path(request.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        inputs = validation_inputs(batches[:2])
+        expected = reference_logits(model, inputs)
+        to_routed(model, chosen.thresholds)
+        write_checkpoint(model, tokenizer, tmp, base)
+        del model
+        error = validate_export(tmp, inputs, expected, dtype, device)
+        logger.info("export: reloaded checkpoint matches the trained model (relative logit error %.1e)", error)
+        report = {
+            "source_run": str(run_dir.resolve()),
+            "stage2_model": str(source.resolve()),
+            "target_sparsity": target,
+            "max_ppl_increase": request.max_ppl_increase,
+            "allocation": chosen.allocation,
+            "calibration": request.calibration or recipe.data.train,
+            "calibration_tokens": request.calibration_tokens,
+            "calibration_sparsity": chosen.sparsity,
+            "calibration_per_layer_sparsity": chosen.per_layer_sparsity,
+            "calibration_ppl": chosen.ppl,
+            "uniform_calibration_ppl": uniform.ppl,
+            "heldout": recipe.data.eval or f"{recipe.data.eval_fraction:.0%} of {recipe.data.train}",
+            "heldout_tokens": sparse.tokens,
+            "heldout_sparsity": sparse.sparsity,
+            "per_layer_sparsity": sparse.per_layer_sparsity,
+            "thresholds": chosen.thresholds,
+            "layer_targets": chosen.targets,
+            "dense_ppl": dense.ppl,
+            "sparse_ppl": sparse.ppl,
+            "ppl_increase": sparse.ppl / dense.ppl - 1,
+            "original_ppl": original_ppl,
+            "uniform_ppl": uniform_heldout.ppl,
+            "uniform_heldout_sparsity": uniform_heldout.sparsity,
+            "uniform_per_layer_sparsity": uniform_heldout.per_layer_sparsity,
+            "validation_error": error,
+            "base_architecture": base,
+        }
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        plot_export(report, tmp / "per_layer_sparsity.png")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def summary(report: dict, out: str | os.PathLike) -> str:
+    per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
+    original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""
+    return (f"\nLTE export written: {out}\n"
+            f"  FFN sparsity  target {100 * report['target_sparsity']:.1f}%, calibration "
+            f"{100 * report['calibration_sparsity']:.1f}%, held-out {100 * report['heldout_sparsity']:.1f}% "
+            f"({report['allocation']} allocation; per layer: {per_layer})\n"
+            f"  held-out ppl  sparse {report['sparse_ppl']:.4f} vs all experts {report['dense_ppl']:.4f} "
+            f"({100 * report['ppl_increase']:+.2f}%){original}; uniform allocation {report['uniform_ppl']:.4f}\n"
+            f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
+

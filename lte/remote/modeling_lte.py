@@ -1,0 +1,198 @@
+"""An exported LTE model: the base causal LM whose FFN projections run only routed experts.
+
+The base model (its attention, norms, embeddings, generation code) is untouched: the class
+below *is* the base class, and only the FFN projections are swapped for routed ones. The
+model's own FFN forward still applies the activation (SwiGLU, GeGLU, GELU...), so one
+mechanism serves every family:
+
+* the first projection (gate, or the input projection) owns the layer's sigmoid router and
+  decides, per token, which experts run: those with ``sigmoid(router(x)) > threshold``;
+* for a single token (batch-1 decoding) the first projections compute only the selected
+  experts' rows and hand back a compact activation, and the down projection multiplies it by
+  only those experts' weights, stored transposed so each expert's block is contiguous;
+* for several tokens (prefill, batches) every row is computed and the skipped neurons are
+  zeroed before the down projection: the same result at the dense model's speed.
+
+Weights are laid out expert-contiguously: expert ``e`` owns neurons ``e*E .. (e+1)*E-1``
+(``E = expert_size``), i.e. rows of the first projections and rows of ``down.weight_t``.
+Only torch and transformers are imported.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import transformers
+
+from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
+
+
+class RoutingState:
+    """What one FFN layer's router decided for the current forward, shared by its projections.
+
+    ``rows``: the selected neurons when one token is routed (compact path), else None.
+    ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
+    """
+
+    def __init__(self, num_experts: int, expert_size: int):
+        self.num_experts = num_experts
+        self.expert_size = expert_size
+        self.rows = None
+        self.mask = None
+        self.skipped = None  # experts skipped, summed over tracked tokens
+        self.tokens = 0
+
+    def route(self, x, router: nn.Linear, threshold: float, track: bool) -> None:
+        scores = torch.sigmoid(router(x.to(router.weight.dtype)))
+        on = scores > threshold
+        if track:
+            off = (~on).sum(dtype=torch.float64)
+            self.skipped = off if self.skipped is None else self.skipped + off
+            self.tokens += on.shape[:-1].numel()
+        if on.shape[:-1].numel() == 1:
+            experts = on.reshape(-1).nonzero().squeeze(1)
+            offsets = torch.arange(self.expert_size, device=experts.device)
+            self.rows, self.mask = (experts[:, None] * self.expert_size + offsets).reshape(-1), None
+        else:
+            self.rows, self.mask = None, on
+
+    def clear(self) -> None:
+        self.rows = self.mask = None
+
+    def sparsity(self) -> float | None:
+        """Fraction of experts (= of neurons) skipped over the tracked tokens."""
+        if not self.tokens:
+            return None
+        return float(self.skipped) / (self.tokens * self.num_experts)
+
+    def reset_sparsity(self) -> None:
+        self.skipped, self.tokens = None, 0
+
+
+def _as_rows(module: nn.Module, out_is_rows: bool) -> torch.Tensor:
+    """``module.weight`` as [out, in] (``out_is_rows``) or [in, out]; Linear and GPT-2's Conv1D."""
+    weight = module.weight
+    linear_layout = isinstance(module, nn.Linear)  # [out, in]; Conv1D stores [in, out]
+    return weight if linear_layout == out_is_rows else weight.t()
+
+
+class RoutedFirst(nn.Module):
+    """A first FFN projection (gate, up, fused gate_up or input): [out, in] rows, optional bias.
+
+    The layer's first-called projection carries ``router`` and routes; the others read the
+    shared :class:`RoutingState`. ``chunks`` > 1 is a fused projection (Phi-3's gate_up) that
+    stacks ``chunks`` blocks of neurons.
+    """
+
+    def __init__(self, base: nn.Module, state: RoutingState, chunks: int = 1, router: nn.Linear | None = None,
+                 config: LTEConfig | None = None, layer_index: int = 0):
+        super().__init__()
+        self.weight = nn.Parameter(_as_rows(base, out_is_rows=True).detach().clone().contiguous(), requires_grad=False)
+        bias = getattr(base, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.router = router
+        self.chunks = chunks
+        self.layer_index = layer_index
+        self._state = state
+        self._config = config
+
+    def forward(self, x):
+        state = self._state
+        if self.router is not None:
+            config = self._config
+            if config.lte_mode == "dense":
+                state.clear()
+            else:
+                state.route(x, self.router, config.lte_thresholds[self.layer_index], config.lte_track_sparsity)
+        rows = state.rows
+        if rows is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.chunks > 1:
+            width = self.weight.shape[0] // self.chunks
+            rows = torch.cat([rows + c * width for c in range(self.chunks)])
+        return F.linear(x, self.weight.index_select(0, rows), None if self.bias is None else self.bias.index_select(0, rows))
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"in={inp}, out={out}, chunks={self.chunks}, routes={self.router is not None}"
+
+
+class RoutedDown(nn.Module):
+    """The down projection, stored transposed (``weight_t`` [neurons, out]) so each expert's
+    weights are one contiguous block."""
+
+    def __init__(self, base: nn.Module, state: RoutingState):
+        super().__init__()
+        self.weight_t = nn.Parameter(_as_rows(base, out_is_rows=False).detach().clone().contiguous(), requires_grad=False)
+        bias = getattr(base, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._state = state
+
+    def forward(self, h):
+        state = self._state
+        rows, mask = state.rows, state.mask
+        state.clear()
+        if rows is not None and rows.numel() == 0:  # the router skipped every expert
+            out = h.new_zeros(*h.shape[:-1], self.weight_t.shape[1])
+        elif rows is not None:
+            # sum over selected neurons of h_i * weight_t[i]: a gather-GEMV with no weight copy
+            out = F.embedding_bag(rows.unsqueeze(0), self.weight_t, per_sample_weights=h.reshape(1, -1).to(self.weight_t.dtype),
+                                  mode="sum").to(h.dtype).reshape(*h.shape[:-1], -1)
+        else:
+            if mask is not None:
+                shape = h.shape
+                h = (h.reshape(*shape[:-1], state.num_experts, state.expert_size) * mask.unsqueeze(-1).to(h.dtype)).reshape(shape)
+            out = h @ self.weight_t
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight_t.shape[0]}, out={self.weight_t.shape[1]}"
+
+
+def install_routed_ffns(model: nn.Module, config) -> None:
+    """Swap every FFN's projections (listed in ``config.lte_ffn``) for routed ones, in place.
+
+    Weights are taken from the projections being replaced, so the same call builds an empty
+    model for ``from_pretrained`` and converts a trained one for export.
+    """
+    ffn = config.lte_ffn
+    for index, host_name in enumerate(ffn["hosts"]):
+        host = model.get_submodule(host_name)
+        down = host.get_submodule(ffn["down"])
+        width = _as_rows(down, out_is_rows=False).shape[0]
+        state = RoutingState(width // ffn["expert_size"], ffn["expert_size"])
+        first_weight = _as_rows(host.get_submodule(ffn["first"][0]), out_is_rows=True)
+        router = nn.Linear(first_weight.shape[1], state.num_experts, bias=ffn.get("router_bias", False),
+                           device=first_weight.device, dtype=first_weight.dtype)
+        for position, name in enumerate(ffn["first"]):
+            routed = RoutedFirst(host.get_submodule(name), state, ffn.get("fused_chunks", 1),
+                                 router=router if position == 0 else None, config=config, layer_index=index)
+            host.set_submodule(name, routed)
+        host.set_submodule(ffn["down"], RoutedDown(down, state))
+
+
+def routing_states(model: nn.Module) -> list[RoutingState]:
+    """Each FFN layer's routing state, in depth order."""
+    return [m._state for m in model.modules() if isinstance(m, RoutedFirst) and m.router is not None]
+
+
+_BaseForCausalLM = getattr(transformers, BASE_ARCHITECTURE)
+
+
+class LTEForCausalLM(_BaseForCausalLM):
+    """The base causal LM with routed FFNs; ``config.lte_mode = "dense"`` runs every expert."""
+
+    config_class = LTEConfig
+
+    def __init__(self, config: LTEConfig):
+        super().__init__(config)
+        install_routed_ffns(self, config)
+
+    def lte_sparsity(self) -> list[float | None]:
+        """Per-layer fraction of FFN neurons skipped since the last reset (needs
+        ``config.lte_track_sparsity = True``)."""
+        return [state.sparsity() for state in routing_states(self)]
+
+    def lte_reset_sparsity(self) -> None:
+        for state in routing_states(self):
+            state.reset_sparsity()

@@ -1,0 +1,294 @@
+"""`lte export` and `lte generate`: thresholds that hit a sparsity, a checkpoint that loads
+anywhere with trust_remote_code, and the bad-input contract."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_model
+from lte.cli import main
+from lte.export import ExportRequest, base_architecture, export, to_routed, write_checkpoint
+from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.thresholds import DENSE, Sensitivity, allocate, calibrate, calibration_loss, evaluate_allocation, sensitivity
+
+# Runs in a fresh interpreter where `lte` cannot be imported: what a user of the export has.
+LOAD_AS_A_USER = r"""
+import json, pathlib, sys
+sys.modules["lte"] = None  # the project is not importable
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+out = {}
+for directory in sys.argv[1:]:
+    d = torch.load(f"{directory}/expected.pt")
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    ids = d["ids"]
+    r = {"class": type(model).__name__, "base": type(model).__mro__[1].__name__}
+    with torch.no_grad():
+        r["sparse"] = (model(ids).logits - d["sparse"]).abs().max().item()
+        r["skips"] = (model(ids).logits - d["dense"]).abs().max().item()
+        r["token"] = (model(ids[:1, :1]).logits - d["token"]).abs().max().item()
+        # decoding with a KV cache (compact path) agrees with the full forward (masked path)
+        full = model(ids[:1]).logits[0, -1]
+        past = model(ids[:1, :-1], use_cache=True).past_key_values
+        step = model(ids[:1, -1:], past_key_values=past, use_cache=True).logits[0, -1]
+        r["decode"] = (step - full).abs().max().item()
+        r["loss"] = model(ids, labels=ids).loss.item()
+        model.config.lte_mode = "dense"
+        r["dense"] = (model(ids).logits - d["dense"]).abs().max().item()
+        model.config.lte_mode = "sparse"
+        model.config.lte_thresholds = [float("-inf")] * len(model.config.lte_thresholds)
+        r["neg_inf"] = (model(ids).logits - d["dense"]).abs().max().item()
+        model.config.lte_thresholds = d["thresholds"]
+    r["generated"] = model.generate(ids[:1, :3], max_new_tokens=4, do_sample=False).shape[1]
+    out[directory] = r
+print("RESULT", json.dumps(out))
+"""
+
+# The real exported stories260K model, through the high-level APIs, where `lte` cannot be imported.
+PIPELINE_AS_A_USER = r"""
+import json, sys
+sys.modules["lte"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+directory = sys.argv[1]
+generator = pipeline("text-generation", model=directory, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+text = generator("Once upon a time", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+batch = tokenizer(["Once upon a time, there was a little girl named Lily."], return_tensors="pt")
+loss = model(**batch, labels=batch["input_ids"]).loss.item()
+print("RESULT", json.dumps({"text": text, "loss": loss}))
+"""
+
+def _result(stdout: str):
+    return json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt"]
+
+
+def _export_tiny(family: str, out: Path, tokenizer) -> None:
+    model = tiny_model(family)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
+    set_lte_mode(model, "hard")
+    thresholds = [0.45, 0.55]
+    for layer, threshold in zip(lte_layers(model), thresholds):
+        layer.threshold = threshold
+    with torch.no_grad():
+        sparse, token = model(ids).logits, model(ids[:1, :1]).logits
+    base = base_architecture(model)
+    to_routed(model, thresholds)
+    out.mkdir()
+    write_checkpoint(model, tokenizer, out, base)
+    torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "thresholds": thresholds}, out / "expected.pt")
+
+
+def test_export_round_trip_in_a_process_without_the_project(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
+    dirs = []
+    for family in FAMILIES:
+        _export_tiny(family, tmp_path / family, tokenizer)
+        dirs.append(str(tmp_path / family))
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert config["model_type"] == "lte" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
+    assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
+    assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
+    proc = subprocess.run([sys.executable, "-c", LOAD_AS_A_USER, *dirs], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _result(proc.stdout)
+    for family, directory in zip(FAMILIES, dirs):
+        r = results[directory]
+        assert r["class"] == "LTEForCausalLM", family
+        assert r["sparse"] < 1e-5, (family, r)  # several tokens: masked path, same as the trained model
+        assert r["token"] < 1e-5, (family, r)  # one token: only the selected experts' rows are computed
+        assert r["decode"] < 1e-4, (family, r)
+        assert r["skips"] > 1e-3, (family, r)  # the thresholds do skip experts...
+        assert r["dense"] < 1e-5, (family, r)  # ...lte_mode="dense" runs every expert: the original model's logits
+        assert r["neg_inf"] < 1e-5, (family, r)  # ...and so do thresholds at -inf
+        assert 3.0 < r["loss"] < 6.0  # ln(64) ~ 4.16 for a random tiny model
+        assert r["generated"] == 7
+
+
+def test_exported_weights_are_expert_contiguous(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    _export_tiny("llama", tmp_path / "llama", AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"))
+    weights = load_file(tmp_path / "llama" / "model.safetensors")
+    prefix = "model.layers.0.mlp."
+    assert weights[prefix + "gate_proj.weight"].shape == (64, 32)  # [neurons, hidden]: expert e = rows e*8..e*8+7
+    assert weights[prefix + "down_proj.weight_t"].shape == (64, 32)  # down stored transposed: same row blocks
+    assert weights[prefix + "gate_proj.router.weight"].shape == (8, 32)
+    assert not any(k.endswith("down_proj.weight") for k in weights)
+
+
+# ---- threshold tuning on the smoke-trained stories260K run ----
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    """The smoke run's stage-2 model, its calibration batches and its held-out data."""
+    from lte.config import load_run_recipe
+    from lte.data import build_data
+    from lte.inject import load_lte
+    from lte.pipeline import calibration_batches, collator_for, load_tokenizer
+
+    out, _ = tiny_run
+    recipe = load_run_recipe(out)
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.seed)
+    model = load_lte(out / "stage2" / "model").eval()
+    return model, calibration_batches(data, tokenizer, 8192, 16), data, collator_for(data, tokenizer)
+
+
+@pytest.fixture
+def stage2(trained):
+    """``trained`` with every threshold back at the trained value (tau)."""
+    model = trained[0]
+    for layer in lte_layers(model):
+        layer.threshold = layer.tau
+    return trained
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_held_out_sparsity_is_within_two_points_of_the_target(stage2, target):
+    from lte.evaluate import evaluate_lm
+    from lte.thresholds import choose_thresholds
+
+    model, batches, data, collator = stage2
+    chosen, uniform = choose_thresholds(model, batches, target, "uniform", progress=False)
+    assert chosen.sparsity == pytest.approx(target, abs=0.01)  # calibration: exact up to ties
+    held_out = evaluate_lm(model, data.eval, collator, 16)
+    assert held_out.sparsity == pytest.approx(target, abs=0.02)
+
+
+def test_tuned_allocation_is_no_worse_than_uniform_on_calibration(stage2):
+    model, batches, _, _ = stage2
+    sens = sensitivity(model, batches, progress=False)
+    assert sens.costs.shape == (5, len(sens.grid)) and (sens.costs[:, -1] > 0.05).all()  # 95% sparse: a clear loss
+    assert sens.trained == pytest.approx(calibration_loss(model, batches)[1])  # thresholds restored afterwards
+    for target in (0.5, 0.7):
+        n = len(lte_layers(model))
+        uniform = evaluate_allocation(model, batches, "uniform", [target] * n, progress=False)
+        targets = allocate(sens, target)
+        assert sum(targets) / n == pytest.approx(target, abs=0.005)
+        tuned = evaluate_allocation(model, batches, "tuned", targets, progress=False)
+        assert tuned.sparsity == pytest.approx(target, abs=0.01)
+        assert tuned.nll <= uniform.nll + 1e-6, (target, tuned, uniform)
+
+
+def test_negative_thresholds_run_every_expert(stage2):
+    model, batches, _, _ = stage2
+    calibrate(model, batches, [0.0] * 5, progress=False)
+    _, per_layer = calibration_loss(model, batches[:1])
+    assert per_layer == [0.0] * 5
+    assert all(layer.threshold == DENSE for layer in lte_layers(model))
+
+
+def test_allocate_spends_the_budget_where_it_is_cheap():
+    grid = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    cheap = [0.001 * s for s in grid]
+    costly = [1.0 * s * s for s in grid]
+    targets = allocate(Sensitivity(grid, np.array([cheap, costly]), trained=[0.0, 0.0]), 0.5)
+    assert sum(targets) == pytest.approx(1.0)
+    assert targets[0] > 0.9 and targets[1] < 0.1
+    # a layer's trained point costs nothing: at the trained mean, the trained allocation comes back
+    bowl = [[(s - t) ** 2 for s in grid] for t in (0.3, 0.7)]
+    assert allocate(Sensitivity(grid, np.array(bowl), trained=[0.33, 0.67]), 0.5) == [0.33, 0.67]
+
+
+# ---- the export stage of the smoke run, `lte generate`, bad input ----
+
+
+def test_the_main_job_ends_with_an_export(tiny_run):
+    out, proc = tiny_run
+    report = json.loads((out / "export" / "lte_export.json").read_text())
+    for key in ("target_sparsity", "calibration_sparsity", "heldout_sparsity", "thresholds", "per_layer_sparsity",
+                "dense_ppl", "sparse_ppl", "source_run"):
+        assert key in report
+    assert report["target_sparsity"] == 0.5
+    assert report["calibration_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["heldout_sparsity"] == pytest.approx(0.5, abs=0.03)
+    assert len(report["thresholds"]) == len(report["per_layer_sparsity"]) == 5
+    assert report["validation_error"] < 1e-4
+    assert json.loads((out / "report.json").read_text())["export_dir"] == "export"
+    assert (out / "export" / "per_layer_sparsity.png").stat().st_size > 1000
+    assert "LTE export written" in proc.stdout
+
+
+def test_the_export_works_with_pipeline_and_labels_without_the_project(tiny_run, tmp_path):
+    out, _ = tiny_run
+    proc = subprocess.run([sys.executable, "-c", PIPELINE_AS_A_USER, str(out / "export")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[y/N]" not in proc.stdout + proc.stderr  # nothing asks the user to confirm remote code
+    result = _result(proc.stdout)
+    assert result["text"].startswith("Once upon a time") and len(result["text"]) > len("Once upon a time") + 20
+    assert 0.5 < result["loss"] < 3.0  # a trained TinyStories model on a TinyStories sentence
+
+
+def test_generate_prints_text_speed_and_sparsity(tiny_run, capsys):
+    out, _ = tiny_run
+    assert main(["generate", str(out / "export"), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                 "--compare-dense"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Once upon a time") == 2
+    assert "tokens/s" in printed and "FFN sparsity" in printed and "x the dense model's tokens/s" in printed
+
+
+def _fails_with(capsys, argv, *phrases):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def test_bad_input_gets_one_clear_message(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    run = str(out)
+    _fails_with(capsys, ["export", str(tmp_path), "--target-sparsity", "0.5", "--out", str(tmp_path / "x")],
+                "has no stage-2 model")
+    _fails_with(capsys, ["export", run, "--target-sparsity", "1.5", "--out", str(tmp_path / "x")], "[0, 1)")
+    _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--calibration", str(tmp_path / "missing.txt"),
+                         "--out", str(tmp_path / "x")], "file not found")
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat. " * 40)
+    _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--calibration", str(short), "--out",
+                         str(tmp_path / "x")], "fewer than --calibration-tokens")
+    _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--out", str(out / "export")], "--overwrite")
+    _fails_with(capsys, ["generate", str(tmp_path / "nothing")], "no exported model")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, monkeypatch):
+    import lte.export
+
+    out, _ = tiny_run
+    target = tmp_path / "exported"
+    target.mkdir()
+    (target / "keep.txt").write_text("previous export")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export validation failed (simulated)")
+
+    monkeypatch.setattr(lte.export, "validate_export", broken)
+    request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=0.4, calibration_tokens=2048,
+                            allocation="uniform", overwrite=True)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(request, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary directory left behind
+    assert (target / "keep.txt").read_text() == "previous export"
