@@ -63,21 +63,24 @@ def main() -> None:
                          "heldout_sparsity": held_out.sparsity, "heldout_ppl": held_out.ppl,
                          "heldout_per_layer_sparsity": held_out.per_layer_sparsity})
 
+    report = Path(args.run_dir) / "report.json"
+    original = json.loads(report.read_text())["dense_ppl"] if report.is_file() else None
     name = args.name or f"export_allocation_{recipe.name}"
     RESULTS.mkdir(exist_ok=True)
     result = {"run_dir": str(args.run_dir), "calibration_tokens": args.calibration_tokens, "heldout_tokens": dense.tokens,
-              "dense_ppl": dense.ppl, "trained_ppl": trained.ppl, "trained_sparsity": trained.sparsity,
+              "original_ppl": original, "dense_ppl": dense.ppl, "trained_ppl": trained.ppl, "trained_sparsity": trained.sparsity,
               "sensitivity_grid": sens.grid, "sensitivity": sens.costs.tolist(), "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Held-out ppl with every expert: {dense.ppl:.4f}; at the trained thresholds (tau): {trained.ppl:.4f} "
+    lines = [f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
+             f"at its trained thresholds (tau): {trained.ppl:.4f} "
              f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
              f"{args.calibration_tokens} training tokens).", "",
-             "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs all experts |",
+             "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         per_layer = " ".join(f"{100 * s:.0f}" for s in r["layer_targets"])
         lines.append(f"| {r['target']:.1f} | {r['allocation']} | {per_layer} | {r['calibration_ppl']:.4f} | "
-                     f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | {100 * (r['heldout_ppl'] / dense.ppl - 1):+.1f}% |")
+                     f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | {100 * (r['heldout_ppl'] / original - 1):+.1f}% |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, dense.ppl, (trained.sparsity, trained.ppl), RESULTS / f"{name}.png")
     print("\n".join(lines))

@@ -67,7 +67,7 @@ def _cmd_generate(args) -> int:
     if args.compare_dense:
         sparse, dense = results
         print(f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
-              f"(pure-torch path; see `lte bench` for kernels)")
+              f"(pure-torch decode path)")
     return 0
 
 

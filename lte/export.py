@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -246,6 +247,10 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     if request.target_sparsity is not None:
         logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
                     100 * request.target_sparsity, request.calibration_tokens, request.allocation)
+        trained = [layer.threshold for layer in lte_layers(model)]
+        set_thresholds(model, [DENSE] * len(trained))
+        calib_dense_ppl = math.exp(calibration_loss(model, batches)[0])
+        set_thresholds(model, trained)
         chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
         target = request.target_sparsity
     else:
@@ -292,6 +297,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
             "calibration_sparsity": chosen.sparsity,
             "calibration_per_layer_sparsity": chosen.per_layer_sparsity,
             "calibration_ppl": chosen.ppl,
+            "calibration_dense_ppl": calib_dense_ppl,
             "uniform_calibration_ppl": uniform.ppl,
             "heldout": recipe.data.eval or f"{recipe.data.eval_fraction:.0%} of {recipe.data.train}",
             "heldout_tokens": sparse.tokens,

@@ -197,19 +197,21 @@ def sensitivity(model, batches, grid=SENSITIVITY_GRID, progress: bool = True) ->
     return Sensitivity(tuple(grid), costs, trained)
 
 
-def allocate(sens: Sensitivity, target: float, max_layer_sparsity: float = 0.99) -> list[float]:
+def allocate(sens: Sensitivity, target: float) -> list[float]:
     """Per-layer sparsities with mean ``target`` minimising the summed loss changes.
 
     Each layer's curve (its grid points and its trained point) is interpolated linearly to a
-    0.5% grid; an exact DP over the total sparsity budget then picks one level per layer.
+    0.5% grid up to the largest measured sparsity (nothing is extrapolated); an exact DP over
+    the total sparsity budget then picks one level per layer.
     """
     n = sens.costs.shape[0]
     step = 0.005
+    max_layer_sparsity = max(sens.grid)
     levels = np.arange(int(round(max_layer_sparsity / step)) + 1)
     curves = np.stack([np.interp(levels * step, *sens.curve(layer)) for layer in range(n)])
     budget = int(round(target * n / step))
     if budget > levels[-1] * n:
-        raise ValueError(f"target sparsity {target} exceeds the per-layer maximum {max_layer_sparsity}")
+        return [target] * n  # beyond the measured curves: only the uniform allocation is defined
     best = np.full(budget + 1, np.inf)
     best[0] = 0.0
     choice = np.zeros((n, budget + 1), dtype=np.int64)

@@ -1,0 +1,120 @@
+"""Speed of an exported LTE checkpoint against the same checkpoint with every expert on.
+
+    python bench/export_speed.py                       # TinyLlama-shaped layers (hidden 2048, FFN 5632), 4 of them
+    python bench/export_speed.py --hidden 4096 --intermediate 11008 --layers 2 --sparsity 0.5
+
+It builds a random Llama-architecture model of the given shape, MoEfies it, fits nothing
+(centroid routers, thresholds set to the requested sparsity on random tokens: speed does not
+depend on what the routers learned), exports it with the real exporter code, loads it back
+with ``trust_remote_code=True`` and times, as medians over repeats in one process:
+
+* prefill: one forward over ``--batch`` x ``--seq`` tokens (the masked path);
+* decode: ``--new-tokens`` greedy tokens from a short prompt at batch 1 (the compact path).
+
+Ratios are sparse time / dense time of the same loaded model (``config.lte_mode``), so the
+comparison is like for like. Writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from lte.export import base_architecture, to_routed, write_checkpoint
+from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.thresholds import calibrate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--expert-size", type=int, default=32)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    config = transformers.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                                      num_key_value_heads=args.hidden // 128, vocab_size=32000)
+    model = transformers.LlamaForCausalLM(config).eval()
+    inject_lte(model, LTEModelConfig(expert_size=args.expert_size, router_init="centroid"), kmeans_iters=2, progress=False)
+    set_lte_mode(model, "hard")
+    tokens = torch.randint(0, config.vocab_size, (4, 128))
+    thresholds = calibrate(model, [{"input_ids": tokens}], [args.sparsity] * args.layers, progress=False)
+    base = base_architecture(model)
+    to_routed(model, thresholds)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(model, tokenizer, Path(directory), base)
+        del model
+        exported = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
+    exported = exported.to(device).eval()
+
+    prefill_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    prompt = torch.randint(0, config.vocab_size, (1, 8), device=device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+              "threads": torch.get_num_threads(), "args": vars(args)}
+
+    @torch.no_grad()
+    def prefill():
+        exported(prefill_ids)
+
+    @torch.no_grad()
+    def decode():
+        exported.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                          pad_token_id=0)
+
+    for mode in ("dense", "sparse"):
+        exported.config.lte_mode = mode
+        result[f"{mode}_prefill_s"] = timed(prefill, args.repeats, device)
+        result[f"{mode}_decode_tokens_per_s"] = args.new_tokens / timed(decode, args.repeats, device)
+    exported.config.lte_mode = "sparse"
+    exported.config.lte_track_sparsity = True
+    exported.lte_reset_sparsity()
+    decode()
+    measured = exported.lte_sparsity()
+    result["decode_sparsity"] = sum(measured) / len(measured)
+    result["prefill_time_ratio"] = result["sparse_prefill_s"] / result["dense_prefill_s"]
+    result["decode_speedup"] = result["sparse_decode_tokens_per_s"] / result["dense_decode_tokens_per_s"]
+    RESULTS.mkdir(exist_ok=True)
+    name = f"export_speed_{device.type}_h{args.hidden}_i{args.intermediate}_{args.dtype}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
