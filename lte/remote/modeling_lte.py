@@ -9,7 +9,8 @@ mechanism serves every family:
   decides, per token, which experts run: those with ``sigmoid(router(x)) > threshold``;
 * for a single token (batch-1 decoding) the first projections compute only the selected
   experts' rows and hand back a compact activation, and the down projection multiplies it by
-  only those experts' weights, stored transposed so each expert's block is contiguous;
+  only those experts' weights, stored transposed so each expert's block is contiguous. Runs
+  of adjacent selected experts are one slice of the weights, so nothing is copied;
 * for several tokens (prefill, batches) every row is computed and the skipped neurons are
   zeroed before the down projection: the same result at the dense model's speed.
 
@@ -30,14 +31,15 @@ from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
-    ``rows``: the selected neurons when one token is routed (compact path), else None.
+    ``segments``: when one token is routed (compact path), the selected neurons as
+    ``(start, stop)`` row ranges, adjacent experts merged; else None.
     ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
     """
 
     def __init__(self, num_experts: int, expert_size: int):
         self.num_experts = num_experts
         self.expert_size = expert_size
-        self.rows = None
+        self.segments = None
         self.mask = None
         self.skipped = None  # experts skipped, summed over tracked tokens
         self.tokens = 0
@@ -50,14 +52,19 @@ class RoutingState:
             self.skipped = off if self.skipped is None else self.skipped + off
             self.tokens += on.shape[:-1].numel()
         if on.shape[:-1].numel() == 1:
-            experts = on.reshape(-1).nonzero().squeeze(1)
-            offsets = torch.arange(self.expert_size, device=experts.device)
-            self.rows, self.mask = (experts[:, None] * self.expert_size + offsets).reshape(-1), None
+            self.segments, self.mask = self._segments(on.reshape(-1)), None
         else:
-            self.rows, self.mask = None, on
+            self.segments, self.mask = None, on
+
+    def _segments(self, on) -> list[tuple[int, int]]:
+        """Row ranges of the runs of selected experts, e.g. experts 2, 3, 7 -> [(2E, 4E), (7E, 8E)]."""
+        flags = on.to(torch.int8).cpu()
+        edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1)).nonzero().squeeze(1).tolist()
+        size = self.expert_size
+        return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2])]
 
     def clear(self) -> None:
-        self.rows = self.mask = None
+        self.segments = self.mask = None
 
     def sparsity(self) -> float | None:
         """Fraction of experts (= of neurons) skipped over the tracked tokens."""
@@ -104,13 +111,13 @@ class RoutedFirst(nn.Module):
                 state.clear()
             else:
                 state.route(x, self.router, config.lte_thresholds[self.layer_index], config.lte_track_sparsity)
-        rows = state.rows
-        if rows is None:
+        if state.segments is None:
             return F.linear(x, self.weight, self.bias)
-        if self.chunks > 1:
-            width = self.weight.shape[0] // self.chunks
-            rows = torch.cat([rows + c * width for c in range(self.chunks)])
-        return F.linear(x, self.weight.index_select(0, rows), None if self.bias is None else self.bias.index_select(0, rows))
+        width = self.weight.shape[0] // self.chunks
+        bias = self.bias
+        parts = [F.linear(x, self.weight[c * width + a:c * width + b], None if bias is None else bias[c * width + a:c * width + b])
+                 for c in range(self.chunks) for a, b in state.segments]
+        return torch.cat(parts, dim=-1) if parts else x.new_zeros(*x.shape[:-1], 0)
 
     def extra_repr(self) -> str:
         out, inp = self.weight.shape
@@ -130,14 +137,16 @@ class RoutedDown(nn.Module):
 
     def forward(self, h):
         state = self._state
-        rows, mask = state.rows, state.mask
+        segments, mask = state.segments, state.mask
         state.clear()
-        if rows is not None and rows.numel() == 0:  # the router skipped every expert
-            out = h.new_zeros(*h.shape[:-1], self.weight_t.shape[1])
-        elif rows is not None:
-            # sum over selected neurons of h_i * weight_t[i]: a gather-GEMV with no weight copy
-            out = F.embedding_bag(rows.unsqueeze(0), self.weight_t, per_sample_weights=h.reshape(1, -1).to(self.weight_t.dtype),
-                                  mode="sum").to(h.dtype).reshape(*h.shape[:-1], -1)
+        if segments is not None:
+            flat = h.reshape(1, -1)
+            out = flat.new_zeros(1, self.weight_t.shape[1])
+            offset = 0
+            for a, b in segments:  # out += h[selected rows] @ weight_t[selected rows], one slice per run
+                out.addmm_(flat[:, offset:offset + b - a], self.weight_t[a:b])
+                offset += b - a
+            out = out.reshape(*h.shape[:-1], -1)
         else:
             if mask is not None:
                 shape = h.shape
