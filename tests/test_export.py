@@ -163,13 +163,23 @@ def stage2(trained):
     return trained
 
 
+@pytest.fixture(scope="module")
+def stage2_sensitivity(trained):
+    model = trained[0]
+    for layer in lte_layers(model):
+        layer.threshold = layer.tau
+    return sensitivity(model, trained[1], progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "tuned"])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
-def test_held_out_sparsity_is_within_two_points_of_the_target(stage2, target):
+def test_held_out_sparsity_is_within_two_points_of_the_target(stage2, stage2_sensitivity, target, allocation):
     from lte.evaluate import evaluate_lm
-    from lte.thresholds import choose_thresholds
 
     model, batches, data, collator = stage2
-    chosen, uniform = choose_thresholds(model, batches, target, "uniform", progress=False)
+    n = len(lte_layers(model))
+    targets = [target] * n if allocation == "uniform" else allocate(stage2_sensitivity, target)
+    chosen = evaluate_allocation(model, batches, allocation, targets, progress=False)
     assert chosen.sparsity == pytest.approx(target, abs=0.01)  # calibration: exact up to ties
     held_out = evaluate_lm(model, data.eval, collator, 16)
     assert held_out.sparsity == pytest.approx(target, abs=0.02)
