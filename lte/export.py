@@ -38,6 +38,7 @@ logger = logging.getLogger("lte")
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_lte.py", "modeling_lte.py")
+CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 EXPORT_REPORT = "lte_export.json"
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -138,7 +139,7 @@ def to_routed(model, thresholds: list[float]):
 
 
 def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
-    """``save_pretrained`` + the LTE config.json + the two code files."""
+    """``save_pretrained`` + the LTE config.json + the code files (model, config, CPU kernel)."""
     # Current parameter names: the exported class is custom code, which transformers loads
     # without the legacy-name conversions (GPT-NeoX's embed_out -> lm_head) a native class gets.
     model.save_pretrained(directory, save_original_format=False)
@@ -146,6 +147,9 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     config = json.loads((directory / "config.json").read_text())
     config.update(model_type="lte", architectures=["LTEForCausalLM"], auto_map=AUTO_MAP)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    import lte_kernels.cpu
+
+    shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
     for name in REMOTE_FILES:
         source = (REMOTE_DIR / name).read_text()
         line = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'

@@ -16,7 +16,9 @@ mechanism serves every family:
 
 Weights are laid out expert-contiguously: expert ``e`` owns neurons ``e*E .. (e+1)*E-1``
 (``E = expert_size``), i.e. rows of the first projections and rows of ``down.weight_t``.
-Only torch and transformers are imported.
+Only torch and transformers are imported. On CPU, batch-1 decoding uses the C++ kernel of
+``lte_kernels_cpu.py`` (written beside this file by ``lte export``) when it builds; otherwise
+the pure-torch slices above.
 """
 
 import torch
@@ -27,19 +29,28 @@ import transformers
 
 from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
 
+try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
+    from .lte_kernels_cpu import available as _cpu_kernel_available, expert_matvec, expert_matvec_t
+except ImportError:
+    _cpu_kernel_available = None
+
+
+def _use_cpu_kernel(weight: torch.Tensor) -> bool:
+    return (_cpu_kernel_available is not None and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
+
 
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
-    ``segments``: when one token is routed (compact path), the selected neurons as
-    ``(start, stop)`` row ranges, adjacent experts merged; else None.
+    ``experts``: the selected experts (int64) when one token is routed (compact path), else None.
     ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
     """
 
     def __init__(self, num_experts: int, expert_size: int):
         self.num_experts = num_experts
         self.expert_size = expert_size
-        self.segments = None
+        self.experts = None
         self.mask = None
         self.skipped = None  # experts skipped, summed over tracked tokens
         self.tokens = 0
@@ -52,19 +63,25 @@ class RoutingState:
             self.skipped = off if self.skipped is None else self.skipped + off
             self.tokens += on.shape[:-1].numel()
         if on.shape[:-1].numel() == 1:
-            self.segments, self.mask = self._segments(on.reshape(-1)), None
+            self.experts, self.mask = on.reshape(-1).nonzero().squeeze(1), None
         else:
-            self.segments, self.mask = None, on
+            self.experts, self.mask = None, on
 
-    def _segments(self, on) -> list[tuple[int, int]]:
+    def segments(self) -> list[tuple[int, int]]:
         """Row ranges of the runs of selected experts, e.g. experts 2, 3, 7 -> [(2E, 4E), (7E, 8E)]."""
-        flags = on.to(torch.int8).cpu()
-        edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1)).nonzero().squeeze(1).tolist()
+        flags = torch.zeros(self.num_experts + 2, dtype=torch.int8)
+        flags[self.experts.cpu() + 1] = 1
+        edges = torch.diff(flags).nonzero().squeeze(1).tolist()
         size = self.expert_size
         return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2])]
 
+    def rows(self) -> torch.Tensor:
+        """The selected neurons' row indices."""
+        offsets = torch.arange(self.expert_size, device=self.experts.device)
+        return (self.experts[:, None] * self.expert_size + offsets).reshape(-1)
+
     def clear(self) -> None:
-        self.segments = self.mask = None
+        self.experts = self.mask = None
 
     def sparsity(self) -> float | None:
         """Fraction of experts (= of neurons) skipped over the tracked tokens."""
@@ -111,12 +128,19 @@ class RoutedFirst(nn.Module):
                 state.clear()
             else:
                 state.route(x, self.router, config.lte_thresholds[self.layer_index], config.lte_track_sparsity)
-        if state.segments is None:
+        if state.experts is None:
             return F.linear(x, self.weight, self.bias)
         width = self.weight.shape[0] // self.chunks
         bias = self.bias
+        if _use_cpu_kernel(self.weight):
+            out = torch.cat([expert_matvec(x, self.weight, state.experts, state.expert_size, c * width)
+                             for c in range(self.chunks)]).to(x.dtype)
+            if bias is not None:
+                out = out + torch.cat([bias[c * width + state.rows()] for c in range(self.chunks)])
+            return out.reshape(*x.shape[:-1], -1)
+        segments = state.segments()  # pure torch: one slice of the weights per run of adjacent experts
         parts = [F.linear(x, self.weight[c * width + a:c * width + b], None if bias is None else bias[c * width + a:c * width + b])
-                 for c in range(self.chunks) for a, b in state.segments]
+                 for c in range(self.chunks) for a, b in segments]
         return torch.cat(parts, dim=-1) if parts else x.new_zeros(*x.shape[:-1], 0)
 
     def extra_repr(self) -> str:
@@ -137,13 +161,14 @@ class RoutedDown(nn.Module):
 
     def forward(self, h):
         state = self._state
-        segments, mask = state.segments, state.mask
-        state.clear()
-        if segments is not None:
+        experts, mask = state.experts, state.mask
+        if experts is not None and _use_cpu_kernel(self.weight_t):
+            out = expert_matvec_t(h, self.weight_t, experts, state.expert_size).to(h.dtype).reshape(*h.shape[:-1], -1)
+        elif experts is not None:
             flat = h.reshape(1, -1)
             out = flat.new_zeros(1, self.weight_t.shape[1])
             offset = 0
-            for a, b in segments:  # out += h[selected rows] @ weight_t[selected rows], one slice per run
+            for a, b in state.segments():  # out += h[selected rows] @ weight_t[selected rows], one slice per run
                 out.addmm_(flat[:, offset:offset + b - a], self.weight_t[a:b])
                 offset += b - a
             out = out.reshape(*h.shape[:-1], -1)
@@ -152,6 +177,7 @@ class RoutedDown(nn.Module):
                 shape = h.shape
                 h = (h.reshape(*shape[:-1], state.num_experts, state.expert_size) * mask.unsqueeze(-1).to(h.dtype)).reshape(shape)
             out = h @ self.weight_t
+        state.clear()
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

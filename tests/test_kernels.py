@@ -1,0 +1,63 @@
+"""The CPU sparse-FFN kernel against the pure-torch reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lte_kernels.cpu as cpu_kernel
+from conftest import REPO
+
+SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32)]  # (hidden, neurons, expert_size); 100: not a multiple of 16
+
+
+def test_the_kernel_builds_here():
+    assert cpu_kernel.available()  # a C++ compiler and ninja are part of the set-up; a silent fallback would hide a slow path
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
+    hidden, neurons, size = shape
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(neurons, hidden, generator=g).to(dtype)
+    weight_t = torch.randn(neurons, hidden, generator=g).to(dtype)
+    x = torch.randn(hidden, generator=g).to(dtype)
+    experts = (torch.rand(neurons // size, generator=g) >= sparsity).nonzero().squeeze(1)
+    if sparsity == 1.0:
+        assert experts.numel() == 0
+    rows = (experts[:, None] * size + torch.arange(size)).reshape(-1)
+    y = cpu_kernel.expert_matvec(x, weight, experts, size)
+    want = weight.float()[rows] @ x.float()
+    assert y.dtype == dtype and y.shape == (rows.numel(),)
+    torch.testing.assert_close(y.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
+    h = torch.randn(rows.numel(), generator=g).to(dtype)
+    out = cpu_kernel.expert_matvec_t(h, weight_t, experts, size)
+    want = h.float() @ weight_t.float()[rows]
+    assert out.shape == (hidden,)
+    torch.testing.assert_close(out.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
+    assert torch.equal(cpu_kernel.expert_matvec_t(h, weight_t, experts, size), out)  # deterministic
+
+
+def test_offset_selects_the_second_chunk_of_a_fused_projection():
+    weight = torch.randn(2 * 64, 32)
+    experts = torch.tensor([1, 3])
+    rows = (experts[:, None] * 16 + torch.arange(16)).reshape(-1)
+    x = torch.randn(32)
+    torch.testing.assert_close(cpu_kernel.expert_matvec(x, weight, experts, 16, offset=64), weight[64 + rows] @ x)
+
+
+def test_the_package_does_not_shadow_hugging_face_kernels(tmp_path):
+    # An environment with both: a stand-in for Hugging Face's `kernels` on the path, run from the
+    # repository root (where our kernels/ directory sits on sys.path as the current directory).
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("ORIGIN = 'huggingface'\n")
+    code = "import kernels, lte_kernels.cpu; print(kernels.ORIGIN)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "huggingface"
