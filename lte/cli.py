@@ -1,4 +1,4 @@
-"""The ``lte`` command: ``lte train``, ``lte export``, ``lte generate``, ``lte convert-llama2c``, ``lte recipes``.
+"""The ``lte`` command: ``lte train``, ``lte export``, ``lte generate``, ``lte bench``, ``lte convert-llama2c``, ``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
 (:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
@@ -71,6 +71,25 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_bench_kernel(args) -> int:
+    from .bench import DEFAULT_SHAPES, bench_kernel, kernel_table, machine, write_json
+
+    try:
+        sparsities = [float(v) for v in args.sparsity.split(",")]
+    except ValueError:
+        raise UsageError(f"--sparsity {args.sparsity!r}: expected comma-separated numbers, e.g. 0.5,0.9") from None
+    if any(not 0 <= s < 1 for s in sparsities):
+        raise UsageError(f"--sparsity {args.sparsity}: every value must lie in [0, 1)")
+    shapes = args.shape.split(",") if args.shape else list(DEFAULT_SHAPES)
+    rows = bench_kernel(shapes, sparsities, args.dtype, args.batch, args.expert_size, args.repeats, args.device)
+    print(f"sparse FFN kernel vs dense F.linear, {machine()}; medians of {args.repeats}")
+    print(kernel_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     from .config import available_recipes, find_recipe
 
@@ -106,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-dense", action="store_true", help="also run every expert and compare text and speed")
     p.set_defaults(func=_cmd_generate)
+    bench = sub.add_parser("bench", help="benchmarks: lte bench kernel ...").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("kernel", help="time the sparse FFN kernel against the dense FFN, same process")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shape", help="HIDDENxFFN[,HIDDENxFFN...] (default: 4096x11008,5120x13824, Llama-2-7B and 13B)")
+    p.add_argument("--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--expert-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(func=_cmd_bench_kernel)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")
     p.add_argument("model", help="llama2.c model .bin")
     p.add_argument("tokenizer", help="SentencePiece tokenizer .model")

@@ -30,6 +30,8 @@ for directory in sys.argv[1:]:
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
     ids = d["ids"]
     r = {"class": type(model).__name__, "base": type(model).__mro__[1].__name__}
+    kernel = sys.modules[type(model).__module__]._cpu_kernel_available
+    r["cpu_kernel"] = kernel is not None and kernel()
     with torch.no_grad():
         r["sparse"] = (model(ids).logits - d["sparse"]).abs().max().item()
         r["skips"] = (model(ids).logits - d["dense"]).abs().max().item()
@@ -112,6 +114,7 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
     for family, directory in zip(FAMILIES, dirs):
         r = results[directory]
         assert r["class"] == "LTEForCausalLM", family
+        assert r["cpu_kernel"], family  # the export carries the CPU kernel and decoding uses it
         assert r["sparse"] < 1e-5, (family, r)  # several tokens: masked path, same as the trained model
         assert r["token"] < 1e-5, (family, r)  # one token: only the selected experts' rows are computed
         assert r["decode"] < 1e-4, (family, r)
@@ -120,6 +123,25 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         assert r["neg_inf"] < 1e-5, (family, r)  # ...and so do thresholds at -inf
         assert 3.0 < r["loss"] < 6.0  # ln(64) ~ 4.16 for a random tiny model
         assert r["generated"] == 7
+
+
+def test_the_pure_torch_decode_path_matches_without_the_kernel():
+    import lte.remote.modeling_lte as modeling
+
+    assert modeling._cpu_kernel_available is None  # the package copy has no kernel beside it: pure torch
+    for family in ("llama", "phi3", "gpt2"):
+        model = tiny_model(family)
+        inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
+        set_lte_mode(model, "hard")
+        for layer in lte_layers(model):
+            layer.threshold = 0.5
+        ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            full = model(ids).logits[0, -1]
+            to_routed(model, [0.5, 0.5])
+            past = model(ids[:, :-1], use_cache=True).past_key_values
+            step = model(ids[:, -1:], past_key_values=past, use_cache=True).logits[0, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
 def test_exported_weights_are_expert_contiguous(tmp_path):
@@ -133,6 +155,7 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
     assert weights[prefix + "down_proj.weight_t"].shape == (64, 32)  # down stored transposed: same row blocks
     assert weights[prefix + "gate_proj.router.weight"].shape == (8, 32)
     assert not any(k.endswith("down_proj.weight") for k in weights)
+    assert (tmp_path / "llama" / "lte_kernels_cpu.py").is_file()
 
 
 # ---- threshold tuning on the smoke-trained stories260K run ----

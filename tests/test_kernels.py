@@ -1,5 +1,6 @@
 """The CPU sparse-FFN kernel against the pure-torch reference."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,31 @@ def test_the_package_does_not_shadow_hugging_face_kernels(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "huggingface"
+
+
+def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
+    from lte.cli import main
+
+    out = tmp_path / "rows.json"
+    assert main(["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--repeats", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 256x512 | 1 | float32 | 0.50 |" in printed
+    rows = json.loads(out.read_text())
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert {"shape", "batch", "dtype", "sparsity", "dense_ms", "sparse_ms", "speedup"} <= set(r)
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["--sparsity", "1.5"], "[0, 1)"),
+    (["--shape", "4096by11008"], "HIDDENxFFN"),
+    (["--device", "cuda"], "not built yet"),
+    (["--shape", "64x100"], "does not divide"),
+])
+def test_bench_kernel_bad_input(argv, phrase, capsys):
+    from lte.cli import main
+
+    assert main(["bench", "kernel", "--repeats", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err

@@ -1,0 +1,142 @@
+"""``lte bench kernel``: the sparse FFN path against the dense FFN, in one process.
+
+Dense is computed the way transformers computes a SwiGLU FFN (three ``F.linear`` calls);
+sparse is what an exported model runs for one decoding token on CPU: the router matvec, the
+threshold, the selected experts' indices, then the kernel's expert matvecs for gate and up
+and the transposed one for down (``kernels/cpu.py``). Times are medians over repeats after
+warm-up. The threshold is set so that exactly the requested share of experts is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+DEFAULT_SHAPES = ("4096x11008", "5120x13824")  # Llama-2-7B and 13B FFNs
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class KernelRow:
+    shape: str
+    batch: int
+    dtype: str
+    sparsity: float
+    dense_ms: float
+    sparse_ms: float
+    speedup: float
+    ideal_speedup: float
+    fraction_of_ideal: float
+    kernel_dense_ms: float  # the same kernel with every expert selected: separates kernel quality from sparsity
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        hidden, ffn = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: expected HIDDENxFFN, e.g. 4096x11008") from None
+    if hidden <= 0 or ffn <= 0:
+        raise UsageError(f"--shape {text!r}: sizes must be positive")
+    return hidden, ffn
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, expert_size: int = 32, repeats: int = 20,
+                 device: str = "cpu", progress: bool = True) -> list[KernelRow]:
+    from tqdm.auto import tqdm
+
+    if device != "cpu":
+        raise UsageError("--device cuda: the GPU (Triton) kernel is not built yet; use --device cpu")
+    if batch != 1:
+        raise UsageError("--batch: the CPU kernel covers batch-1 decoding; batches run the dense masked path")
+    import lte_kernels.cpu as cpu_kernel
+
+    if not cpu_kernel.available():
+        raise UsageError("the CPU kernel could not be built (it needs a C++ compiler and ninja); see the log above")
+    torch_dtype = DTYPES[dtype]
+    rows = []
+    cases = [(s, p) for s in shapes for p in sparsities]
+    for shape, sparsity in tqdm(cases, desc="Benchmarking", disable=not progress):
+        hidden, ffn = parse_shape(shape)
+        if ffn % expert_size:
+            raise UsageError(f"--expert-size {expert_size} does not divide the FFN width {ffn}")
+        experts_total = ffn // expert_size
+        g = torch.Generator().manual_seed(0)
+        gate, up = (torch.randn(ffn, hidden, generator=g).to(torch_dtype) for _ in range(2))
+        down = torch.randn(hidden, ffn, generator=g).to(torch_dtype)
+        down_t = down.t().contiguous()  # the export's layout: one row per neuron
+        # fp32 router (logits ~ N(0, 1)): bf16 scores tie too often to skip an exact share of experts
+        router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
+        x = torch.randn(batch, hidden, generator=g).to(torch_dtype)
+        scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
+        skip = int(round(sparsity * experts_total))
+        threshold = float(scores.kthvalue(skip).values) if skip else -1.0
+
+        def dense():
+            return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+        def sparse():
+            on = torch.sigmoid(F.linear(x.float(), router)) > threshold
+            experts = on.reshape(-1).nonzero().squeeze(1)
+            g_ = cpu_kernel.expert_matvec(x, gate, experts, expert_size)
+            u_ = cpu_kernel.expert_matvec(x, up, experts, expert_size)
+            return cpu_kernel.expert_matvec_t(F.silu(g_) * u_, down_t, experts, expert_size)
+
+        all_experts = torch.arange(experts_total)
+
+        def kernel_dense():
+            g_ = cpu_kernel.expert_matvec(x, gate, all_experts, expert_size)
+            u_ = cpu_kernel.expert_matvec(x, up, all_experts, expert_size)
+            return cpu_kernel.expert_matvec_t(F.silu(g_) * u_, down_t, all_experts, expert_size)
+
+        selected = int((torch.sigmoid(F.linear(x.float(), router)) > threshold).sum())
+        assert selected == experts_total - skip, (selected, experts_total, skip)
+        dense_ms = _median_ms(dense, repeats)
+        sparse_ms = _median_ms(sparse, repeats)
+        kernel_dense_ms = _median_ms(kernel_dense, repeats)
+        ideal = 1.0 / (1.0 - sparsity) if sparsity < 1 else float("inf")
+        speedup = dense_ms / sparse_ms
+        rows.append(KernelRow(shape, batch, dtype, sparsity, dense_ms, sparse_ms, speedup, ideal, speedup / ideal,
+                              kernel_dense_ms))
+    return rows
+
+
+def kernel_table(rows: list[KernelRow]) -> str:
+    lines = ["| shape | batch | dtype | sparsity | dense ms | sparse ms | speedup | ideal | of ideal | kernel, all experts ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.batch} | {r.dtype} | {r.sparsity:.2f} | {r.dense_ms:.2f} | {r.sparse_ms:.2f} | "
+                     f"{r.speedup:.2f}x | {r.ideal_speedup:.2f}x | {100 * r.fraction_of_ideal:.0f}% | {r.kernel_dense_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_json(rows: list[KernelRow], path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps([{**asdict(r), "device": machine()} for r in rows], indent=2) + "\n")
+    tmp.replace(out)
