@@ -9,7 +9,8 @@ depend on what the routers learned), exports it with the real exporter code, loa
 with ``trust_remote_code=True`` and times, as medians over repeats in one process:
 
 * prefill: one forward over ``--batch`` x ``--seq`` tokens (the masked path);
-* decode: ``--new-tokens`` greedy tokens from a short prompt at batch 1 (the compact path).
+* decode: ``--new-tokens`` greedy tokens from a short prompt at batch 1 (the compact path,
+  with the CPU kernel the export carries), via ``lte.bench.bench_decode`` as ``lte bench decode``.
 
 Ratios are sparse time / dense time of the same loaded model (``config.lte_mode``), so the
 comparison is like for like. Writes JSON to bench/results/.
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import transformers
 
+import lte_kernels.cpu as cpu_kernel
+from lte.bench import bench_decode
 from lte.export import base_architecture, to_routed, write_checkpoint
 from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
 from lte.thresholds import calibrate
@@ -86,30 +89,19 @@ def main() -> None:
 
     prefill_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     prompt = torch.randint(0, config.vocab_size, (1, 8), device=device)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "threads": torch.get_num_threads(), "args": vars(args)}
 
     @torch.no_grad()
     def prefill():
         exported(prefill_ids)
 
-    @torch.no_grad()
-    def decode():
-        exported.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                          pad_token_id=0)
-
+    prefill_s = {}
     for mode in ("dense", "sparse"):
         exported.config.lte_mode = mode
-        result[f"{mode}_prefill_s"] = timed(prefill, args.repeats, device)
-        result[f"{mode}_decode_tokens_per_s"] = args.new_tokens / timed(decode, args.repeats, device)
-    exported.config.lte_mode = "sparse"
-    exported.config.lte_track_sparsity = True
-    exported.lte_reset_sparsity()
-    decode()
-    measured = exported.lte_sparsity()
-    result["decode_sparsity"] = sum(measured) / len(measured)
-    result["prefill_time_ratio"] = result["sparse_prefill_s"] / result["dense_prefill_s"]
-    result["decode_speedup"] = result["sparse_decode_tokens_per_s"] / result["dense_decode_tokens_per_s"]
+        prefill_s[mode] = timed(prefill, args.repeats, device)
+    decode = bench_decode(exported, prompt, args.new_tokens, args.repeats, name="random Llama")
+    result = {**asdict(decode), "args": vars(args), "cpu_kernel": cpu_kernel.available(),
+              "dense_prefill_s": prefill_s["dense"], "sparse_prefill_s": prefill_s["sparse"],
+              "prefill_time_ratio": prefill_s["sparse"] / prefill_s["dense"]}
     RESULTS.mkdir(exist_ok=True)
     name = f"export_speed_{device.type}_h{args.hidden}_i{args.intermediate}_{args.dtype}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,10 +1,15 @@
-"""``lte bench kernel``: the sparse FFN path against the dense FFN, in one process.
+"""``lte bench kernel`` and ``lte bench decode``: sparse against dense, in one process.
+
+``kernel``:
 
 Dense is computed the way transformers computes a SwiGLU FFN (three ``F.linear`` calls);
 sparse is what an exported model runs for one decoding token on CPU: the router matvec, the
 threshold, the selected experts' indices, then the kernel's expert matvecs for gate and up
 and the transposed one for down (``kernels/cpu.py``). Times are medians over repeats after
 warm-up. The threshold is set so that exactly the requested share of experts is skipped.
+
+``decode``: end-to-end greedy tokens/s of an exported model at batch 1, against the same
+loaded model with ``config.lte_mode = "dense"``: same prompt, same number of new tokens.
 """
 
 from __future__ import annotations
@@ -140,3 +145,42 @@ def write_json(rows: list[KernelRow], path: str) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps([{**asdict(r), "device": machine()} for r in rows], indent=2) + "\n")
     tmp.replace(out)
+
+
+@dataclass
+class DecodeResult:
+    model: str
+    device: str
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    dense_tokens_per_s: float
+    sparse_tokens_per_s: float
+    speedup: float
+    sparsity: float  # FFN neurons skipped per token while decoding, mean over layers
+
+
+@torch.no_grad()
+def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 5, name: str = "") -> DecodeResult:
+    """Median greedy-decoding speed of ``model`` (an exported LTE model) sparse and dense."""
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": model.config.pad_token_id or 0}
+
+    def decode():
+        model.generate(prompt_ids, **kwargs)
+
+    speed = {}
+    for mode in ("dense", "sparse"):
+        model.config.lte_mode = mode
+        speed[mode] = new_tokens / (_median_ms(decode, repeats) / 1e3)
+    model.config.lte_mode = "sparse"
+    model.config.lte_track_sparsity = True
+    model.lte_reset_sparsity()
+    decode()
+    model.config.lte_track_sparsity = False
+    per_layer = [s or 0.0 for s in model.lte_sparsity()]
+    device = next(model.parameters()).device
+    return DecodeResult(name, machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
+                        str(next(model.parameters()).dtype).replace("torch.", ""), prompt_ids.shape[1], new_tokens, repeats,
+                        speed["dense"], speed["sparse"], speed["sparse"] / speed["dense"], sum(per_layer) / len(per_layer))

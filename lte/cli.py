@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -90,6 +91,31 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
+def _cmd_bench_decode(args) -> int:
+    from dataclasses import asdict
+
+    from .bench import bench_decode
+    from .generate import load_export
+
+    if args.device != "cpu":
+        raise UsageError("--device cuda: decoding with a static cache and CUDA graphs is not built yet; use --device cpu")
+    if args.new_tokens < 1 or args.repeats < 1:
+        raise UsageError("--new-tokens and --repeats must be at least 1")
+    model, tokenizer = load_export(args.model_dir, device="cpu")
+    prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    result = bench_decode(model, prompt, args.new_tokens, args.repeats, name=str(args.model_dir))
+    print(f"{args.model_dir} on {result.device}, {result.dtype}, batch 1, {result.new_tokens} new tokens, median of "
+          f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n  sparse {result.sparse_tokens_per_s:.1f} "
+          f"tokens/s at {100 * result.sparsity:.1f}% FFN sparsity: {result.speedup:.2f}x")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     from .config import available_recipes, find_recipe
 
@@ -136,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench_kernel)
+    p = bench.add_parser("decode", help="end-to-end decoding speed of an exported model against its dense self")
+    p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_bench_decode)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")
     p.add_argument("model", help="llama2.c model .bin")
     p.add_argument("tokenizer", help="SentencePiece tokenizer .model")

@@ -29,7 +29,7 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def load_export(directory: str | Path, dtype: str = "auto"):
+def load_export(directory: str | Path, dtype: str = "auto", device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -40,7 +40,7 @@ def load_export(directory: str | Path, dtype: str = "auto"):
         raise UsageError(f"{directory} is not an LTE export (model class {type(model).__name__}); "
                          f"export a trained run with `lte export RUN_DIR --target-sparsity S --out DIR`")
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval(), tokenizer
 
 

@@ -282,6 +282,17 @@ def test_generate_prints_text_speed_and_sparsity(tiny_run, capsys):
     assert "tokens/s" in printed and "FFN sparsity" in printed and "x the dense model's tokens/s" in printed
 
 
+def test_bench_decode_times_sparse_against_dense(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    result = tmp_path / "decode.json"
+    assert main(["bench", "decode", str(out / "export"), "--new-tokens", "6", "--repeats", "1", "--json", str(result)]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    row = json.loads(result.read_text())
+    assert row["new_tokens"] == 6 and row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["sparse_tokens_per_s"] / row["dense_tokens_per_s"])
+    assert 0.2 < row["sparsity"] < 0.8
+
+
 def _fails_with(capsys, argv, *phrases):
     assert main(argv) == 2
     err = capsys.readouterr().err
