@@ -39,6 +39,7 @@ logger = logging.getLogger("lte")
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_lte.py", "modeling_lte.py")
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
+TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 EXPORT_REPORT = "lte_export.json"
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -148,8 +149,10 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     config.update(model_type="lte", architectures=["LTEForCausalLM"], auto_map=AUTO_MAP)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     import lte_kernels.cpu
+    import lte_kernels.triton_ffn
 
     shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
+    shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
     for name in REMOTE_FILES:
         source = (REMOTE_DIR / name).read_text()
         line = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'

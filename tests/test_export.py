@@ -30,8 +30,9 @@ for directory in sys.argv[1:]:
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
     ids = d["ids"]
     r = {"class": type(model).__name__, "base": type(model).__mro__[1].__name__}
-    kernel = sys.modules[type(model).__module__]._cpu_kernel_available
-    r["cpu_kernel"] = kernel is not None and kernel()
+    modeling = sys.modules[type(model).__module__]
+    r["cpu_kernel"] = modeling._cpu_kernel_available is not None and modeling._cpu_kernel_available()
+    r["triton_path"] = modeling._use_triton(torch.device("cpu"))  # True only with LTE_FORCE_TRITON=1
     with torch.no_grad():
         r["sparse"] = (model(ids).logits - d["sparse"]).abs().max().item()
         r["skips"] = (model(ids).logits - d["dense"]).abs().max().item()
@@ -107,10 +108,7 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
     assert config["model_type"] == "lte" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
     assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
     assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
-    proc = subprocess.run([sys.executable, "-c", LOAD_AS_A_USER, *dirs], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = _result(proc.stdout)
+    results = _load_as_a_user(dirs, tmp_path)
     for family, directory in zip(FAMILIES, dirs):
         r = results[directory]
         assert r["class"] == "LTEForCausalLM", family
@@ -123,6 +121,28 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         assert r["neg_inf"] < 1e-5, (family, r)  # ...and so do thresholds at -inf
         assert 3.0 < r["loss"] < 6.0  # ln(64) ~ 4.16 for a random tiny model
         assert r["generated"] == 7
+
+
+def _load_as_a_user(dirs, cwd, **env):
+    proc = subprocess.run([sys.executable, "-c", LOAD_AS_A_USER, *dirs], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": "", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _result(proc.stdout)
+
+
+def test_the_triton_decode_path_matches_in_the_interpreter(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
+    dirs = []
+    for family in ("llama", "phi3", "gpt2"):  # SwiGLU; fused gate_up; Conv1D with biases
+        _export_tiny(family, tmp_path / family, tokenizer)
+        dirs.append(str(tmp_path / family))
+    results = _load_as_a_user(dirs, tmp_path, LTE_FORCE_TRITON="1", TRITON_INTERPRET="1")
+    for directory in dirs:
+        r = results[directory]
+        assert r["triton_path"], directory
+        assert r["token"] < 1e-5 and r["decode"] < 1e-4 and r["sparse"] < 1e-5, (directory, r)
 
 
 def test_the_pure_torch_decode_path_matches_without_the_kernel():

@@ -16,10 +16,13 @@ mechanism serves every family:
 
 Weights are laid out expert-contiguously: expert ``e`` owns neurons ``e*E .. (e+1)*E-1``
 (``E = expert_size``), i.e. rows of the first projections and rows of ``down.weight_t``.
-Only torch and transformers are imported. On CPU, batch-1 decoding uses the C++ kernel of
-``lte_kernels_cpu.py`` (written beside this file by ``lte export``) when it builds; otherwise
-the pure-torch slices above.
+Only torch and transformers are imported. Batch-1 decoding uses, when present beside this file
+(``lte export`` writes them): on CPU the C++ kernel of ``lte_kernels_cpu.py`` (when it builds),
+on GPU the Triton kernels of ``lte_kernels_triton.py`` (when triton imports); otherwise the
+pure-torch slices above.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +38,34 @@ except ImportError:
     _cpu_kernel_available = None
 
 
+try:  # the GPU kernels (the project's kernels/triton_ffn.py), written next to this file by `lte export`
+    from .lte_kernels_triton import (
+        available as _triton_available,
+        expert_matvec as _triton_matvec,
+        expert_matvec_t as _triton_matvec_t,
+        select_experts as _triton_select,
+    )
+except ImportError:
+    _triton_available = None
+
+
 def _use_cpu_kernel(weight: torch.Tensor) -> bool:
     return (_cpu_kernel_available is not None and weight.device.type == "cpu"
             and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
+
+
+def _use_triton(device: torch.device) -> bool:
+    # LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests it.
+    wanted = device.type == "cuda" or os.environ.get("LTE_FORCE_TRITON") == "1"
+    return wanted and _triton_available is not None and _triton_available()
 
 
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
     ``experts``: the selected experts (int64) when one token is routed (compact path), else None.
+    ``order``/``count``: the same on the GPU path, as device tensors (no host synchronisation):
+    every expert ordered selected-first, and how many are selected.
     ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
     """
 
@@ -51,6 +73,7 @@ class RoutingState:
         self.num_experts = num_experts
         self.expert_size = expert_size
         self.experts = None
+        self.order = self.count = None
         self.mask = None
         self.skipped = None  # experts skipped, summed over tracked tokens
         self.tokens = 0
@@ -62,7 +85,10 @@ class RoutingState:
             off = (~on).sum(dtype=torch.float64)
             self.skipped = off if self.skipped is None else self.skipped + off
             self.tokens += on.shape[:-1].numel()
-        if on.shape[:-1].numel() == 1:
+        if on.shape[:-1].numel() == 1 and _use_triton(on.device):
+            self.order, self.count = _triton_select(on)
+            self.experts = self.mask = None
+        elif on.shape[:-1].numel() == 1:
             self.experts, self.mask = on.reshape(-1).nonzero().squeeze(1), None
         else:
             self.experts, self.mask = None, on
@@ -81,7 +107,7 @@ class RoutingState:
         return (self.experts[:, None] * self.expert_size + offsets).reshape(-1)
 
     def clear(self) -> None:
-        self.experts = self.mask = None
+        self.experts = self.order = self.count = self.mask = None
 
     def sparsity(self) -> float | None:
         """Fraction of experts (= of neurons) skipped over the tracked tokens."""
@@ -128,10 +154,19 @@ class RoutedFirst(nn.Module):
                 state.clear()
             else:
                 state.route(x, self.router, config.lte_thresholds[self.layer_index], config.lte_track_sparsity)
-        if state.experts is None:
-            return F.linear(x, self.weight, self.bias)
         width = self.weight.shape[0] // self.chunks
         bias = self.bias
+        if state.order is not None:  # GPU: every expert's slot, the selected ones first
+            size = state.expert_size
+            out = torch.cat([_triton_matvec(x, self.weight, state.order, state.count, size, c * width)
+                             for c in range(self.chunks)]).to(x.dtype)
+            if bias is not None:
+                slots = state.order.long()
+                out = out + torch.cat([bias[c * width:(c + 1) * width].view(-1, size)[slots].reshape(-1)
+                                       for c in range(self.chunks)])
+            return out.reshape(*x.shape[:-1], -1)
+        if state.experts is None:
+            return F.linear(x, self.weight, self.bias)
         if _use_cpu_kernel(self.weight):
             out = torch.cat([expert_matvec(x, self.weight, state.experts, state.expert_size, c * width)
                              for c in range(self.chunks)]).to(x.dtype)
@@ -162,7 +197,10 @@ class RoutedDown(nn.Module):
     def forward(self, h):
         state = self._state
         experts, mask = state.experts, state.mask
-        if experts is not None and _use_cpu_kernel(self.weight_t):
+        if state.order is not None:
+            out = _triton_matvec_t(h, self.weight_t, state.order, state.count, state.expert_size)
+            out = out.to(h.dtype).reshape(*h.shape[:-1], -1)
+        elif experts is not None and _use_cpu_kernel(self.weight_t):
             out = expert_matvec_t(h, self.weight_t, experts, state.expert_size).to(h.dtype).reshape(*h.shape[:-1], -1)
         elif experts is not None:
             flat = h.reshape(1, -1)

@@ -1,0 +1,58 @@
+"""The Triton sparse-FFN kernels against the pure-torch reference (on the CPU under
+TRITON_INTERPRET=1, set in conftest, where there is no GPU)."""
+
+import pytest
+import torch
+
+import lte_kernels.triton_ffn as triton_ffn
+
+SHAPES = [(64, 128, 8), (100, 96, 16), (96, 144, 12)]  # (hidden, neurons, expert_size): 100 and 12 are not powers of 2
+
+
+def test_triton_is_installed():
+    assert triton_ffn.available()  # part of the dev set-up on Linux; without it the GPU path could never be tested
+
+
+def _case(shape, sparsity, dtype, seed=0):
+    hidden, neurons, size = shape
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(neurons, hidden, generator=g).to(dtype)
+    weight_t = torch.randn(neurons, hidden, generator=g).to(dtype)
+    x = torch.randn(hidden, generator=g).to(dtype)
+    on = torch.rand(neurons // size, generator=g) >= sparsity
+    return weight, weight_t, x, on
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
+    weight, weight_t, x, on = _case(shape, sparsity, dtype)
+    size = shape[2]
+    order, count = triton_ffn.select_experts(on)
+    experts = on.nonzero().squeeze(1)
+    assert int(count) == experts.numel() and torch.equal(order[: experts.numel()].long(), experts)
+    rows = (experts[:, None] * size + torch.arange(size)).reshape(-1)
+    y = triton_ffn.expert_matvec(x, weight, order, count, size)
+    want = weight.float()[rows] @ x.float()
+    assert y.dtype == dtype and y.shape == (on.numel() * size,)
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(y[: rows.numel()].float(), want, atol=tol * scale, rtol=tol)
+    assert not y[rows.numel():].any()  # unselected slots stay zero
+    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, size)
+    want = y[: rows.numel()].float() @ weight_t.float()[rows]
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(out.float(), want, atol=tol * scale, rtol=tol)
+    assert torch.equal(triton_ffn.expert_matvec_t(y, weight_t, order, count, size), out)  # deterministic
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_on_the_gpu_match_the_reference():
+    weight, weight_t, x, on = (t.cuda() for t in _case((4096, 11008, 32), 0.5, torch.bfloat16))
+    order, count = triton_ffn.select_experts(on)
+    experts = on.nonzero().squeeze(1)
+    rows = (experts[:, None] * 32 + torch.arange(32, device="cuda")).reshape(-1)
+    y = triton_ffn.expert_matvec(x, weight, order, count, 32)
+    torch.testing.assert_close(y[: rows.numel()].float(), weight.float()[rows] @ x.float(), atol=0.5, rtol=2e-2)
+    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, 32)
+    torch.testing.assert_close(out.float(), y[: rows.numel()].float() @ weight_t.float()[rows], atol=0.5, rtol=2e-2)
