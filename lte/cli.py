@@ -68,7 +68,7 @@ def _cmd_generate(args) -> int:
     if args.compare_dense:
         sparse, dense = results
         print(f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
-              f"(pure-torch decode path)")
+              f"(batch 1; see `lte bench decode` for medians over repeats)")
     return 0
 
 

@@ -164,6 +164,35 @@ def test_the_pure_torch_decode_path_matches_without_the_kernel():
         torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monkeypatch):
+    import lte.remote.modeling_lte as modeling
+    import lte_kernels.cpu as cpu_kernel
+
+    calls = []
+
+    def spy(h, *args):
+        calls.append(h.shape)
+        return cpu_kernel.expert_matvec_t(h, *args)
+
+    monkeypatch.setattr(modeling, "_cpu_kernel_available", cpu_kernel.available, raising=False)
+    monkeypatch.setattr(modeling, "expert_matvec", cpu_kernel.expert_matvec, raising=False)
+    monkeypatch.setattr(modeling, "expert_matvec_t", spy, raising=False)
+    for family in ("llama", "gpt2"):
+        model = tiny_model(family)
+        inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
+        set_lte_mode(model, "hard")
+        ids = torch.randint(0, 64, (2, 2), generator=torch.Generator().manual_seed(3))
+        thresholds = calibrate(model, [{"input_ids": ids}], [0.8, 0.8], progress=False)  # few experts per token
+        with torch.no_grad():
+            want = model(ids).logits
+            to_routed(model, thresholds)
+            calls.clear()
+            got = model(ids).logits
+        # one kernel call per layer for all 4 tokens, over a non-empty union of experts
+        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and shape[-1] > 0 for shape in calls), (family, calls)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_exported_weights_are_expert_contiguous(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer

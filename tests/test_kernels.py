@@ -31,16 +31,31 @@ def test_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
     if sparsity == 1.0:
         assert experts.numel() == 0
     rows = (experts[:, None] * size + torch.arange(size)).reshape(-1)
-    y = cpu_kernel.expert_matvec(x, weight, experts, size)
+    y = cpu_kernel.expert_matvec(x, weight, experts, size).reshape(-1)
     want = weight.float()[rows] @ x.float()
     assert y.dtype == dtype and y.shape == (rows.numel(),)
     torch.testing.assert_close(y.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
     h = torch.randn(rows.numel(), generator=g).to(dtype)
-    out = cpu_kernel.expert_matvec_t(h, weight_t, experts, size)
+    out = cpu_kernel.expert_matvec_t(h, weight_t, experts, size).reshape(-1)
     want = h.float() @ weight_t.float()[rows]
     assert out.shape == (hidden,)
     torch.testing.assert_close(out.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
-    assert torch.equal(cpu_kernel.expert_matvec_t(h, weight_t, experts, size), out)  # deterministic
+    assert torch.equal(cpu_kernel.expert_matvec_t(h, weight_t, experts, size).reshape(-1), out)  # deterministic
+
+
+@pytest.mark.parametrize("tokens", [2, 5])
+def test_a_few_tokens_share_one_pass_over_their_union(tokens):
+    hidden, neurons, size = 100, 96, 16
+    g = torch.Generator().manual_seed(1)
+    weight, weight_t = torch.randn(neurons, hidden, generator=g), torch.randn(neurons, hidden, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
+    union = torch.tensor([0, 2, 3, 5])
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    y = cpu_kernel.expert_matvec(x, weight, union, size)
+    torch.testing.assert_close(y, x @ weight[rows].T, atol=1e-4, rtol=1e-5)
+    h = torch.randn(tokens, rows.numel(), generator=g)
+    h[0, :size] = 0  # token 0 did not select the first union expert
+    torch.testing.assert_close(cpu_kernel.expert_matvec_t(h, weight_t, union, size), h @ weight_t[rows], atol=1e-4, rtol=1e-5)
 
 
 def test_offset_selects_the_second_chunk_of_a_fused_projection():
@@ -48,7 +63,7 @@ def test_offset_selects_the_second_chunk_of_a_fused_projection():
     experts = torch.tensor([1, 3])
     rows = (experts[:, None] * 16 + torch.arange(16)).reshape(-1)
     x = torch.randn(32)
-    torch.testing.assert_close(cpu_kernel.expert_matvec(x, weight, experts, 16, offset=64), weight[64 + rows] @ x)
+    torch.testing.assert_close(cpu_kernel.expert_matvec(x, weight, experts, 16, offset=64).reshape(-1), weight[64 + rows] @ x)
 
 
 def test_the_package_does_not_shadow_hugging_face_kernels(tmp_path):
@@ -70,7 +85,7 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert main(["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--repeats", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| 256x512 | 1 | float32 | 0.50 |" in printed
+    assert "| 256x512 | 1 | float32 | 0.50 | 50% |" in printed
     rows = json.loads(out.read_text())
     assert [r["sparsity"] for r in rows] == [0.0, 0.5]
     for r in rows:
@@ -83,6 +98,7 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     (["--shape", "4096by11008"], "HIDDENxFFN"),
     (["--device", "cuda"], "not built yet"),
     (["--shape", "64x100"], "does not divide"),
+    (["--batch", "9"], "1 to 8 tokens"),
 ])
 def test_bench_kernel_bad_input(argv, phrase, capsys):
     from lte.cli import main

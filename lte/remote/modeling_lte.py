@@ -60,10 +60,15 @@ def _use_triton(device: torch.device) -> bool:
     return wanted and _triton_available is not None and _triton_available()
 
 
+MAX_UNION_TOKENS = 8  # up to this many tokens, the CPU kernel computes the union of their experts...
+MAX_UNION_FRACTION = 0.85  # ...unless the union covers more than this share of the experts
+
+
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
-    ``experts``: the selected experts (int64) when one token is routed (compact path), else None.
+    ``experts``: the selected experts (int64) when one token is routed (compact path), or the
+    union of a few tokens' selections (``token_mask`` [tokens, len(experts)] says whose), else None.
     ``order``/``count``: the same on the GPU path, as device tensors (no host synchronisation):
     every expert ordered selected-first, and how many are selected.
     ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
@@ -72,7 +77,7 @@ class RoutingState:
     def __init__(self, num_experts: int, expert_size: int):
         self.num_experts = num_experts
         self.expert_size = expert_size
-        self.experts = None
+        self.experts = self.token_mask = None
         self.order = self.count = None
         self.mask = None
         self.skipped = None  # experts skipped, summed over tracked tokens
@@ -85,13 +90,20 @@ class RoutingState:
             off = (~on).sum(dtype=torch.float64)
             self.skipped = off if self.skipped is None else self.skipped + off
             self.tokens += on.shape[:-1].numel()
-        if on.shape[:-1].numel() == 1 and _use_triton(on.device):
+        tokens = on.shape[:-1].numel()
+        self.experts = self.token_mask = self.order = self.count = self.mask = None
+        if tokens == 1 and _use_triton(on.device):
             self.order, self.count = _triton_select(on)
-            self.experts = self.mask = None
-        elif on.shape[:-1].numel() == 1:
-            self.experts, self.mask = on.reshape(-1).nonzero().squeeze(1), None
-        else:
-            self.experts, self.mask = None, on
+        elif tokens == 1:
+            self.experts = on.reshape(-1).nonzero().squeeze(1)
+        elif tokens <= MAX_UNION_TOKENS and _use_cpu_kernel(router.weight):
+            flat = on.reshape(tokens, -1)
+            union = flat.any(dim=0)
+            if union.float().mean() <= MAX_UNION_FRACTION:  # else the union saves too little: masked dense
+                self.experts = union.nonzero().squeeze(1)
+                self.token_mask = flat[:, self.experts]
+        if self.experts is None and self.order is None:
+            self.mask = on
 
     def segments(self) -> list[tuple[int, int]]:
         """Row ranges of the runs of selected experts, e.g. experts 2, 3, 7 -> [(2E, 4E), (7E, 8E)]."""
@@ -107,7 +119,7 @@ class RoutingState:
         return (self.experts[:, None] * self.expert_size + offsets).reshape(-1)
 
     def clear(self) -> None:
-        self.experts = self.order = self.count = self.mask = None
+        self.experts = self.token_mask = self.order = self.count = self.mask = None
 
     def sparsity(self) -> float | None:
         """Fraction of experts (= of neurons) skipped over the tracked tokens."""
@@ -169,7 +181,7 @@ class RoutedFirst(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if _use_cpu_kernel(self.weight):
             out = torch.cat([expert_matvec(x, self.weight, state.experts, state.expert_size, c * width)
-                             for c in range(self.chunks)]).to(x.dtype)
+                             for c in range(self.chunks)], dim=-1).to(x.dtype)
             if bias is not None:
                 out = out + torch.cat([bias[c * width + state.rows()] for c in range(self.chunks)])
             return out.reshape(*x.shape[:-1], -1)
@@ -201,6 +213,10 @@ class RoutedDown(nn.Module):
             out = _triton_matvec_t(h, self.weight_t, state.order, state.count, state.expert_size)
             out = out.to(h.dtype).reshape(*h.shape[:-1], -1)
         elif experts is not None and _use_cpu_kernel(self.weight_t):
+            if state.token_mask is not None:  # a few tokens over the union: zero what each did not select
+                k, shape = experts.numel(), h.shape
+                keep = state.token_mask.reshape(*shape[:-1], k, 1).to(h.dtype)
+                h = (h.reshape(*shape[:-1], k, state.expert_size) * keep).reshape(shape)
             out = expert_matvec_t(h, self.weight_t, experts, state.expert_size).to(h.dtype).reshape(*h.shape[:-1], -1)
         elif experts is not None:
             flat = h.reshape(1, -1)
