@@ -37,6 +37,7 @@ for directory in sys.argv[1:]:
         r["sparse"] = (model(ids).logits - d["sparse"]).abs().max().item()
         r["skips"] = (model(ids).logits - d["dense"]).abs().max().item()
         r["token"] = (model(ids[:1, :1]).logits - d["token"]).abs().max().item()
+        r["few"] = (model(ids[:, :2]).logits - d["few"]).abs().max().item()  # 4 tokens: the union path
         # decoding with a KV cache (compact path) agrees with the full forward (masked path)
         full = model(ids[:1]).logits[0, -1]
         past = model(ids[:1, :-1], use_cache=True).past_key_values
@@ -88,12 +89,13 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
     for layer, threshold in zip(lte_layers(model), thresholds):
         layer.threshold = threshold
     with torch.no_grad():
-        sparse, token = model(ids).logits, model(ids[:1, :1]).logits
+        sparse, token, few = model(ids).logits, model(ids[:1, :1]).logits, model(ids[:, :2]).logits
     base = base_architecture(model)
     to_routed(model, thresholds)
     out.mkdir()
     write_checkpoint(model, tokenizer, out, base)
-    torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "thresholds": thresholds}, out / "expected.pt")
+    torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},
+               out / "expected.pt")
 
 
 def test_export_round_trip_in_a_process_without_the_project(tmp_path):
@@ -115,6 +117,7 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         assert r["cpu_kernel"], family  # the export carries the CPU kernel and decoding uses it
         assert r["sparse"] < 1e-5, (family, r)  # several tokens: masked path, same as the trained model
         assert r["token"] < 1e-5, (family, r)  # one token: only the selected experts' rows are computed
+        assert r["few"] < 1e-5, (family, r)  # a few tokens: the union of their experts
         assert r["decode"] < 1e-4, (family, r)
         assert r["skips"] > 1e-3, (family, r)  # the thresholds do skip experts...
         assert r["dense"] < 1e-5, (family, r)  # ...lte_mode="dense" runs every expert: the original model's logits
@@ -142,7 +145,7 @@ def test_the_triton_decode_path_matches_in_the_interpreter(tmp_path):
     for directory in dirs:
         r = results[directory]
         assert r["triton_path"], directory
-        assert r["token"] < 1e-5 and r["decode"] < 1e-4 and r["sparse"] < 1e-5, (directory, r)
+        assert r["token"] < 1e-5 and r["few"] < 1e-5 and r["decode"] < 1e-4 and r["sparse"] < 1e-5, (directory, r)
 
 
 def test_the_pure_torch_decode_path_matches_without_the_kernel():

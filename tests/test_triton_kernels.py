@@ -13,14 +13,31 @@ def test_triton_is_installed():
     assert triton_ffn.available()  # part of the dev set-up on Linux; without it the GPU path could never be tested
 
 
-def _case(shape, sparsity, dtype, seed=0):
+def _case(shape, sparsity, dtype, seed=0, tokens=1):
     hidden, neurons, size = shape
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(neurons, hidden, generator=g).to(dtype)
     weight_t = torch.randn(neurons, hidden, generator=g).to(dtype)
-    x = torch.randn(hidden, generator=g).to(dtype)
+    x = torch.randn(hidden, generator=g).to(dtype) if tokens == 1 else torch.randn(tokens, hidden, generator=g).to(dtype)
     on = torch.rand(neurons // size, generator=g) >= sparsity
     return weight, weight_t, x, on
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 8])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_the_small_batch_variant_matches_the_reference(tokens, dtype, tol):
+    weight, weight_t, x, _ = _case((100, 96, 12), 0.0, dtype, tokens=tokens)
+    on = torch.rand(tokens, 8, generator=torch.Generator().manual_seed(tokens)) > 0.6
+    order, count = triton_ffn.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    rows = (union[:, None] * 12 + torch.arange(12)).reshape(-1)
+    y = triton_ffn.expert_matvec(x, weight, order, count, 12)
+    assert y.shape == (tokens, 96)
+    want = x.float() @ weight.float()[rows].T
+    torch.testing.assert_close(y[:, : rows.numel()].float(), want, atol=tol * (1 + want.abs().amax().item()), rtol=tol)
+    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, 12)
+    want = y[:, : rows.numel()].float() @ weight_t.float()[rows]
+    torch.testing.assert_close(out.float(), want, atol=tol * (1 + want.abs().amax().item()), rtol=tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -35,15 +52,17 @@ def test_triton_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
     rows = (experts[:, None] * size + torch.arange(size)).reshape(-1)
     y = triton_ffn.expert_matvec(x, weight, order, count, size)
     want = weight.float()[rows] @ x.float()
-    assert y.dtype == dtype and y.shape == (on.numel() * size,)
+    assert y.dtype == dtype and y.shape == (1, on.numel() * size)
+    y = y.reshape(-1)
     scale = 1 + (want.abs().amax().item() if want.numel() else 0)
     torch.testing.assert_close(y[: rows.numel()].float(), want, atol=tol * scale, rtol=tol)
     assert not y[rows.numel():].any()  # unselected slots stay zero
-    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, size)
+    y = y.reshape(-1)
+    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, size).reshape(-1)
     want = y[: rows.numel()].float() @ weight_t.float()[rows]
     scale = 1 + (want.abs().amax().item() if want.numel() else 0)
     torch.testing.assert_close(out.float(), want, atol=tol * scale, rtol=tol)
-    assert torch.equal(triton_ffn.expert_matvec_t(y, weight_t, order, count, size), out)  # deterministic
+    assert torch.equal(triton_ffn.expert_matvec_t(y, weight_t, order, count, size).reshape(-1), out)  # deterministic
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,7 +71,7 @@ def test_triton_kernels_on_the_gpu_match_the_reference():
     order, count = triton_ffn.select_experts(on)
     experts = on.nonzero().squeeze(1)
     rows = (experts[:, None] * 32 + torch.arange(32, device="cuda")).reshape(-1)
-    y = triton_ffn.expert_matvec(x, weight, order, count, 32)
+    y = triton_ffn.expert_matvec(x, weight, order, count, 32).reshape(-1)
     torch.testing.assert_close(y[: rows.numel()].float(), weight.float()[rows] @ x.float(), atol=0.5, rtol=2e-2)
-    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, 32)
+    out = triton_ffn.expert_matvec_t(y, weight_t, order, count, 32).reshape(-1)
     torch.testing.assert_close(out.float(), y[: rows.numel()].float() @ weight_t.float()[rows], atol=0.5, rtol=2e-2)

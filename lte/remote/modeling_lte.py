@@ -60,8 +60,8 @@ def _use_triton(device: torch.device) -> bool:
     return wanted and _triton_available is not None and _triton_available()
 
 
-# Up to this many tokens, the CPU kernel computes the union of their experts (each weight row is
-# read once for all of them); even a full union is faster than F.linear's small GEMMs on the CPUs
+# Up to this many tokens, the kernels compute the union of their experts (each weight row is read
+# once for all of them); on CPU even a full union is faster than F.linear's small GEMMs where
 # measured (`lte bench kernel --batch 4`). More tokens run the masked dense path.
 MAX_UNION_TOKENS = 8
 
@@ -94,8 +94,10 @@ class RoutingState:
             self.tokens += on.shape[:-1].numel()
         tokens = on.shape[:-1].numel()
         self.experts = self.token_mask = self.order = self.count = self.mask = None
-        if tokens == 1 and _use_triton(on.device):
-            self.order, self.count = _triton_select(on)
+        if tokens <= MAX_UNION_TOKENS and _use_triton(on.device):
+            self.order, self.count = _triton_select(on)  # the union, on the device
+            if tokens > 1:
+                self.token_mask = on.reshape(tokens, -1)[:, self.order.long()]  # in slot order
         elif tokens == 1:
             self.experts = on.reshape(-1).nonzero().squeeze(1)
         elif tokens <= MAX_UNION_TOKENS and _use_cpu_kernel(router.weight):
@@ -171,7 +173,7 @@ class RoutedFirst(nn.Module):
         if state.order is not None:  # GPU: every expert's slot, the selected ones first
             size = state.expert_size
             out = torch.cat([_triton_matvec(x, self.weight, state.order, state.count, size, c * width)
-                             for c in range(self.chunks)]).to(x.dtype)
+                             for c in range(self.chunks)], dim=-1).to(x.dtype)
             if bias is not None:
                 slots = state.order.long()
                 out = out + torch.cat([bias[c * width:(c + 1) * width].view(-1, size)[slots].reshape(-1)
@@ -210,6 +212,10 @@ class RoutedDown(nn.Module):
         state = self._state
         experts, mask = state.experts, state.mask
         if state.order is not None:
+            if state.token_mask is not None:  # a few tokens over the union: zero what each did not select
+                shape = h.shape
+                keep = state.token_mask.reshape(*shape[:-1], -1, 1).to(h.dtype)
+                h = (h.reshape(*shape[:-1], keep.shape[-2], state.expert_size) * keep).reshape(shape)
             out = _triton_matvec_t(h, self.weight_t, state.order, state.count, state.expert_size)
             out = out.to(h.dtype).reshape(*h.shape[:-1], -1)
         elif experts is not None and _use_cpu_kernel(self.weight_t):
