@@ -9,17 +9,18 @@ mechanism serves every family:
   decides, per token, which experts run: those with ``sigmoid(router(x)) > threshold``;
 * for a single token (batch-1 decoding) the first projections compute only the selected
   experts' rows and hand back a compact activation, and the down projection multiplies it by
-  only those experts' weights, stored transposed so each expert's block is contiguous. Runs
-  of adjacent selected experts are one slice of the weights, so nothing is copied;
-* for several tokens (prefill, batches) every row is computed and the skipped neurons are
-  zeroed before the down projection: the same result at the dense model's speed.
+  only those experts' weights, stored transposed so each expert's block is contiguous;
+* for 2 to 8 tokens with a kernel available, the same over the union of their experts, each
+  token's unselected experts zeroed before the down projection;
+* for more tokens (prefill, batches) every row is computed and the skipped neurons are zeroed
+  before the down projection: the same result at the dense model's speed.
 
 Weights are laid out expert-contiguously: expert ``e`` owns neurons ``e*E .. (e+1)*E-1``
 (``E = expert_size``), i.e. rows of the first projections and rows of ``down.weight_t``.
-Only torch and transformers are imported. Batch-1 decoding uses, when present beside this file
-(``lte export`` writes them): on CPU the C++ kernel of ``lte_kernels_cpu.py`` (when it builds),
-on GPU the Triton kernels of ``lte_kernels_triton.py`` (when triton imports); otherwise the
-pure-torch slices above.
+Only torch and transformers are imported. The compact paths use, when present beside this
+file (``lte export`` writes them): on CPU the C++ kernel of ``lte_kernels_cpu.py`` (when it
+builds), on GPU the Triton kernels of ``lte_kernels_triton.py`` (when triton imports);
+otherwise one token runs pure-torch weight slices, one per run of adjacent selected experts.
 """
 
 import os
