@@ -137,6 +137,24 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, data: LMDa
     return model
 
 
+def check_routers_identical(model, stage: str) -> None:
+    """In a data-parallel run every process must end a stage with the same routers: rank 0 saves
+    the model, so a divergence would silently drop what the other ranks learned."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    params = [p.detach().float().reshape(-1) for layer in lte_layers(model) for p in layer.lte_router.parameters()]
+    if world == 1 or not params:
+        return
+    flat = torch.cat(params)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    worst = max(float((other - flat).abs().max()) for other in gathered)
+    if worst > 0:
+        raise RuntimeError(f"{stage}: router weights differ across processes (max difference {worst:.3e})")
+    logger.info("%s: routers identical on all %d processes", stage, world)
+
+
 def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer, teacher_source=None) -> Path:
     """Train one stage (or resume it) and return the directory of its finished model."""
     args = recipe.stage_args(stage)
@@ -155,9 +173,12 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if last:
             logger.info("%s: resuming from %s", stage, last)
-        logger.info("%s: training %d steps in %s mode", stage, args.max_steps, args.lte_mode)
+        logger.info("%s: training %d steps in %s mode on %d process(es)", stage, args.max_steps, args.lte_mode,
+                    state.num_processes)
         trainer.train(resume_from_checkpoint=last)
         model = trainer.accelerator.unwrap_model(trainer.model)
+        if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded parameters: not comparable here
+            check_routers_identical(model, stage)
     if state.is_main_process:
         save = (lambda d: save_lte(model, d, tokenizer)) if lte_layers(model) else (
             lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
