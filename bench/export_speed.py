@@ -32,7 +32,7 @@ import transformers
 import lte_kernels.cpu as cpu_kernel
 from lte.bench import bench_decode
 from lte.export import base_architecture, to_routed, write_checkpoint
-from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.inject import LTEModelConfig, inject_lte, set_lte_mode
 from lte.thresholds import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
