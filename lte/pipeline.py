@@ -137,6 +137,33 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, data: LMDa
     return model
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint the Trainer finished writing, or None.
+
+    The Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed
+    while saving leaves a directory without it; resuming from that would load a partial state.
+    Such directories are removed (a finished older checkpoint is still there: the Trainer only
+    rotates old checkpoints out after the new one is complete).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    while (last := get_last_checkpoint(output_dir)) is not None:
+        if (Path(last) / "trainer_state.json").is_file():
+            return last
+        logger.warning("removing %s: the run stopped while writing it", last)
+        shutil.rmtree(last)
+    return None
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every process (identity when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def check_routers_identical(model, stage: str) -> None:
     """In a data-parallel run every process must end a stage with the same routers: rank 0 saves
     the model, so a divergence would silently drop what the other ranks learned."""
@@ -170,7 +197,8 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
             teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
         trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
+        last = broadcast_object(last)
         if last:
             logger.info("%s: resuming from %s", stage, last)
         logger.info("%s: training %d steps in %s mode on %d process(es)", stage, args.max_steps, args.lte_mode,
