@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,27 +28,13 @@ import torch
 import transformers
 
 import lte_kernels.cpu as cpu_kernel
-from lte.bench import bench_decode
+from lte.bench import bench_decode, median_seconds
 from lte.export import base_architecture, to_routed, write_checkpoint
 from lte.inject import LTEModelConfig, inject_lte, set_lte_mode
 from lte.thresholds import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, repeats: int, device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -97,7 +81,7 @@ def main() -> None:
     prefill_s = {}
     for mode in ("dense", "sparse"):
         exported.config.lte_mode = mode
-        prefill_s[mode] = timed(prefill, args.repeats, device)
+        prefill_s[mode] = median_seconds(prefill, args.repeats, device)
     decode = bench_decode(exported, prompt, args.new_tokens, args.repeats, name="random Llama")
     result = {**asdict(decode), "args": vars(args), "cpu_kernel": cpu_kernel.available(),
               "dense_prefill_s": prefill_s["dense"], "sparse_prefill_s": prefill_s["sparse"],

@@ -48,47 +48,9 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _expert_matvec_kernel(x_ptr, w_ptr, order_ptr, count_ptr, y_ptr, hidden, offset,
-                              EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        slot = tl.program_id(0)
-        count = tl.load(count_ptr)
-        if slot < count:
-            expert = tl.load(order_ptr + slot).to(tl.int64)
-            r = tl.arange(0, ES_PAD)
-            rmask = r < EXPERT_SIZE
-            rows = offset + expert * EXPERT_SIZE + r
-            acc = tl.zeros((ES_PAD, BLOCK), dtype=tl.float32)
-            for start in range(0, hidden, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                cmask = cols < hidden
-                x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + rows[:, None] * hidden + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-                acc += w.to(tl.float32) * x[None, :]
-            y = tl.sum(acc, axis=1)
-            tl.store(y_ptr + slot * EXPERT_SIZE + r, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-    @triton.jit
-    def _expert_matvec_t_kernel(h_ptr, wt_ptr, order_ptr, count_ptr, out_ptr, hidden,
-                                EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < hidden
-        r = tl.arange(0, ES_PAD)
-        rmask = r < EXPERT_SIZE
-        count = tl.load(count_ptr)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for slot in range(0, count):
-            expert = tl.load(order_ptr + slot).to(tl.int64)
-            h = tl.load(h_ptr + slot * EXPERT_SIZE + r, mask=rmask, other=0.0).to(tl.float32)
-            w = tl.load(wt_ptr + (expert * EXPERT_SIZE + r)[:, None] * hidden + cols[None, :],
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
-        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
-
-
-    @triton.jit
-    def _expert_matmul_kernel(x_ptr, w_ptr, order_ptr, count_ptr, y_ptr, tokens, hidden, offset, width,
+    def _expert_matvec_kernel(x_ptr, w_ptr, order_ptr, count_ptr, y_ptr, tokens, hidden, offset, width,
                               EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        # A few tokens: y[t, slot*E + i] for every token t, reading each selected row once.
+        # y[t, slot*E + i] for every token t: one program per expert slot reads its rows once.
         slot = tl.program_id(0)
         count = tl.load(count_ptr)
         if slot < count:
@@ -104,13 +66,17 @@ if triton is not None:
                 cmask = cols < hidden
                 x = tl.load(x_ptr + t[:, None] * hidden + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
                 w = tl.load(w_ptr + rows[:, None] * hidden + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                if T_PAD == 1:  # one token: a matrix-vector product
+                    acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+                else:
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             out = y_ptr + t[:, None] * width + (slot * EXPERT_SIZE + r)[None, :]
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
-    def _expert_matmul_t_kernel(h_ptr, wt_ptr, order_ptr, count_ptr, out_ptr, tokens, hidden, width,
+    def _expert_matvec_t_kernel(h_ptr, wt_ptr, order_ptr, count_ptr, out_ptr, tokens, hidden, width,
                                 EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        # out[t, columns of this program] = sum over the selected slots, in order (deterministic).
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < hidden
         r = tl.arange(0, ES_PAD)
@@ -125,16 +91,26 @@ if triton is not None:
                         other=0.0)
             w = tl.load(wt_ptr + (expert * EXPERT_SIZE + r)[:, None] * hidden + cols[None, :],
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            if T_PAD == 1:
+                acc += tl.sum(w.to(tl.float32) * tl.trans(h.to(tl.float32)), axis=0)[None, :]
+            else:
+                acc += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         tl.store(out_ptr + t[:, None] * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])
 
 
-MAX_TOKENS = 8  # the small-batch kernels' limit
+MAX_TOKENS = 8  # the small-batch limit
 
 
-def _dot_size(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
+def _launch_sizes(tokens: int, expert_size: int) -> dict:
+    """Compile-time sizes: one token runs a matrix-vector product; 2 to 8 use ``tl.dot``,
+    which needs every dimension >= 16."""
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(f"{tokens} tokens: the Triton kernels take 1 to {MAX_TOKENS}")
+    if tokens == 1:
+        return {"ES_PAD": triton.next_power_of_2(expert_size), "T_PAD": 1, "BLOCK": BLOCK_H}
+    return {"ES_PAD": max(16, triton.next_power_of_2(expert_size)), "T_PAD": max(16, triton.next_power_of_2(tokens)),
+            "BLOCK": 64}
 
 
 def expert_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int,
@@ -147,16 +123,8 @@ def expert_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, co
     tokens, num_experts = x.shape[0], order.numel()
     width = num_experts * expert_size
     y = torch.zeros(tokens, width, dtype=weight.dtype, device=weight.device)
-    es_pad = triton.next_power_of_2(expert_size)
-    if tokens == 1:
-        _expert_matvec_kernel[(num_experts,)](x, weight, order, count, y, hidden, offset,
-                                              EXPERT_SIZE=expert_size, ES_PAD=es_pad, BLOCK=BLOCK_H)
-    elif tokens <= MAX_TOKENS:
-        _expert_matmul_kernel[(num_experts,)](x, weight, order, count, y, tokens, hidden, offset, width,
-                                              EXPERT_SIZE=expert_size, ES_PAD=_dot_size(expert_size),
-                                              T_PAD=_dot_size(tokens), BLOCK=64)
-    else:
-        raise ValueError(f"{tokens} tokens: the Triton kernels take 1 to {MAX_TOKENS}")
+    _expert_matvec_kernel[(num_experts,)](x, weight, order, count, y, tokens, hidden, offset, width,
+                                          EXPERT_SIZE=expert_size, **_launch_sizes(tokens, expert_size))
     return y
 
 
@@ -169,14 +137,7 @@ def expert_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor
     h = h.reshape(-1, width).contiguous()
     tokens = h.shape[0]
     out = torch.empty(tokens, hidden, dtype=weight_t.dtype, device=weight_t.device)
-    if tokens == 1:
-        _expert_matvec_t_kernel[(triton.cdiv(hidden, BLOCK_H),)](h, weight_t, order, count, out, hidden,
-                                                                 EXPERT_SIZE=expert_size,
-                                                                 ES_PAD=triton.next_power_of_2(expert_size), BLOCK=BLOCK_H)
-    elif tokens <= MAX_TOKENS:
-        _expert_matmul_t_kernel[(triton.cdiv(hidden, 64),)](h, weight_t, order, count, out, tokens, hidden, width,
-                                                            EXPERT_SIZE=expert_size, ES_PAD=_dot_size(expert_size),
-                                                            T_PAD=_dot_size(tokens), BLOCK=64)
-    else:
-        raise ValueError(f"{tokens} tokens: the Triton kernels take 1 to {MAX_TOKENS}")
+    sizes = _launch_sizes(tokens, expert_size)
+    _expert_matvec_t_kernel[(triton.cdiv(hidden, sizes["BLOCK"]),)](h, weight_t, order, count, out, tokens, hidden, width,
+                                                                    EXPERT_SIZE=expert_size, **sizes)
     return out

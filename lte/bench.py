@@ -18,7 +18,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,15 +55,36 @@ def parse_shape(text: str) -> tuple[int, int]:
     return hidden, ffn
 
 
-def _median_ms(fn, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall-clock time of ``fn`` over ``repeats`` calls, after two warm-up calls."""
     fn()
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(times)
+
+
+def run_counting_skips(model, fn):
+    """Call ``fn`` while an exported model counts the experts each layer skips; returns
+    (fn's result, per-layer fraction skipped; 0 for layers that routed nothing, as in dense mode)."""
+    model.config.lte_track_sparsity = True
+    model.lte_reset_sparsity()
+    try:
+        result = fn()
+    finally:
+        model.config.lte_track_sparsity = False
+    return result, [s or 0.0 for s in model.lte_sparsity()]
 
 
 @torch.no_grad()
@@ -121,9 +142,7 @@ def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, exp
         on = torch.sigmoid(F.linear(x.float(), router)) > threshold
         assert int(on.sum()) == on.numel() - skip, (int(on.sum()), on.numel(), skip)
         union = float(on.any(dim=0).float().mean())
-        dense_ms = _median_ms(dense, repeats)
-        sparse_ms = _median_ms(sparse, repeats)
-        kernel_dense_ms = _median_ms(kernel_dense, repeats)
+        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * median_seconds(fn, repeats) for fn in (dense, sparse, kernel_dense))
         ideal = 1.0 / union if union > 0 else float("inf")  # bytes read: the union of the experts
         speedup = dense_ms / sparse_ms
         rows.append(KernelRow(shape, batch, dtype, sparsity, dense_ms, sparse_ms, speedup, ideal, speedup / ideal,
@@ -145,11 +164,12 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def write_json(rows: list[KernelRow], path: str) -> None:
+def write_json(data, path: str) -> None:
+    """``data`` as JSON at ``path``, written to a temporary file and renamed into place."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps([{**asdict(r), "device": machine()} for r in rows], indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(out)
 
 
@@ -176,17 +196,13 @@ def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int 
     def decode():
         model.generate(prompt_ids, **kwargs)
 
+    device = next(model.parameters()).device
     speed = {}
     for mode in ("dense", "sparse"):
         model.config.lte_mode = mode
-        speed[mode] = new_tokens / (_median_ms(decode, repeats) / 1e3)
+        speed[mode] = new_tokens / median_seconds(decode, repeats, device)
     model.config.lte_mode = "sparse"
-    model.config.lte_track_sparsity = True
-    model.lte_reset_sparsity()
-    decode()
-    model.config.lte_track_sparsity = False
-    per_layer = [s or 0.0 for s in model.lte_sparsity()]
-    device = next(model.parameters()).device
+    _, per_layer = run_counting_skips(model, decode)
     return DecodeResult(name, machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
                         str(next(model.parameters()).dtype).replace("torch.", ""), prompt_ids.shape[1], new_tokens, repeats,
                         speed["dense"], speed["sparse"], speed["sparse"] / speed["dense"], sum(per_layer) / len(per_layer))

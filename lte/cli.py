@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -73,6 +72,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench_kernel(args) -> int:
+    from dataclasses import asdict
+
     from .bench import DEFAULT_SHAPES, bench_kernel, kernel_table, machine, write_json
 
     try:
@@ -86,7 +87,7 @@ def _cmd_bench_kernel(args) -> int:
     print(f"sparse FFN kernel vs dense F.linear, {machine()}; medians of {args.repeats}")
     print(kernel_table(rows))
     if args.json:
-        write_json(rows, args.json)
+        write_json([{**asdict(row), "device": machine()} for row in rows], args.json)
         print(f"wrote {args.json}")
     return 0
 
@@ -94,7 +95,7 @@ def _cmd_bench_kernel(args) -> int:
 def _cmd_bench_decode(args) -> int:
     from dataclasses import asdict
 
-    from .bench import bench_decode
+    from .bench import bench_decode, write_json
     from .generate import load_export
 
     if args.device != "cpu":
@@ -108,10 +109,7 @@ def _cmd_bench_decode(args) -> int:
           f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n  sparse {result.sparse_tokens_per_s:.1f} "
           f"tokens/s at {100 * result.sparsity:.1f}% FFN sparsity: {result.speedup:.2f}x")
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_json(asdict(result), args.json)
         print(f"wrote {args.json}")
     return 0
 

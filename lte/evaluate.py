@@ -28,16 +28,20 @@ class EvalResult:
         return sum(self.per_layer_sparsity) / len(self.per_layer_sparsity) if self.per_layer_sparsity else None
 
 
-@torch.no_grad()
 def evaluate_lm(model, dataset, collator, batch_size: int = 8, desc: str = "Evaluating") -> EvalResult:
     """Token-weighted NLL over every label of ``dataset``; sparsity over the same tokens."""
+    return evaluate_batches(model, DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, desc: str | None = None) -> EvalResult:
+    """:func:`evaluate_lm` over already collated batches (a progress bar only with ``desc``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     skipped = tokens_routed = None
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    for batch in tqdm(loader, desc=desc, leave=False):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with collect_router_scores() as records:

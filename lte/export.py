@@ -32,12 +32,12 @@ import transformers
 
 from .errors import UsageError
 from .inject import is_lte_checkpoint, load_lte, lte_layers, unload_lte
-from .thresholds import ALLOCATIONS, DENSE, calibration_loss, choose_thresholds, max_sparsity_within, set_thresholds
+from .thresholds import ALLOCATIONS, DENSE, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
-REMOTE_FILES = ("configuration_lte.py", "modeling_lte.py")
+BASE_LINE = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'  # in configuration_lte.py
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 EXPORT_REPORT = "lte_export.json"
@@ -85,13 +85,13 @@ def stage2_model(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def calibration_data(request: ExportRequest, recipe, tokenizer):
+def calibration_data(request: ExportRequest, recipe, tokenizer, data):
     """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
-    data, or of ``--calibration FILE``."""
-    from .data import build_data, load_documents, pack
+    data (``data.train``), or of ``--calibration FILE``."""
+    from .data import load_documents, pack
 
     if request.calibration is None:
-        source, blocks = f"the run's training data ({recipe.data.train})", build_data(recipe.data, tokenizer, recipe.seed).train
+        source, blocks = f"the run's training data ({recipe.data.train})", data.train
     else:
         args = dataclasses.replace(recipe.data, train=request.calibration, format="text", max_train_tokens=None)
         source = request.calibration
@@ -153,11 +153,11 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
 
     shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
     shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
-    for name in REMOTE_FILES:
-        source = (REMOTE_DIR / name).read_text()
-        line = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'
-        assert line in source or name != "configuration_lte.py", "the BASE_ARCHITECTURE line moved"
-        (directory / name).write_text(source.replace(line, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`'))
+    shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
+    source = (REMOTE_DIR / "configuration_lte.py").read_text()
+    if BASE_LINE not in source:
+        raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")
+    (directory / "configuration_lte.py").write_text(source.replace(BASE_LINE, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`'))
 
 
 def validation_inputs(batches) -> list[dict]:
@@ -231,6 +231,7 @@ def plot_export(report: dict, path: Path) -> None:
 def export(request: ExportRequest, progress: bool = True) -> dict:
     """Run an export; returns the content of ``lte_export.json``."""
     from .config import load_run_recipe
+    from .data import LMData, build_data
     from .evaluate import evaluate_lm
     from .pipeline import DTYPES, calibration_batches, collator_for, load_tokenizer, model_kwargs
 
@@ -239,10 +240,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     source = stage2_model(run_dir)
     recipe = load_run_recipe(run_dir)
     tokenizer = load_tokenizer(recipe)
-    blocks = calibration_data(request, recipe, tokenizer)
-    from .data import LMData, build_data
-
     data = build_data(recipe.data, tokenizer, recipe.seed)
+    blocks = calibration_data(request, recipe, tokenizer, data)
     batch_size = recipe.train.get("per_device_eval_batch_size", 8)
     batches = calibration_batches(LMData(blocks, data.eval, data.padded), tokenizer, request.calibration_tokens, batch_size)
     dtype = DTYPES[recipe.model.dtype]
@@ -254,10 +253,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     if request.target_sparsity is not None:
         logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
                     100 * request.target_sparsity, request.calibration_tokens, request.allocation)
-        trained = [layer.threshold for layer in lte_layers(model)]
-        set_thresholds(model, [DENSE] * len(trained))
-        calib_dense_ppl = math.exp(calibration_loss(model, batches)[0])
-        set_thresholds(model, trained)
+        calib_dense_ppl = math.exp(dense_nll(model, batches))
         chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
         target = request.target_sparsity
     else:

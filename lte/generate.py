@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import run_counting_skips, synchronize
 from .errors import UsageError
 
 
@@ -52,22 +53,16 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sp
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
-    model.config.lte_mode = mode
+    previous, model.config.lte_mode = model.config.lte_mode, mode
     model.generate(**inputs, **{**kwargs, "max_new_tokens": 2})  # warm-up: first-call allocations are not speed
-    model.config.lte_track_sparsity = mode == "sparse"
-    model.lte_reset_sparsity()
     torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
-    output = model.generate(**inputs, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    output, per_layer = run_counting_skips(model, lambda: model.generate(**inputs, **kwargs))
+    synchronize(device)
     seconds = time.perf_counter() - start
-    model.config.lte_track_sparsity = False
+    model.config.lte_mode = previous
     new = output[0, inputs["input_ids"].shape[1]:]
-    per_layer = [s or 0.0 for s in model.lte_sparsity()] if mode == "sparse" else [0.0] * len(model.lte_sparsity())
-    model.config.lte_mode = "sparse"
     return Generation(mode, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer)
 
 

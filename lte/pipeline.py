@@ -245,6 +245,13 @@ def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def save_report(report: dict, out: Path) -> None:
+    """Write ``OUTPUT_DIR/report.json`` through a temporary file, so it is never half-written."""
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / REPORT)
+
+
 def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: Path) -> dict:
     out = Path(recipe.output_dir)
     report = {
@@ -258,9 +265,7 @@ def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: 
         "export_dir": None,
         "recipe": recipe.to_dict(),
     }
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT)
+    save_report(report, out)
     plot_per_layer(sparse.per_layer_sparsity, out / "per_layer_sparsity.png",
                    f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} (dense {dense.ppl:.3f})")
     return report
@@ -330,7 +335,5 @@ def run_export(recipe: Recipe, report: dict) -> dict:
     report["export_dir"] = os.path.relpath(target, out)
     report["export"] = {k: exported[k] for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",
                                                  "dense_ppl", "allocation")}
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT)
+    save_report(report, out)
     return report

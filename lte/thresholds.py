@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .evaluate import EvalResult, evaluate_batches
 from .inject import lte_layers
 from .layers import collect_router_scores
 
@@ -41,22 +42,12 @@ ALLOCATIONS = ("tuned", "uniform")
 
 
 @dataclass
-class Thresholds:
-    """One allocation calibrated on the calibration batches."""
+class Thresholds(EvalResult):
+    """One allocation calibrated on the calibration batches, with its loss and sparsity there."""
 
-    allocation: str
-    targets: list[float]  # per-layer sparsity the thresholds were calibrated to
-    thresholds: list[float]
-    nll: float  # calibration loss at these thresholds
-    per_layer_sparsity: list[float] = field(default_factory=list)  # realised on calibration
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll)
-
-    @property
-    def sparsity(self) -> float:
-        return sum(self.per_layer_sparsity) / len(self.per_layer_sparsity)
+    allocation: str = ""
+    targets: list[float] = field(default_factory=list)  # per-layer sparsity the thresholds were calibrated to
+    thresholds: list[float] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -68,35 +59,13 @@ def set_thresholds(model, thresholds) -> None:
         layer.threshold = float(value)
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def calibration_loss(model, batches) -> tuple[float, list[float]]:
-    """Token-weighted NLL over ``batches`` and the per-layer sparsity realised on them."""
-    device = _device(model)
-    total, count = 0.0, 0
-    skipped = routed = None
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        with collect_router_scores() as records:
-            logits = model(**batch).logits.float()
-        targets = labels[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                                   reduction="sum").item()
-        count += int((targets != -100).sum())
-        weights = _token_mask(batch)
-        off = torch.stack([((r.scores <= r.threshold).double().mean(dim=1) * weights).sum() for r in records])
-        skipped = off if skipped is None else skipped + off
-        routed = weights.sum() if routed is None else routed + weights.sum()
-    return total / max(count, 1), (skipped / routed).tolist()
-
-
-def _token_mask(batch) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    return (torch.ones_like(batch["input_ids"]) if mask is None else mask).reshape(-1).double()
+def dense_nll(model, batches) -> float:
+    """Calibration loss with every expert running; the model's thresholds are left as they were."""
+    current = [layer.threshold for layer in lte_layers(model)]
+    set_thresholds(model, [DENSE] * len(current))
+    nll = evaluate_batches(model, batches).nll
+    set_thresholds(model, current)
+    return nll
 
 
 @torch.no_grad()
@@ -105,7 +74,7 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
 
     With ``layer`` set, only that layer's scores, and each forward stops right after it.
     """
-    device = _device(model)
+    device = next(model.parameters()).device
     layers = lte_layers(model)
     wanted = range(len(layers)) if layer is None else [layer]
     chunks: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
@@ -121,7 +90,8 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            keep = _token_mask(batch).bool().cpu()
+            mask = batch.get("attention_mask")
+            keep = slice(None) if mask is None else mask.reshape(-1).bool().cpu()
             with collect_router_scores() as records:
                 try:
                     model(**batch)
@@ -181,7 +151,7 @@ def sensitivity(model, batches, grid=SENSITIVITY_GRID, progress: bool = True) ->
     the model to its own routing, so running every expert is itself a change it pays for.
     """
     base_thresholds = [layer.threshold for layer in lte_layers(model)]
-    base, trained = calibration_loss(model, batches)
+    base = evaluate_batches(model, batches)
     scores = layer_scores(model, batches)
     costs = np.zeros((len(base_thresholds), len(grid)))
     bar = tqdm(total=costs.size, desc="Measuring layer sensitivity", leave=False, disable=not progress)
@@ -190,11 +160,11 @@ def sensitivity(model, batches, grid=SENSITIVITY_GRID, progress: bool = True) ->
             thresholds = list(base_thresholds)
             thresholds[i] = quantile_threshold(scores[i], s)
             set_thresholds(model, thresholds)
-            costs[i, k] = calibration_loss(model, batches)[0] - base
+            costs[i, k] = evaluate_batches(model, batches).nll - base.nll
             bar.update()
     bar.close()
     set_thresholds(model, base_thresholds)
-    return Sensitivity(tuple(grid), costs, trained)
+    return Sensitivity(tuple(grid), costs, base.per_layer_sparsity)
 
 
 def allocate(sens: Sensitivity, target: float) -> list[float]:
@@ -235,8 +205,8 @@ def allocate(sens: Sensitivity, target: float) -> list[float]:
 
 def evaluate_allocation(model, batches, allocation: str, targets: list[float], progress: bool = True) -> Thresholds:
     thresholds = calibrate(model, batches, targets, progress)
-    nll, per_layer = calibration_loss(model, batches)
-    return Thresholds(allocation, targets, thresholds, nll, per_layer)
+    result = evaluate_batches(model, batches)
+    return Thresholds(result.nll, result.tokens, result.per_layer_sparsity, allocation, targets, thresholds)
 
 
 def choose_thresholds(model, batches, target: float, allocation: str = "tuned", sens: Sensitivity | None = None,
@@ -267,10 +237,9 @@ def max_sparsity_within(model, batches, max_ppl_increase: float, allocation: str
     (a fraction, 0.05 = 5%) of the dense-routing model's; returns (thresholds, dense ppl)."""
     n = len(lte_layers(model))
     sens = sensitivity(model, batches, progress=progress) if allocation == "tuned" else None
-    set_thresholds(model, [DENSE] * n)
-    dense_nll, _ = calibration_loss(model, batches)
-    limit = dense_nll + math.log1p(max_ppl_increase)
-    best = Thresholds("dense", [0.0] * n, [DENSE] * n, dense_nll, [0.0] * n)
+    dense = dense_nll(model, batches)
+    limit = dense + math.log1p(max_ppl_increase)
+    best = Thresholds(dense, 0, [0.0] * n, "dense", [0.0] * n, [DENSE] * n)
     lo, hi = 0.0, 0.99
     steps = math.ceil(math.log2((hi - lo) / resolution))
     for _ in tqdm(range(steps), desc="Searching the sparsity", leave=False, disable=not progress):
@@ -281,4 +250,4 @@ def max_sparsity_within(model, batches, max_ppl_increase: float, allocation: str
         else:
             hi = mid
     set_thresholds(model, best.thresholds)
-    return best, math.exp(dense_nll)
+    return best, math.exp(dense)

@@ -13,9 +13,10 @@ import torch
 
 from conftest import REPO, tiny_model
 from lte.cli import main
+from lte.evaluate import evaluate_batches
 from lte.export import ExportRequest, base_architecture, export, to_routed, write_checkpoint
 from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.thresholds import DENSE, Sensitivity, allocate, calibrate, calibration_loss, evaluate_allocation, sensitivity
+from lte.thresholds import DENSE, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
 
 # Runs in a fresh interpreter where `lte` cannot be imported: what a user of the export has.
 LOAD_AS_A_USER = r"""
@@ -264,7 +265,7 @@ def test_tuned_allocation_is_no_worse_than_uniform_on_calibration(stage2):
     model, batches, _, _ = stage2
     sens = sensitivity(model, batches, progress=False)
     assert sens.costs.shape == (5, len(sens.grid)) and (sens.costs[:, -1] > 0.05).all()  # 95% sparse: a clear loss
-    assert sens.trained == pytest.approx(calibration_loss(model, batches)[1])  # thresholds restored afterwards
+    assert sens.trained == pytest.approx(evaluate_batches(model, batches).per_layer_sparsity)  # thresholds restored afterwards
     for target in (0.5, 0.7):
         n = len(lte_layers(model))
         uniform = evaluate_allocation(model, batches, "uniform", [target] * n, progress=False)
@@ -278,7 +279,7 @@ def test_tuned_allocation_is_no_worse_than_uniform_on_calibration(stage2):
 def test_negative_thresholds_run_every_expert(stage2):
     model, batches, _, _ = stage2
     calibrate(model, batches, [0.0] * 5, progress=False)
-    _, per_layer = calibration_loss(model, batches[:1])
+    per_layer = evaluate_batches(model, batches[:1]).per_layer_sparsity
     assert per_layer == [0.0] * 5
     assert all(layer.threshold == DENSE for layer in lte_layers(model))
 

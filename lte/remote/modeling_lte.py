@@ -55,10 +55,13 @@ def _use_cpu_kernel(weight: torch.Tensor) -> bool:
             and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
 
 
+# LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests
+# it. Read once here, not in the decode step.
+_FORCE_TRITON = os.environ.get("LTE_FORCE_TRITON") == "1"
+
+
 def _use_triton(device: torch.device) -> bool:
-    # LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests it.
-    wanted = device.type == "cuda" or os.environ.get("LTE_FORCE_TRITON") == "1"
-    return wanted and _triton_available is not None and _triton_available()
+    return (device.type == "cuda" or _FORCE_TRITON) and _triton_available is not None and _triton_available()
 
 
 # Up to this many tokens, the kernels compute the union of their experts (each weight row is read
