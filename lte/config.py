@@ -3,7 +3,7 @@
 ``recipe=tiny lte.eta=1.0 train.max_steps=20`` loads ``recipes/tiny.yaml``, merges the
 dotted overrides with OmegaConf, and checks every key before anything runs: an unknown key
 names the closest valid one, a wrong type or an out-of-range value names the key and why.
-Groups: ``model.*``, ``data.*``, ``lte.*`` (:class:`~lte.trainer.LTEArguments`), ``train.*``
+Groups: ``model.*``, ``data.*``, ``lte.*`` (:class:`~lte.trainer.LTEArguments`), ``lora.*``, ``train.*``
 (any ``TrainingArguments`` field, with per-stage overrides under ``train.stage0/1/2``),
 ``export.*``, and the top-level ``output_dir`` and ``seed``.
 """
@@ -81,6 +81,41 @@ class DataArgs:
 
 
 @dataclass
+class LoraArgs:
+    """LoRA / QLoRA (PEFT) instead of full fine-tuning; off while ``r`` is 0.
+
+    Adapters go on every linear projection (attention and FFN); the routers are always trained
+    in full (PEFT ``modules_to_save``) and kept in float32. Each stage's adapter is merged into
+    an unquantized copy of its starting model, so every stage (and the export) is a plain LTE model.
+    """
+
+    r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (the paper's setting)."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                      metadata={"help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def validate(self) -> None:
+        if self.r < 0:
+            raise UsageError(f"lora.r={self.r} must be >= 0 (0 turns LoRA off)")
+        if self.load_in_4bit and not self.enabled:
+            raise UsageError("lora.load_in_4bit=true needs lora.r > 0: a 4-bit base model is trained through LoRA adapters")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise UsageError(f"lora.bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} must be 'nf4' or 'fp4'")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"lora.dropout={self.dropout} must lie in [0, 1)")
+        if not self.target_modules:
+            raise UsageError("lora.target_modules is empty; use [all-linear] or module name suffixes such as [q_proj, v_proj]")
+
+
+@dataclass
 class ExportArgs:
     """The export stage after training (``lte export`` with the same options); off unless
     ``target_sparsity`` or ``max_ppl_increase`` is set."""
@@ -117,6 +152,7 @@ class Recipe:
     train: dict[str, Any]
     export: ExportArgs
     output_dir: str
+    lora: LoraArgs = field(default_factory=LoraArgs)
     seed: int = 42
     name: str = ""
 
@@ -132,11 +168,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output_dir": self.output_dir, "seed": self.seed,
                 "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "lte": dataclasses.asdict(self.lte), "train": self.train, "export": dataclasses.asdict(self.export)}
+                "lte": dataclasses.asdict(self.lte), "lora": dataclasses.asdict(self.lora), "train": self.train,
+                "export": dataclasses.asdict(self.export)}
 
 
-_GROUPS = {"model": ModelArgs, "data": DataArgs, "lte": LTEArguments, "export": ExportArgs}
-_TOP_LEVEL = ("model", "data", "lte", "train", "export", "output_dir", "seed")
+_GROUPS = {"model": ModelArgs, "data": DataArgs, "lte": LTEArguments, "lora": LoraArgs, "export": ExportArgs}
+_TOP_LEVEL = ("model", "data", "lte", "lora", "train", "export", "output_dir", "seed")
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(LTETrainingArguments)} - set(PIPELINE_OWNED_TRAIN_KEYS)
 
 
@@ -255,9 +292,13 @@ def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Rec
         raise UsageError("output_dir is not set: add output_dir=runs/NAME")
     train = OmegaConf.to_container(cfg.get("train") or OmegaConf.create({}), resolve=True)
     recipe = Recipe(model=groups["model"], data=groups["data"], lte=groups["lte"], train=train,
-                    export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=name)
-    for part in (recipe.model, recipe.data, recipe.lte, recipe.export):
+                    export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=name,
+                    lora=groups["lora"])
+    for part in (recipe.model, recipe.data, recipe.lte, recipe.lora, recipe.export):
         part.validate()
+    if recipe.lora.enabled and recipe.lte.stage0_steps > 0:
+        raise UsageError("lte.stage0_steps > 0 with lora.r > 0 is not supported: run the dense fine-tune without LoRA "
+                         "first and point model.name_or_path at its output, or set lte.stage0_steps=0")
     for stage in STAGES:
         try:
             recipe.stage_args(stage, **({} if check_hardware else {"use_cpu": True, "bf16": False, "fp16": False}))

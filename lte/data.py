@@ -5,9 +5,14 @@ Sources are local files (``.txt`` split into documents by line/paragraph/whole f
 
 * ``text``: documents are tokenised, concatenated and cut into ``block_size`` blocks
   (causal-LM packing, as ``run_clm`` does); every token is a label.
-* ``instruction``: alpaca-style records (instruction, optional input, output). The prompt is
-  rendered with the tokenizer's chat template when it has one, else the Alpaca template;
-  the loss is on the response tokens only.
+* ``instruction``: alpaca-style records (instruction, optional input, output), turned into TRL's
+  conversational prompt-completion form and tokenised the way TRL's ``SFTTrainer`` does it:
+  the prompt through the chat template with the generation prompt, prompt + completion through
+  the template, the loss on the completion only (from where the two token sequences diverge,
+  TRL's ``common_prefix_length``), batches padded by TRL's ``DataCollatorForLanguageModeling``.
+  A tokenizer without a chat template gets the Alpaca template (:data:`ALPACA_CHAT_TEMPLATE`),
+  which is saved with every stage model and the export, so the trained model is prompted the
+  way it was trained: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ from .config import DataArgs
 from .errors import UsageError
 
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-ALPACA_PROMPT = "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+# The Stanford Alpaca prompt as a chat template; the assistant turn ends with EOS so the model learns to stop.
+ALPACA_CHAT_TEMPLATE = (
+    "{{ bos_token }}Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -88,18 +102,36 @@ def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) ->
     return packed
 
 
-def render_instruction(record: dict, tokenizer, args: DataArgs) -> tuple[str, str]:
-    """(prompt, response) strings for one alpaca-style record."""
+def to_conversation(record: dict, args: DataArgs) -> dict:
+    """One alpaca-style record as TRL's conversational prompt-completion example."""
     instruction = record[args.instruction_field]
     context = (record.get(args.input_field) or "").strip()
-    response = record[args.response_field]
-    if getattr(tokenizer, "chat_template", None):
-        user = instruction if not context else f"{instruction}\n\n{context}"
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return prompt, response + (tokenizer.eos_token or "")
-    prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if context else "",
-                                  instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
-    return prompt, response + (tokenizer.eos_token or "")
+    user = instruction if not context else f"{instruction}\n\n{context}"
+    return {"prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": record[args.response_field]}]}
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the Alpaca one (kept when the tokenizer is saved)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+
+
+def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def encode_conversation(example: dict, tokenizer, max_length: int) -> dict:
+    """input_ids, attention_mask and completion-only labels, as TRL's SFT tokenisation builds them."""
+    from trl.data_utils import common_prefix_length
+
+    prompt_ids = _chat_ids(tokenizer, example["prompt"], add_generation_prompt=True)
+    ids = _chat_ids(tokenizer, example["prompt"] + example["completion"])
+    start = common_prefix_length(prompt_ids, ids)
+    ids = ids[:max_length]
+    labels = ([-100] * start + ids[start:])[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> Dataset:
@@ -107,16 +139,9 @@ def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens
         if key not in dataset.column_names:
             raise UsageError(f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
                              f"set data.instruction_field / data.response_field")
-
-    def encode(record):
-        prompt, response = render_instruction(record, tokenizer, args)
-        prompt_ids = tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + response_ids)[: args.block_size]
-        labels = ([-100] * len(prompt_ids) + response_ids)[: args.block_size]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-    examples = dataset.map(encode, remove_columns=dataset.column_names, desc="Tokenizing")
+    ensure_chat_template(tokenizer)
+    examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, args.block_size),
+                           remove_columns=dataset.column_names, desc="Tokenizing")
     examples = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
     if max_tokens is not None:
         lengths = [len(x) for x in examples["input_ids"]]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .layers import MODES, ROUTER_PREFIX, LTEMLP
 from .moefication import moefy
-from .registry import FFN_REGISTRY, feature_axes, spec_for
+from .registry import FFN_REGISTRY, feature_axes, spec_for, weight_shape
 
 LTE_CONFIG_NAME = "lte_config.json"
 ROUTERS_NAME = "lte_routers.safetensors"
@@ -94,7 +94,7 @@ def check_expert_size(model: nn.Module, expert_size: int) -> None:
     """Every FFN width must be a multiple of ``expert_size`` (works on a meta-device model)."""
     for _, host in _ffn_hosts(model):
         down = host.get_submodule(spec_for(host).down)
-        width = down.weight.shape[feature_axes(down)[1]]
+        width = weight_shape(down)[feature_axes(down)[1]]
         if expert_size <= 0 or width % expert_size:
             divisors = [d for d in range(1, width + 1) if width % d == 0]
             shown = ", ".join(map(str, divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]))
@@ -118,33 +118,48 @@ def unload_lte(model: nn.Module) -> nn.Module:
     return model
 
 
-def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Router weights by layer: ``{"layers.{i}.weight": ..., ...}`` (a prefix filter, PEFT-style)."""
+def _router_prefixes(model: nn.Module) -> dict[str, int]:
+    """State-dict prefix of each layer's router -> its layer index."""
+    return {f"{name}.{ROUTER_PREFIX}.": module.layer_index for name, module in model.named_modules()
+            if isinstance(module, LTEMLP)}
+
+
+def router_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Router weights by layer: ``{"layers.{i}.weight": ..., ...}`` (a prefix filter, PEFT-style).
+
+    ``state``: a full state dict of ``model`` gathered elsewhere (FSDP2, ZeRO-3); default: the model's own.
+    """
+    state = model.state_dict() if state is None else state
     out = {}
-    for layer in lte_layers(model):
-        for key, value in layer.lte_router.state_dict().items():
-            out[f"layers.{layer.layer_index}.{key}"] = value.detach().cpu().contiguous()
+    for prefix, index in _router_prefixes(model).items():
+        for key, value in state.items():
+            if key.startswith(prefix):
+                out[f"layers.{index}.{key[len(prefix):]}"] = value.detach().cpu().contiguous()
     return out
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The wrapped model's state dict with LTE's wrapper names removed: loadable by the base class."""
+def base_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A wrapped model's state dict with LTE's wrapper names removed: loadable by the base class."""
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if f".{ROUTER_PREFIX}." in key or key.startswith(f"{ROUTER_PREFIX}."):
             continue
         out[key.replace(".base_layer.", ".")] = value
     return out
 
 
-def save_lte(model, out_dir: str | os.PathLike, tokenizer=None) -> None:
-    """Write ``out_dir`` as a standard checkpoint of the permuted base model plus the routers."""
+def save_lte(model, out_dir: str | os.PathLike, tokenizer=None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``out_dir`` as a standard checkpoint of the permuted base model plus the routers.
+
+    ``state``: the model's full state dict when it was gathered from shards (FSDP2, ZeRO-3).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=base_state_dict(model))
+    state = model.state_dict() if state is None else state
+    model.save_pretrained(out_dir, state_dict=base_state_dict(state))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    save_file(router_state_dict(model), str(out_dir / ROUTERS_NAME))
+    save_file(router_state_dict(model, state), str(out_dir / ROUTERS_NAME))
     (out_dir / LTE_CONFIG_NAME).write_text(json.dumps(asdict(model.lte_config), indent=2) + "\n")
 
 

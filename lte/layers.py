@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .registry import FFNSpec, feature_axes
+from .registry import FFNSpec, feature_axes, weight_shape
 
 MODES = ("dense", "soft", "hard")
 ROUTER_PREFIX = "lte_router"
@@ -62,8 +62,8 @@ class LTEMLP(nn.Module):
         super().__init__()
         first = base_layer.get_submodule(spec.first[0])
         down = base_layer.get_submodule(spec.down)
-        d_model = first.weight.shape[feature_axes(first)[1]]
-        width = down.weight.shape[feature_axes(down)[1]]  # a multiple of expert_size: see check_expert_size
+        d_model = weight_shape(first)[feature_axes(first)[1]]
+        width = weight_shape(down)[feature_axes(down)[1]]  # a multiple of expert_size: see check_expert_size
         self.base_layer = base_layer
         self.spec = spec
         self.expert_size = expert_size
@@ -74,12 +74,24 @@ class LTEMLP(nn.Module):
         self.mode = "dense"
         self.detach_router_input = detach_router_input
         weight = first.weight
-        self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=weight.dtype)
+        # Routers are never quantized: next to 4-bit weights (QLoRA) they are kept in float32.
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=dtype)
         self._scores: torch.Tensor | None = None
-        self._hooks = [
-            first.register_forward_pre_hook(self._route),
-            down.register_forward_pre_hook(self._mask),
-        ]
+        self._hooks: list = []
+        self._hooked: tuple[nn.Module, nn.Module] | None = None
+        self._attach_hooks()
+
+    def _attach_hooks(self) -> None:
+        """Hook the modules now at the first/down paths. PEFT replaces a projection by a LoRA
+        layer that holds the original as its own ``base_layer``; the mask must then apply to the
+        LoRA layer's input, or skipped neurons would still reach the output through the adapter."""
+        for hook in self._hooks:
+            hook.remove()
+        first = self.base_layer.get_submodule(self.spec.first[0])
+        down = self.base_layer.get_submodule(self.spec.down)
+        self._hooks = [first.register_forward_pre_hook(self._route), down.register_forward_pre_hook(self._mask)]
+        self._hooked = (first, down)
 
     @torch.no_grad()
     def init_router_from_experts(self, scale: float = 1.0) -> None:
@@ -105,6 +117,8 @@ class LTEMLP(nn.Module):
                 self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
 
     def forward(self, *args, **kwargs):
+        if self._hooked != (self.base_layer.get_submodule(self.spec.first[0]), self.base_layer.get_submodule(self.spec.down)):
+            self._attach_hooks()  # a projection was wrapped (LoRA) or unwrapped (merge) since the last forward
         return self.base_layer(*args, **kwargs)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +146,18 @@ class LTEMLP(nn.Module):
         h = (h.reshape(*shape[:-1], self.num_experts, self.expert_size) * gate.to(h.dtype).unsqueeze(-1)).reshape(shape)
         return (h, *args[1:])
 
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False, adapter_names=None):
+        """PEFT's ``merge_and_unload`` treats any module with a ``base_layer`` as one of its own
+        adapter layers, unless the module unloads itself through this method. An LTE layer is not
+        an adapter: it stays, and PEFT goes on to merge the LoRA layers inside it."""
+        return self
+
     def unwrap(self) -> nn.Module:
         """Remove the hooks and return the original module (weights stay permuted)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._hooked = None
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -1,5 +1,8 @@
-"""The LTE run: optional dense fine-tune, stage 1 (soft routing), stage 2 (hard routing), report.
+"""The LTE run: optional dense fine-tune, prepare, stage 1 (soft routing), stage 2 (hard routing), report.
 
+``prepare`` groups the FFN neurons into experts and initialises the routers, once, in one
+process, and writes the result to ``OUTPUT_DIR/prepare/model``; both training stages load a
+checkpoint, so nothing is clustered or initialised after a model is sharded (FSDP, ZeRO-3).
 Each stage is its own ``Trainer.train()`` with its own trainable set, writing checkpoints to
 ``OUTPUT_DIR/stageN/checkpoint-*`` and its finished model to ``OUTPUT_DIR/stageN/model``
 (written to a temporary directory and renamed, so a finished stage is never half-written).
@@ -18,14 +21,17 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
+from .adapters import add_lora, merge_adapter, quantization_config
 from .config import Recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
 from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
+from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, no_zero3_init,
+                          register_zero3_leaves)
 from .layers import ROUTER_PREFIX
 from .router_init import calibrate_routers
 from .trainer import LTETrainer
@@ -75,8 +81,10 @@ def load_tokenizer(recipe: Recipe):
 
 
 def collator_for(data: LMData, tokenizer):
-    if data.padded:
-        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if data.padded:  # instruction data: TRL's collator pads input_ids and labels (with -100) per batch
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     return default_data_collator
 
 
@@ -100,40 +108,57 @@ def calibration_batches(data: LMData, tokenizer, tokens: int, batch_size: int) -
     return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def broadcast_routers(model) -> None:
-    """Make every process start from rank 0's routers."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for layer in lte_layers(model):
-            for param in layer.lte_router.parameters():
-                torch.distributed.broadcast(param.data, src=0)
+def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer) -> Path:
+    """Group neurons into experts and initialise the routers; write ``OUTPUT_DIR/prepare/model``.
 
-
-def build_stage_model(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer):
-    """The model a stage starts from, with the stage's routing mode and trainable set."""
-    kwargs = model_kwargs(recipe)
-    if stage == "stage0":
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if stage == "stage1":
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    Runs on the main process only, on the whole model (never a shard), while the other
+    processes wait; they then read the result from disk. Skipped when already written.
+    """
+    final = Path(recipe.output_dir) / "prepare" / STAGE_MODEL
+    state = PartialState()
+    if (final / "config.json").is_file():
+        logger.info("prepare: experts and routers found at %s, skipping", final)
+    elif state.is_main_process:
+        with no_zero3_init():
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(state.device)
         lte = recipe.lte
         inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
                                          router_init=lte.router_init, router_init_scale=lte.router_init_scale,
                                          detach_router_input=lte.detach_router_input),
-                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, progress=PartialState().is_main_process)
+                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed)
         if lte.router_init == "calibrated":
             batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
                                           recipe.train.get("per_device_train_batch_size", 8))
             agreement = calibrate_routers(model, batches, lte.router_init_sparsity, lte.router_init_steps)
-            logger.info("stage1: routers fitted to expert importance (label agreement per layer: %s)",
+            logger.info("prepare: routers fitted to expert importance (label agreement per layer: %s)",
                         " ".join(f"{a:.2f}" for a in agreement))
-        broadcast_routers(model)
-        set_lte_mode(model, "soft")
-        return model
-    model = load_lte(source, **kwargs)
-    set_lte_mode(model, "hard")
+        _save_atomically(lambda d: save_lte(model, d, tokenizer), final)
+        logger.info("prepare: %d FFNs grouped into experts of %d neurons, written to %s",
+                    len(lte_layers(model)), lte.expert_size, final)
+    state.wait_for_everyone()
+    return final
+
+
+def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
+    """The model a stage starts from, with the stage's routing mode and trainable set
+    (with ``lora.r > 0``: a ``PeftModel`` whose adapters and, in stage 1, routers train)."""
+    kwargs = model_kwargs(recipe)
+    if stage == "stage0":
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    quantization = quantization_config(recipe.lora, DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else torch.bfloat16)
+    model = load_lte(source, **kwargs, **({"quantization_config": quantization} if quantization else {}))
+    set_lte_mode(model, "soft" if stage == "stage1" else "hard")
     for name, param in model.named_parameters():
         if ROUTER_PREFIX in name:
-            param.requires_grad_(False)
+            param.requires_grad_(stage == "stage1")
+    register_zero3_leaves(model)
+    if recipe.lora.enabled:
+        model = add_lora(model, recipe.lora, train_routers=stage == "stage1",
+                         gradient_checkpointing=args.gradient_checkpointing)
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if partitioned:
+        logger.info("%s: model loaded partitioned by ZeRO-3 (%d of %d weights stored on this process)", stage,
+                    sum(p.ds_tensor.numel() for p in partitioned), sum(p.ds_numel for p in partitioned))
     return model
 
 
@@ -155,33 +180,6 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def broadcast_object(value):
-    """Rank 0's ``value`` on every process (identity when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def check_routers_identical(model, stage: str) -> None:
-    """In a data-parallel run every process must end a stage with the same routers: rank 0 saves
-    the model, so a divergence would silently drop what the other ranks learned."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
-    params = [p.detach().float().reshape(-1) for layer in lte_layers(model) for p in layer.lte_router.parameters()]
-    if world == 1 or not params:
-        return
-    flat = torch.cat(params)
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    torch.distributed.all_gather(gathered, flat)
-    worst = max(float((other - flat).abs().max()) for other in gathered)
-    if worst > 0:
-        raise RuntimeError(f"{stage}: router weights differ across processes (max difference {worst:.3e})")
-    logger.info("%s: routers identical on all %d processes", stage, world)
-
-
 def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer, teacher_source=None) -> Path:
     """Train one stage (or resume it) and return the directory of its finished model."""
     args = recipe.stage_args(stage)
@@ -190,29 +188,51 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     if (final / "config.json").is_file():
         logger.info("%s: finished model found at %s, skipping", stage, final)
         return final
-    model = build_stage_model(stage, recipe, source, data, tokenizer)
+    model = build_stage_model(stage, recipe, source, args)
+    trainer = None
     if args.max_steps > 0:
         teacher = None
         if stage != "stage0" and recipe.lte.distill_weight > 0:
-            teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
+            with every_rank_loads():
+                teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
         trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
         last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
         last = broadcast_object(last)
         if last:
             logger.info("%s: resuming from %s", stage, last)
-        logger.info("%s: training %d steps in %s mode on %d process(es)", stage, args.max_steps, args.lte_mode,
-                    state.num_processes)
+        logger.info("%s: training %d steps in %s mode on %d process(es) (%s)", stage, args.max_steps, args.lte_mode,
+                    state.num_processes, describe_parallelism(trainer.accelerator))
         trainer.train(resume_from_checkpoint=last)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded parameters: not comparable here
-            check_routers_identical(model, stage)
+        check_routers_identical(model, stage)
+    if recipe.lora.enabled:
+        _save_merged(stage, recipe, source, trainer, tokenizer, final)
+        return final
+    # The whole model, gathered from FSDP2 / ZeRO-3 shards (a collective: every rank takes part).
+    full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer is not None else None
     if state.is_main_process:
-        save = (lambda d: save_lte(model, d, tokenizer)) if lte_layers(model) else (
-            lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        save = (lambda d: save_lte(model, d, tokenizer, full_state)) if lte_layers(model) else (
+            lambda d: (model.save_pretrained(d, state_dict=full_state), tokenizer.save_pretrained(d)))
         _save_atomically(save, final)
     state.wait_for_everyone()
     return final
+
+
+def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokenizer, final: Path) -> None:
+    """LoRA stages: save the adapter (every rank takes part), then merge it on the main process
+    into an unquantized copy of the stage's starting model and save that as the stage model."""
+    state = PartialState()
+    adapter = Path(recipe.output_dir) / stage / "adapter"
+    if trainer is not None:
+        trainer.save_model(str(adapter))
+    if state.is_main_process:
+        with no_zero3_init():
+            merged = (merge_adapter(source, adapter, **model_kwargs(recipe)) if trainer is not None
+                      else load_lte(source, **model_kwargs(recipe)))
+        _save_atomically(lambda d: save_lte(merged, d, tokenizer), final)
+        logger.info("%s: adapter %s merged into %s", stage, adapter, final)
+    state.wait_for_everyone()
 
 
 def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> tuple[EvalResult, EvalResult]:
@@ -299,17 +319,19 @@ def run(recipe: Recipe) -> dict | None:
     source: str | Path = recipe.model.name_or_path
     if recipe.lte.stage0_steps > 0:
         source = run_stage("stage0", recipe, source, data, tokenizer)
-    stage1 = run_stage("stage1", recipe, source, data, tokenizer, teacher_source=source)
+    prepared = prepare_experts(recipe, source, data, tokenizer)
+    stage1 = run_stage("stage1", recipe, prepared, data, tokenizer, teacher_source=source)
     stage2 = run_stage("stage2", recipe, stage1, data, tokenizer, teacher_source=source)
     if not is_lte_checkpoint(stage2):
         raise UsageError(f"{stage2} is not an LTE checkpoint; delete {out} and rerun")
     if not state.is_main_process:
         return None
-    dense, sparse = evaluate_run(recipe, data, tokenizer, stage2)
-    report = write_report(recipe, dense, sparse, stage2)
-    print(summary(report, out), flush=True)
-    if recipe.export.enabled:
-        report = run_export(recipe, report)
+    with no_zero3_init():  # one process from here on: load models whole
+        dense, sparse = evaluate_run(recipe, data, tokenizer, stage2)
+        report = write_report(recipe, dense, sparse, stage2)
+        print(summary(report, out), flush=True)
+        if recipe.export.enabled:
+            report = run_export(recipe, report)
     return report
 
 

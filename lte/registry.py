@@ -74,3 +74,13 @@ def feature_axes(projection: nn.Module) -> tuple[int, int]:
         if klass.__name__ in _LAYOUTS:
             return _LAYOUTS[klass.__name__]
     raise TypeError(f"unsupported projection type {type(projection).__name__}: expected nn.Linear or Conv1D")
+
+
+def weight_shape(projection: nn.Module) -> tuple[int, ...]:
+    """``projection.weight``'s logical shape, also when ZeRO-3 has partitioned it (``ds_shape``)
+    or bitsandbytes has packed it into 4-bit storage (``quant_state.shape``)."""
+    weight = projection.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        return tuple(quant_state.shape)
+    return tuple(getattr(weight, "ds_shape", weight.shape))

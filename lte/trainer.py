@@ -112,7 +112,20 @@ class LTETrainer(Trainer):
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         if self.args.distill_weight > 0 and teacher is None:
             raise ValueError("distill_weight > 0 needs the original model as `teacher`")
-        self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False) if teacher is not None else None
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+
+    def _prepare_teacher(self, teacher):
+        """Shard the frozen teacher the way the student is (TRL's reference-model helpers)."""
+        teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(teacher, self.accelerator)
+        return teacher.to(self.accelerator.device).eval()
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

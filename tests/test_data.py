@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from conftest import SHARED_DATA, STORIES
 from lte.config import DataArgs
-from lte.data import build_data, render_instruction
+from lte.data import ALPACA_CHAT_TEMPLATE, build_data, encode_conversation, to_conversation
 from lte.errors import UsageError
 
 
@@ -51,27 +51,40 @@ def test_local_dataset_directory_goes_through_the_hub_loader(tmp_path, tokenizer
 
 
 def test_alpaca_records_train_on_the_response_only(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)  # gets the Alpaca chat template: a fresh copy
     path = SHARED_DATA / "alpaca"
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
     assert files, f"no alpaca records in {path}"
     data = build_data(DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096),
                       tokenizer, seed=0)
-    assert data.padded
-    row = data.train[0]
-    labels, ids = row["labels"], row["input_ids"]
-    masked = labels.index(next(label for label in labels if label != -100))
-    assert masked > 0 and all(label == -100 for label in labels[:masked])
-    assert labels[masked:] == ids[masked:]
-    prompt = tokenizer.decode(ids[:masked])
-    assert "### Instruction:" in prompt and prompt.rstrip().endswith("### Response:")
+    assert data.padded and tokenizer.chat_template == ALPACA_CHAT_TEMPLATE
+    short = 0
+    for row in data.train:
+        labels, ids = row["labels"], row["input_ids"]
+        start = labels.index(next(label for label in labels if label != -100))
+        assert start > 0 and all(label == -100 for label in labels[:start])
+        assert labels[start:] == ids[start:]
+        prompt = tokenizer.decode(ids[:start])
+        assert "### Instruction:" in prompt and prompt.endswith("### Response:\n")
+        if len(ids) < 256:  # not truncated: the answer ends with EOS, so the model learns to stop
+            short += 1
+            assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert short > 0
 
 
-def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer):
+def test_conversations_are_tokenized_as_trl_does_with_the_tokenizers_own_template(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    tokenizer.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    prompt, response = render_instruction({"instruction": "Name a color.", "input": "", "output": "Blue."},
-                                          tokenizer, DataArgs(train="x"))
-    assert prompt == "<|user|>Name a color.\n<|assistant|>" and response.startswith("Blue.")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    example = to_conversation({"instruction": "Name a color.", "input": "Pick one.", "output": "Blue."}, DataArgs(train="x"))
+    assert example["prompt"] == [{"role": "user", "content": "Name a color.\n\nPick one."}]
+    row = encode_conversation(example, tokenizer, max_length=512)
+    start = row["labels"].count(-100)
+    assert tokenizer.decode(row["input_ids"][:start]) == "<|user|>Name a color.\n\nPick one.\n<|assistant|>"
+    assert tokenizer.decode(row["input_ids"][start:]) == "Blue.\n"  # the loss is on the answer only
+    assert row["labels"][start:] == row["input_ids"][start:] and len(row["attention_mask"]) == len(row["input_ids"])
+    short = encode_conversation(example, tokenizer, max_length=5)
+    assert len(short["input_ids"]) == len(short["labels"]) == 5
 
 
 def test_missing_column_is_a_usage_error(tmp_path, tokenizer):

@@ -1,7 +1,9 @@
-"""Real multi-process training on CPU: two processes over gloo, started by `accelerate launch`."""
+"""Real multi-process training on CPU: two processes over gloo, started by `accelerate launch` with
+the project's named accelerate configs (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,18 +15,31 @@ import pytest
 from conftest import FAST, REPO
 
 STEPS = ["lte.stage1_steps=8", "lte.stage2_steps=4"]
+# config file, extra launcher flags, entry point, what the logs must call it
+CONFIGS = {
+    "ddp": ("ddp.yaml", ["--mixed_precision", "no"], "train.py", "DDP"),
+    # accelerate takes its FSDP branch only for accelerator process groups; the shim lets it on CPU (see the file)
+    "fsdp2": ("fsdp2.yaml", ["--mixed_precision", "no"], "tests/fsdp_on_cpu.py", "FSDP2"),
+    "zero2": ("zero2.yaml", [], "train.py", "DeepSpeed ZeRO-2"),
+    "zero3": ("zero3.yaml", [], "train.py", "DeepSpeed ZeRO-3"),
+}
+SHARDED = ("fsdp2", "zero3")  # parameters (so routers) split across the processes
 
 
-def launch_command(out, port):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            "train.py", "recipe=tiny", f"output_dir={out}", *FAST, *STEPS]
+def launch_command(config, out, port, *extra):
+    file, flags, entry, _ = CONFIGS[config]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / file),
+            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port), *flags,
+            entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra]
+
+
+def logged_losses(out, stage, step):
+    state = json.loads((out / stage / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "task_loss" in h]
 
 
 def final_losses(out):
-    return {stage: [h["loss"] for h in json.loads((out / stage / f"checkpoint-{n}" / "trainer_state.json").read_text())
-                    ["log_history"] if "task_loss" in h]
-            for stage, n in (("stage1", 8), ("stage2", 4))}
+    return {stage: logged_losses(out, stage, n) for stage, n in (("stage1", 8), ("stage2", 4))}
 
 
 def _process(pid):
@@ -37,7 +52,7 @@ def _process(pid):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = subprocess.run(launch_command(out, 29533), cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(launch_command("ddp", out, 29533, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stderr
 
@@ -45,7 +60,7 @@ def ddp_run(tmp_path_factory):
 def test_ddp_two_processes_train_identical_routers_and_export(ddp_run):
     out, log = ddp_run
     for stage in ("stage1", "stage2"):
-        assert f"{stage}: training" in log and "on 2 process(es)" in log  # both ranks joined
+        assert f"{stage}: training" in log and "on 2 process(es) (DDP)" in log  # both ranks joined
         assert f"{stage}: routers identical on all 2 processes" in log
     losses = final_losses(out)
     for stage, values in losses.items():
@@ -55,10 +70,51 @@ def test_ddp_two_processes_train_identical_routers_and_export(ddp_run):
     assert report["export"]["heldout_sparsity"] > 0.3
 
 
+@pytest.mark.parametrize("config", ["fsdp2", "zero2", "zero3"])
+def test_sharded_two_process_runs_train_both_stages_and_export(config, tmp_path):
+    """Each stage trains on both ranks under the named config, the routers end identical (gathered
+    whole from the shards), the finished stages are gathered into one checkpoint, and the export loads."""
+    out = tmp_path / "run"
+    proc = subprocess.run(launch_command(config, out, 29560 + list(CONFIGS).index(config), "export.allocation=uniform"),
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    log = proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    name = CONFIGS[config][3]
+    for stage in ("stage1", "stage2"):
+        assert log.count(f"{stage}: training 4 steps") == 2 and f"on 2 process(es) ({name})" in log
+        identical = re.findall(rf"{stage}: routers identical on all 2 processes \((\d+) router parameters, (\d+) stored", log)
+        assert len(identical) == 2, identical  # checked on both ranks
+        total, local = map(int, identical[0])
+        assert total == 5 * 43 * 64  # stories260K: 5 layers x 43 experts x d_model 64
+        assert (local < total) if config in SHARDED else (local == total)
+        losses = logged_losses(out, stage, 4)
+        assert len(losses) == 4 and losses[-1] < losses[0], (stage, losses)
+        assert (out / stage / "model" / "lte_routers.safetensors").is_file()
+    if config == "zero3":
+        assert "model loaded partitioned by ZeRO-3" in log and "ZeRO-3: 5 LTE FFNs registered as leaf modules" in log
+    assert (out / "prepare" / "model" / "lte_config.json").is_file() and log.count("prepare: 5 FFNs grouped") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["sparse_ppl"] < 10 * report["dense_ppl"]  # finite and sane after 4 + 4 steps
+    exported = json.loads((out / "export" / "lte_export.json").read_text())
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "export", trust_remote_code=True)
+    model.config.lte_track_sparsity = True
+    tokenizer = AutoTokenizer.from_pretrained(out / "export", trust_remote_code=True)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 8
+    per_layer = model.lte_sparsity()
+    assert len(per_layer) == 5 and 0.3 < sum(per_layer) / 5 < 0.7, per_layer
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_path):
     reference, _ = ddp_run
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_command(out, 29544), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(launch_command("ddp", out, 29544, *STEPS), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     marker = out / "stage1" / "checkpoint-2" / "trainer_state.json"
     while not marker.is_file() and proc.poll() is None and time.time() < deadline:
@@ -81,10 +137,11 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_pat
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
 
-    rerun = subprocess.run(launch_command(out, 29555), cwd=REPO, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(launch_command("ddp", out, 29555, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert f"stage1: resuming from {out / 'stage1' / f'checkpoint-{done[-1]}'}" in rerun.stderr
     assert "removing" in rerun.stderr and "checkpoint-7" in rerun.stderr
+    assert "prepare: experts and routers found" in rerun.stderr  # the one-process step is not redone
     state = json.loads((out / "stage1" / "checkpoint-8" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "task_loss" in h]
     assert steps == list(range(1, 9))  # continued, did not restart (history up to the checkpoint is kept)

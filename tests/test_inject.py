@@ -78,7 +78,7 @@ def test_unload_restores_plain_modules_and_state_dict_keys(tiny_llama):
     reference = tiny_llama(x).logits
     model = inject_lte(tiny_llama, LTEModelConfig(expert_size=16), progress=False)
     assert all(k.startswith("layers.") for k in router_state_dict(model))
-    assert not any("base_layer" in k or "lte_router" in k for k in base_state_dict(model))
+    assert not any("base_layer" in k or "lte_router" in k for k in base_state_dict(model.state_dict()))
     set_lte_mode(model, "hard")
     unload_lte(model)
     assert not lte_layers(model)

@@ -73,3 +73,31 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "lte.tau=0.0 must lie in (0, 1)" in proc.stderr
     assert not out.exists()
+
+
+CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_accelerate_config_loads_and_says_how_to_run_it(path):
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"--config_file accelerate_configs/{path.name}" in line for line in header)
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1
+    ds_file = (config.deepspeed_config or {}).get("deepspeed_config_file")
+    if ds_file:
+        ds = json.loads((REPO / ds_file).read_text())
+        zero = ds["zero_optimization"]
+        # the Trainer fills these from the recipe, so a recipe change cannot disagree with the JSON
+        assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+        assert ds["bf16"]["enabled"] == "auto" and ds["gradient_clipping"] == "auto"
+        assert config.deepspeed_config["zero3_init_flag"] == (zero["stage"] == 3)
+        if zero["stage"] == 3:  # finished stages are gathered into one checkpoint
+            assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    if config.distributed_type.value == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert {p.stem for p in CONFIGS} >= {"single_gpu", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload", "two_node"}

@@ -1,0 +1,131 @@
+"""LoRA and QLoRA (PEFT + bitsandbytes on the CPU): adapters respect the routing, routers train in
+full in float32, and merging gives exactly the model that was trained."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_train, tiny_model
+from lte.adapters import add_lora, merge_adapter, quantization_config
+from lte.config import LoraArgs
+from lte.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_mode
+
+LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
+
+
+@pytest.fixture
+def lte_checkpoint(tmp_path):
+    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
+    save_lte(model, tmp_path / "src")
+    return tmp_path / "src"
+
+
+def tokens():
+    return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def pretend_trained(peft_model, seed=0):
+    """Move every trainable tensor (LoRA factors, router copies) as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_merged_checkpoint_computes_what_the_adapter_model_computed(lte_checkpoint, tmp_path, mode):
+    model = load_lte(lte_checkpoint)
+    set_lte_mode(model, mode)
+    for layer in lte_layers(model):
+        layer.threshold = 0.5
+    peft_model = add_lora(model, LORA, train_routers=True)
+    pretend_trained(peft_model)
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(tokens()).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    merged = merge_adapter(lte_checkpoint, tmp_path / "adapter")
+    set_lte_mode(merged, mode)
+    for layer in lte_layers(merged):
+        layer.threshold = 0.5
+    with torch.no_grad():
+        got = merged(tokens()).logits
+    # In hard mode this also checks that a skipped expert's neurons do not reach the output through
+    # the LoRA branch of down_proj: the merged model masks the whole projection input.
+    torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        original = load_lte(lte_checkpoint)
+        set_lte_mode(original, mode)
+        assert not torch.allclose(original(tokens()).logits, got, atol=1e-3)  # the adapter changed the model
+    assert all(type(layer.lte_router) is torch.nn.Linear for layer in lte_layers(merged))
+
+
+def test_routers_train_in_full_in_float32_and_everything_else_only_through_lora(lte_checkpoint):
+    model = load_lte(lte_checkpoint, dtype=torch.bfloat16)
+    set_lte_mode(model, "soft")
+    peft_model = add_lora(model, LORA, train_routers=True)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    routers = {n: p for n, p in trainable.items() if "lte_router" in n}
+    assert routers and all("modules_to_save" in n and p.dtype == torch.float32 for n, p in routers.items())
+    assert all("lora_" in n for n in trainable if n not in routers)
+    assert any(".mlp.base_layer.down_proj.lora_A" in n for n in trainable)  # FFN projections are adapted
+    assert any(".self_attn.q_proj.lora_A" in n for n in trainable)  # so is attention
+    assert not any("lte_router.lora_" in n or "lm_head.lora" in n for n in trainable)
+
+    frozen = add_lora(load_lte(lte_checkpoint), LORA, train_routers=False)
+    assert not any("lte_router" in n for n, p in frozen.named_parameters() if p.requires_grad)
+
+
+def test_qlora_base_is_4bit_and_routers_stay_trainable_float32(lte_checkpoint):
+    import bitsandbytes as bnb
+
+    qlora = LoraArgs(r=4, alpha=8, dropout=0.0, load_in_4bit=True)
+    model = load_lte(lte_checkpoint, dtype=torch.float32, quantization_config=quantization_config(qlora, torch.float32))
+    layer = lte_layers(model)[0]
+    assert isinstance(layer.base_layer.gate_proj, bnb.nn.Linear4bit)  # the frozen base really is 4-bit
+    assert type(layer.lte_router) is torch.nn.Linear and layer.num_experts == 8  # routers are not quantized
+    set_lte_mode(model, "soft")
+    peft_model = add_lora(model, qlora, train_routers=True)
+    peft_model.train()
+    loss = peft_model(tokens(), labels=tokens()).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    router_grads = [g for n, g in grads.items() if "lte_router" in n]
+    lora_grads = [g for n, g in grads.items() if "lora_B" in n]
+    assert router_grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in router_grads)
+    assert lora_grads and all(g is not None for g in lora_grads)
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_lora_recipe_end_to_end_exports_a_plain_lte_model(tmp_path, variant):
+    out = tmp_path / "run"
+    extra = ["lora.r=8", "train.learning_rate=1e-3", "export.allocation=uniform"]
+    if variant == "qlora":
+        extra.append("lora.load_in_4bit=true")
+    proc = run_train(out, *extra)
+    assert ("over a 4-bit base" in proc.stderr) == (variant == "qlora")
+    assert "routers trained in full" in proc.stderr and "routers frozen" in proc.stderr
+    stage1_adapter = load_file(str(out / "stage1" / "adapter" / "adapter_model.safetensors"))
+    assert any("lte_router" in k for k in stage1_adapter) and any("lora_A" in k for k in stage1_adapter)
+    stage2_adapter = load_file(str(out / "stage2" / "adapter" / "adapter_model.safetensors"))
+    assert not any("lte_router" in k for k in stage2_adapter)  # routers frozen in stage 2
+    # Stage models are plain LTE checkpoints: merged weights, no adapter keys.
+    for stage in ("stage1", "stage2"):
+        weights = load_file(str(out / stage / "model" / "model.safetensors"))
+        assert not any("lora" in k or "base_layer" in k for k in weights)
+    prepared = load_file(str(out / "prepare" / "model" / "lte_routers.safetensors"))
+    trained = load_file(str(out / "stage1" / "model" / "lte_routers.safetensors"))
+    assert not torch.equal(prepared["layers.0.weight"], trained["layers.0.weight"])  # routers trained
+    base = load_file(str(out / "prepare" / "model" / "model.safetensors"))
+    merged = load_file(str(out / "stage2" / "model" / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(base[key], merged[key])  # the adapters were merged into the weights
+    losses = [h["loss"] for h in json.loads((out / "stage1" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+              if "task_loss" in h]
+    assert losses[-1] < losses[0]
+    exported = json.loads((out / "export" / "lte_export.json").read_text())
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4
