@@ -3,7 +3,8 @@
 A stage model is an LTE checkpoint loaded by :func:`lte.inject.load_lte` (optionally with 4-bit
 base weights); :func:`add_lora` puts LoRA adapters on its linear projections and, in stage 1,
 trains the routers in full through PEFT's ``modules_to_save`` (a trainable float32 copy; the
-routers are never quantized, never adapted). At the end of a stage the adapter is saved, and
+routers are never quantized, never adapted; under DeepSpeed bf16 the engine trains them in bf16).
+At the end of a stage the adapter is saved, and
 :func:`merge_adapter` applies it to an unquantized copy of the stage's starting checkpoint and
 merges it, so the next stage, the evaluation and the export all see a plain LTE model.
 """
@@ -49,6 +50,8 @@ def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing:
                         exclude_modules=[ROUTER_PREFIX], modules_to_save=[ROUTER_PREFIX] if train_routers else None,
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    for layer in lte_layers(model):
+        layer._attach_hooks()  # onto the LoRA layers now at the gate/down paths
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d on %s%s: %d of %d parameters trainable (%.2f%%), routers %s", lora.r,
                 targets, " over a 4-bit base" if lora.load_in_4bit else "", trainable, total, 100 * trainable / total,
@@ -63,7 +66,12 @@ def merge_adapter(source: str | Path, adapter: str | Path, **from_pretrained_kwa
     model = load_lte(source, **from_pretrained_kwargs)
     for layer in lte_layers(model):
         layer.lte_router.float()  # as in training: the saved router copy is float32
+    layers = len(lte_layers(model))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if len(lte_layers(merged)) != layers or any("lora_" in name for name, _ in merged.named_modules()):
+        raise RuntimeError(f"merging {adapter} did not give a plain LTE model (PEFT changed how it unloads layers?)")
+    for layer in lte_layers(merged):
+        layer._attach_hooks()  # back onto the merged projections
     dtype = next(p.dtype for n, p in merged.named_parameters() if ROUTER_PREFIX not in n)
     for layer in lte_layers(merged):
         layer.lte_router.to(dtype)

@@ -1,4 +1,5 @@
-"""The ``lte`` command: ``lte train``, ``lte export``, ``lte generate``, ``lte bench``, ``lte convert-llama2c``, ``lte recipes``.
+"""The ``lte`` command: ``lte train``, ``lte export``, ``lte compare``, ``lte generate``, ``lte bench``, ``lte convert-llama2c``,
+``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
 (:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
@@ -10,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -51,6 +53,29 @@ def _cmd_export(args) -> int:
                             calibration_tokens=args.calibration_tokens, allocation=args.allocation, overwrite=args.overwrite)
     report = export(request)
     print(summary(report, args.out), flush=True)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers such as 0.5,0.7,0.9") from None
+
+
+def _cmd_compare(args) -> int:
+    from .compare import CompareRequest, compare
+
+    request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
+                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                             sparsity=_floats(args.sparsity), calibration=args.calibration,
+                             calibration_tokens=args.calibration_tokens, block_size=args.block_size,
+                             max_eval_tokens=args.max_eval_tokens, prompt_fraction=args.prompt_fraction,
+                             expert_size=args.expert_size, allocation=args.allocation, batch_size=args.batch_size,
+                             device=args.device, overwrite=args.overwrite)
+    compare(request)
+    print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
+          + (Path(args.out) / "results.md").read_text(), flush=True)
     return 0
 
 
@@ -141,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer sparsity: tuned by layer sensitivity (default) or the same for every layer")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication and dense at matched sparsity")
+    p.add_argument("--model", required=True, help="the dense base model directory (the reference)")
+    p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names)")
+    p.add_argument("--methods", default="dense,lte,griffin,teal,cats,moefication",
+                   help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication")
+    p.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated target FFN sparsities")
+    p.add_argument("--data", required=True, help="held-out text file")
+    p.add_argument("--calibration", help="calibration text file (default: the first --calibration-tokens of --data)")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block")
+    p.add_argument("--prompt-fraction", type=float, default=0.5,
+                   help="leading share of each block that is the prompt (GRIFFIN selects from it; not scored)")
+    p.add_argument("--max-eval-tokens", type=int, default=65536)
+    p.add_argument("--expert-size", type=int, help="MoEfication expert size (default: the LTE run's, else 32)")
+    p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"], help="LTE's per-layer threshold tuning")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt text")

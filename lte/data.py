@@ -17,6 +17,7 @@ Sources are local files (``.txt`` split into documents by line/paragraph/whole f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,11 @@ from datasets import Dataset, load_dataset
 from .config import DataArgs
 from .errors import UsageError
 
+logger = logging.getLogger("lte")
+
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-# The Stanford Alpaca prompt as a chat template; the assistant turn ends with EOS so the model learns to stop.
+# The Stanford Alpaca prompt as a chat template (a record's input, when present, follows its instruction in the
+# user turn, not under a separate "### Input:" header); the assistant turn ends with EOS so the model learns to stop.
 ALPACA_CHAT_TEMPLATE = (
     "{{ bos_token }}Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -142,7 +146,11 @@ def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens
     ensure_chat_template(tokenizer)
     examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, args.block_size),
                            remove_columns=dataset.column_names, desc="Tokenizing")
-    examples = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
+    kept = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
+    if len(kept) < len(examples):
+        logger.warning("%d of %d instruction examples dropped: their prompt fills data.block_size=%d tokens",
+                       len(examples) - len(kept), len(examples), args.block_size)
+    examples = kept
     if max_tokens is not None:
         lengths = [len(x) for x in examples["input_ids"]]
         total, keep = 0, 0

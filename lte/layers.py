@@ -74,7 +74,8 @@ class LTEMLP(nn.Module):
         self.mode = "dense"
         self.detach_router_input = detach_router_input
         weight = first.weight
-        # Routers are never quantized: next to 4-bit weights (QLoRA) they are kept in float32.
+        # Routers are created after loading, so never quantized; next to packed 4-bit storage
+        # (QLoRA with uint8 storage) they take float32. LoRA training keeps them in float32.
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=dtype)
         self._scores: torch.Tensor | None = None

@@ -30,8 +30,8 @@ from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
 from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
-from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, no_zero3_init,
-                          register_zero3_leaves)
+from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
+                          no_zero3_init, register_zero3_leaves)
 from .layers import ROUTER_PREFIX
 from .router_init import calibrate_routers
 from .trainer import LTETrainer
@@ -188,29 +188,33 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     if (final / "config.json").is_file():
         logger.info("%s: finished model found at %s, skipping", stage, final)
         return final
+    if args.max_steps == 0:  # nothing to train: the stage's model is its starting checkpoint
+        if state.is_main_process:
+            _save_atomically(lambda d: shutil.copytree(source, d), final)
+        state.wait_for_everyone()
+        return final
     model = build_stage_model(stage, recipe, source, args)
-    trainer = None
-    if args.max_steps > 0:
-        teacher = None
-        if stage != "stage0" and recipe.lte.distill_weight > 0:
-            with every_rank_loads():
-                teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
-        trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
-        last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
-        last = broadcast_object(last)
-        if last:
-            logger.info("%s: resuming from %s", stage, last)
-        logger.info("%s: training %d steps in %s mode on %d process(es) (%s)", stage, args.max_steps, args.lte_mode,
-                    state.num_processes, describe_parallelism(trainer.accelerator))
-        trainer.train(resume_from_checkpoint=last)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        check_routers_identical(model, stage)
+    teacher = None
+    if stage != "stage0" and recipe.lte.distill_weight > 0:
+        with every_rank_loads():
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
+    trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                         data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
+    last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
+    last = broadcast_object(last)
+    if last:
+        logger.info("%s: resuming from %s", stage, last)
+    logger.info("%s: training %d steps in %s mode on %d process(es) (%s)", stage, args.max_steps, args.lte_mode,
+                state.num_processes, describe_parallelism(trainer.accelerator))
+    trainer.train(resume_from_checkpoint=last)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    check_routers_identical(model, stage)
     if recipe.lora.enabled:
         _save_merged(stage, recipe, source, trainer, tokenizer, final)
         return final
-    # The whole model, gathered from FSDP2 / ZeRO-3 shards (a collective: every rank takes part).
-    full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer is not None else None
+    # Sharded parameters (FSDP, ZeRO-3) are gathered into one state dict: a collective, every rank
+    # takes part. Replicated ones (DDP, ZeRO-2) are saved from rank 0's own copy.
+    full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_sharded(trainer.accelerator) else None
     if state.is_main_process:
         save = (lambda d: save_lte(model, d, tokenizer, full_state)) if lte_layers(model) else (
             lambda d: (model.save_pretrained(d, state_dict=full_state), tokenizer.save_pretrained(d)))
@@ -224,12 +228,10 @@ def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokeni
     into an unquantized copy of the stage's starting model and save that as the stage model."""
     state = PartialState()
     adapter = Path(recipe.output_dir) / stage / "adapter"
-    if trainer is not None:
-        trainer.save_model(str(adapter))
+    trainer.save_model(str(adapter))
     if state.is_main_process:
         with no_zero3_init():
-            merged = (merge_adapter(source, adapter, **model_kwargs(recipe)) if trainer is not None
-                      else load_lte(source, **model_kwargs(recipe)))
+            merged = merge_adapter(source, adapter, **model_kwargs(recipe))
         _save_atomically(lambda d: save_lte(merged, d, tokenizer), final)
         logger.info("%s: adapter %s merged into %s", stage, adapter, final)
     state.wait_for_everyone()

@@ -11,6 +11,8 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import FAST, REPO
 
@@ -93,6 +95,12 @@ def test_sharded_two_process_runs_train_both_stages_and_export(config, tmp_path)
     if config == "zero3":
         assert "model loaded partitioned by ZeRO-3" in log and "ZeRO-3: 5 LTE FFNs registered as leaf modules" in log
     assert (out / "prepare" / "model" / "lte_config.json").is_file() and log.count("prepare: 5 FFNs grouped") == 1
+    # what stage 1 trained (on shards) is what its gathered checkpoint holds; stage 2 kept it frozen
+    prepared = load_file(str(out / "prepare" / "model" / "lte_routers.safetensors"))
+    stage1 = load_file(str(out / "stage1" / "model" / "lte_routers.safetensors"))
+    stage2 = load_file(str(out / "stage2" / "model" / "lte_routers.safetensors"))
+    assert set(prepared) == set(stage1) == set(stage2) and len(stage1) == 5
+    assert all(not torch.equal(prepared[k], stage1[k]) and torch.equal(stage1[k], stage2[k]) for k in stage1)
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["sparse_ppl"] < 10 * report["dense_ppl"]  # finite and sane after 4 + 4 steps
     exported = json.loads((out / "export" / "lte_export.json").read_text())

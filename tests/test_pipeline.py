@@ -50,3 +50,12 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(tiny_run, tm
     steps = [h["step"] for h in state["log_history"] if "task_loss" in h]
     assert steps[-2:] == [3, 4]  # continued after step 2, did not restart
     assert (copy / "report.json").is_file()
+
+
+def test_a_stage_with_no_steps_keeps_its_starting_model(tmp_path):
+    out = tmp_path / "run"
+    run_train(out, "lte.stage2_steps=0", "export.allocation=uniform")
+    for name in ("model.safetensors", "lte_routers.safetensors"):
+        assert (out / "stage2" / "model" / name).read_bytes() == (out / "stage1" / "model" / name).read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["sparsity"] < 1 and report["sparse_ppl"] > 0
