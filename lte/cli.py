@@ -1,5 +1,5 @@
-"""The ``lte`` command: ``lte train``, ``lte export``, ``lte compare``, ``lte generate``, ``lte bench``, ``lte convert-llama2c``,
-``lte recipes``.
+"""The ``lte`` command: ``lte train``, ``lte export``, ``lte compare``, ``lte analyze``, ``lte generate``, ``lte bench``,
+``lte convert-llama2c``, ``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
 (:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
@@ -65,6 +65,7 @@ def _floats(text: str) -> list[float]:
 
 def _cmd_compare(args) -> int:
     from .compare import CompareRequest, compare
+    from .tasks import parse_tasks
 
     request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
                              methods=[m.strip() for m in args.methods.split(",") if m.strip()],
@@ -72,10 +73,25 @@ def _cmd_compare(args) -> int:
                              calibration_tokens=args.calibration_tokens, block_size=args.block_size,
                              max_eval_tokens=args.max_eval_tokens, prompt_fraction=args.prompt_fraction,
                              expert_size=args.expert_size, allocation=args.allocation, batch_size=args.batch_size,
-                             device=args.device, overwrite=args.overwrite)
+                             device=args.device, overwrite=args.overwrite,
+                             tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {},
+                             task_limit=args.task_limit or None)
     compare(request)
     print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
           + (Path(args.out) / "results.md").read_text(), flush=True)
+    return 0
+
+
+def _cmd_wasserstein(args) -> int:
+    from .wasserstein import analyze
+
+    report = analyze(args.model, args.data, args.out, tokens=args.tokens, eval_tokens=args.eval_tokens,
+                     top=tuple(_floats(args.top)), overwrite=args.overwrite)
+    print(f"\nWasserstein analysis written: {args.out} (wasserstein.json, distances.npz, wasserstein_histograms.png)")
+    print(f"  dense ppl {report['dense_ppl']:.4f}")
+    for row in report["experiment"]:
+        print(f"  remove top {100 * row['fraction']:.0f}% by Wasserstein distance: ppl {row['ppl_top_wasserstein_removed']:.4f}"
+              f"   same number at random: {row['ppl_random_removed']:.4f}")
     return 0
 
 
@@ -179,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-fraction", type=float, default=0.5,
                    help="leading share of each block that is the prompt (GRIFFIN selects from it; not scored)")
     p.add_argument("--max-eval-tokens", type=int, default=65536)
+    p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
+    p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (the ../shared/data layout)")
+    p.add_argument("--task-limit", type=int, default=200, help="examples per task (0: all; default 200)")
     p.add_argument("--expert-size", type=int, help="MoEfication expert size (default: the LTE run's, else 32)")
     p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"], help="LTE's per-layer threshold tuning")
     p.add_argument("--batch-size", type=int, default=8)
@@ -186,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_compare)
+    analyze = sub.add_parser("analyze", help="analyses: lte analyze wasserstein ...").add_subparsers(dest="analysis", required=True)
+    p = analyze.add_parser("wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment")
+    p.add_argument("model", help="a model directory")
+    p.add_argument("--data", required=True, help="text file: calibration tokens first, then evaluation tokens")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the distances (default 8192)")
+    p.add_argument("--eval-tokens", type=int, default=32768, help="tokens for the perplexity experiment (default 32768)")
+    p.add_argument("--top", default="0.03,0.1", help="fractions of neurons per FFN to remove (default 0.03,0.1)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_wasserstein)
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt text")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
+from .tasks import HEADLINE, accuracy, load_task
 
 logger = logging.getLogger("lte")
 
@@ -60,6 +61,8 @@ class CompareRequest:
     batch_size: int = 8
     device: str | None = None
     overwrite: bool = False
+    tasks: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> file (lte.tasks)
+    task_limit: int | None = 200
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -157,15 +160,18 @@ def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int
 
 
 def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
-    lines = ["| method | target | realized sparsity | ppl | KL to dense | FFN FLOPs/token | vs dense |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    tasks = list(dict.fromkeys(name for row in rows for name in row.get("tasks", {})))
+    header = ["method", "target", "realized sparsity", "ppl", "KL to dense", "FFN FLOPs/token", "vs dense",
+              *(f"{t} {HEADLINE[t]}" for t in tasks)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         if row.get("skipped"):
-            lines.append(f"| {row['method']} | {row['target_sparsity']:.2f} | skipped: {row['skipped']} | | | | |")
-            continue
-        lines.append(f"| {row['method']} | {row['target_sparsity']:.2f} | {row['realized_sparsity']:.3f} | "
-                     f"{row['ppl']:.4f} | {row['kl']:.4f} | {row['ffn_flops_per_token']:.4g} | "
-                     f"{row['ffn_flops_per_token'] / dense_flops:.3f}x |")
+            cells = [row["method"], f"{row['target_sparsity']:.2f}", f"skipped: {row['skipped']}"] + [""] * (len(header) - 3)
+        else:
+            cells = [row["method"], f"{row['target_sparsity']:.2f}", f"{row['realized_sparsity']:.3f}", f"{row['ppl']:.4f}",
+                     f"{row['kl']:.4f}", f"{row['ffn_flops_per_token']:.4g}", f"{row['ffn_flops_per_token'] / dense_flops:.3f}x",
+                     *(f"{row['tasks'][t][HEADLINE[t]]:.3f}" for t in tasks)]
+        lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -233,6 +239,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
                 expert_size = json.loads((Path(run) / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
     if expert_size is None:
         expert_size = 32
+    task_examples = {name: load_task(name, path, request.task_limit) for name, path in request.tasks.items()}
     logger.info("compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
                 len(blocks), request.block_size, prefix, len(calibration_blocks), device)
 
@@ -258,6 +265,18 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
                 result = score(model, model, handle, evaluation, prefix)
             finally:
                 handle.remove()
+        if request.tasks:
+            scored = lte_model if method == LTE else model
+            active = lte_handle if method == LTE else handle
+            if method != LTE:  # the handle was removed after scoring; put the method back for the tasks
+                active = METHODS[method](model, target, calibration, cache=caches.setdefault(method, {}), **kwargs)
+            try:
+                window = getattr(model.config, "max_position_embeddings", None) or request.block_size
+                result["tasks"] = {name: accuracy(scored, tokenizer, examples, active, window)
+                                   for name, examples in task_examples.items()}
+            finally:
+                if method != LTE:
+                    active.remove()
         rows.append({**row, **result})
         logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx", method, target,
                     result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_per_token"] / dense_flops)
@@ -271,6 +290,7 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         meta = {"model": request.model, "data": request.data, "lte": request.lte, "block_size": request.block_size,
+                "tasks": {name: str(path) for name, path in request.tasks.items()}, "task_limit": request.task_limit,
                 "prompt_fraction": request.prompt_fraction, "dense_ffn_flops_per_token": dense_flops,
                 "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data"}
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
