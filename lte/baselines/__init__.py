@@ -1,4 +1,4 @@
-"""The methods LTE is compared with, as restorable model transforms with one interface:
+"""The methods LTE is compared with (GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion), as restorable model transforms with one interface:
 
     handle = METHODS[name](model, target_sparsity, calibration_batches, cache=cache)  # hooks installed
     ...                                                                    # evaluate the model
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import cats, griffin, moefication, teal
+from . import cats, griffin, moefication, sparse_expansion, teal
 from .sites import Sparsified, dense_ffn_flops_per_token, ffn_sites
 
 
@@ -30,6 +30,7 @@ METHODS = {
     "teal_all": partial(teal.apply, attention=True),
     "cats": cats.apply,
     "moefication": moefication.apply,
+    "sparse_expansion": sparse_expansion.apply,
 }
 
 __all__ = ["METHODS", "Sparsified", "dense_ffn_flops_per_token", "ffn_sites"]
