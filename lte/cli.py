@@ -182,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer sparsity: tuned by layer sensitivity (default) or the same for every layer")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_export)
-    p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication and dense at matched sparsity")
+    p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity")
     p.add_argument("--model", required=True, help="the dense base model directory (the reference)")
     p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names)")
-    p.add_argument("--methods", default="dense,lte,griffin,teal,cats,moefication",
-                   help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication")
+    p.add_argument("--methods", default="dense,lte,griffin,teal,cats,moefication,sparse_expansion",
+                   help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication, sparse_expansion")
     p.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated target FFN sparsities")
     p.add_argument("--data", required=True, help="held-out text file")
     p.add_argument("--calibration", help="calibration text file (default: the first --calibration-tokens of --data)")

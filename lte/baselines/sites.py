@@ -250,3 +250,23 @@ def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int 
         for handle in handles:
             handle.remove()
     return {tap: [torch.cat(chunks) for chunks in per_site] for tap, per_site in out.items()}
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, site: FFNSite, calibration, max_tokens: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FFN's inputs and down-projection inputs on the calibration data, as the model now runs
+    (with whatever sparsity is already installed in the layers before it): [tokens, features]
+    each, at most about ``max_tokens`` tokens taken at an even stride."""
+    xs, zs = [], []
+    tokens = sum(int(b["input_ids"].numel()) for b in calibration)
+    stride = max(1, -(-tokens // max_tokens))
+    hooks = [site.first[0].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu())),
+             site.down.register_forward_pre_hook(lambda m, a: zs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu()))]
+    device = next(model.parameters()).device
+    try:
+        for batch in calibration:
+            model(input_ids=batch["input_ids"].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(xs), torch.cat(zs)

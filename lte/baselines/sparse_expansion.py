@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..registry import feature_axes
-from .sites import FFNSite, Sparsified, ffn_sites
+from .sites import FFNSite, Sparsified, ffn_sites, layer_inputs
 from .sparsegpt import prune
 
 MAX_TOKENS = 16384  # calibration tokens a layer's routers and Hessians are built from
@@ -150,25 +150,6 @@ def _install(handle: ExpandedFFNs, site: FFNSite, projection: nn.Module, router:
     handle.hook(projection.register_forward_hook(forward_hook))
 
 
-@torch.no_grad()
-def _layer_inputs(model: nn.Module, site: FFNSite, calibration) -> tuple[torch.Tensor, torch.Tensor]:
-    """This FFN's inputs and dense intermediate activations on the calibration data, with the
-    layers before it already expanded."""
-    xs, zs = [], []
-    tokens = sum(int(b["input_ids"].numel()) for b in calibration)
-    stride = max(1, -(-tokens // MAX_TOKENS))
-    hooks = [site.first[0].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu())),
-             site.down.register_forward_pre_hook(lambda m, a: zs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu()))]
-    device = next(model.parameters()).device
-    try:
-        for batch in calibration:
-            model(input_ids=batch["input_ids"].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.cat(xs), torch.cat(zs)
-
-
 def _expand(x: torch.Tensor, projection: nn.Module, router: Router, labels: torch.Tensor, clusters: int,
             sparsity: float, n_m) -> tuple[torch.Tensor, torch.Tensor]:
     """K pruned copies [K, out, in] of ``projection`` and the zero fraction of each."""
@@ -191,7 +172,7 @@ def apply(model: nn.Module, target_sparsity: float, calibration, clusters: int =
     handle = ExpandedFFNs(model, sites)
     device = next(model.parameters()).device
     for site in sites:
-        x, z = _layer_inputs(model, site, calibration)
+        x, z = layer_inputs(model, site, calibration, MAX_TOKENS)
         for inputs, projections in ((x, site.first), (z, [site.down])):
             router = Router.fit(inputs, clusters, pca_factor, seed + site.index)
             labels = router.assign(inputs)

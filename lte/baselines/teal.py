@@ -2,8 +2,9 @@
 
 Each projection's input entries with ``|x| <= t`` are zeroed, so the weight columns they would
 multiply are never read. ``t`` is set per layer and per projection input to the ``s`` quantile of
-``|x|`` on calibration tokens run through the dense model (TEAL's uniform allocation: every
-sparsified input at the target ``s``). Two variants:
+``|x|`` on calibration tokens (TEAL's uniform allocation: every sparsified input at the target
+``s``); by default each quantile is taken with the thresholds before it already in place, so the
+realised sparsity is the target (TEAL's release takes them all from the dense model). Two variants:
 
 * ``teal`` (FFN only, matched to the FFN-sparsity methods): the FFN input (read by gate/up, TEAL's
   "h1") and the down projection's input ("h2");
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import feature_axes
-from .sites import Sparsified, cached, collect, ffn_sites, quantile
+from .sites import Sparsified, cached, collect, ffn_sites, layer_inputs, quantile
 
 
 def _attention_projections(model: nn.Module, sites) -> list[nn.Module]:
@@ -64,21 +65,29 @@ def _projection_inputs(model: nn.Module, projections: list[nn.Module], calibrati
 
 
 @torch.no_grad()
-def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool = False, cache: dict | None = None) -> Sparsified:
+def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool = False, sequential: bool = True,
+          cache: dict | None = None) -> Sparsified:
+    """``sequential`` (the default here): each threshold is the quantile of the activations the
+    model produces with the thresholds before it in place (the FFN input of layer l after layers
+    < l are sparse; the down input after the FFN input is), so the realised sparsity matches the
+    target. ``sequential=False`` is TEAL's released procedure: every threshold from the dense
+    model's activations, which overshoots the target once earlier inputs are sparse."""
     sites = ffn_sites(model)
-    acts = cached(cache, "acts", lambda: collect(model, calibration, {"input": None, "z": None}))
     handle = Sparsified("teal_all" if attention else "teal", model, sites)
+    dense = None if sequential else cached(cache, "acts", lambda: collect(model, calibration, {"input": None, "z": None}))
     for site in sites:
-        t_in = quantile(acts["input"][site.index].abs(), target_sparsity)
-        t_z = quantile(acts["z"][site.index].abs(), target_sparsity)
 
         def count_input(keep, handle=handle, site=site):
             if handle.enabled:
                 handle.count_input(site.index, keep)
 
+        x = layer_inputs(model, site, calibration)[0] if sequential else dense["input"][site.index]
+        t_in = quantile(x.abs(), target_sparsity)
         for i, projection in enumerate(site.first):  # gate and up read the same input: one threshold
             hook = _threshold_hook(t_in, count_input if i == 0 else None)
             handle.hook(projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None))
+        z = layer_inputs(model, site, calibration)[1] if sequential else dense["z"][site.index]
+        t_z = quantile(z.abs(), target_sparsity)
         handle.mask_neurons(site, lambda site, z, t=t_z: z.abs() > t)
     if attention:
         projections = _attention_projections(model, sites)
