@@ -4,7 +4,8 @@ Every method runs on the same evaluation blocks of ``--data`` and is calibrated 
 tokens (``--calibration``, or the first ``calibration_tokens`` tokens of ``--data``, which are
 then not evaluated). Each block's first ``prompt_fraction`` is the prompt: GRIFFIN keeps it
 dense and selects its experts from it, the other methods sparsify every position as they
-would in deployment. Every method is scored on the same tokens, the rest of each block:
+would in deployment. Every method is scored on the same tokens: the predictions made at the
+positions after the prompt (so GRIFFIN's are all made with its selected neurons):
 
 * ``ppl``: perplexity of those tokens;
 * ``kl``: mean KL(dense || method) of the next-token distributions there (the dense model is
@@ -76,10 +77,11 @@ class CompareRequest:
                 raise UsageError(f"{label} {path}: file not found")
         if not (Path(self.model) / "config.json").is_file():
             raise UsageError(f"--model {self.model}: no model there (expected a directory with config.json)")
-        if not 0 < self.prompt_fraction < 1:
-            raise UsageError(f"--prompt-fraction {self.prompt_fraction} must lie in (0, 1)")
         if self.block_size < 4:
             raise UsageError(f"--block-size {self.block_size} must be >= 4")
+        if not 1 <= int(self.block_size * self.prompt_fraction) <= self.block_size - 2:
+            raise UsageError(f"--prompt-fraction {self.prompt_fraction} must leave at least one prompt token and two "
+                             f"scored positions in a block of {self.block_size}")
         if self.allocation not in ("tuned", "uniform"):
             raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
         if Path(self.out).exists() and not self.overwrite:
@@ -147,10 +149,11 @@ def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int
     tokens = 0
     for batch in batches:
         ids = batch["input_ids"].to(device)
+        # the predictions made at positions prefix .. T-2 (the positions each method runs sparse)
         with handle.disabled():
-            ref = torch.log_softmax(reference(input_ids=ids).logits[:, prefix - 1:-1].float(), dim=-1)
-        logp = torch.log_softmax(model(input_ids=ids).logits[:, prefix - 1:-1].float(), dim=-1)
-        targets = ids[:, prefix:]
+            ref = torch.log_softmax(reference(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
+        targets = ids[:, prefix + 1:]
         nll += float(-logp.gather(-1, targets[..., None]).sum())
         kl += float((ref.exp() * (ref - logp)).sum())
         tokens += targets.numel()
@@ -190,7 +193,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
     if dense:
         ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
-    ax.set(xlabel="realized FFN sparsity (% of neurons skipped per token)", ylabel="perplexity (scored tokens)")
+    ax.set(xlabel="realized FFN sparsity (% of neurons skipped per token; weights for sparse_expansion)",
+           ylabel="perplexity (scored tokens)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -253,30 +257,24 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             continue
         if method == LTE:
             set_target(target)
-            result = score(lte_model, model, lte_handle, evaluation, prefix)
+            scored_model, handle = lte_model, lte_handle
         else:
             kwargs = {"expert_size": expert_size} if method == "moefication" else {}
+            scored_model = model
             try:
                 handle = METHODS[method](model, target, calibration, cache=caches.setdefault(method, {}), **kwargs)
             except ValueError as exc:  # the method does not apply to this model
                 rows.append({**row, "skipped": str(exc)})
                 continue
-            try:
-                result = score(model, model, handle, evaluation, prefix)
-            finally:
-                handle.remove()
-        if request.tasks:
-            scored = lte_model if method == LTE else model
-            active = lte_handle if method == LTE else handle
-            if method != LTE:  # the handle was removed after scoring; put the method back for the tasks
-                active = METHODS[method](model, target, calibration, cache=caches.setdefault(method, {}), **kwargs)
-            try:
+        try:
+            result = score(scored_model, model, handle, evaluation, prefix)
+            if task_examples:
                 window = getattr(model.config, "max_position_embeddings", None) or request.block_size
-                result["tasks"] = {name: accuracy(scored, tokenizer, examples, active, window)
+                result["tasks"] = {name: accuracy(scored_model, tokenizer, examples, handle, window)
                                    for name, examples in task_examples.items()}
-            finally:
-                if method != LTE:
-                    active.remove()
+        finally:
+            if method != LTE:
+                handle.remove()
         rows.append({**row, **result})
         logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx", method, target,
                     result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_per_token"] / dense_flops)

@@ -2,7 +2,9 @@
 
 Each example is a context and a few continuations; the model picks the continuation with the
 highest summed log-probability (``acc``) or the highest per-character log-probability
-(``acc_norm``, the usual figure for HellaSwag, ARC and PIQA). Prompts follow lm-eval:
+(``acc_norm``); the tables report what lm-eval headlines (:data:`HEADLINE`: ``acc_norm`` for
+HellaSwag, ``acc`` for the others). Prompts follow lm-eval's, with the tokenizer's BOS first
+(these models are trained with it):
 
 * PIQA: ``Question: {goal}\\nAnswer:`` + `` {solution}``;
 * ARC-Easy: ``Question: {question}\\nAnswer:`` + `` {choice}``;
@@ -113,32 +115,33 @@ def load_task(name: str, path: Path, limit: int | None = None) -> list[Example]:
 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, example: Example, handle=None, max_length: int | None = None) -> list[float]:
-    """Summed log-probability of each continuation given the context.
+    """Summed log-probability of each continuation given the context (context and continuation
+    tokenised separately and joined, as lm-eval does).
 
-    The choices run as one right-padded batch; ``handle.prefix`` is set to the context length,
-    so GRIFFIN selects its neurons from the context and the answer tokens run sparse (and every
-    method's statistics cover the answer tokens).
+    The choices run as one right-padded batch. ``handle.prefix`` is set to the context length
+    minus one: GRIFFIN selects its neurons from the context but its last token (as in its
+    classification mode), and every prediction of an answer token is made sparse.
     """
     device = next(model.parameters()).device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    # lm-eval's encoding: context and continuation tokenised separately, then joined
     context = bos + tokenizer(example.context, add_special_tokens=False)["input_ids"]
-    sequences = [context + tokenizer(c, add_special_tokens=False)["input_ids"] for c in example.continuations]
-    start = len(context)
-    if max_length:  # cut the context from the left (an answer longer than the window loses its start)
-        cut = max(0, max(len(s) for s in sequences) - max_length)
-        sequences, start = [s[cut:] for s in sequences], max(start - cut, 1)
+    sequences, starts = [], []
+    for continuation in example.continuations:
+        full = context + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        cut = max(0, len(full) - max_length) if max_length else 0  # drop the context's start, choice by choice
+        sequences.append(full[cut:])
+        starts.append(max(len(context) - cut, 1))  # an answer longer than the window loses its own start
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    if handle is not None:
-        handle.prefix = start
+    if handle is not None:  # the position predicting the first answer token runs sparse
+        handle.prefix = min(starts) - 1
     logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
     totals = []
-    for i, s in enumerate(sequences):
+    for i, (s, start) in enumerate(zip(sequences, starts)):
         targets = torch.tensor(s[start:], device=device)
         totals.append(float(logp[i, start - 1: len(s) - 1].gather(-1, targets[:, None]).sum()))
     return totals

@@ -3,7 +3,9 @@
 Per FFN neuron (a row of the gate projection, or of the input projection of a non-gated FFN),
 its pre-activation outputs over calibration tokens are z-scored and compared with a standard
 normal by the 1-Wasserstein distance (``scipy.stats.wasserstein_distance`` against the normal's
-quantiles at (m - 1/2)/n, the paper's estimator). High-distance neurons are the ones the paper
+quantiles at (m - 1/2)/n; the paper gives no code for it, so this is the closed form for 1-D
+distributions). The paper scores every FFN linear layer's rows; this scores the neurons LTE routes
+(the gate rows). High-distance neurons are the ones the paper
 calls entangled. The experiment: perplexity when the top W% of neurons by distance in every FFN
 are removed (their down-projection input zeroed), against the same number of random neurons
 (mean over three draws). The paper prunes those neurons' weights with SparseGPT instead; removing

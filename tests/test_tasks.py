@@ -55,3 +55,22 @@ def test_batched_scoring_matches_one_sequence_at_a_time():
             normed = [v / len(c) for v, c in zip(alone, e.continuations)]
             expected_norm += int(max(range(len(normed)), key=normed.__getitem__) == e.label)
     assert accuracy(model, tokenizer, examples) == {"acc": expected_acc / 2, "acc_norm": expected_norm / 2, "examples": 2}
+
+
+def test_sparse_scoring_reaches_single_token_answers_and_long_contexts_keep_every_answer():
+    from lte.baselines import METHODS
+
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()  # the real model: a random one scores all tokens alike
+    short = Example("The cat sat on the mat and looked at the dog", [" no", " yes"], 1)
+    dense = choice_logprobs(model, tokenizer, short)
+    handle = METHODS["griffin"](model, 0.9, None)
+    sparse = choice_logprobs(model, tokenizer, short, handle)
+    handle.remove()
+    assert handle.prefix == len(tokenizer(short.context)["input_ids"]) - 1  # context with BOS, minus its last token
+    assert all(abs(a - b) > 1e-4 for a, b in zip(dense, sparse))  # the one answer token is predicted sparse
+    long = Example("Once upon a time " * 40, [" a", " the little dog ran home"], 0)
+    scores = choice_logprobs(model, tokenizer, long, max_length=24)
+    assert all(score < 0 for score in scores)  # every choice keeps its answer tokens after truncation

@@ -7,9 +7,10 @@ the top ``int(width * (1 - s))`` neurons are kept for every later token of that 
 
 Evaluation protocol (the research note's option for perplexity on long text): each evaluation
 block's first ``prefix`` positions are the prompt (dense); the experts chosen from them apply to
-the rest of the block, whose tokens are the ones the harness scores, for every method. This is
-what generation does token by token: the prompt's forward is dense, and each later token runs
-only the selected neurons. One deviation from the released code: the per-token norm is clamped
+every later position, and the harness scores the predictions those positions make, for every
+method. This is what generation does token by token, except that GRIFFIN's first generated token
+comes from the dense prompt forward; here it is predicted sparse too, as in GRIFFIN's own
+classification mode (which sparsifies the last position). One deviation from the released code: the per-token norm is clamped
 at 1e-12, so an all-zero activation row (possible with ReLU) does not give NaN.
 """
 
@@ -42,7 +43,7 @@ def apply(model: nn.Module, target_sparsity: float, calibration=None, cache: dic
         if prefix <= 0 or z.shape[1] <= prefix:
             raise ValueError("GRIFFIN needs a prompt: set Sparsified.prefix to the prompt length (< sequence length)")
         keep = torch.ones(z.shape, dtype=torch.bool, device=z.device)
-        keep[:, prefix:] = select(z[:, :prefix], int(site.width * (1 - target_sparsity)))[:, None, :]
+        keep[:, prefix:] = select(z[:, :prefix], int(site.width * (1 - target_sparsity) + 1e-9))[:, None, :]
         return keep
 
     for site in sites:

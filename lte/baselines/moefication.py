@@ -5,8 +5,10 @@ normalised gate rows that LTE uses (:func:`lte.moefication.balanced_kmeans`; the
 permuted: the grouping is a neuron -> expert label). Each FFN gets MoEfication's MLP router
 (``Linear(d, E) -> tanh -> Linear(E, E)``, the first layer initialised to the experts' normalised
 centroids, the second to the identity), trained on calibration tokens to predict each expert's
-activation norm (its share of the token's largest expert norm, binary cross-entropy on those soft
-targets). Each token then runs the ``round(E * (1 - s))`` experts with the highest predicted norm.
+activation norm: the L2 norm of the expert's down-projection inputs over the token's largest such
+norm, by binary cross-entropy on those soft targets. (MoEfication's ``MLPCenter`` targets the sum
+of an expert's ReLU outputs over the batch maximum; gated FFNs have no ReLU, so the norm of the
+neurons that actually reach the down projection stands in for it.) Each token then runs the ``round(E * (1 - s))`` experts with the highest predicted norm.
 The routers' FLOPs are counted.
 """
 

@@ -12,7 +12,10 @@ cluster. As in the reference code:
   layers before it (sequential error propagation).
 
 Deviations, for a CPU-sized reimplementation: k-means is ours (k-means++ seeding, 3 restarts,
-Lloyd iterations) instead of cuML with 100 restarts, and PCA is ``torch.pca_lowrank``. The
+Lloyd iterations) instead of cuML with 100 restarts; PCA is ``torch.pca_lowrank``; a layer is
+calibrated on at most ``MAX_TOKENS`` tokens (the reference uses 128 windows of 2,048-4,096), so with
+16 clusters each Hessian sees about a thousand tokens and SparseGPT's dampening does more work; an
+empty cluster uses the layer's whole Hessian. The
 realised sparsity reported is the weight sparsity of the copies each token ran (the
 comparison's FLOPs include the routers: PCA projection and centroid distances).
 """
@@ -157,8 +160,9 @@ def _expand(x: torch.Tensor, projection: nn.Module, router: Router, labels: torc
     copies, zeros = [], []
     for k in range(len(router.centroids)):
         members = x[labels == k]
-        hessian = members.T @ members if len(members) else torch.zeros(x.shape[1], x.shape[1])
-        pruned = prune(weight, hessian, sparsity, n_m)
+        if len(members) == 0:  # an empty cluster (no calibration token nearest to it): the layer's whole Hessian
+            members = x
+        pruned = prune(weight, members.T @ members, sparsity, n_m)
         copies.append(pruned)
         zeros.append(float((pruned == 0).float().mean()))
     return torch.stack(copies), torch.tensor(zeros)
@@ -181,4 +185,5 @@ def apply(model: nn.Module, target_sparsity: float, calibration, clusters: int =
                 experts, zero_fraction = _expand(inputs, projection, router, labels, clusters, target_sparsity, n_m)
                 _install(handle, site, projection, router.to(device), experts.to(device, projection.weight.dtype),
                          zero_fraction.to(device))
+    handle.reset()  # calibration forwards ran through the hooks already installed
     return handle

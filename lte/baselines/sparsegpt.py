@@ -38,6 +38,8 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, n_
 
     ``sparsity``: unstructured fraction of zeros; or ``n_m=(N, M)``: N zeros in every M inputs.
     """
+    if n_m is not None and block_size % n_m[1]:
+        raise ValueError(f"block_size={block_size} must be a multiple of M={n_m[1]} for {n_m[0]}:{n_m[1]} sparsity")
     W = weight.detach().float().contiguous().clone()
     H = hessian.detach().clone().float()
     columns = W.shape[1]

@@ -95,4 +95,5 @@ def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool
         for projection, values in zip(projections, inputs):
             hook = _threshold_hook(quantile(values, target_sparsity))
             handle.hook(projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None))
+    handle.reset()  # calibration forwards ran through the hooks already installed
     return handle
