@@ -193,7 +193,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
     if dense:
         ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
-    ax.set(xlabel="realized FFN sparsity (% of neurons skipped per token; weights for sparse_expansion)",
+    ax.set(xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
            ylabel="perplexity (scored tokens)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
