@@ -51,7 +51,7 @@ def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing:
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     for layer in lte_layers(model):
-        layer._attach_hooks()  # onto the LoRA layers now at the gate/down paths
+        layer.attach_hooks()  # onto the LoRA layers now at the gate/down paths
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d on %s%s: %d of %d parameters trainable (%.2f%%), routers %s", lora.r,
                 targets, " over a 4-bit base" if lora.load_in_4bit else "", trainable, total, 100 * trainable / total,
@@ -71,7 +71,7 @@ def merge_adapter(source: str | Path, adapter: str | Path, **from_pretrained_kwa
     if len(lte_layers(merged)) != layers or any("lora_" in name for name, _ in merged.named_modules()):
         raise RuntimeError(f"merging {adapter} did not give a plain LTE model (PEFT changed how it unloads layers?)")
     for layer in lte_layers(merged):
-        layer._attach_hooks()  # back onto the merged projections
+        layer.attach_hooks()  # back onto the merged projections
     dtype = next(p.dtype for n, p in merged.named_parameters() if ROUTER_PREFIX not in n)
     for layer in lte_layers(merged):
         layer.lte_router.to(dtype)

@@ -80,19 +80,18 @@ class LTEMLP(nn.Module):
         self.lte_router = nn.Linear(d_model, self.num_experts, bias=router_bias, device=weight.device, dtype=dtype)
         self._scores: torch.Tensor | None = None
         self._hooks: list = []
-        self._hooked: tuple[nn.Module, nn.Module] | None = None
-        self._attach_hooks()
+        self.attach_hooks()
 
-    def _attach_hooks(self) -> None:
-        """Hook the modules now at the first/down paths. PEFT replaces a projection by a LoRA
-        layer that holds the original as its own ``base_layer``; the mask must then apply to the
-        LoRA layer's input, or skipped neurons would still reach the output through the adapter."""
+    def attach_hooks(self) -> None:
+        """Hook the modules now at the first/down paths. Call it again after replacing a
+        projection: PEFT puts a LoRA layer there that holds the original as its own
+        ``base_layer``, and the mask must apply to the LoRA layer's input, or skipped neurons would
+        still reach the output through the adapter (:func:`lte.adapters.add_lora` does this)."""
         for hook in self._hooks:
             hook.remove()
         first = self.base_layer.get_submodule(self.spec.first[0])
         down = self.base_layer.get_submodule(self.spec.down)
         self._hooks = [first.register_forward_pre_hook(self._route), down.register_forward_pre_hook(self._mask)]
-        self._hooked = (first, down)
 
     @torch.no_grad()
     def init_router_from_experts(self, scale: float = 1.0) -> None:
@@ -118,8 +117,6 @@ class LTEMLP(nn.Module):
                 self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
 
     def forward(self, *args, **kwargs):
-        if self._hooked != (self.base_layer.get_submodule(self.spec.first[0]), self.base_layer.get_submodule(self.spec.down)):
-            self._attach_hooks()  # a projection was wrapped (LoRA) or unwrapped (merge) since the last forward
         return self.base_layer(*args, **kwargs)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,6 @@ class LTEMLP(nn.Module):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._hooked = None
         return self.base_layer
 
     def extra_repr(self) -> str:

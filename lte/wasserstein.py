@@ -15,7 +15,6 @@ them is the harsher, simpler test of the same question: are these neurons specia
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .baselines.sites import Sparsified, ffn_sites
+from .baselines.sites import Sparsified, ffn_sites, run_batches
 from .errors import UsageError
+from .evaluate import evaluate_batches
 
 RANDOM_DRAWS = 3
 
@@ -59,13 +59,7 @@ def neuron_distances(model, batches, tokens: int) -> list[np.ndarray]:
             outputs[site.index].append(output.detach().reshape(-1, output.shape[-1])[:, first_rows(site)].float().cpu())
 
         handles.append(projection.register_forward_hook(grab))
-    device = next(model.parameters()).device
-    try:
-        for batch in tqdm(batches, desc="Collecting pre-activations", leave=False):
-            model(input_ids=batch["input_ids"].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(model, batches, handles, progress="Collecting pre-activations")
     return [distances(torch.cat(chunks)[:tokens]) for chunks in tqdm(outputs, desc="Wasserstein distances", leave=False)]
 
 
@@ -79,18 +73,10 @@ def perplexity_without(model, batches, neurons: list[np.ndarray]) -> float:
         keep[torch.as_tensor(chosen, dtype=torch.long)] = False
         masks.append(keep)
         handle.mask_neurons(site, lambda site, z: masks[site.index].to(z.device).expand(z.shape))
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
     try:
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                           reduction="sum"))
-            count += ids[:, 1:].numel()
+        return evaluate_batches(model, batches).ppl
     finally:
         handle.remove()
-    return math.exp(nll / count)
 
 
 def plot_histograms(per_layer: list[np.ndarray], path: Path, title: str) -> None:

@@ -118,9 +118,20 @@ def test_flops_accounting():
     assert dense_ffn_flops_per_token(sites) == 2 * 3 * unit
     with torch.no_grad():
         cats = apply("cats", model, 0.5, batches(8))
+        nonzero = [[0, 0] for _ in sites]  # what reached each down projection, counted apart from the handle
+
+        def count(module, args, layer):
+            z = args[0][:, PREFIX:]
+            nonzero[layer][0] += int((z != 0).sum())
+            nonzero[layer][1] += z.numel()
+
+        probes = [site.down.register_forward_pre_hook(lambda m, a, i=site.index: count(m, a, i)) for site in sites]
         for batch in batches(8):
             model(batch["input_ids"])
-        keep = [1 - s for s in cats.per_layer_sparsity()]
+        for probe in probes:
+            probe.remove()
+        keep = [n / total for n, total in nonzero]
+        assert 0.3 < min(keep) and max(keep) < 0.7
         assert cats.ffn_flops_per_token() == pytest.approx(sum(unit * (1 + 2 * k) for k in keep))  # whole gate computed
         cats.remove()
         griffin = apply("griffin", model, 0.5, None)

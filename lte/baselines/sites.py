@@ -204,33 +204,49 @@ class Sparsified:
         self._handles = []
 
 
+@torch.no_grad()
+def run_batches(model: nn.Module, batches, hooks: list, progress: str | None = None) -> None:
+    """Forward ``batches`` through ``model`` (inputs only), then remove ``hooks``, which recorded
+    what the caller wanted (a progress bar only with ``progress``)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(batches, desc=progress, leave=False, disable=progress is None):
+            model(input_ids=batch["input_ids"].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def dense_ffn_flops_per_token(sites: list[FFNSite]) -> float:
     return float(sum(site.unit_flops * site.matrices for site in sites))
 
 
 @torch.no_grad()
 def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int = 1 << 22,
-            max_tokens: int | None = None) -> dict[str, list[torch.Tensor]]:
+            max_tokens: int | None = None, sites: list[FFNSite] | None = None) -> dict[str, list[torch.Tensor]]:
     """Run the dense model on ``batches`` and keep, per tap and per FFN, a [tokens, features]
     float tensor on the CPU. Taps: "input" (the FFN input), "act" (the activation output), "z"
     (the down projection's input); the value is a function applied to the flattened tensor first
     (None keeps it). At most about ``max_values`` numbers are kept per tap and FFN: tokens are
     taken at an even stride, which is plenty for quantiles and keeps 7B-sized FFNs in memory.
-    ``max_tokens`` instead keeps the same tokens for every tap (rows stay aligned across taps)."""
-    sites = ffn_sites(model)
+    ``max_tokens`` instead keeps the same tokens for every tap (rows stay aligned across taps).
+    ``sites``: only these FFNs (default all); the lists follow their order."""
+    sites = ffn_sites(model) if sites is None else sites
     out: dict[str, list[list[torch.Tensor]]] = {tap: [[] for _ in sites] for tap in taps}
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     handles = []
-    for site in sites:
+    for slot, site in enumerate(sites):
         for tap, transform in taps.items():
-            def grab(module, args, output=None, site=site, tap=tap, transform=transform):
+            def grab(module, args, output=None, site=site, slot=slot, tap=tap, transform=transform):
                 value = output if tap == "act" else args[0]
                 value = value.detach().reshape(-1, value.shape[-1]).float()
                 if transform is not None:
                     value = transform(site, value)
                 budget = max_tokens if max_tokens is not None else max(1, max_values // value.shape[-1])
                 stride = max(1, -(-tokens // budget))
-                out[tap][site.index].append(value[::stride].cpu())
+                out[tap][slot].append(value[::stride].cpu())
 
             if tap == "input":
                 handles.append(site.first[0].register_forward_pre_hook(grab))
@@ -242,31 +258,13 @@ def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int 
                 handles.append(site.act.register_forward_hook(grab))
             else:
                 raise ValueError(f"unknown tap {tap!r}")
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            model(input_ids=batch["input_ids"].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(model, batches, handles)
     return {tap: [torch.cat(chunks) for chunks in per_site] for tap, per_site in out.items()}
 
 
-@torch.no_grad()
 def layer_inputs(model: nn.Module, site: FFNSite, calibration, max_tokens: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """One FFN's inputs and down-projection inputs on the calibration data, as the model now runs
     (with whatever sparsity is already installed in the layers before it): [tokens, features]
-    each, at most about ``max_tokens`` tokens taken at an even stride."""
-    xs, zs = [], []
-    tokens = sum(int(b["input_ids"].numel()) for b in calibration)
-    stride = max(1, -(-tokens // max_tokens))
-    hooks = [site.first[0].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu())),
-             site.down.register_forward_pre_hook(lambda m, a: zs.append(a[0].reshape(-1, a[0].shape[-1])[::stride].float().cpu()))]
-    device = next(model.parameters()).device
-    try:
-        for batch in calibration:
-            model(input_ids=batch["input_ids"].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.cat(xs), torch.cat(zs)
+    each, the same tokens for both, at most about ``max_tokens`` of them."""
+    out = collect(model, calibration, {"input": None, "z": None}, max_tokens=max_tokens, sites=[site])
+    return out["input"][0], out["z"][0]

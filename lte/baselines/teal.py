@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import feature_axes
-from .sites import Sparsified, cached, collect, ffn_sites, layer_inputs, quantile
+from .sites import Sparsified, cached, collect, ffn_sites, layer_inputs, quantile, run_batches
 
 
 def _attention_projections(model: nn.Module, sites) -> list[nn.Module]:
@@ -54,13 +54,7 @@ def _projection_inputs(model: nn.Module, projections: list[nn.Module], calibrati
     inputs: dict[int, list[torch.Tensor]] = {id(p): [] for p in projections}
     grabs = [p.register_forward_pre_hook(lambda m, a: inputs[id(m)].append(a[0].detach().abs().float()[:, ::4].cpu()))
              for p in projections]
-    device = next(model.parameters()).device
-    try:
-        for batch in calibration:
-            model(input_ids=batch["input_ids"].to(device))
-    finally:
-        for grab in grabs:
-            grab.remove()
+    run_batches(model, calibration, grabs)
     return [torch.cat([v.reshape(-1) for v in inputs[id(p)]]) for p in projections]
 
 
