@@ -1,13 +1,14 @@
 """How good can routing be on the embedded model before any training?
 
-    python bench/routing_ceiling.py [--tokens 32768] [--sparsity 0.5]
+    python bench/routing_ceiling.py [--model assets/stories260K] [--expert-sizes 1,2,4] [--tokens 32768] [--sparsity 0.5]
 
-Held-out perplexity of stories260K (the first ``--tokens`` tokens of assets/tinystories/eval.txt) when
-half of each FFN's experts are skipped, chosen by:
+Held-out perplexity of a TinyStories model (the first ``--tokens`` tokens of assets/tinystories/eval.txt)
+when half of each FFN's experts are skipped, chosen by:
 * the oracle: per layer, the (token, expert) pairs with the largest weighted activation norm
   ``|| h_e * ||W_down[:, e]|| ||`` (the same importance the calibrated router init is fitted to);
 * routers from the experts' mean gate rows (MoEfication-style centroids);
 * calibrated routers (``lte.router_init=calibrated``), before any training.
+The oracle runs for every size in ``--expert-sizes``; the routers use the last one.
 """
 
 import argparse
@@ -21,9 +22,6 @@ from lte.evaluate import evaluate_lm
 from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
 from lte.pipeline import calibration_batches, load_tokenizer
 from lte.router_init import _down_column_norms, calibrate_routers
-
-MODEL = "assets/stories260K"
-
 
 def oracle(model, sparsity):
     """Hooks that keep, per layer, the most important (token, expert) pairs of each batch."""
@@ -42,34 +40,38 @@ def oracle(model, sparsity):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="assets/stories260K", help="a TinyStories model (stories260K tokenizer)")
+    parser.add_argument("--expert-sizes", default="1,2,4", help="comma-separated neurons per expert")
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args()
-    recipe = load_recipe(["recipe=tiny", "output_dir=/tmp/unused", f"data.max_eval_tokens={args.tokens}"])
+    sizes = [int(size) for size in args.expert_sizes.split(",")]
+    recipe = load_recipe(["recipe=tiny", "output_dir=/tmp/unused", f"data.max_eval_tokens={args.tokens}",
+                          f"model.name_or_path={args.model}"])
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
 
     def ppl(model):
         return evaluate_lm(model, data.eval, default_data_collator, 16).ppl
 
-    dense = ppl(AutoModelForCausalLM.from_pretrained(MODEL))
+    dense = ppl(AutoModelForCausalLM.from_pretrained(args.model))
     print(f"dense: ppl {dense:.3f}")
-    for expert_size in (1, 2, 4):
-        model = inject_lte(AutoModelForCausalLM.from_pretrained(MODEL), LTEModelConfig(expert_size=expert_size),
+    for expert_size in sizes:
+        model = inject_lte(AutoModelForCausalLM.from_pretrained(args.model), LTEModelConfig(expert_size=expert_size),
                            progress=False)
         oracle(model, args.sparsity)
         value = ppl(model)
         print(f"oracle, {expert_size}-neuron experts: ppl {value:.3f} ({100 * (value / dense - 1):+.1f}%)")
     for init in ("centroid", "calibrated"):
-        model = AutoModelForCausalLM.from_pretrained(MODEL)
-        inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid" if init == "centroid" else "random"),
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        inject_lte(model, LTEModelConfig(expert_size=sizes[-1], router_init="centroid" if init == "centroid" else "random"),
                    progress=False)
         if init == "calibrated":
             agreement = calibrate_routers(model, calibration_batches(data, tokenizer, 16384, 16), args.sparsity)
             print(f"calibrated routers agree with their labels on {100 * sum(agreement) / len(agreement):.0f}% of pairs")
         set_lte_mode(model, "hard")
         result = evaluate_lm(model, data.eval, default_data_collator, 16)
-        print(f"{init} routers, 4-neuron experts: ppl {result.ppl:.3f} at sparsity {result.sparsity:.3f}")
+        print(f"{init} routers, {sizes[-1]}-neuron experts: ppl {result.ppl:.3f} at sparsity {result.sparsity:.3f}")
 
 
 if __name__ == "__main__":
