@@ -161,6 +161,8 @@ class Recipe:
         values = {k: v for k, v in self.train.items() if k not in STAGES}
         values.update(self.train.get(stage) or {})
         values.update(dataclasses.asdict(self.lte))
+        if stage == "stage0":  # the dense fine-tune: no routers, and the teacher would be the model itself
+            values["distill_weight"] = 0.0
         values.update(output_dir=os.path.join(self.output_dir, stage), lte_mode=MODE_OF_STAGE[stage],
                       max_steps=getattr(self.lte, f"{stage}_steps"), seed=self.seed, **extra)
         return LTETrainingArguments(**values)

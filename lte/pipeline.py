@@ -237,17 +237,24 @@ def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokeni
     state.wait_for_everyone()
 
 
-def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> tuple[EvalResult, EvalResult]:
-    """Held-out perplexity of the original model and of the trained sparse model (hard routing)."""
+def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[str, EvalResult]:
+    """Held-out perplexity of the original model, of the dense fine-tuned model when stage 0 ran (the
+    fair reference for what the sparsity costs), and of the trained sparse model (hard routing)."""
     device = PartialState().device
     collator = collator_for(data, tokenizer)
     batch = recipe.train.get("per_device_eval_batch_size", 8)
-    dense_model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **model_kwargs(recipe)).to(device)
-    dense = evaluate_lm(dense_model, data.eval, collator, batch, desc="Evaluating the original model")
-    del dense_model
+    dense_models = {"dense": recipe.model.name_or_path}
+    if recipe.lte.stage0_steps > 0:
+        dense_models["stage0"] = Path(recipe.output_dir) / "stage0" / STAGE_MODEL
+    results = {}
+    for name, source in dense_models.items():
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(device)
+        what = "the original model" if name == "dense" else "the stage-0 (dense fine-tuned) model"
+        results[name] = evaluate_lm(model, data.eval, collator, batch, desc=f"Evaluating {what}")
+        del model
     sparse_model = load_lte(stage2, **model_kwargs(recipe)).to(device)
-    sparse = evaluate_lm(sparse_model, data.eval, collator, batch, desc="Evaluating the sparse model")
-    return dense, sparse
+    results["sparse"] = evaluate_lm(sparse_model, data.eval, collator, batch, desc="Evaluating the sparse model")
+    return results
 
 
 def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
@@ -274,12 +281,15 @@ def save_report(report: dict, out: Path) -> None:
     os.replace(tmp, out / REPORT)
 
 
-def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: Path) -> dict:
+def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -> dict:
     out = Path(recipe.output_dir)
+    dense, sparse, stage0 = results["dense"], results["sparse"], results.get("stage0")
     report = {
         "dense_ppl": dense.ppl,
         "sparse_ppl": sparse.ppl,
         "ppl_increase": sparse.ppl / dense.ppl - 1,
+        "stage0_ppl": stage0.ppl if stage0 else None,
+        "ppl_increase_vs_stage0": sparse.ppl / stage0.ppl - 1 if stage0 else None,
         "sparsity": sparse.sparsity,
         "per_layer_sparsity": sparse.per_layer_sparsity,
         "eval_tokens": sparse.tokens,
@@ -288,20 +298,24 @@ def write_report(recipe: Recipe, dense: EvalResult, sparse: EvalResult, stage2: 
         "recipe": recipe.to_dict(),
     }
     save_report(report, out)
+    reference = f"stage 0 {stage0.ppl:.3f}" if stage0 else f"dense {dense.ppl:.3f}"
     plot_per_layer(sparse.per_layer_sparsity, out / "per_layer_sparsity.png",
-                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} (dense {dense.ppl:.3f})")
+                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} ({reference})")
     return report
 
 
 def summary(report: dict, out: Path) -> str:
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
-    return (f"\nLTE run finished: {out}\n"
-            f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
-            f"({100 * report['ppl_increase']:+.2f}%)\n"
-            f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token "
-            f"(per layer: {per_layer})\n"
-            f"  sparse model         {out / report['model_dir']}\n"
-            f"  report               {out / REPORT}, {out / 'per_layer_sparsity.png'}\n")
+    lines = [f"\nLTE run finished: {out}",
+             f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
+             f"({100 * report['ppl_increase']:+.2f}%)"]
+    if report.get("stage0_ppl"):
+        lines.append(f"                       stage 0 (dense fine-tuned) {report['stage0_ppl']:.4f} -> sparse "
+                     f"({100 * report['ppl_increase_vs_stage0']:+.2f}%)")
+    lines += [f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token (per layer: {per_layer})",
+              f"  sparse model         {out / report['model_dir']}",
+              f"  report               {out / REPORT}, {out / 'per_layer_sparsity.png'}\n"]
+    return "\n".join(lines)
 
 
 def run(recipe: Recipe) -> dict | None:
@@ -329,8 +343,7 @@ def run(recipe: Recipe) -> dict | None:
     if not state.is_main_process:
         return None
     with no_zero3_init():  # one process from here on: load models whole
-        dense, sparse = evaluate_run(recipe, data, tokenizer, stage2)
-        report = write_report(recipe, dense, sparse, stage2)
+        report = write_report(recipe, evaluate_run(recipe, data, tokenizer, stage2), stage2)
         print(summary(report, out), flush=True)
         if recipe.export.enabled:
             report = run_export(recipe, report)

@@ -4,8 +4,11 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import run_train
+from conftest import REPO, run_train
+
 
 def test_report_has_the_promised_keys_and_sane_values(tiny_run):
     out, proc = tiny_run
@@ -52,10 +55,29 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(tiny_run, tm
     assert (copy / "report.json").is_file()
 
 
-def test_a_stage_with_no_steps_keeps_its_starting_model(tmp_path):
-    out = tmp_path / "run"
-    run_train(out, "lte.stage2_steps=0", "export.allocation=uniform")
+@pytest.fixture(scope="module")
+def stage0_run(tmp_path_factory):
+    """A run with a 2-step dense fine-tune (stage 0) and a stage 2 of no steps."""
+    out = tmp_path_factory.mktemp("stage0") / "run"
+    return out, run_train(out, "lte.stage0_steps=2", "lte.stage2_steps=0", "export.allocation=uniform")
+
+
+def test_a_stage_with_no_steps_keeps_its_starting_model(stage0_run):
+    out, _ = stage0_run
     for name in ("model.safetensors", "lte_routers.safetensors"):
         assert (out / "stage2" / "model" / name).read_bytes() == (out / "stage1" / "model" / name).read_bytes()
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["sparsity"] < 1 and report["sparse_ppl"] > 0
+
+
+def test_stage0_fine_tunes_the_dense_model_and_is_reported_as_the_reference(stage0_run):
+    out, proc = stage0_run
+    stage0 = out / "stage0" / "model"
+    assert (stage0 / "model.safetensors").is_file() and not (stage0 / "lte_routers.safetensors").exists()
+    original = load_file(REPO / "assets" / "stories260K" / "model.safetensors")
+    tuned = load_file(stage0 / "model.safetensors")
+    assert any(not torch.equal(original[k], tuned[k]) for k in original)  # two optimizer steps moved the weights
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage0_ppl"] != report["dense_ppl"] and 3.0 < report["stage0_ppl"] < 6.0
+    assert report["ppl_increase_vs_stage0"] == pytest.approx(report["sparse_ppl"] / report["stage0_ppl"] - 1)
+    assert "stage 0 (dense fine-tuned)" in proc.stdout

@@ -28,6 +28,7 @@ def test_every_recipe_validates_and_says_how_to_run_it(name):
         assert stage_args.output_dir.endswith(stage)
         assert stage_args.max_steps == getattr(recipe.lte, f"{stage}_steps")
     assert recipe.stage_args("stage1", **cpu).lte_mode == "soft" and recipe.stage_args("stage2", **cpu).lte_mode == "hard"
+    assert recipe.stage_args("stage0", **cpu).distill_weight == 0.0  # stage 0 is the dense fine-tune: no teacher
 
 
 def test_overrides_merge_into_typed_fields():
