@@ -179,26 +179,38 @@ def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity against realized sparsity (left) and against FFN FLOPs per token relative to dense
+    (right): methods that compute more than they skip (CATS's full gate, routers) move right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (by_sparsity, by_flops) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     dense = [r for r in rows if r["method"] == "dense" and not r.get("skipped")]
+    dense_flops = dense[0]["ffn_flops_per_token"] if dense else None
     for method in methods:
-        points = sorted((r["realized_sparsity"], r["ppl"]) for r in rows if r["method"] == method and not r.get("skipped"))
-        if points:
-            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
-    if dense:
-        ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
-    ax.set(xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
-           ylabel="perplexity (scored tokens)")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        done = sorted((r for r in rows if r["method"] == method and not r.get("skipped")),
+                      key=lambda r: r["realized_sparsity"])
+        if not done:
+            continue
+        line, = by_sparsity.plot([100 * r["realized_sparsity"] for r in done], [r["ppl"] for r in done], marker="o",
+                                 label=method)
+        if dense_flops:
+            by_flops.plot([r["ffn_flops_per_token"] / dense_flops for r in done], [r["ppl"] for r in done], marker="o",
+                          color=line.get_color(), label=method)
+    for ax in (by_sparsity, by_flops):
+        if dense:
+            ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
+        ax.grid(alpha=0.3)
+    by_sparsity.set(xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
+                    ylabel="perplexity (scored tokens)")
+    by_sparsity.set_yscale("log")
+    by_flops.set(xlabel="FFN FLOPs per token, relative to dense\n(including routers, predictors and CATS's full gate)")
+    by_flops.invert_xaxis()  # cheaper to the right, as sparser is on the left panel
+    by_sparsity.legend()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -293,7 +305,7 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
                 "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data"}
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
         write_markdown(rows, dense_flops, tmp / "results.md")
-        plot(rows, tmp / "sparsity_vs_ppl.png", f"{Path(request.model).name} on {Path(request.data).name}")
+        plot(rows, tmp / "sparsity_vs_ppl.png", f"{request.model} on {request.data}")
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
