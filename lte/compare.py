@@ -114,7 +114,7 @@ def lte_run_dir(path: str) -> Path:
 
 def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     """The run's stage-2 model with an observer, and a function that sets thresholds per target."""
-    from .export import stage2_model
+    from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
     from .thresholds import choose_thresholds, sensitivity
 
@@ -131,6 +131,8 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     cache = {}
 
     def set_target(target: float) -> None:
+        if warning := below_trained_sparsity(run, target):
+            logger.warning("compare: lte: %s", warning)
         with handle.disabled():
             if allocation == "tuned" and "sens" not in cache:
                 cache["sens"] = sensitivity(model, calibration, progress=False)

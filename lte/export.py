@@ -85,6 +85,21 @@ def stage2_model(run_dir: str | os.PathLike) -> Path:
     return path
 
 
+def below_trained_sparsity(run_dir: str | os.PathLike, target: float, margin: float = 0.02) -> str | None:
+    """A warning when ``target`` lies more than ``margin`` below the sparsity the run was trained at.
+
+    Stage 2 adapts the model to its own routing; lowering the thresholds switches back on experts it
+    learned to do without, which can cost perplexity instead of buying it (measured in the README,
+    "A second, larger model")."""
+    report = Path(run_dir) / "report.json"
+    trained = json.loads(report.read_text()).get("sparsity") if report.is_file() else None
+    if trained is None or target >= trained - margin:
+        return None
+    return (f"{run_dir} was trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch "
+            f"experts back on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. "
+            f"For a sparsity well below it, train a run that reaches it.")
+
+
 def calibration_data(request: ExportRequest, recipe, tokenizer, data):
     """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
     data (``data.train``), or of ``--calibration FILE``."""
@@ -251,6 +266,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
 
     if request.target_sparsity is not None:
+        if warning := below_trained_sparsity(run_dir, request.target_sparsity):
+            logger.warning("export: %s", warning)
         logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
                     100 * request.target_sparsity, request.calibration_tokens, request.allocation)
         calib_dense_ppl = math.exp(dense_nll(model, batches))

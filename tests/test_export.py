@@ -419,3 +419,14 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
         export(request, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary directory left behind
     assert (target / "keep.txt").read_text() == "previous export"
+
+
+def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
+    from lte.export import below_trained_sparsity
+
+    (tmp_path / "report.json").write_text(json.dumps({"sparsity": 0.694}))
+    warning = below_trained_sparsity(tmp_path, 0.5)
+    assert "trained at 69.4% FFN sparsity" in warning and "at 50.0%" in warning
+    assert below_trained_sparsity(tmp_path, 0.68) is None  # within two points
+    assert below_trained_sparsity(tmp_path, 0.9) is None  # above: raising thresholds is what export tuning is for
+    assert below_trained_sparsity(tmp_path / "no-run", 0.1) is None  # no report: nothing to compare with
