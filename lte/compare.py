@@ -182,7 +182,7 @@ def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Perplexity against realized sparsity (left) and against FFN FLOPs per token relative to dense
-    (right): methods that compute more than they skip (CATS's full gate, routers) move right."""
+    (right): methods that compute more than they skip (CATS's full gate, routers) sit further left."""
     import matplotlib
 
     matplotlib.use("Agg")

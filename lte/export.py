@@ -85,7 +85,7 @@ def stage2_model(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def below_trained_sparsity(run_dir: str | os.PathLike, target: float, margin: float = 0.02) -> str | None:
+def below_trained_sparsity(run_dir: str | os.PathLike, target: float, margin: float = 0.05) -> str | None:
     """A warning when ``target`` lies more than ``margin`` below the sparsity the run was trained at.
 
     Stage 2 adapts the model to its own routing; lowering the thresholds switches back on experts it

@@ -427,6 +427,6 @@ def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"sparsity": 0.694}))
     warning = below_trained_sparsity(tmp_path, 0.5)
     assert "trained at 69.4% FFN sparsity" in warning and "at 50.0%" in warning
-    assert below_trained_sparsity(tmp_path, 0.68) is None  # within two points
+    assert below_trained_sparsity(tmp_path, 0.65) is None  # within five points
     assert below_trained_sparsity(tmp_path, 0.9) is None  # above: raising thresholds is what export tuning is for
     assert below_trained_sparsity(tmp_path / "no-run", 0.1) is None  # no report: nothing to compare with
