@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from lte.evaluate import evaluate_batches
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "stories260K"
 HELD_OUT = REPO / "assets" / "tinystories" / "eval.txt"
@@ -37,19 +39,6 @@ def blocks(text: str, tokenizer) -> torch.Tensor:
     ids = [t for s in stories for t in [tokenizer.bos_token_id, *tokenizer(s, add_special_tokens=False)["input_ids"]]]
     n = len(ids) // BLOCK
     return torch.tensor(ids[: n * BLOCK]).reshape(n, BLOCK)
-
-
-@torch.no_grad()
-def perplexity(model, data: torch.Tensor, batch: int = 32) -> float:
-    model.eval()
-    nll = count = 0
-    for chunk in data.split(batch):
-        logits = model(chunk).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                                       reduction="sum"))
-        count += chunk[:, 1:].numel()
-    model.train()
-    return math.exp(nll / count)
 
 
 def main() -> None:
@@ -98,7 +87,7 @@ def main() -> None:
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - start:6.0f}s", flush=True)
     minutes = (time.time() - start) / 60
-    ppl = perplexity(model, held_out)
+    ppl = evaluate_batches(model, [{"input_ids": b, "labels": b} for b in held_out.split(32)]).ppl
     out = Path(args.out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -116,6 +116,7 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     """The run's stage-2 model with an observer, and a function that sets thresholds per target."""
     from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
+    from .pipeline import load_report
     from .thresholds import choose_thresholds, sensitivity
 
     model = load_lte(stage2_model(run)).to(device).eval()
@@ -129,10 +130,11 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
 
         handle.hook(layer.lte_router.register_forward_hook(observe))
     cache = {}
+    trained = load_report(run).get("sparsity")
 
     def set_target(target: float) -> None:
-        if warning := below_trained_sparsity(run, target):
-            logger.warning("compare: lte: %s", warning)
+        if warning := below_trained_sparsity(trained, target):
+            logger.warning("compare: lte: %s %s", run, warning)
         with handle.disabled():
             if allocation == "tuned" and "sens" not in cache:
                 cache["sens"] = sensitivity(model, calibration, progress=False)

@@ -85,19 +85,18 @@ def stage2_model(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def below_trained_sparsity(run_dir: str | os.PathLike, target: float, margin: float = 0.05) -> str | None:
-    """A warning when ``target`` lies more than ``margin`` below the sparsity the run was trained at.
+def below_trained_sparsity(trained: float | None, target: float, margin: float = 0.05) -> str | None:
+    """A warning when ``target`` lies more than ``margin`` below ``trained``, the sparsity the run
+    was trained at (its report's ``sparsity``; None when unknown).
 
     Stage 2 adapts the model to its own routing; lowering the thresholds switches back on experts it
     learned to do without, which can cost perplexity instead of buying it (measured in the README,
     "A second, larger model")."""
-    report = Path(run_dir) / "report.json"
-    trained = json.loads(report.read_text()).get("sparsity") if report.is_file() else None
     if trained is None or target >= trained - margin:
         return None
-    return (f"{run_dir} was trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch "
-            f"experts back on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. "
-            f"For a sparsity well below it, train a run that reaches it.")
+    return (f"trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch experts back "
+            f"on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. For a sparsity "
+            f"well below it, train a run that reaches it.")
 
 
 def calibration_data(request: ExportRequest, recipe, tokenizer, data):
@@ -248,12 +247,13 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     from .config import load_run_recipe
     from .data import LMData, build_data
     from .evaluate import evaluate_lm
-    from .pipeline import DTYPES, calibration_batches, collator_for, load_tokenizer, model_kwargs
+    from .pipeline import DTYPES, calibration_batches, collator_for, load_report, load_tokenizer, model_kwargs
 
     request.validate()
     run_dir = Path(request.run_dir)
     source = stage2_model(run_dir)
     recipe = load_run_recipe(run_dir)
+    run_report = load_report(run_dir)
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
     blocks = calibration_data(request, recipe, tokenizer, data)
@@ -266,8 +266,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
 
     if request.target_sparsity is not None:
-        if warning := below_trained_sparsity(run_dir, request.target_sparsity):
-            logger.warning("export: %s", warning)
+        if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):
+            logger.warning("export: %s %s", run_dir, warning)
         logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
                     100 * request.target_sparsity, request.calibration_tokens, request.allocation)
         calib_dense_ppl = math.exp(dense_nll(model, batches))
@@ -290,10 +290,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     dense = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (all experts)")
     set_thresholds(model, chosen.thresholds)
     sparse = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (exported thresholds)")
-    original_ppl = None
-    run_report = run_dir / "report.json"
-    if run_report.is_file():
-        original_ppl = json.loads(run_report.read_text()).get("dense_ppl")
+    original_ppl = run_report.get("dense_ppl")
 
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         return final
     model = build_stage_model(stage, recipe, source, args)
     teacher = None
-    if stage != "stage0" and recipe.lte.distill_weight > 0:
+    if args.distill_weight > 0:
         with every_rank_loads():
             teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
     trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
@@ -243,13 +243,12 @@ def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[
     device = PartialState().device
     collator = collator_for(data, tokenizer)
     batch = recipe.train.get("per_device_eval_batch_size", 8)
-    dense_models = {"dense": recipe.model.name_or_path}
+    dense_models = {"dense": (recipe.model.name_or_path, "the original model")}
     if recipe.lte.stage0_steps > 0:
-        dense_models["stage0"] = Path(recipe.output_dir) / "stage0" / STAGE_MODEL
+        dense_models["stage0"] = (Path(recipe.output_dir) / "stage0" / STAGE_MODEL, "the stage-0 (dense fine-tuned) model")
     results = {}
-    for name, source in dense_models.items():
+    for name, (source, what) in dense_models.items():
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(device)
-        what = "the original model" if name == "dense" else "the stage-0 (dense fine-tuned) model"
         results[name] = evaluate_lm(model, data.eval, collator, batch, desc=f"Evaluating {what}")
         del model
     sparse_model = load_lte(stage2, **model_kwargs(recipe)).to(device)
@@ -272,6 +271,12 @@ def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_report(out: str | os.PathLike) -> dict:
+    """``OUTPUT_DIR/report.json``, or ``{}`` for a run without one (copied, or stopped before it)."""
+    path = Path(out) / REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_report(report: dict, out: Path) -> None:

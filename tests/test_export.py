@@ -423,10 +423,13 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
 
 def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
     from lte.export import below_trained_sparsity
+    from lte.pipeline import load_report
 
     (tmp_path / "report.json").write_text(json.dumps({"sparsity": 0.694}))
-    warning = below_trained_sparsity(tmp_path, 0.5)
+    trained = load_report(tmp_path)["sparsity"]
+    warning = below_trained_sparsity(trained, 0.5)
     assert "trained at 69.4% FFN sparsity" in warning and "at 50.0%" in warning
-    assert below_trained_sparsity(tmp_path, 0.65) is None  # within five points
-    assert below_trained_sparsity(tmp_path, 0.9) is None  # above: raising thresholds is what export tuning is for
-    assert below_trained_sparsity(tmp_path / "no-run", 0.1) is None  # no report: nothing to compare with
+    assert below_trained_sparsity(trained, 0.65) is None  # within five points
+    assert below_trained_sparsity(trained, 0.9) is None  # above: raising thresholds is what export tuning is for
+    assert load_report(tmp_path / "no-run") == {}
+    assert below_trained_sparsity(None, 0.1) is None  # no report: nothing to compare with
