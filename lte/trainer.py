@@ -16,7 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from typing_extensions import override
 
 from .errors import UsageError
@@ -29,7 +30,12 @@ class LTEArguments:
     """LTE's own settings (the recipe's ``lte.*`` group)."""
 
     expert_size: int = field(default=32, metadata={"help": "FFN neurons per expert (must divide the FFN width)."})
-    eta: float = field(default=1.0, metadata={"help": "Weight of the efficiency loss: the sparsity knob (>= 0)."})
+    eta: float = field(default=1.0, metadata={"help": "Weight of the efficiency loss: the sparsity knob (>= 0); "
+                       "the starting value when target_sparsity is set."})
+    target_sparsity: float | None = field(default=None, metadata={"help": "Stage 1 steers eta so that the FFN sparsity "
+                                          "under hard routing settles at this value (None: eta stays fixed, the paper's setting)."})
+    eta_step: float = field(default=1.0, metadata={"help": "How fast eta follows target_sparsity: after every optimizer "
+                            "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."})
     lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
     tau: float = field(default=0.5, metadata={"help": "Router threshold in (0, 1): experts with G > tau run."})
     sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - tau)^2 + eps); keeps L_sep finite at G = tau."})
@@ -56,6 +62,10 @@ class LTEArguments:
                     if isinstance(value, float) and not math.isfinite(value)]
         if self.eta < 0:
             problems.append(f"lte.eta={self.eta} must be >= 0 (it weighs the efficiency loss)")
+        if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
+            problems.append(f"lte.target_sparsity={self.target_sparsity} must lie in (0, 1) (or null for a fixed eta)")
+        if self.eta_step <= 0:
+            problems.append(f"lte.eta_step={self.eta_step} must be > 0")
         if self.lam < 0:
             problems.append(f"lte.lam={self.lam} must be >= 0 (it weighs the separability loss)")
         if not 0 < self.tau < 1:
@@ -90,11 +100,46 @@ class LTETrainingArguments(TrainingArguments, LTEArguments):
     """``TrainingArguments`` plus the LTE fields, plus which routing mode this stage trains."""
 
     lte_mode: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
+    restore_callback_states_from_checkpoint: bool = field(default=True, metadata={
+        "help": "Resume callbacks' state too (on here: the eta controller's eta lives there)."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.lte_mode not in MODES:
             raise ValueError(f"lte_mode must be one of {MODES}, got {self.lte_mode!r}")
+
+
+class EtaController(TrainerCallback, ExportableState):
+    """Stage 1's sparsity target: ``eta`` as the multiplier of the constraint "sparsity >= target".
+
+    The efficiency loss alone sets no particular sparsity: where stage 1 settles depends on eta,
+    on the router init and on the separability loss, which locks each router score on the side of
+    ``tau`` it starts from (on stories260K a calibrated init at 46% ended at 37%, one at 52% at 56%).
+    Dual ascent on the constraint "sparsity = target" fixes that: after every optimizer step eta
+    grows while the measured hard-routing sparsity is below the target and shrinks while it is
+    above, past 0 if need be (a negative eta rewards router scores, which is what it takes to
+    unlock experts the separability loss holds off). The efficiency loss still decides which
+    tokens, experts and layers are skipped; the controller only sets how many.
+    Its ``eta`` is saved in checkpoints (``ExportableState``), so a resumed stage continues with it.
+    """
+
+    def __init__(self, eta: float, target: float, step: float):
+        self.eta, self.target, self.step = float(eta), float(target), float(step)
+        self._observed: list[torch.Tensor] = []
+
+    def observe(self, sparsity: torch.Tensor) -> None:
+        """One micro-batch's mean FFN sparsity (kept on device: no host sync per forward)."""
+        self._observed.append(sparsity.detach().float())
+
+    @override
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._observed:
+            sparsity = torch.stack(self._observed).mean().item()
+            self._observed.clear()
+            self.eta += self.step * (self.target - sparsity)
+
+    def state(self) -> dict:
+        return {"args": {"eta": self.eta, "target": self.target, "step": self.step}, "attributes": {}}
 
 
 class TrainingDiverged(UsageError):
@@ -113,6 +158,18 @@ class LTETrainer(Trainer):
         if self.args.distill_weight > 0 and teacher is None:
             raise ValueError("distill_weight > 0 needs the original model as `teacher`")
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        if self.args.lte_mode == "soft" and self.args.target_sparsity is not None:
+            self.add_callback(EtaController(self.args.eta, self.args.target_sparsity, self.args.eta_step))
+
+    @property
+    def eta_controller(self) -> EtaController | None:
+        """Looked up each time: resuming replaces the callback with one rebuilt from the checkpoint."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, EtaController)), None)
+
+    @property
+    def eta(self) -> float:
+        controller = self.eta_controller
+        return controller.eta if controller is not None else self.args.eta
 
     def _prepare_teacher(self, teacher):
         """Shard the frozen teacher the way the student is (TRL's reference-model helpers)."""
@@ -155,7 +212,13 @@ class LTETrainer(Trainer):
                 sep = separability_loss(records, mask, self.args.sep_eps)
                 metrics["efficiency_loss"].append(eff.detach())
                 metrics["separability_loss"].append(sep.detach())
-                loss = loss + (self.args.eta * eff + self.args.lam * sep) / steps
+                eta = self.eta
+                loss = loss + (eta * eff + self.args.lam * sep) / steps
+                controller = self.eta_controller
+                if controller is not None and model.training:
+                    # every process must steer by the same number, or their eta would drift apart
+                    controller.observe(self.accelerator.reduce(per_layer.mean().float(), "mean"))
+                    metrics["eta"].append(torch.tensor(eta, device=per_layer.device))
         if model.training and not torch.isfinite(loss.detach()).all():
             step = self.state.global_step + 1
             raise TrainingDiverged(

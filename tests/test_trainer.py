@@ -9,7 +9,7 @@ from datasets import Dataset
 from conftest import tiny_model
 from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
 from lte.layers import collect_router_scores
-from lte.trainer import LTETrainer, LTETrainingArguments, TrainingDiverged
+from lte.trainer import EtaController, LTETrainer, LTETrainingArguments, TrainingDiverged
 
 
 def packed_dataset(n=8, length=16, seed=0):
@@ -122,3 +122,45 @@ def test_distillation_to_the_original_model(tmp_path):
     loss = trainer.compute_loss(model, batch)
     assert loss.item() > 1e-3
     assert trainer._metrics["train"]["distill_kl"][-1] == pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_eta_controller_follows_the_target_both_ways():
+    controller = EtaController(eta=1.0, target=0.5, step=2.0)
+    controller.observe(torch.tensor(0.4))
+    controller.observe(torch.tensor(0.2))  # micro-batches of one optimizer step are averaged
+    controller.on_step_end(None, None, None)
+    assert controller.eta == pytest.approx(1.0 + 2.0 * (0.5 - 0.3))
+    controller.observe(torch.tensor(1.0))
+    controller.on_step_end(None, None, None)
+    assert controller.eta == pytest.approx(1.4 - 1.0)
+    controller.observe(torch.tensor(1.0))
+    controller.on_step_end(None, None, None)  # sparser than the target: eta turns negative
+    assert controller.eta == pytest.approx(0.4 - 1.0)
+    controller.on_step_end(None, None, None)  # nothing observed (e.g. a step of padding only): unchanged
+    assert controller.eta == pytest.approx(-0.6)
+
+
+def test_target_sparsity_steers_eta_and_is_resumed(tmp_path):
+    """eta moves by eta_step * (target - measured sparsity) per step, is logged, and survives a resume."""
+    kw = dict(per_device_train_batch_size=4, target_sparsity=0.9, eta_step=3.0, save_strategy="steps", save_steps=2)
+    trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, **kw), train_dataset=packed_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "eta" in h]
+    assert [h["eta"] for h in logged][0] == pytest.approx(1.0)
+    assert logged[1]["eta"] == pytest.approx(1.0 + 3.0 * (0.9 - logged[0]["sparsity"]), rel=1e-4)
+    final_eta = trainer.eta
+    assert final_eta == pytest.approx(logged[1]["eta"] + 3.0 * (0.9 - logged[1]["sparsity"]), rel=1e-4)
+    assert final_eta > 1.0
+
+    resumed = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=3, **kw), train_dataset=packed_dataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    step3 = next(h for h in resumed.state.log_history if h.get("step") == 3 and "eta" in h)
+    assert step3["eta"] == pytest.approx(final_eta, rel=1e-6)
+
+
+def test_fixed_eta_without_a_target(tmp_path):
+    trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+                         train_dataset=packed_dataset())
+    trainer.train()
+    assert trainer.eta_controller is None and trainer.eta == 1.0
+    assert not any("eta" in h for h in trainer.state.log_history)
