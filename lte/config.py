@@ -47,7 +47,8 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    train: str = field(default="", metadata={"help": "Training data: a .txt/.json/.jsonl/.csv/.parquet file or a hub dataset name."})
+    train: str = field(default="", metadata={"help": "Training data: a .txt/.json/.jsonl/.csv/.parquet file or a hub "
+                                                   "dataset name; several, separated by commas, are concatenated."})
     eval: str | None = field(default=None, metadata={"help": "Held-out data (file or hub name); default: eval_fraction of train."})
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     train_split: str = "train"
@@ -162,7 +163,7 @@ class Recipe:
         values.update(self.train.get(stage) or {})
         values.update(dataclasses.asdict(self.lte))
         if stage == "stage0":  # the dense fine-tune: no routers, and the teacher would be the model itself
-            values["distill_weight"] = 0.0
+            values.update(distill_weight=0.0, distill_hidden_weight=0.0)
         values.update(output_dir=os.path.join(self.output_dir, stage), lte_mode=MODE_OF_STAGE[stage],
                       max_steps=getattr(self.lte, f"{stage}_steps"), seed=self.seed, **extra)
         return LTETrainingArguments(**values)

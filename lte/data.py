@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 
 from .config import DataArgs
 from .errors import UsageError
@@ -46,13 +46,33 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS or source.count("/") > 1
 
 
-def check_source(source: str, key: str) -> None:
+def split_sources(spec: str) -> list[str]:
+    """``"a.jsonl, b.jsonl"`` -> two sources: several are concatenated (as LLaMA-Factory's dataset lists)."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def check_source(spec: str, key: str) -> None:
     """Fail early, before anything is written, when a local data file is missing."""
-    if _looks_like_path(source) and not Path(source).expanduser().exists():
-        raise UsageError(f"{key}={source}: file not found; give an existing file or a hub dataset name")
+    sources = split_sources(spec)
+    for source in sources:
+        if _looks_like_path(source) and not Path(source).expanduser().exists():
+            which = "file not found" if len(sources) == 1 else f"file {source} not found"
+            raise UsageError(f"{key}={spec}: {which}; give an existing file or a hub dataset name")
 
 
-def load_documents(source: str, split: str, args: DataArgs) -> Dataset:
+def load_documents(spec: str, split: str, args: DataArgs) -> Dataset:
+    """The documents of one source, or of several separated by commas, concatenated in that order."""
+    parts = [_load_source(source, split, args) for source in split_sources(spec)]
+    if len(parts) == 1:
+        return parts[0]
+    shared = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
+    try:
+        return concatenate_datasets([p.select_columns(shared) for p in parts])
+    except ValueError as exc:
+        raise UsageError(f"cannot concatenate the sources of {spec}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_source(source: str, split: str, args: DataArgs) -> Dataset:
     path = Path(source).expanduser()
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())

@@ -195,7 +195,7 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         return final
     model = build_stage_model(stage, recipe, source, args)
     teacher = None
-    if args.distill_weight > 0:
+    if args.distills:
         with every_rank_loads():
             teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
     trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,

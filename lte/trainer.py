@@ -52,6 +52,9 @@ class LTEArguments:
                                       "regularisers train only the routers and the backbone sees only the task loss."})
     distill_weight: float = field(default=0.0, metadata={"help": "alpha in (1 - alpha) * task + alpha * KL(original || "
                                   "LTE model) over next-token distributions, in stages 1 and 2 (0: the paper's task loss only)."})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": "beta: adds beta * the mean over decoder "
+                                         "layers of ||h - h_original||^2 / ||h_original||^2 (every layer's output against the "
+                                         "original model's), in stages 1 and 2: a target for every layer, not only the logits."})
     kmeans_iters: int = field(default=10, metadata={"help": "Balanced k-means iterations for expert grouping."})
     stage0_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."})
     stage1_steps: int = field(default=100, metadata={"help": "Stage 1 steps (soft routing + regularisers)."})
@@ -83,6 +86,8 @@ class LTEArguments:
                 problems.append(f"lte.{stage}={getattr(self, stage)} must be >= 0")
         if not 0 <= self.distill_weight <= 1:
             problems.append(f"lte.distill_weight={self.distill_weight} must lie in [0, 1]")
+        if self.distill_hidden_weight < 0:
+            problems.append(f"lte.distill_hidden_weight={self.distill_hidden_weight} must be >= 0")
         if self.router_init not in ("calibrated", "centroid", "random"):
             problems.append(f"lte.router_init={self.router_init!r} must be 'calibrated', 'centroid' or 'random'")
         if not 0 < self.router_init_sparsity < 1:
@@ -93,6 +98,11 @@ class LTEArguments:
             problems.append(f"lte.kmeans_iters={self.kmeans_iters} must be >= 1")
         if problems:
             raise UsageError("; ".join(problems))
+
+    @property
+    def distills(self) -> bool:
+        """Whether a stage needs the original model as a teacher."""
+        return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
 
 @dataclass
@@ -152,11 +162,11 @@ class LTETrainer(Trainer):
     args: LTETrainingArguments
 
     def __init__(self, *args, teacher=None, **kwargs):
-        """``teacher``: the original dense model, for ``distill_weight > 0`` (frozen, never saved)."""
+        """``teacher``: the original dense model, for the distillation losses (frozen, never saved)."""
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if self.args.distill_weight > 0 and teacher is None:
-            raise ValueError("distill_weight > 0 needs the original model as `teacher`")
+        if self.args.distills and teacher is None:
+            raise ValueError("distill_weight > 0 or distill_hidden_weight > 0 needs the original model as `teacher`")
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         if self.args.lte_mode == "soft" and self.args.target_sparsity is not None:
             self.add_callback(EtaController(self.args.eta, self.args.target_sparsity, self.args.eta_step))
@@ -186,6 +196,9 @@ class LTETrainer(Trainer):
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        distill_hidden = self.teacher is not None and self.args.distill_hidden_weight > 0
+        if distill_hidden:
+            inputs = {**inputs, "output_hidden_states": True}
         with collect_router_scores() as records:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         split = "train" if model.training else "eval"
@@ -197,11 +210,15 @@ class LTETrainer(Trainer):
         else:
             task = loss.detach()
         metrics["task_loss"].append(task)
-        if self.teacher is not None and self.args.distill_weight > 0:
-            kl = self._distillation_loss(inputs, outputs.logits)
-            metrics["distill_kl"].append(kl.detach())
-            alpha = self.args.distill_weight
-            loss = (1 - alpha) * loss + alpha * kl / steps
+        if self.teacher is not None and self.args.distills:
+            kl, hidden = self._distillation_losses(inputs, outputs)
+            if self.args.distill_weight > 0:
+                metrics["distill_kl"].append(kl.detach())
+                alpha = self.args.distill_weight
+                loss = (1 - alpha) * loss + alpha * kl / steps
+            if distill_hidden:
+                metrics["distill_hidden"].append(hidden.detach())
+                loss = loss + self.args.distill_hidden_weight * hidden / steps
         if records:
             mask = inputs.get("attention_mask")
             per_layer = layer_sparsity(records, mask)
@@ -228,14 +245,26 @@ class LTETrainer(Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
-    def _distillation_loss(self, inputs, logits: torch.Tensor) -> torch.Tensor:
-        """Mean KL(teacher || student) of the next-token distributions over label positions."""
+    def _distillation_losses(self, inputs, outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean KL(teacher || student) of the next-token distributions over label positions and,
+        when the student returned hidden states, their mean relative squared error per layer
+        (over real tokens; the embeddings, index 0, are left out)."""
         with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
         valid = inputs["labels"][:, 1:] != -100
-        student = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
-        teacher = torch.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
-        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        student = torch.log_softmax(outputs.logits[:, :-1][valid].float(), dim=-1)
+        teacher = torch.log_softmax(teacher_out.logits[:, :-1][valid].float(), dim=-1)
+        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        if getattr(outputs, "hidden_states", None) is None:
+            return kl, None
+        mask = inputs.get("attention_mask")
+        real = mask.bool() if mask is not None else torch.ones(inputs["input_ids"].shape, dtype=torch.bool,
+                                                                device=outputs.logits.device)
+        errors = []
+        for h, h_teacher in zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:]):
+            h, h_teacher = h[real].float(), h_teacher[real].float()
+            errors.append((h - h_teacher).square().mean() / h_teacher.square().mean().clamp_min(1e-12))
+        return kl, torch.stack(errors).mean()
 
     @override
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

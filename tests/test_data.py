@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from conftest import SHARED_DATA, STORIES
 from lte.config import DataArgs
-from lte.data import ALPACA_CHAT_TEMPLATE, build_data, encode_conversation, to_conversation
+from lte.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
 from lte.errors import UsageError
 
 
@@ -91,3 +91,18 @@ def test_missing_column_is_a_usage_error(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
     with pytest.raises(UsageError, match="no 'text' column"):
         build_data(DataArgs(train=str(tmp_path / "d.jsonl"), eval=str(tmp_path / "d.jsonl"), block_size=4), tokenizer, 0)
+
+
+def test_several_sources_separated_by_commas_are_concatenated(tmp_path, tokenizer):
+    write_stories(tmp_path / "a.jsonl", n=20)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"A dog named Rex {i}.", "id": i}) for i in range(30)))
+    (tmp_path / "c.txt").write_text("A bird sang.\n\nThe end.\n\n" * 10)
+    both = DataArgs(train=f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'},{tmp_path / 'c.txt'}",
+                    eval=str(tmp_path / "a.jsonl"), block_size=16)
+    one = DataArgs(train=str(tmp_path / "a.jsonl"), eval=str(tmp_path / "a.jsonl"), block_size=16)
+    docs = load_documents(both.train, "train", both)
+    assert len(docs) == 20 + 30 + 20 and docs.column_names == ["text"]  # the extra "id" column is dropped
+    assert docs[20]["text"] == "A dog named Rex 0." and docs[50]["text"] == "A bird sang."
+    assert len(build_data(both, tokenizer, 0).train) > len(build_data(one, tokenizer, 0).train)
+    with pytest.raises(UsageError, match="nope.jsonl not found"):
+        check_source(f"{tmp_path / 'a.jsonl'},{tmp_path / 'nope.jsonl'}", "data.train")

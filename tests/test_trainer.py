@@ -164,3 +164,27 @@ def test_fixed_eta_without_a_target(tmp_path):
     trainer.train()
     assert trainer.eta_controller is None and trainer.eta == 1.0
     assert not any("eta" in h for h in trainer.state.log_history)
+
+
+def test_hidden_state_distillation(tmp_path):
+    """distill_hidden_weight: the mean relative squared error of every layer's output against the original
+    model's; zero against an identical copy, and it is the only loss term when everything else is off."""
+    teacher = tiny_model("llama")
+    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
+    set_lte_mode(model, "dense")
+    trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
+                                                       distill_hidden_weight=2.0, lte_mode="dense"),
+                         train_dataset=packed_dataset(), teacher=teacher)
+    batch = trainer.data_collator([packed_dataset()[i] for i in range(4)])
+    task = model(**batch).loss.item()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(task, rel=1e-5)
+    with torch.no_grad():
+        model.model.layers[1].mlp.base_layer.down_proj.weight.add_(torch.randn_like(model.model.layers[1].mlp.base_layer.down_proj.weight))
+    loss = trainer.compute_loss(model, batch).item()
+    hidden = trainer._metrics["train"]["distill_hidden"][-1].item()
+    assert hidden > 1e-3
+    assert loss == pytest.approx(model(**batch).loss.item() + 2.0 * hidden, rel=1e-4)
+    h = model(**batch, output_hidden_states=True).hidden_states
+    h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
+    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:])) / (len(h) - 1)
+    assert hidden == pytest.approx(expected, rel=1e-4)
