@@ -107,15 +107,21 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         trainer.train()
 
 
-def test_distillation_to_the_original_model(tmp_path):
-    """distill_weight=1: the loss is KL(original || LTE model); against an identical dense copy it is zero."""
+def distillation_setup(tmp_path, **distill):
+    """An LTE model in dense mode, its identical original as the teacher, a trainer with only the
+    distillation terms of ``distill`` switched on (and the task loss), and one batch."""
     teacher = tiny_model("llama")
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
     set_lte_mode(model, "dense")
     trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
-                                                       distill_weight=1.0, lte_mode="dense"),
+                                                       lte_mode="dense", **distill),
                          train_dataset=packed_dataset(), teacher=teacher)
-    batch = trainer.data_collator([packed_dataset()[i] for i in range(4)])
+    return teacher, model, trainer, trainer.data_collator([packed_dataset()[i] for i in range(4)])
+
+
+def test_distillation_to_the_original_model(tmp_path):
+    """distill_weight=1: the loss is KL(original || LTE model); against an identical dense copy it is zero."""
+    teacher, model, trainer, batch = distillation_setup(tmp_path, distill_weight=1.0)
     assert trainer.compute_loss(model, batch).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():  # now the student differs from the teacher
         model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight))
@@ -169,13 +175,7 @@ def test_fixed_eta_without_a_target(tmp_path):
 def test_hidden_state_distillation(tmp_path):
     """distill_hidden_weight: the mean relative squared error of every layer's output against the original
     model's; zero against an identical copy, and it is the only loss term when everything else is off."""
-    teacher = tiny_model("llama")
-    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
-    set_lte_mode(model, "dense")
-    trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
-                                                       distill_hidden_weight=2.0, lte_mode="dense"),
-                         train_dataset=packed_dataset(), teacher=teacher)
-    batch = trainer.data_collator([packed_dataset()[i] for i in range(4)])
+    teacher, model, trainer, batch = distillation_setup(tmp_path, distill_hidden_weight=2.0)
     task = model(**batch).loss.item()
     assert trainer.compute_loss(model, batch).item() == pytest.approx(task, rel=1e-5)
     with torch.no_grad():
