@@ -120,7 +120,7 @@ class LTETrainingArguments(TrainingArguments, LTEArguments):
 
 
 class EtaController(TrainerCallback, ExportableState):
-    """Stage 1's sparsity target: ``eta`` as the multiplier of the constraint "sparsity >= target".
+    """Stage 1's sparsity target: ``eta`` as the Lagrange multiplier of "sparsity = target".
 
     The efficiency loss alone sets no particular sparsity: where stage 1 settles depends on eta,
     on the router init and on the separability loss, which locks each router score on the side of
