@@ -211,12 +211,15 @@ class LTETrainer(Trainer):
             task = loss.detach()
         metrics["task_loss"].append(task)
         if self.teacher is not None and self.args.distills:
-            kl, hidden = self._distillation_losses(inputs, outputs)
+            with torch.no_grad():
+                teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
             if self.args.distill_weight > 0:
+                kl = self._distillation_kl(inputs, outputs.logits, teacher_out.logits)
                 metrics["distill_kl"].append(kl.detach())
                 alpha = self.args.distill_weight
                 loss = (1 - alpha) * loss + alpha * kl / steps
             if distill_hidden:
+                hidden = self._hidden_state_error(inputs, outputs.hidden_states, teacher_out.hidden_states)
                 metrics["distill_hidden"].append(hidden.detach())
                 loss = loss + self.args.distill_hidden_weight * hidden / steps
         if records:
@@ -245,26 +248,25 @@ class LTETrainer(Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
-    def _distillation_losses(self, inputs, outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mean KL(teacher || student) of the next-token distributions over label positions and,
-        when the student returned hidden states, their mean relative squared error per layer
-        (over real tokens; the embeddings, index 0, are left out)."""
-        with torch.no_grad():
-            teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
+    @staticmethod
+    def _distillation_kl(inputs, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Mean KL(teacher || student) of the next-token distributions over label positions."""
         valid = inputs["labels"][:, 1:] != -100
-        student = torch.log_softmax(outputs.logits[:, :-1][valid].float(), dim=-1)
-        teacher = torch.log_softmax(teacher_out.logits[:, :-1][valid].float(), dim=-1)
-        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
-        if getattr(outputs, "hidden_states", None) is None:
-            return kl, None
+        student = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+        teacher = torch.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+    @staticmethod
+    def _hidden_state_error(inputs, hidden, teacher_hidden) -> torch.Tensor:
+        """Mean over decoder layers of ||h - h_teacher||^2 / ||h_teacher||^2 over real tokens
+        (the embeddings, index 0, are left out)."""
         mask = inputs.get("attention_mask")
-        real = mask.bool() if mask is not None else torch.ones(inputs["input_ids"].shape, dtype=torch.bool,
-                                                                device=outputs.logits.device)
+        real = mask.bool() if mask is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
         errors = []
-        for h, h_teacher in zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:]):
+        for h, h_teacher in zip(hidden[1:], teacher_hidden[1:]):
             h, h_teacher = h[real].float(), h_teacher[real].float()
             errors.append((h - h_teacher).square().mean() / h_teacher.square().mean().clamp_min(1e-12))
-        return kl, torch.stack(errors).mean()
+        return torch.stack(errors).mean()
 
     @override
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
