@@ -60,6 +60,8 @@ class DataArgs:
     input_field: str = "input"
     response_field: str = "output"
     block_size: int = field(default=512, metadata={"help": "Tokens per packed training block (text) or max length (instruction)."})
+    eval_block_size: int | None = field(default=None, metadata={"help": "Tokens per held-out block (default: block_size): "
+                                        "evaluate at the context you serve, train on shorter blocks where attention dominates a step."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."})
     max_train_tokens: int | None = None
     max_eval_tokens: int | None = None
@@ -73,12 +75,19 @@ class DataArgs:
             raise UsageError(f"data.sample_by={self.sample_by!r} must be line, paragraph or document")
         if self.block_size < 2:
             raise UsageError(f"data.block_size={self.block_size} must be >= 2")
+        if self.eval_block_size is not None and self.eval_block_size < 2:
+            raise UsageError(f"data.eval_block_size={self.eval_block_size} must be >= 2 (or null: data.block_size)")
         if not 0 < self.eval_fraction < 1:
             raise UsageError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1)")
-        for key in ("max_train_tokens", "max_eval_tokens"):
-            value = getattr(self, key)
-            if value is not None and value < self.block_size:
-                raise UsageError(f"data.{key}={value} must be at least data.block_size={self.block_size}")
+        for key, block_key in (("max_train_tokens", "block_size"), ("max_eval_tokens", "held_out_block_size")):
+            value, block = getattr(self, key), getattr(self, block_key)
+            if value is not None and value < block:
+                raise UsageError(f"data.{key}={value} must be at least one block ({block} tokens)")
+
+    @property
+    def held_out_block_size(self) -> int:
+        """Tokens per held-out block."""
+        return self.eval_block_size or self.block_size
 
 
 @dataclass

@@ -95,8 +95,8 @@ def _text_column(dataset: Dataset, field_name: str, source: str) -> Dataset:
     return dataset.filter(lambda row: bool(row[field_name] and row[field_name].strip()))
 
 
-def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> Dataset:
-    """Tokenise documents and cut the concatenation into ``block_size`` blocks."""
+def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None) -> Dataset:
+    """Tokenise documents and cut the concatenation into blocks of ``block`` tokens (default ``block_size``)."""
     field_name = args.text_field
     dataset = _text_column(dataset, field_name, args.train)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -109,7 +109,7 @@ def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) ->
         return {"ids": [s if starts_marked else s + eos for s in ids]}
 
     tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-    block = args.block_size
+    block = block or args.block_size
     limit = None if max_tokens is None else max_tokens // block
 
     def group(batch):
@@ -120,7 +120,7 @@ def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) ->
 
     packed = tokens.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Packing")
     if len(packed) == 0:
-        raise UsageError(f"the data has fewer than data.block_size={block} tokens; give more text or a smaller block_size")
+        raise UsageError(f"the data has fewer than one block ({block} tokens); give more text or a smaller data.block_size")
     if limit is not None:
         packed = packed.select(range(min(limit, len(packed))))
     return packed
@@ -158,18 +158,21 @@ def encode_conversation(example: dict, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> Dataset:
+def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None,
+                         max_length: int | None = None) -> Dataset:
+    """Chat-formatted examples of at most ``max_length`` tokens (default ``block_size``), loss on responses."""
+    max_length = max_length or args.block_size
     for key in (args.instruction_field, args.response_field):
         if key not in dataset.column_names:
             raise UsageError(f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
                              f"set data.instruction_field / data.response_field")
     ensure_chat_template(tokenizer)
-    examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, args.block_size),
+    examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, max_length),
                            remove_columns=dataset.column_names, desc="Tokenizing")
     kept = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
     if len(kept) < len(examples):
-        logger.warning("%d of %d instruction examples dropped: their prompt fills data.block_size=%d tokens",
-                       len(examples) - len(kept), len(examples), args.block_size)
+        logger.warning("%d of %d instruction examples dropped: their prompt fills all %d tokens (data.block_size)",
+                       len(examples) - len(kept), len(examples), max_length)
     examples = kept
     if max_tokens is not None:
         lengths = [len(x) for x in examples["input_ids"]]
@@ -198,6 +201,7 @@ def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
         train_docs, eval_docs = split["train"], split["test"]
     if args.format == "text":
         return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens),
-                      pack(eval_docs, tokenizer, args, args.max_eval_tokens), padded=False)
+                      pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size), padded=False)
     return LMData(instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
-                  instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens), padded=True)
+                  instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size),
+                  padded=True)

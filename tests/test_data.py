@@ -42,6 +42,18 @@ def test_text_file_documents_and_token_budget(tmp_path, tokenizer):
     assert len(data.eval) > 4
 
 
+def test_held_out_blocks_can_be_longer_than_training_blocks(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("One story here.\n\nAnother story there.\n\n" * 50)
+    args = DataArgs(train=str(tmp_path / "a.txt"), eval=str(tmp_path / "a.txt"), block_size=16, eval_block_size=64)
+    data = build_data(args, tokenizer, seed=0)
+    assert {len(row["input_ids"]) for row in data.train} == {16}
+    assert {len(row["input_ids"]) for row in data.eval} == {64}
+    # the same tokens, cut differently
+    assert data.eval[0]["input_ids"] == [t for row in data.train.select(range(4)) for t in row["input_ids"]]
+    with pytest.raises(UsageError, match="max_eval_tokens=32 must be at least one block \\(64 tokens\\)"):
+        DataArgs(train="x", block_size=16, eval_block_size=64, max_eval_tokens=32).validate()
+
+
 def test_local_dataset_directory_goes_through_the_hub_loader(tmp_path, tokenizer):
     (tmp_path / "ds").mkdir()
     write_stories(tmp_path / "ds" / "train.jsonl")
