@@ -13,8 +13,8 @@ ALPACA = SHARED_DATA / "alpaca"
 def test_instruction_tuned_sparse_export_is_prompted_with_its_chat_template(tmp_path):
     out = tmp_path / "run"
     run_train(out, f"data.train={ALPACA / 'alpaca_data_1k.json'}", f"data.eval={ALPACA / 'alpaca_plus_validation_unseen.json'}",
-              "data.format=instruction", "data.max_train_tokens=null", "lte.stage1_steps=20", "lte.stage2_steps=20",
-              "export.allocation=uniform", "train.save_steps=20")
+              "data.format=instruction", "data.block_size=256", "data.max_train_tokens=null", "lte.stage1_steps=20",
+              "lte.stage2_steps=20", "export.allocation=uniform", "train.save_steps=20")
     report = json.loads((out / "report.json").read_text())
     # Held-out perplexity of the responses to unseen instructions (prompt tokens are not scored):
     # the instruction-tuned sparse model beats the original story model at over 50% sparsity.
