@@ -120,7 +120,8 @@ def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, bl
 
     packed = tokens.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Packing")
     if len(packed) == 0:
-        raise UsageError(f"the data has fewer than one block ({block} tokens); give more text or a smaller data.block_size")
+        raise UsageError(f"the data has fewer than one block ({block} tokens); give more text or smaller blocks "
+                         f"(data.block_size; data.eval_block_size for held-out text)")
     if limit is not None:
         packed = packed.select(range(min(limit, len(packed))))
     return packed
@@ -171,7 +172,8 @@ def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens
                            remove_columns=dataset.column_names, desc="Tokenizing")
     kept = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
     if len(kept) < len(examples):
-        logger.warning("%d of %d instruction examples dropped: their prompt fills all %d tokens (data.block_size)",
+        logger.warning("%d of %d instruction examples dropped: their prompt fills all %d tokens "
+                       "(data.block_size; data.eval_block_size for held-out examples)",
                        len(examples) - len(kept), len(examples), max_length)
     examples = kept
     if max_tokens is not None:
