@@ -122,7 +122,8 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     results = json.loads((tmp_path / "multi" / "results.json").read_text())["settings"]
     assert results["lte_runs"] == {"0.5": str(first), "0.7": str(second)} and results["extra_data"] == {"other": str(other)}
     table = (tmp_path / "multi" / "results.md").read_text()
-    assert "| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense | ppl other |" in table
+    assert ("| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense "
+            "| ppl other |") in table
     assert f"| lte | 0.50 | {first} |" in table and f"| lte | 0.70 | {second} |" in table
 
 
@@ -145,3 +146,28 @@ def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_settings(tmp_path):
+    import yaml
+
+    from lte.pipeline import link_stages
+
+    args = ["recipe=tiny", *FAST, "lte.stage0_steps=2"]
+    source = tmp_path / "source"
+    (source / "prepare" / "model").mkdir(parents=True)
+    (source / "recipe.yaml").write_text(yaml.safe_dump(load_recipe([*args, f"output_dir={source}"]).to_dict()))
+    (source / "prepare" / "model" / "config.json").write_text("{}")
+    here = tmp_path / "here"
+    ours = [*args, f"output_dir={here}", f"reuse_from={source}", "target_sparsity=0.9", "train.stage1.learning_rate=1e-3"]
+    with pytest.raises(UsageError, match="stage0/model is not finished"):
+        reused_stages(load_recipe(ours))
+    (source / "stage0" / "model").mkdir(parents=True)
+    (source / "stage0" / "model" / "config.json").write_text('{"stage": 0}')
+    pairs = reused_stages(load_recipe(ours))  # stage 1's settings and the target do not matter
+    assert [p[1] for p in pairs] == [here / "stage0" / "model", here / "prepare" / "model"]
+    link_stages(pairs)
+    assert (here / "stage0" / "model" / "config.json").read_text() == '{"stage": 0}'
+    link_stages(pairs)  # a rerun: already there, left alone
+    with pytest.raises(UsageError, match="train.learning_rate: 0.0001 there, 0.001 here"):
+        reused_stages(load_recipe([*ours, "train.learning_rate=1e-3"]))  # stage 0 trains with it
