@@ -99,7 +99,10 @@ class CompareRequest:
                 raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")
             if not Path(path).is_file():
                 raise UsageError(f"--extra-data {name}={path}: file not found; give NAME=FILE with a held-out text file")
-        self.lte_runs()
+        runs = self.lte_runs()
+        if self.expert_size is None and "moefication" in self.methods and LTE in self.methods and len(expert_sizes(runs)) > 1:
+            raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
+                             f"--expert-size for MoEfication")
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(f"{self.out} exists; pass --overwrite to replace it")
 
@@ -174,6 +177,12 @@ def parse_lte_runs(spec: str | None, targets: list[float]) -> dict[float, Path]:
             raise UsageError(f"--lte {f'{target:g}={given}' if target in named else given}: {exc}") from None
         runs[target] = run
     return runs
+
+
+def expert_sizes(runs: dict[float, Path]) -> list[int]:
+    """The distinct expert sizes of the LTE runs."""
+    return sorted({json.loads((run / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
+                   for run in runs.values()})
 
 
 def parse_extra_data(spec: str) -> dict[str, Path]:
@@ -344,12 +353,8 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     runs = request.lte_runs() if LTE in request.methods else {}
     if LTE in request.methods and not runs:
         skipped[LTE] = "no --lte RUN_OR_EXPORT_DIR given"
-    if expert_size is None:
-        sizes = sorted({json.loads((run / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
-                        for run in runs.values()})
-        if len(sizes) > 1 and "moefication" in request.methods:
-            raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, sizes))}; give --expert-size for MoEfication")
-        expert_size = sizes[0] if sizes else 32
+    if expert_size is None:  # MoEfication's: the LTE runs' (validate() checked they agree), else 32
+        expert_size = (expert_sizes(runs) or [32])[0]
     loaded: dict[Path, tuple] = {}  # the LTE run in memory (one at a time)
 
     def lte_for(run: Path) -> tuple:
