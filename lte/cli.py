@@ -64,7 +64,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import CompareRequest, compare
+    from .compare import CompareRequest, compare, parse_extra_data
     from .tasks import parse_tasks
 
     request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
@@ -75,7 +75,8 @@ def _cmd_compare(args) -> int:
                              expert_size=args.expert_size, allocation=args.allocation, batch_size=args.batch_size,
                              device=args.device, overwrite=args.overwrite,
                              tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {},
-                             task_limit=args.task_limit or None)
+                             task_limit=args.task_limit or None,
+                             extra_data=parse_extra_data(args.extra_data) if args.extra_data else {})
     compare(request)
     print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
           + (Path(args.out) / "results.md").read_text(), flush=True)
@@ -184,11 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity")
     p.add_argument("--model", required=True, help="the dense base model directory (the reference)")
-    p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names)")
+    p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names), for every "
+                   "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest)")
     p.add_argument("--methods", default="dense,lte,griffin,teal,cats,moefication,sparse_expansion",
                    help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication, sparse_expansion")
     p.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated target FFN sparsities")
     p.add_argument("--data", required=True, help="held-out text file")
+    p.add_argument("--extra-data", metavar="NAME=FILE[,NAME=FILE]",
+                   help="more held-out text every method is also scored on (ppl, KL, sparsity per source)")
     p.add_argument("--calibration", help="calibration text file (default: the first --calibration-tokens of --data)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block")

@@ -15,7 +15,11 @@ positions after the prompt (so GRIFFIN's are all made with its selected neurons)
   the whole gate; TEAL's sparse inputs skip weight columns).
 
 LTE (``--lte RUN_DIR``, or an export directory, which names its run) gets its thresholds
-re-tuned per target by the export's threshold tuning, so one trained run gives every point.
+tuned per target by the export's threshold tuning on the shared calibration tokens. One run can
+serve every target, or each target its own run, trained for it (``--lte 0.5=RUN_A,0.7=RUN_B``; a
+run without a target serves the rest); each LTE row names its ``run`` and its ``thresholds``.
+``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
+layout) through the same code path: ``extra_data[NAME]`` in each row.
 Outputs go to a temporary directory renamed to ``--out`` at the end: ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
@@ -42,6 +46,7 @@ logger = logging.getLogger("lte")
 
 LTE = "lte"
 ALL_METHODS = ("dense", LTE, *(m for m in METHODS if m != "dense"))
+MAIN_SOURCE = "--data"  # the held-out source of each row's own ppl/kl; --extra-data adds others
 
 
 @dataclasses.dataclass
@@ -64,6 +69,11 @@ class CompareRequest:
     overwrite: bool = False
     tasks: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> file (lte.tasks)
     task_limit: int | None = 200
+    extra_data: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> held-out text file
+
+    def lte_runs(self) -> dict[float, Path]:
+        """The LTE run of each target (``{}`` without ``--lte``)."""
+        return parse_lte_runs(self.lte, self.sparsity)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -84,16 +94,25 @@ class CompareRequest:
                              f"scored positions in a block of {self.block_size}")
         if self.allocation not in ("tuned", "uniform"):
             raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
+        for name, path in self.extra_data.items():
+            if name == MAIN_SOURCE:
+                raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")
+            if not Path(path).is_file():
+                raise UsageError(f"--extra-data {name}={path}: file not found; give NAME=FILE with a held-out text file")
+        runs = self.lte_runs()
+        if self.expert_size is None and "moefication" in self.methods and LTE in self.methods and len(expert_sizes(runs)) > 1:
+            raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
+                             f"--expert-size for MoEfication")
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(f"{self.out} exists; pass --overwrite to replace it")
 
 
-def token_blocks(text: str, tokenizer, block_size: int) -> torch.Tensor:
+def token_blocks(text: str, tokenizer, block_size: int, what: str = "the text") -> torch.Tensor:
     """The text's tokens cut into [n, block_size] blocks (the last partial block is dropped)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(ids) // block_size
     if n == 0:
-        raise UsageError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}")
+        raise UsageError(f"{what} has {len(ids)} tokens, fewer than one block of {block_size}")
     return torch.tensor(ids[: n * block_size]).reshape(n, block_size)
 
 
@@ -110,6 +129,73 @@ def lte_run_dir(path: str) -> Path:
         if source:
             return Path(source)
     return path
+
+
+def parse_lte_runs(spec: str | None, targets: list[float]) -> dict[float, Path]:
+    """``--lte``: ``RUN`` (one run for every target) or ``TARGET=RUN`` pairs, one run trained for each
+    target; a ``RUN`` without a target among the pairs serves the targets not named. Each ``RUN`` is a
+    run directory or an export directory (its run is used). Checked before any work."""
+    if not spec:
+        return {}
+    example = "e.g. --lte 0.5=runs/a,0.7=runs/b,0.9=runs/c, or --lte runs/a for every target"
+    named: dict[float, str] = {}
+    default = None
+    for item in (i.strip() for i in spec.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            if default is not None:
+                raise UsageError(f"--lte {spec}: two runs without a target ({default}, {item}); write TARGET=RUN_DIR, {example}")
+            default = item
+            continue
+        key, path = (part.strip() for part in item.split("=", 1))
+        try:
+            target = float(key)
+        except ValueError:
+            target = None
+        if target is None or not path:
+            raise UsageError(f"--lte {item!r}: expected TARGET=RUN_DIR with TARGET one of --sparsity, {example}")
+        match = [t for t in targets if math.isclose(t, target, abs_tol=1e-9)]
+        if not match:
+            raise UsageError(f"--lte {item}: {key} is not a target of --sparsity {','.join(f'{t:g}' for t in targets)}; "
+                             f"add it to --sparsity or drop the pair")
+        if match[0] in named:
+            raise UsageError(f"--lte names target {key} twice; give one run per target, {example}")
+        named[match[0]] = path
+    missing = [f"{t:g}" for t in targets if t not in named]
+    if missing and default is None:
+        raise UsageError(f"--lte has no run for target {', '.join(missing)} of --sparsity; add TARGET=RUN_DIR for it, "
+                         f"or one RUN_DIR without a target for the targets not named")
+    from .export import stage2_model
+
+    runs = {}
+    for target in targets:
+        given = named.get(target, default)
+        try:
+            stage2_model(run := lte_run_dir(given))
+        except UsageError as exc:
+            raise UsageError(f"--lte {f'{target:g}={given}' if target in named else given}: {exc}") from None
+        runs[target] = run
+    return runs
+
+
+def expert_sizes(runs: dict[float, Path]) -> list[int]:
+    """The distinct expert sizes of the LTE runs."""
+    return sorted({json.loads((run / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
+                   for run in runs.values()})
+
+
+def parse_extra_data(spec: str) -> dict[str, Path]:
+    """``--extra-data NAME=FILE[,NAME=FILE]``: more held-out sources every method is scored on."""
+    sources: dict[str, Path] = {}
+    for item in (i.strip() for i in spec.split(",")):
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not (sep and name and path):
+            raise UsageError(f"--extra-data {item!r}: expected NAME=FILE[,NAME=FILE], e.g. --extra-data wikitext=wiki.txt")
+        if name in sources:
+            raise UsageError(f"--extra-data names {name} twice; give each source its own name")
+        sources[name] = Path(path)
+    return sources
 
 
 def lte_method(run: Path, calibration: list[dict], allocation: str, device):
@@ -132,13 +218,15 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     cache = {}
     trained = load_report(run).get("sparsity")
 
-    def set_target(target: float) -> None:
+    def set_target(target: float) -> dict:
+        """Tune the thresholds to ``target``; returns what was chosen (allocation, per-layer thresholds)."""
         if warning := below_trained_sparsity(trained, target):
             logger.warning("compare: lte: %s %s", run, warning)
         with handle.disabled():
             if allocation == "tuned" and "sens" not in cache:
                 cache["sens"] = sensitivity(model, calibration, progress=False)
-            choose_thresholds(model, calibration, target, allocation, cache.get("sens"), progress=False)
+            chosen, _ = choose_thresholds(model, calibration, target, allocation, cache.get("sens"), progress=False)
+        return {"allocation": chosen.allocation, "thresholds": [float(t) for t in chosen.thresholds]}
 
     return model, handle, set_target
 
@@ -168,15 +256,19 @@ def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int
 
 def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
     tasks = list(dict.fromkeys(name for row in rows for name in row.get("tasks", {})))
-    header = ["method", "target", "realized sparsity", "ppl", "KL to dense", "FFN FLOPs/token", "vs dense",
-              *(f"{t} {HEADLINE[t]}" for t in tasks)]
+    extra = list(dict.fromkeys(name for row in rows for name in row.get("extra_data", {})))
+    runs = any("run" in row for row in rows)  # the LTE run each row came from
+    header = ["method", "target", *(["run"] if runs else []), "realized sparsity", "ppl", "KL to dense", "FFN FLOPs/token",
+              "FFN FLOPs vs dense", *(f"ppl {name}" for name in extra), *(f"{t} {HEADLINE[t]}" for t in tasks)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
+        lead = [row["method"], f"{row['target_sparsity']:.2f}", *([row.get("run", "")] if runs else [])]
         if row.get("skipped"):
-            cells = [row["method"], f"{row['target_sparsity']:.2f}", f"skipped: {row['skipped']}"] + [""] * (len(header) - 3)
+            cells = [*lead, f"skipped: {row['skipped']}"] + [""] * (len(header) - len(lead) - 1)
         else:
-            cells = [row["method"], f"{row['target_sparsity']:.2f}", f"{row['realized_sparsity']:.3f}", f"{row['ppl']:.4f}",
-                     f"{row['kl']:.4f}", f"{row['ffn_flops_per_token']:.4g}", f"{row['ffn_flops_per_token'] / dense_flops:.3f}x",
+            cells = [*lead, f"{row['realized_sparsity']:.3f}", f"{row['ppl']:.4f}", f"{row['kl']:.4f}",
+                     f"{row['ffn_flops_per_token']:.4g}", f"{row['ffn_flops_per_token'] / dense_flops:.3f}x",
+                     *(f"{row['extra_data'][name]['ppl']:.4f}" for name in extra),
                      *(f"{row['tasks'][t][HEADLINE[t]]:.3f}" for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -204,6 +296,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if dense_flops:
             by_flops.plot([r["ffn_flops_per_token"] / dense_flops for r in done], [r["ppl"] for r in done], marker="o",
                           color=line.get_color(), label=method)
+        if len({r.get("run") for r in done}) > 1:  # one run per target: name each point's run
+            for r in done:
+                name = Path(r["run"]).name
+                by_sparsity.annotate(name, (100 * r["realized_sparsity"], r["ppl"]), fontsize=7, xytext=(3, 3),
+                                     textcoords="offset points", color=line.get_color())
+                if dense_flops:
+                    by_flops.annotate(name, (r["ffn_flops_per_token"] / dense_flops, r["ppl"]), fontsize=7,
+                                      xytext=(3, 3), textcoords="offset points", color=line.get_color())
     for ax in (by_sparsity, by_flops):
         if dense:
             ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
@@ -241,24 +341,29 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     blocks = blocks[: max(1, request.max_eval_tokens // request.block_size)]
     calibration = batches_of(calibration_blocks, request.batch_size)
     evaluation = batches_of(blocks, request.batch_size)
+    sources = {MAIN_SOURCE: evaluation}  # every method is scored on each, the same way
+    for name, path in request.extra_data.items():
+        extra = token_blocks(Path(path).read_text(), tokenizer, request.block_size, f"--extra-data {name}={path}")
+        sources[name] = batches_of(extra[: max(1, request.max_eval_tokens // request.block_size)], request.batch_size)
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)
     dense_flops = dense_ffn_flops_per_token(sites)
     expert_size = request.expert_size
-    lte_model = lte_handle = set_target = None
     skipped: dict[str, str] = {}
-    if LTE in request.methods:
-        if request.lte is None:
-            skipped[LTE] = "no --lte RUN_OR_EXPORT_DIR given"
-        else:
-            run = lte_run_dir(request.lte)
-            lte_model, lte_handle, set_target = lte_method(run, calibration, request.allocation, device)
-            if lte_model.config.vocab_size != model.config.vocab_size:
-                skipped[LTE] = f"its vocabulary ({lte_model.config.vocab_size}) differs from --model's ({model.config.vocab_size})"
-            if expert_size is None:
-                expert_size = json.loads((Path(run) / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
-    if expert_size is None:
-        expert_size = 32
+    runs = request.lte_runs() if LTE in request.methods else {}
+    if LTE in request.methods and not runs:
+        skipped[LTE] = "no --lte RUN_OR_EXPORT_DIR given"
+    if expert_size is None:  # MoEfication's: the LTE runs' (validate() checked they agree), else 32
+        expert_size = (expert_sizes(runs) or [32])[0]
+    loaded: dict[Path, tuple] = {}  # the LTE run in memory (one at a time)
+
+    def lte_for(run: Path) -> tuple:
+        if run not in loaded:
+            for _, handle, _ in loaded.values():
+                handle.remove()
+            loaded.clear()
+            loaded[run] = lte_method(run, calibration, request.allocation, device)
+        return loaded[run]
     task_examples = {name: load_task(name, path, request.task_limit) for name, path in request.tasks.items()}
     logger.info("compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
                 len(blocks), request.block_size, prefix, len(calibration_blocks), device)
@@ -272,8 +377,13 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             rows.append({**row, "skipped": skipped[method]})
             continue
         if method == LTE:
-            set_target(target)
-            scored_model, handle = lte_model, lte_handle
+            row["run"] = str(runs[target])
+            scored_model, handle, set_target = lte_for(runs[target])
+            if scored_model.config.vocab_size != model.config.vocab_size:
+                rows.append({**row, "skipped": f"its vocabulary ({scored_model.config.vocab_size}) differs from "
+                                               f"--model's ({model.config.vocab_size})"})
+                continue
+            row.update(set_target(target))
         else:
             kwargs = {"expert_size": expert_size} if method == "moefication" else {}
             scored_model = model
@@ -283,7 +393,12 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
                 rows.append({**row, "skipped": str(exc)})
                 continue
         try:
-            result = score(scored_model, model, handle, evaluation, prefix)
+            scores = {name: score(scored_model, model, handle, batches, prefix) for name, batches in sources.items()}
+            result = scores.pop(MAIN_SOURCE)
+            result["ffn_flops_vs_dense"] = result["ffn_flops_per_token"] / dense_flops
+            if scores:
+                result["extra_data"] = {name: {key: s[key] for key in ("ppl", "kl", "realized_sparsity", "scored_tokens")}
+                                        for name, s in scores.items()}
             if task_examples:
                 window = getattr(model.config, "max_position_embeddings", None) or request.block_size
                 result["tasks"] = {name: accuracy(scored_model, tokenizer, examples, handle, window)
@@ -292,8 +407,9 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             if method != LTE:
                 handle.remove()
         rows.append({**row, **result})
-        logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx", method, target,
-                    result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_per_token"] / dense_flops)
+        logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx%s", method, target,
+                    result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_vs_dense"],
+                    f"  ({row['run']})" if "run" in row else "")
     write_results(request, rows, dense_flops)
     return rows
 
@@ -306,6 +422,8 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
         meta = {"model": request.model, "data": request.data, "lte": request.lte, "block_size": request.block_size,
                 "tasks": {name: str(path) for name, path in request.tasks.items()}, "task_limit": request.task_limit,
                 "prompt_fraction": request.prompt_fraction, "dense_ffn_flops_per_token": dense_flops,
+                "lte_runs": {f"{t:g}": str(run) for t, run in request.lte_runs().items()},
+                "extra_data": {name: str(path) for name, path in request.extra_data.items()},
                 "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data"}
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
         write_markdown(rows, dense_flops, tmp / "results.md")

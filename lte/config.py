@@ -5,7 +5,9 @@ dotted overrides with OmegaConf, and checks every key before anything runs: an u
 names the closest valid one, a wrong type or an out-of-range value names the key and why.
 Groups: ``model.*``, ``data.*``, ``lte.*`` (:class:`~lte.trainer.LTEArguments`), ``lora.*``, ``train.*``
 (any ``TrainingArguments`` field, with per-stage overrides under ``train.stage0/1/2``),
-``export.*``, and the top-level ``output_dir`` and ``seed``.
+``export.*``, and the top-level ``output_dir``, ``seed``, ``target_sparsity`` (sets ``lte.target_sparsity``
+and ``export.target_sparsity``: a run trained and exported for one sparsity) and ``reuse_from`` (another
+run whose finished stage 0 and prepare step this run takes, :func:`lte.pipeline.reused_stages`).
 """
 
 from __future__ import annotations
@@ -165,6 +167,10 @@ class Recipe:
     lora: LoraArgs = field(default_factory=LoraArgs)
     seed: int = 42
     name: str = ""
+    # One key for a run trained for a sparsity: fills lte.target_sparsity and export.target_sparsity (see SHORTHANDS).
+    target_sparsity: float | None = None
+    # A finished run whose stage0/ and prepare/ this run takes (hard links) when the settings they depend on agree.
+    reuse_from: str | None = None
 
     def stage_args(self, stage: str, **extra) -> LTETrainingArguments:
         """The ``TrainingArguments`` of one stage: ``train.*`` merged with ``train.<stage>.*``."""
@@ -181,11 +187,17 @@ class Recipe:
         return {"name": self.name, "output_dir": self.output_dir, "seed": self.seed,
                 "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "lte": dataclasses.asdict(self.lte), "lora": dataclasses.asdict(self.lora), "train": self.train,
-                "export": dataclasses.asdict(self.export)}
+                "export": dataclasses.asdict(self.export), "target_sparsity": self.target_sparsity,
+                "reuse_from": self.reuse_from}
 
 
 _GROUPS = {"model": ModelArgs, "data": DataArgs, "lte": LTEArguments, "lora": LoraArgs, "export": ExportArgs}
-_TOP_LEVEL = ("model", "data", "lte", "lora", "train", "export", "output_dir", "seed")
+_TOP_LEVEL = ("model", "data", "lte", "lora", "train", "export", "output_dir", "seed", "target_sparsity", "reuse_from")
+# Top-level keys that stand for several group keys. Each is expanded within the layer that sets it (the
+# recipe file, then the command line) where that layer does not set the group key itself: so
+# `recipe=tiny target_sparsity=0.7` overrides both targets of tiny.yaml, and an explicit
+# `lte.target_sparsity=0.72` beside it wins for that key.
+SHORTHANDS = {"target_sparsity": ("lte", "export")}
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(LTETrainingArguments)} - set(PIPELINE_OWNED_TRAIN_KEYS)
 
 
@@ -246,6 +258,17 @@ def _check_train_key(full: str, key: str) -> None:
                          + _closest(f"train.{key}", {f"train.{k}" for k in _TRAIN_KEYS}))
 
 
+def expand_shorthands(layer: DictConfig) -> DictConfig:
+    """Fill the group keys a top-level shorthand stands for, where ``layer`` leaves them unset."""
+    for key, groups in SHORTHANDS.items():
+        if layer.get(key) is None:
+            continue
+        for group in groups:
+            if key not in (layer.get(group) or {}):
+                OmegaConf.update(layer, f"{group}.{key}", layer[key], force_add=True)
+    return layer
+
+
 def parse_overrides(args: list[str]) -> tuple[str, list[str]]:
     """Split ``recipe=NAME`` from the other ``key=value`` arguments."""
     args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
@@ -273,7 +296,7 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
     name, overrides = parse_overrides(args)
     path = find_recipe(name)
     try:
-        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(expand_shorthands(OmegaConf.load(path)), expand_shorthands(OmegaConf.from_dotlist(overrides)))
     except OmegaConfBaseException as exc:
         raise UsageError(f"could not read recipe {path} with overrides {overrides}: {exc}") from None
     return build_recipe(cfg, path.stem, check_hardware)
@@ -289,9 +312,25 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     return build_recipe(cfg, name, check_hardware=False)
 
 
+def _top_level_extras(cfg: DictConfig) -> dict[str, Any]:
+    """``target_sparsity`` and ``reuse_from``, typed and checked."""
+    target, reuse = cfg.get("target_sparsity"), cfg.get("reuse_from")
+    if target is not None:
+        try:
+            target = float(target)
+        except (TypeError, ValueError):
+            raise UsageError(f"target_sparsity={target!r} must be a number in (0, 1), e.g. target_sparsity=0.7") from None
+        if not 0 < target < 1:
+            raise UsageError(f"target_sparsity={target} must lie in (0, 1): it sets lte.target_sparsity and "
+                             f"export.target_sparsity")
+    return {"target_sparsity": target, "reuse_from": str(reuse) if reuse else None}
+
+
 def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Recipe:
     """Check and type a merged recipe config."""
     _check_keys(cfg)
+    extras = _top_level_extras(cfg)
+    expand_shorthands(cfg)
     groups = {}
     for group, schema in _GROUPS.items():
         try:
@@ -305,7 +344,9 @@ def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Rec
     train = OmegaConf.to_container(cfg.get("train") or OmegaConf.create({}), resolve=True)
     recipe = Recipe(model=groups["model"], data=groups["data"], lte=groups["lte"], train=train,
                     export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=name,
-                    lora=groups["lora"])
+                    lora=groups["lora"], **extras)
+    if recipe.reuse_from and Path(recipe.reuse_from).resolve() == Path(recipe.output_dir).resolve():
+        raise UsageError(f"reuse_from={recipe.reuse_from} is this run's own output_dir; give another run's output_dir")
     for part in (recipe.model, recipe.data, recipe.lte, recipe.lora, recipe.export):
         part.validate()
     if recipe.lora.enabled and recipe.lte.stage0_steps > 0:

@@ -7,7 +7,9 @@ Each stage is its own ``Trainer.train()`` with its own trainable set, writing ch
 ``OUTPUT_DIR/stageN/checkpoint-*`` and its finished model to ``OUTPUT_DIR/stageN/model``
 (written to a temporary directory and renamed, so a finished stage is never half-written).
 Rerunning the same command skips finished stages and resumes an unfinished one from its
-last checkpoint.
+last checkpoint. ``reuse_from=RUN`` starts a run from another run's finished ``stage0/`` and
+``prepare/`` (hard links) when both recipes agree on what those stages read, so runs trained for
+different sparsities share them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, defaul
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .adapters import add_lora, merge_adapter, quantization_config
-from .config import Recipe
+from .config import Recipe, load_run_recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
@@ -323,9 +325,77 @@ def summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+# The lte.* keys the prepare step reads (expert grouping, router init); stage 0 reads none but stage0_steps.
+PREPARE_LTE_KEYS = ("expert_size", "tau", "router_bias", "router_init", "router_init_scale", "router_init_tokens",
+                    "router_init_sparsity", "router_init_steps", "detach_router_input", "kmeans_iters", "stage0_steps")
+
+
+def shared_stage_settings(recipe: Recipe) -> dict:
+    """The settings stage 0 and the prepare step depend on, as dotted keys: two runs that agree on
+    them produce the same ``stage0/`` and ``prepare/``."""
+    d = recipe.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("stage1", "stage2")}
+    if recipe.lte.stage0_steps == 0:  # no stage 0: prepare reads only the batch size of its calibration batches
+        train = {k: v for k, v in train.items() if k == "per_device_train_batch_size"}
+    nested = {"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train,
+              "lte": {k: d["lte"][k] for k in PREPARE_LTE_KEYS}}
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    return flat(nested)
+
+
+def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
+    """``reuse_from``: the (finished stage model there, stage model here) pairs this run takes from that
+    run, stage 0 (when it has steps) and prepare. Checks, before anything is written, that the run
+    exists, that those stages finished there, and that its recipe agrees on what they depend on."""
+    if not recipe.reuse_from:
+        return []
+    source, key = Path(recipe.reuse_from), f"reuse_from={recipe.reuse_from}"
+    if not (source / "recipe.yaml").is_file():
+        raise UsageError(f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
+                         f"stage 0 and prepare step have finished, or drop reuse_from")
+    theirs, ours = shared_stage_settings(load_run_recipe(source)), shared_stage_settings(recipe)
+    differ = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    if differ:
+        listed = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])
+        raise UsageError(f"{key}: that run's stage 0 and prepare step were made with other settings ({listed}"
+                         f"{'; ...' if len(differ) > 6 else ''}); set them as that run did, or drop reuse_from")
+    pairs = []
+    for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]:
+        there = source / stage / STAGE_MODEL
+        if not (there / "config.json").is_file():
+            raise UsageError(f"{key}: {there} is not finished; finish that run first (rerun its command) or drop reuse_from")
+        pairs.append((there, Path(recipe.output_dir) / stage / STAGE_MODEL))
+    return pairs
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """A hard link (no extra disk; stage models are replaced, never written in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def link_stages(pairs: list[tuple[Path, Path]]) -> None:
+    """Put each reused stage model in place (skipping those already there: a rerun)."""
+    for there, here in pairs:
+        if (here / "config.json").is_file():
+            continue
+        here.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomically(lambda d, there=there: shutil.copytree(there, d, copy_function=_link_or_copy), here)
+        logger.info("%s: reused %s", here.parent.name, there)
+
+
 def run(recipe: Recipe) -> dict | None:
     """Run every stage of ``recipe`` (resuming what is already done); returns the report."""
     preflight(recipe)
+    reused = reused_stages(recipe)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
@@ -334,6 +404,7 @@ def run(recipe: Recipe) -> dict | None:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        link_stages(reused)
     state.wait_for_everyone()
     logger.info("data: %d training and %d held-out examples", len(data.train), len(data.eval))
 

@@ -1,0 +1,173 @@
+"""Runs trained for a target: the `target_sparsity` recipe key, `reuse_from` (shared stage 0 and
+prepare step), and `lte compare` with one LTE run per target and more held-out sources."""
+
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import FAST, REPO, STORIES, run_train
+from lte.cli import main
+from lte.compare import CompareRequest, compare
+from lte.config import load_recipe
+from lte.errors import UsageError
+from lte.pipeline import reused_stages
+
+DATA = REPO / "assets" / "tinystories" / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def second_run(tiny_run, tmp_path_factory):
+    """A tiny run trained and exported for 0.7 that takes the first tiny run's prepare step."""
+    first, _ = tiny_run
+    out = tmp_path_factory.mktemp("second") / "run"
+    return out, run_train(out, f"reuse_from={first}", "target_sparsity=0.7")
+
+
+def targets(*args):
+    recipe = load_recipe([*args, "output_dir=runs/x"], check_hardware=False)
+    return recipe.lte.target_sparsity, recipe.export.target_sparsity
+
+
+def test_target_sparsity_sets_the_controller_and_the_export_where_they_are_not_set_beside_it(tmp_path):
+    assert targets("recipe=tiny") == (0.52, 0.5)  # the recipe file's own values
+    assert targets("recipe=tiny", "target_sparsity=0.7") == (0.7, 0.7)
+    assert targets("recipe=tinystories_llama", "target_sparsity=0.5") == (0.5, 0.5)
+    assert targets("recipe=tiny", "target_sparsity=0.7", "lte.target_sparsity=0.72") == (0.72, 0.7)
+    # in a recipe file the key fills what the file leaves unset; the command line still overrides
+    cfg = OmegaConf.load(REPO / "recipes" / "tiny.yaml")
+    del cfg.lte["target_sparsity"], cfg.export["target_sparsity"]
+    cfg.target_sparsity = 0.6
+    path = tmp_path / "mine.yaml"
+    OmegaConf.save(cfg, path)
+    assert targets(f"recipe={path}") == (0.6, 0.6)
+    assert targets(f"recipe={path}", "export.target_sparsity=0.5") == (0.6, 0.5)
+    assert targets(f"recipe={path}", "target_sparsity=0.8") == (0.8, 0.8)
+    for bad, message in (("target_sparsity=1.5", "target_sparsity=1.5 must lie in (0, 1)"),
+                         ("target_sparsity=most", "target_sparsity='most' must be a number")):
+        with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            targets("recipe=tiny", bad)
+
+
+def test_a_run_trained_for_a_target_takes_the_prepare_step_of_another(tiny_run, second_run):
+    (first, _), (second, proc) = tiny_run, second_run
+    assert f"prepare: reused {first}/prepare/model" in proc.stderr
+    for name in ("model.safetensors", "lte_routers.safetensors"):
+        ours, theirs = second / "prepare" / "model" / name, first / "prepare" / "model" / name
+        assert ours.read_bytes() == theirs.read_bytes()
+        assert os.stat(ours).st_ino == os.stat(theirs).st_ino  # a hard link: no second copy on disk
+    report = json.loads((second / "report.json").read_text())
+    assert report["recipe"]["lte"]["target_sparsity"] == report["recipe"]["export"]["target_sparsity"] == 0.7
+    assert report["export"]["target_sparsity"] == 0.7
+    assert report["export"]["heldout_sparsity"] == pytest.approx(0.7, abs=0.03)
+    assert (second / "stage1" / "model" / "lte_routers.safetensors").read_bytes() != \
+        (first / "stage1" / "model" / "lte_routers.safetensors").read_bytes()  # stage 1 trained on its own
+
+
+def test_reuse_refuses_a_run_made_with_other_settings_before_writing_anything(tiny_run, tmp_path, capsys):
+    first, _ = tiny_run
+    args = ["recipe=tiny", f"output_dir={tmp_path / 'new'}", *FAST, f"reuse_from={first}"]
+    assert [here for _, here in reused_stages(load_recipe(args))] == [tmp_path / "new" / "prepare" / "model"]
+    with pytest.raises(UsageError, match=r"lte.router_init_steps: 20 there, 10 here"):
+        reused_stages(load_recipe([*args, "lte.router_init_steps=10"]))
+    with pytest.raises(UsageError, match=r"data.max_train_tokens: 8192 there, 4096 here"):
+        reused_stages(load_recipe([*args, "data.max_train_tokens=4096"]))
+    # the same through `lte train`: one message, exit code 2, nothing written
+    assert main(["train", *args, "lte.expert_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"reuse_from={first}" in err and "lte.expert_size: 4 there, 2 here" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+    unfinished = tmp_path / "unfinished"  # a run whose prepare step has not finished
+    unfinished.mkdir()
+    (unfinished / "recipe.yaml").write_text((first / "recipe.yaml").read_text())
+    with pytest.raises(UsageError, match="prepare/model is not finished; finish that run first"):
+        reused_stages(load_recipe([*args[:-1], f"reuse_from={unfinished}"]))
+    with pytest.raises(UsageError, match="no `lte train` run there"):
+        reused_stages(load_recipe([*args[:-1], f"reuse_from={tmp_path}"]))
+
+
+def run_compare(out, lte, data=DATA, **kwargs):
+    request = CompareRequest(model=str(STORIES), data=str(data), calibration=str(DATA), out=str(out),
+                             methods=["dense", "lte"], sparsity=[0.5, 0.7], lte=lte, calibration_tokens=1024,
+                             max_eval_tokens=2048, allocation="uniform", **kwargs)
+    return {(r["method"], r["target_sparsity"]): r for r in compare(request, progress=False)}
+
+
+def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_run, second_run, tmp_path):
+    (first, _), (second, _) = tiny_run, second_run
+    other = tmp_path / "other.txt"  # a second held-out source: TinyStories V1 validation stories after eval.txt's
+    other.write_text((REPO / "assets" / "tinystories" / "train_v1_valid.txt").read_text()[:40_000])
+    rows = run_compare(tmp_path / "multi", f"0.5={first},0.7={second}", extra_data={"other": other})
+    only_first = run_compare(tmp_path / "first", str(first), data=other)  # same calibration, scored on `other`
+    only_second = run_compare(tmp_path / "second", str(second))
+
+    assert [rows[("lte", t)]["run"] for t in (0.5, 0.7)] == [str(first), str(second)]
+    # each row's thresholds and scores are those of its own run, tuned on the shared calibration tokens
+    assert rows[("lte", 0.5)]["thresholds"] == only_first[("lte", 0.5)]["thresholds"]
+    assert rows[("lte", 0.7)]["thresholds"] == only_second[("lte", 0.7)]["thresholds"]
+    assert rows[("lte", 0.7)]["thresholds"] != only_first[("lte", 0.7)]["thresholds"]  # the two runs differ
+    assert rows[("lte", 0.7)]["ppl"] == pytest.approx(only_second[("lte", 0.7)]["ppl"], rel=1e-6)
+    for target in (0.5, 0.7):
+        assert rows[("lte", target)]["realized_sparsity"] == pytest.approx(target, abs=0.03)
+        assert rows[("lte", target)]["ffn_flops_vs_dense"] < 1
+    assert rows[("dense", 0.0)]["ffn_flops_vs_dense"] == 1
+    # --extra-data: every row scored on the second source too, the same way as on --data
+    dense = rows[("dense", 0.0)]["extra_data"]["other"]
+    assert dense["kl"] == 0 and dense["ppl"] == pytest.approx(only_first[("dense", 0.0)]["ppl"], rel=1e-6)
+    extra = rows[("lte", 0.5)]["extra_data"]["other"]
+    assert extra["ppl"] == pytest.approx(only_first[("lte", 0.5)]["ppl"], rel=1e-6)
+    assert extra["kl"] == pytest.approx(only_first[("lte", 0.5)]["kl"], rel=1e-6) and extra["kl"] > 0
+    assert extra["scored_tokens"] == dense["scored_tokens"] > 0 and extra["ppl"] != rows[("lte", 0.5)]["ppl"]
+    results = json.loads((tmp_path / "multi" / "results.json").read_text())["settings"]
+    assert results["lte_runs"] == {"0.5": str(first), "0.7": str(second)} and results["extra_data"] == {"other": str(other)}
+    table = (tmp_path / "multi" / "results.md").read_text()
+    assert ("| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense "
+            "| ppl other |") in table
+    assert f"| lte | 0.50 | {first} |" in table and f"| lte | 0.70 | {second} |" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lte", "0.5=RUN_A,0.6=RUN_B"], "--lte 0.6=RUN_B: 0.6 is not a target of --sparsity 0.5,0.7; add it to --sparsity"),
+    (["--lte", "0.5=RUN_A,0.7=missing"], "--lte 0.7=missing: missing: no such run directory"),
+    (["--lte", "0.5=RUN_A,half=RUN_B"], "--lte 'half=RUN_B': expected TARGET=RUN_DIR"),
+    (["--lte", "0.5=RUN_A"], "--lte has no run for target 0.7 of --sparsity; add TARGET=RUN_DIR"),
+    (["--lte", "RUN_A,RUN_B"], "two runs without a target"),
+    (["--lte", "0.5=RUN_A,0.5=RUN_B"], "--lte names target 0.5 twice"),
+    (["--lte", "RUN_A", "--extra-data", "other"], "--extra-data 'other': expected NAME=FILE"),
+    (["--lte", "RUN_A", "--extra-data", "other=missing.txt"], "--extra-data other=missing.txt: file not found"),
+])
+def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_path, capsys, args, message):
+    first, _ = tiny_run
+    args = [a.replace("RUN_A", str(first)).replace("RUN_B", str(first)) for a in args]
+    message = message.replace("RUN_A", str(first)).replace("RUN_B", str(first))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(STORIES), "--data", str(DATA), "--sparsity", "0.5,0.7", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_settings(tmp_path):
+    import yaml
+
+    from lte.pipeline import link_stages
+
+    args = ["recipe=tiny", *FAST, "lte.stage0_steps=2"]
+    source = tmp_path / "source"
+    (source / "prepare" / "model").mkdir(parents=True)
+    (source / "recipe.yaml").write_text(yaml.safe_dump(load_recipe([*args, f"output_dir={source}"]).to_dict()))
+    (source / "prepare" / "model" / "config.json").write_text("{}")
+    here = tmp_path / "here"
+    ours = [*args, f"output_dir={here}", f"reuse_from={source}", "target_sparsity=0.9", "train.stage1.learning_rate=1e-3"]
+    with pytest.raises(UsageError, match="stage0/model is not finished"):
+        reused_stages(load_recipe(ours))
+    (source / "stage0" / "model").mkdir(parents=True)
+    (source / "stage0" / "model" / "config.json").write_text('{"stage": 0}')
+    pairs = reused_stages(load_recipe(ours))  # stage 1's settings and the target do not matter
+    assert [p[1] for p in pairs] == [here / "stage0" / "model", here / "prepare" / "model"]
+    link_stages(pairs)
+    assert (here / "stage0" / "model" / "config.json").read_text() == '{"stage": 0}'
+    link_stages(pairs)  # a rerun: already there, left alone
+    with pytest.raises(UsageError, match="train.learning_rate: 0.0001 there, 0.001 here"):
+        reused_stages(load_recipe([*ours, "train.learning_rate=1e-3"]))  # stage 0 trains with it
