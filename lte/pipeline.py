@@ -430,6 +430,7 @@ def run(recipe: Recipe) -> dict | None:
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
+    check_export_calibration(recipe, tokenizer, data)
     state = PartialState()
     out = Path(recipe.output_dir)
     if state.is_main_process:
@@ -454,6 +455,20 @@ def run(recipe: Recipe) -> dict | None:
         if recipe.export.enabled:
             report = run_export(recipe, report)
     return report
+
+
+def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
+    """The export stage's calibration text holds ``export.calibration_tokens``: checked with the data,
+    before training, not after both stages."""
+    if not recipe.export.enabled:
+        return
+    from .export import ExportRequest, calibration_data
+
+    args = recipe.export
+    request = ExportRequest(run_dir=recipe.output_dir, out="", target_sparsity=args.target_sparsity,
+                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
+                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    calibration_data(request, recipe, tokenizer, data, keys=("export.calibration", "export.calibration_tokens"))
 
 
 def run_export(recipe: Recipe, report: dict) -> dict:
