@@ -107,7 +107,7 @@ def read_text_file(path: str | Path, key: str) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as exc:
-        raise unreadable_data(f"{key} {source}", exc) from None
+        raise UsageError(f"{key}: {unreadable_data(source, exc)}") from None
     if not text.strip():
         raise UsageError(f"{key} {source} holds no text (empty or whitespace only); give a file with text")
     return text
