@@ -134,10 +134,15 @@ def _load_source(source: str, split: str, args: DataArgs) -> Dataset:
         kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
         if builder in _TEXT_BUILDERS:
             _sniff_binary(path, source)
+        json_log = logging.getLogger("datasets.packaged_modules.json.json")  # logs the error it then raises
+        level = json_log.level
+        json_log.setLevel(logging.CRITICAL)
         try:
             dataset = load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
         except Exception as exc:  # the builders raise many kinds (decode, Arrow, JSON); all mean "bad file"
             raise unreadable_data(source, exc, f"{builder} data") from None
+        finally:
+            json_log.setLevel(level)
         if len(dataset) == 0:
             raise UsageError(f"{source} holds no documents (the file is empty); give a file with text")
     else:

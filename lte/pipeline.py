@@ -83,8 +83,8 @@ def check_output_dir(path: str, key: str) -> None:
     if not existing.is_dir():
         raise UsageError(f"{key}={path}: {existing} is a file, so no directory can be made under it; choose another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{key}={path}: {existing} is not writable; choose a {key} in a directory you can write to "
-                         f"(or fix its permissions)")
+        raise UsageError(f"{key}={path}: {existing} is not writable; set {key} to a directory you can write to "
+                         f"(or fix the permissions of {existing})")
 
 
 def check_report_to(recipe: Recipe) -> None:
