@@ -310,11 +310,22 @@ def run_cli(func, *args, interrupted: str = INTERRUPTED["train"]) -> int:
     try:
         return func(*args)
     except UsageError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(interrupted, file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Finish any progress bar still drawing, so the message gets a line of its own (and no bar is
+    redrawn after it when the interpreter exits)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -281,3 +281,29 @@ def test_generate_stops_at_the_model_s_context_with_a_note(tmp_path, capsys):
     assert "[3 new tokens in" in printed and "note:" not in printed
     assert main(["generate", str(export), "--prompt", prompt * 10]) == 2  # a prompt that fills the whole context
     _assert_one_clear_line(capsys.readouterr().err, ["--prompt is", "the model's whole context of 24", "shorter prompt"])
+
+
+def test_sigint_during_training_is_one_line_and_exit_130(tmp_path):
+    """A real Ctrl-C (SIGINT) of `train.py` in stage 1: the train message, exit 130, no traceback."""
+    data = tmp_path / "stories.txt"
+    data.write_text(STORY * 300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "recipe=tiny", f"output_dir={out}", f"data.train={data}",
+                             f"data.eval={data}", "lte.stage1_steps=100000", "lte.router_init_tokens=1024",
+                             "lte.router_init_steps=5", "train.per_device_train_batch_size=2", "train.report_to=[]",
+                             "export.calibration_tokens=1024"],
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = []
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:  # the logger's lines, as the run goes
+        err.append(line)
+        if "stage1: training" in line or time.monotonic() > deadline:
+            break
+    time.sleep(2)  # inside the training loop
+    proc.send_signal(signal.SIGINT)
+    err.append(proc.stderr.read())
+    code = proc.wait(timeout=120)
+    err = "".join(err)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.rstrip().endswith(INTERRUPTED["train"]), err[-3000:]
