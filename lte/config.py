@@ -268,7 +268,9 @@ def _check_train_value(full: str, key: str, value) -> None:
     admitted = _scalar_types(_TRAIN_HINTS.get(key))
     if admitted is not None:
         names = " or ".join(_TYPE_NAMES[t] for t in admitted)
-        ok = type(value) in admitted or (isinstance(value, int) and not isinstance(value, bool) and float in admitted)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (type(value) in admitted or (number and isinstance(value, int) and float in admitted)
+              or (number and str in admitted))  # run_name=123 is a name; the YAML made it a number
         if not ok:
             raise UsageError(f"{full}={value!r} must be {names}; fix the value (e.g. {full}={_example(admitted)})")
     bound = TRAIN_RANGES.get(key)

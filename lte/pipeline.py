@@ -66,6 +66,8 @@ def preflight(recipe: Recipe) -> None:
     if recipe.export.enabled and recipe.export.calibration:
         check_source(recipe.export.calibration, "export.calibration")
     check_output_dir(recipe.output_dir, "output_dir")
+    if recipe.export.enabled and recipe.export.out:
+        check_output_dir(recipe.export.out, "export.out")
     check_report_to(recipe)
     config = check_model_source(recipe)
     skeleton = model_skeleton(recipe, config)

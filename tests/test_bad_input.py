@@ -112,6 +112,7 @@ CASES = [
     # output_dir
     ("output-dir-is-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt"], ["output_dir=", "existing file", "choose another"]),
     ("output-dir-under-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt/run"], ["output_dir=", "is a file", "choose another"]),
+    ("export-out-is-a-file", TRAIN + ["export.out={tmp}/ok.txt"], ["export.out=", "existing file", "choose another export.out"]),
     # command-line ranges
     ("compare-batch-size-0", ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--batch-size", "0"],
      ["--batch-size", "'0'", "give an integer >= 1"]),
