@@ -225,8 +225,10 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import read_text_file
+    from .pipeline import check_model
 
-    text = read_text_file(request.data, "--data")  # a bad file fails before the model loads
+    check_model(request.model, "--model")  # a damaged model or bad file fails before any work
+    text = read_text_file(request.data, "--data")
     calibration_text = read_text_file(request.calibration, "--calibration") if request.calibration else None
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(request.model)

@@ -69,7 +69,8 @@ def preflight(recipe: Recipe) -> None:
     if recipe.export.enabled and recipe.export.out:
         check_output_dir(recipe.export.out, "export.out")
     check_report_to(recipe)
-    config = check_model_source(recipe)
+    config = check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code,
+                         recipe.model.revision)
     skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size)
 
@@ -104,23 +105,22 @@ def check_report_to(recipe: Recipe) -> None:
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
-def check_model_source(recipe: Recipe):
+def check_model(source: str, key: str, trust_remote_code: bool = False, revision: str | None = None):
     """The model's config loads, a local model's weight files exist and their headers parse, and its
-    tokenizer loads: a damaged or incomplete model directory fails here, not after writing."""
-    key, source = "model.name_or_path", recipe.model.name_or_path
+    tokenizer loads: a damaged or incomplete model directory fails here, before any work or write.
+    Every command that reads a model checks it this way (``key`` names the setting in messages)."""
     local = Path(source).expanduser()
     is_local = source.startswith((".", "/", "~")) or local.exists()
     if is_local and not (local / "config.json").is_file():
         raise UsageError(f"{key}={source}: no model there (expected a directory with config.json)")
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
-                                            revision=recipe.model.revision)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load {key}={source!r}: {str(exc).splitlines()[0]}") from None
     if is_local:
         check_weight_files(local, key)
     try:
-        load_tokenizer(recipe)
+        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
         raise UsageError(f"{key}={source}: its tokenizer does not load ({str(exc).strip().splitlines()[0]}); "
                          f"put the model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json) "

@@ -117,8 +117,10 @@ def analyze(model_dir: str, data: str, out: str, tokens: int = 8192, eval_tokens
 
     from .compare import batches_of, token_blocks
     from .data import read_text_file
+    from .pipeline import check_model
 
-    text = read_text_file(data, "--data")  # a bad file fails before the model loads
+    check_model(model_dir, "model")  # a damaged model or bad file fails before any work
+    text = read_text_file(data, "--data")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     blocks = token_blocks(text, tokenizer, block_size)
