@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 

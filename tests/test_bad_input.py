@@ -108,7 +108,8 @@ CASES = [
      ["export.calibration_tokens 100000000", "give more text", "fewer tokens"]),
     ("export-calibration-missing", TRAIN + ["export.calibration={tmp}/missing.txt"],
      ["export.calibration=", "missing.txt", "file not found"]),
-    ("export-calibration-not-utf8", TRAIN + DATA("ok.txt") + ["export.calibration={tmp}/latin1.txt"], ["latin1.txt", "convert it to UTF-8"]),
+    ("export-calibration-not-utf8", TRAIN + DATA("ok.txt") + ["export.calibration={tmp}/latin1.txt"],
+     ["latin1.txt", "convert it to UTF-8"]),
     # output_dir
     ("output-dir-is-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt"], ["output_dir=", "existing file", "choose another"]),
     ("output-dir-under-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt/run"], ["output_dir=", "is a file", "choose another"]),
@@ -191,7 +192,8 @@ def test_output_dir_under_a_read_only_directory(inputs, capsys, monkeypatch):
                             lambda path, mode: False if Path(path) == locked and mode & os.W_OK else real(path, mode))
     try:
         assert train_main(["recipe=tiny", f"output_dir={locked}/run"]) == 2
-        _assert_one_clear_line(capsys.readouterr().err, ["output_dir=", "locked", "is not writable", "set output_dir to a directory you can write to"])
+        _assert_one_clear_line(capsys.readouterr().err,
+                               ["output_dir=", "locked", "is not writable", "set output_dir to a directory you can write to"])
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
