@@ -230,11 +230,11 @@ def _check_shapes(cfg: DictConfig) -> None:
         if train.get(stage) is not None and not isinstance(train.get(stage), DictConfig):
             raise UsageError(f"train.{stage} must be a mapping of that stage's TrainingArguments, got {train.get(stage)!r}; "
                              f"write e.g. train.{stage}.learning_rate=1e-4")
-    for key, kind in (("seed", int), ("output_dir", str)):
-        value = cfg.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a path'}; "
-                             f"write e.g. {'seed=42' if kind is int else 'output_dir=runs/NAME'}")
+    seed, output_dir = cfg.get("seed"), cfg.get("output_dir")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise UsageError(f"seed={seed!r} must be an integer; write e.g. seed=42")
+    if isinstance(output_dir, (DictConfig, ListConfig)):
+        raise UsageError(f"output_dir={output_dir} must be a path; write e.g. output_dir=runs/NAME")
 
 
 # Ranges of TrainingArguments values that the Trainer would only trip over mid-run (or never: no
