@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,57 @@ def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     for noisy in ("datasets", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# Argument types: every numeric range of the command line is declared here, once, as an argparse
+# ``type=``; a value out of range is one line naming the flag and what it takes (exit 2).
+def _typed(convert, check, wants: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wants}; give {wants}")
+        return value
+    parse.__name__ = wants  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _typed(float, math.isfinite, "a finite number")
+nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+fraction = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def name_list(text: str) -> list[str]:
+    """``"a, b,"`` -> ["a", "b"]; nothing named is an error."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give comma-separated names such as dense,lte")
+    return names
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are :class:`UsageError`: one line on stderr and exit code 2 through
+    :func:`run_cli`, like every other bad input (and a return value, not SystemExit, in-process)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+# What an interrupted command has left, in its own terms (Ctrl-C: exit 130, no traceback).
+INTERRUPTED = {
+    "train": "interrupted: rerun the same command to resume from the last checkpoint",
+    "export": "interrupted: the export did not finish; rerun the same command to export again",
+    "compare": "interrupted: the comparison did not finish; rerun the same command to compare again",
+    "analyze": "interrupted: the analysis did not finish; rerun the same command to analyze again",
+    "generate": "interrupted: generation stopped",
+    "bench": "interrupted: the benchmark did not finish; rerun it for the full table",
+    "convert-llama2c": "interrupted: the conversion did not finish; rerun the same command to convert again",
+}
 
 
 def train(overrides: list[str]) -> int:
@@ -68,7 +120,7 @@ def _cmd_compare(args) -> int:
     from .tasks import parse_tasks
 
     request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
-                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                             methods=args.methods,
                              sparsity=_floats(args.sparsity), calibration=args.calibration,
                              calibration_tokens=args.calibration_tokens, block_size=args.block_size,
                              max_eval_tokens=args.max_eval_tokens, prompt_fraction=args.prompt_fraction,
@@ -99,8 +151,6 @@ def _cmd_wasserstein(args) -> int:
 def _cmd_generate(args) -> int:
     from .generate import describe, generate, load_export
 
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     model, tokenizer = load_export(args.model_dir)
     modes = ["sparse", "dense"] if args.compare_dense else ["sparse"]
     results = [generate(model, tokenizer, args.prompt, args.max_new_tokens, mode, args.temperature, args.seed) for mode in modes]
@@ -142,8 +192,6 @@ def _cmd_bench_decode(args) -> int:
 
     if args.device != "cpu":
         raise UsageError("--device cuda: decoding with a static cache and CUDA graphs is not built yet; use --device cpu")
-    if args.new_tokens < 1 or args.repeats < 1:
-        raise UsageError("--new-tokens and --repeats must be at least 1")
     model, tokenizer = load_export(args.model_dir, device="cpu")
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     result = bench_decode(model, prompt, args.new_tokens, args.repeats, name=str(args.model_dir))
@@ -165,7 +213,7 @@ def _cmd_recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lte", description="Learn-To-be-Efficient: train LLMs to activate fewer FFN neurons.")
+    parser = Parser(prog="lte", description="Learn-To-be-Efficient: train LLMs to activate fewer FFN neurons.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run an LTE recipe: lte train recipe=tiny [key=value ...]")
     p.add_argument("overrides", nargs="*", help="recipe=NAME followed by dotted key=value overrides")
@@ -174,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="output_dir of an `lte train` run (uses RUN_DIR/stage2/model)")
     p.add_argument("--out", required=True, help="directory to write the exported checkpoint to")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-sparsity", type=float, help="fraction of FFN neurons to skip per token, in [0, 1)")
-    goal.add_argument("--max-ppl-increase", type=float, metavar="P",
+    goal.add_argument("--target-sparsity", type=fraction, help="fraction of FFN neurons to skip per token, in [0, 1)")
+    goal.add_argument("--max-ppl-increase", type=positive_float, metavar="P",
                       help="export the highest sparsity whose calibration ppl stays within P%% of all experts'")
     p.add_argument("--calibration", help="calibration text file (default: the run's training data)")
-    p.add_argument("--calibration-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    p.add_argument("--calibration-tokens", type=positive_int, default=32768, help="calibration tokens (default 32768)")
     p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"],
                    help="per-layer sparsity: tuned by layer sensitivity (default) or the same for every layer")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -187,25 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the dense base model directory (the reference)")
     p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names), for every "
                    "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest)")
-    p.add_argument("--methods", default="dense,lte,griffin,teal,cats,moefication,sparse_expansion",
+    p.add_argument("--methods", type=name_list, default="dense,lte,griffin,teal,cats,moefication,sparse_expansion",
                    help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication, sparse_expansion")
     p.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated target FFN sparsities")
     p.add_argument("--data", required=True, help="held-out text file")
     p.add_argument("--extra-data", metavar="NAME=FILE[,NAME=FILE]",
                    help="more held-out text every method is also scored on (ppl, KL, sparsity per source)")
     p.add_argument("--calibration", help="calibration text file (default: the first --calibration-tokens of --data)")
-    p.add_argument("--calibration-tokens", type=int, default=16384)
-    p.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block")
-    p.add_argument("--prompt-fraction", type=float, default=0.5,
+    p.add_argument("--calibration-tokens", type=positive_int, default=16384)
+    p.add_argument("--block-size", type=positive_int, default=256, help="tokens per evaluation block")
+    p.add_argument("--prompt-fraction", type=fraction, default=0.5,
                    help="leading share of each block that is the prompt (GRIFFIN selects from it; not scored)")
-    p.add_argument("--max-eval-tokens", type=int, default=65536)
+    p.add_argument("--max-eval-tokens", type=positive_int, default=65536)
     p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
     p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (the ../shared/data layout)")
-    p.add_argument("--task-limit", type=int, default=200, help="examples per task (0: all; default 200)")
-    p.add_argument("--expert-size", type=int, help="MoEfication expert size (default: the LTE run's, else 32)")
+    p.add_argument("--task-limit", type=nonnegative_int, default=200, help="examples per task (0: all; default 200)")
+    p.add_argument("--expert-size", type=positive_int, help="MoEfication expert size (default: the LTE run's, else 32)")
     p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"], help="LTE's per-layer threshold tuning")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_compare)
@@ -213,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = analyze.add_parser("wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment")
     p.add_argument("model", help="a model directory")
     p.add_argument("--data", required=True, help="text file: calibration tokens first, then evaluation tokens")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the distances (default 8192)")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="tokens for the perplexity experiment (default 32768)")
+    p.add_argument("--tokens", type=positive_int, default=8192, help="calibration tokens for the distances (default 8192)")
+    p.add_argument("--eval-tokens", type=positive_int, default=32768, help="tokens for the perplexity experiment (default 32768)")
     p.add_argument("--top", default="0.03,0.1", help="fractions of neurons per FFN to remove (default 0.03,0.1)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -222,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="new tokens; generation stops earlier at the end of the model's context, with a note")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-dense", action="store_true", help="also run every expert and compare text and speed")
     p.set_defaults(func=_cmd_generate)
@@ -233,17 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", help="HIDDENxFFN[,HIDDENxFFN...] (default: 4096x11008,5120x13824, Llama-2-7B and 13B)")
     p.add_argument("--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--expert-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--expert-size", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=20)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench_kernel)
     p = bench.add_parser("decode", help="end-to-end decoding speed of an exported model against its dense self")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=_cmd_bench_decode)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")
@@ -257,23 +306,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(func, *args) -> int:
-    """Call ``func``; turn a UsageError into one line on stderr and exit code 2."""
+def run_cli(func, *args, interrupted: str = INTERRUPTED["train"]) -> int:
+    """Call ``func``; turn a UsageError into one line on stderr and exit code 2, Ctrl-C into
+    ``interrupted`` and exit code 130 (both without a traceback)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging()
     try:
         return func(*args)
     except UsageError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        _close_progress_bars()
+        print(interrupted, file=sys.stderr)
         return 130
 
 
+def _close_progress_bars() -> None:
+    """Finish any progress bar still drawing, so the message gets a line of its own (and no bar is
+    redrawn after it when the interpreter exits)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in INTERRUPTED), "train")
+    return run_cli(_parse_and_run, argv, interrupted=INTERRUPTED[command])
+
+
+def _parse_and_run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(args.func, args)
+    return args.func(args)
 
 
 def train_main(argv: list[str] | None = None) -> int:

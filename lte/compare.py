@@ -324,13 +324,18 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     request.validate()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data import read_text_file
+    from .pipeline import check_model
+
+    check_model(request.model, "--model")  # a damaged model or bad file fails before any work
+    text = read_text_file(request.data, "--data")
+    calibration_text = read_text_file(request.calibration, "--calibration") if request.calibration else None
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(request.model)
     model = AutoModelForCausalLM.from_pretrained(request.model, dtype=torch.float32).to(device).eval()
-    text = Path(request.data).read_text()
     blocks = token_blocks(text, tokenizer, request.block_size)
     if request.calibration:
-        calibration_blocks = token_blocks(Path(request.calibration).read_text(), tokenizer, request.block_size)
+        calibration_blocks = token_blocks(calibration_text, tokenizer, request.block_size)
     else:  # the first blocks of --data calibrate; the evaluation starts after them
         n = max(1, -(-request.calibration_tokens // request.block_size))
         if n >= len(blocks):

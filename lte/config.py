@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UsageError
@@ -227,6 +231,74 @@ def _closest(key: str, valid) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(valid))}"
 
 
+def _check_shapes(cfg: DictConfig) -> None:
+    """Groups are mappings, ``train.stageN`` too: ``lte: 5`` or ``train.stage1=5`` names the key."""
+    for group in (*_GROUPS, "train"):
+        if cfg.get(group) is not None and not isinstance(cfg.get(group), DictConfig):
+            raise UsageError(f"recipe key '{group}' must be a mapping of {group}.* settings, got {cfg.get(group)!r}; "
+                             f"write e.g. {group}.KEY=VALUE")
+    train = cfg.get("train") or {}
+    for stage in STAGES:
+        if train.get(stage) is not None and not isinstance(train.get(stage), DictConfig):
+            raise UsageError(f"train.{stage} must be a mapping of that stage's TrainingArguments, got {train.get(stage)!r}; "
+                             f"write e.g. train.{stage}.learning_rate=1e-4")
+    seed, output_dir = cfg.get("seed"), cfg.get("output_dir")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise UsageError(f"seed={seed!r} must be an integer; write e.g. seed=42")
+    if isinstance(output_dir, (DictConfig, ListConfig)):
+        raise UsageError(f"output_dir={output_dir} must be a path; write e.g. output_dir=runs/NAME")
+
+
+# Ranges of TrainingArguments values that the Trainer would only trip over mid-run (or never: no
+# checkpoint at save_steps=0). Types come from the dataclass annotations (:func:`_check_train_value`).
+TRAIN_RANGES: dict[str, tuple[str, float, str]] = {  # key: (comparison, bound, an example of a good value)
+    "per_device_train_batch_size": (">=", 1, "8"), "per_device_eval_batch_size": (">=", 1, "8"),
+    "gradient_accumulation_steps": (">=", 1, "1"), "learning_rate": (">=", 0, "1e-4"), "weight_decay": (">=", 0, "0.0"),
+    "warmup_steps": (">=", 0, "0"), "warmup_ratio": (">=", 0, "0.0"), "max_grad_norm": (">=", 0, "1.0"),
+    "num_train_epochs": (">", 0, "1"), "save_steps": (">", 0, "100"), "logging_steps": (">", 0, "10"),
+    "eval_steps": (">", 0, "100"), "save_total_limit": (">=", 1, "2"), "adam_epsilon": (">", 0, "1e-8"),
+    "dataloader_num_workers": (">=", 0, "0"),
+}
+_TRAIN_HINTS = typing.get_type_hints(LTETrainingArguments)
+
+
+def _scalar_types(annotation) -> set[type] | None:
+    """The scalar types an annotation admits (``float | None`` -> {float, NoneType}); None when it
+    admits anything else too (enums, lists, dicts), which TrainingArguments then checks itself."""
+    parts = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    admitted = set()
+    for part in parts:
+        if part in (int, float, bool, str, type(None)):
+            admitted.add(part)
+        else:
+            return None
+    return admitted
+
+
+def _check_train_value(full: str, key: str, value) -> None:
+    """One ``train.*`` value against its ``TrainingArguments`` type and :data:`TRAIN_RANGES`."""
+    admitted = _scalar_types(_TRAIN_HINTS.get(key))
+    if admitted is not None:
+        names = " or ".join(_TYPE_NAMES[t] for t in admitted)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (type(value) in admitted or (number and isinstance(value, int) and float in admitted)
+              or (number and str in admitted))  # run_name=123 is a name; the YAML made it a number
+        if not ok:
+            raise UsageError(f"{full}={value!r} must be {names}; fix the value (e.g. {full}={_example(admitted)})")
+    bound = TRAIN_RANGES.get(key)
+    if bound is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        op, limit, example = bound
+        if not math.isfinite(value) or (value < limit if op == ">=" else value <= limit):
+            raise UsageError(f"{full}={value} must be {op} {limit}; set a value in range (e.g. {full}={example})")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _example(admitted: set[type]) -> str:
+    return "1e-4" if float in admitted else "8" if int in admitted else "true" if bool in admitted else "NAME"
+
+
 def _check_keys(cfg: DictConfig) -> None:
     """Reject unknown keys with the closest valid one, before any type conversion."""
     for key in cfg:
@@ -242,9 +314,11 @@ def _check_keys(cfg: DictConfig) -> None:
         scope = [train[key]] if key in STAGES else []
         if key not in STAGES:
             _check_train_key(f"train.{key}", str(key))
+            _check_train_value(f"train.{key}", str(key), train[key])
         for stage_cfg in scope:
             for sub in stage_cfg or {}:
                 _check_train_key(f"train.{key}.{sub}", str(sub))
+                _check_train_value(f"train.{key}.{sub}", str(sub), stage_cfg[sub])
 
 
 def _check_train_key(full: str, key: str) -> None:
@@ -264,7 +338,10 @@ def expand_shorthands(layer: DictConfig) -> DictConfig:
         if layer.get(key) is None:
             continue
         for group in groups:
-            if key not in (layer.get(group) or {}):
+            existing = layer.get(group)
+            if existing is not None and not isinstance(existing, DictConfig):
+                continue  # a malformed group (`lte: 5`): the shape check names it
+            if key not in (existing or {}):
                 OmegaConf.update(layer, f"{group}.{key}", layer[key], force_add=True)
     return layer
 
@@ -295,11 +372,28 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
     """
     name, overrides = parse_overrides(args)
     path = find_recipe(name)
+    base = read_recipe_file(path)
     try:
-        cfg = OmegaConf.merge(expand_shorthands(OmegaConf.load(path)), expand_shorthands(OmegaConf.from_dotlist(overrides)))
+        cfg = OmegaConf.merge(expand_shorthands(base), expand_shorthands(OmegaConf.from_dotlist(overrides)))
     except OmegaConfBaseException as exc:
-        raise UsageError(f"could not read recipe {path} with overrides {overrides}: {exc}") from None
+        raise UsageError(f"could not apply the overrides {' '.join(overrides)} to recipe {path}: "
+                         f"{str(exc).splitlines()[0]}; write them as dotted key=value") from None
     return build_recipe(cfg, path.stem, check_hardware)
+
+
+def read_recipe_file(path: Path) -> DictConfig:
+    """A recipe YAML as a mapping; a file that does not parse, or is not a mapping, names the fix."""
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"recipe {path} is not valid YAML ({first}); fix the file (compare recipes/tiny.yaml)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror}; check the path and its permissions") from None
+    if isinstance(cfg, ListConfig) or not isinstance(cfg, DictConfig):
+        raise UsageError(f"recipe {path} must be a YAML mapping (key: value lines such as output_dir: runs/NAME), "
+                         f"not a list; fix the file (compare recipes/tiny.yaml)")
+    return cfg
 
 
 def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
@@ -307,7 +401,7 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no recipe.yaml; give the output_dir of an `lte train` run")
-    cfg = OmegaConf.load(path)
+    cfg = read_recipe_file(path)
     name = str(cfg.pop("name", "") or path.parent.name)
     return build_recipe(cfg, name, check_hardware=False)
 
@@ -328,6 +422,7 @@ def _top_level_extras(cfg: DictConfig) -> dict[str, Any]:
 
 def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Recipe:
     """Check and type a merged recipe config."""
+    _check_shapes(cfg)
     _check_keys(cfg)
     extras = _top_level_extras(cfg)
     expand_shorthands(cfg)

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets import Dataset, Value, concatenate_datasets, load_dataset
 
 from .config import DataArgs
 from .errors import UsageError
@@ -60,6 +60,59 @@ def check_source(spec: str, key: str) -> None:
             raise UsageError(f"{key}={spec}: {which}; give an existing file or a hub dataset name")
 
 
+_TEXT_BUILDERS = ("text", "json", "csv")
+_SNIFF_BYTES = 1 << 16
+JSON_HINT = 'one JSON object per line (.jsonl) or a JSON list of objects (.json), each with a string "text" field'
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of a wrapped error (``datasets`` wraps the decoder's in DatasetGenerationError)."""
+    seen = set()
+    while id(exc) not in seen and (exc.__cause__ or exc.__context__) is not None:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def unreadable_data(source: str, exc: BaseException, what: str = "data") -> UsageError:
+    """One message for a data file that does not decode or parse, naming the file and the fix."""
+    root = _root_cause(exc)
+    detail = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    if isinstance(root, UnicodeDecodeError):
+        return UsageError(f"{source} is not UTF-8 text (byte {root.start}: {root.reason}); convert it to UTF-8 "
+                          f"(e.g. iconv -f latin1 -t utf-8 {source} > fixed{Path(source).suffix}) or give another file")
+    if isinstance(root, OSError):
+        return UsageError(f"cannot read {source}: {root.strerror or detail}; check the path and its permissions")
+    if Path(source).suffix.lower() in (".json", ".jsonl"):
+        return UsageError(f"{source} is not valid JSON ({detail}); fix the file: {JSON_HINT}")
+    return UsageError(f"{source} could not be read as {what} ({detail}); check that its content matches its extension")
+
+
+def _sniff_binary(path: Path, source: str) -> None:
+    """A text-format file with NUL bytes is binary (an archive, a model, a wrong path)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise unreadable_data(source, exc) from None
+    if b"\0" in head:
+        raise UsageError(f"{source} is a binary file, not text; give a UTF-8 text, JSON Lines, CSV or Parquet file")
+
+
+def read_text_file(path: str | Path, key: str) -> str:
+    """The whole of a UTF-8 text file (``lte compare``/``lte analyze`` data); an unreadable, binary
+    or empty file is one message naming ``key`` and the file."""
+    source = str(path)
+    _sniff_binary(Path(path), f"{key} {source}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"{key}: {unreadable_data(source, exc)}") from None
+    if not text.strip():
+        raise UsageError(f"{key} {source} holds no text (empty or whitespace only); give a file with text")
+    return text
+
+
 def load_documents(spec: str, split: str, args: DataArgs) -> Dataset:
     """The documents of one source, or of several separated by commas, concatenated in that order."""
     parts = [_load_source(source, split, args) for source in split_sources(spec)]
@@ -79,7 +132,19 @@ def _load_source(source: str, split: str, args: DataArgs) -> Dataset:
         if builder is None:
             raise UsageError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
         kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
-        dataset = load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        if builder in _TEXT_BUILDERS:
+            _sniff_binary(path, source)
+        json_log = logging.getLogger("datasets.packaged_modules.json.json")  # logs the error it then raises
+        level = json_log.level
+        json_log.setLevel(logging.CRITICAL)
+        try:
+            dataset = load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        except Exception as exc:  # the builders raise many kinds (decode, Arrow, JSON); all mean "bad file"
+            raise unreadable_data(source, exc, f"{builder} data") from None
+        finally:
+            json_log.setLevel(level)
+        if len(dataset) == 0:
+            raise UsageError(f"{source} holds no documents (the file is empty); give a file with text")
     else:
         check_source(source, "data")  # a hub name, or a local dataset directory (same loader)
         try:
@@ -89,16 +154,32 @@ def _load_source(source: str, split: str, args: DataArgs) -> Dataset:
     return dataset
 
 
+def _require_strings(dataset: Dataset, fields, source: str) -> None:
+    """Each of ``fields`` is a string column (a number or a list where text belongs is the user's to fix)."""
+    for name in fields:
+        feature = dataset.features.get(name)
+        if name in dataset.column_names and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+            raise UsageError(f"{source}: column {name!r} holds {kind} values, not text; make every {name!r} a string "
+                             f"(or point the data.*_field setting at the text column)")
+
+
 def _text_column(dataset: Dataset, field_name: str, source: str) -> Dataset:
     if field_name not in dataset.column_names:
         raise UsageError(f"{source} has no {field_name!r} column (columns: {dataset.column_names}); set data.text_field")
-    return dataset.filter(lambda row: bool(row[field_name] and row[field_name].strip()))
+    _require_strings(dataset, [field_name], source)
+    texts = dataset.filter(lambda row: bool(row[field_name] and row[field_name].strip()))
+    if len(texts) == 0:
+        raise UsageError(f"{source} holds no text (every {field_name!r} is empty or whitespace); give a file with text")
+    return texts
 
 
-def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None) -> Dataset:
-    """Tokenise documents and cut the concatenation into blocks of ``block`` tokens (default ``block_size``)."""
+def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None,
+         source: str | None = None) -> Dataset:
+    """Tokenise documents and cut the concatenation into blocks of ``block`` tokens (default ``block_size``);
+    ``source`` names the data in messages (default ``data.train``)."""
     field_name = args.text_field
-    dataset = _text_column(dataset, field_name, args.train)
+    dataset = _text_column(dataset, field_name, source or args.train)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
@@ -167,6 +248,7 @@ def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens
         if key not in dataset.column_names:
             raise UsageError(f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
                              f"set data.instruction_field / data.response_field")
+    _require_strings(dataset, [args.instruction_field, args.input_field, args.response_field], "instruction data")
     ensure_chat_template(tokenizer)
     examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, max_length),
                            remove_columns=dataset.column_names, desc="Tokenizing")
@@ -199,11 +281,17 @@ def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
     if args.eval:
         eval_docs = load_documents(args.eval, args.eval_split, args)
     else:
-        split = train_docs.train_test_split(test_size=args.eval_fraction, seed=seed)
+        try:
+            split = train_docs.train_test_split(test_size=args.eval_fraction, seed=seed)
+        except ValueError:  # too few documents to hold any out and keep any
+            raise UsageError(f"data.train={args.train} has {len(train_docs)} document(s): too few to hold out "
+                             f"data.eval_fraction={args.eval_fraction} of them; set data.eval=FILE (held-out text), "
+                             f"or give more documents (data.sample_by=paragraph splits a .txt at blank lines)") from None
         train_docs, eval_docs = split["train"], split["test"]
     if args.format == "text":
         return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens),
-                      pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size), padded=False)
+                      pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size,
+                           source=args.eval or f"the held-out share of {args.train}"), padded=False)
     return LMData(instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
                   instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size),
                   padded=True)

@@ -99,9 +99,11 @@ def below_trained_sparsity(trained: float | None, target: float, margin: float =
             f"well below it, train a run that reaches it.")
 
 
-def calibration_data(request: ExportRequest, recipe, tokenizer, data):
+def calibration_data(request: ExportRequest, recipe, tokenizer, data,
+                     keys: tuple[str, str] = ("--calibration", "--calibration-tokens")):
     """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
-    data (``data.train``), or of ``--calibration FILE``."""
+    data (``data.train``), or of ``--calibration FILE``; ``keys`` name the two settings in messages
+    (the recipe's ``export.calibration``/``export.calibration_tokens`` when the pipeline checks them)."""
     from .data import load_documents, pack
 
     if request.calibration is None:
@@ -109,14 +111,15 @@ def calibration_data(request: ExportRequest, recipe, tokenizer, data):
     else:
         args = dataclasses.replace(recipe.data, train=request.calibration, format="text", max_train_tokens=None)
         source = request.calibration
+        documents = load_documents(request.calibration, "train", args)  # an unreadable file is its own message
         try:
-            blocks = pack(load_documents(request.calibration, "train", args), tokenizer, args, None)
-        except UsageError:
+            blocks = pack(documents, tokenizer, args, None, source=request.calibration)
+        except UsageError:  # no text, or less than one block: reported as too few tokens below
             blocks = []
     available = sum(len(row["input_ids"]) for row in blocks)
     if available < request.calibration_tokens:
         raise UsageError(f"{source} has only {available} tokens (in blocks of {recipe.data.block_size}), fewer than "
-                         f"--calibration-tokens {request.calibration_tokens}; give more text or fewer tokens")
+                         f"{keys[1]} {request.calibration_tokens}; give more text ({keys[0]}) or fewer tokens")
     return blocks
 
 

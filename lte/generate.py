@@ -24,6 +24,7 @@ class Generation:
     new_tokens: int
     seconds: float
     per_layer_sparsity: list[float]
+    note: str = ""  # e.g. that generation stopped at the end of the model's context
 
     @property
     def tokens_per_second(self) -> float:
@@ -51,10 +52,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sp
     """Generate with every layer in ``mode`` ("sparse" or "dense"); counts the skipped neurons."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    max_new_tokens, note = fit_to_context(model.config, inputs["input_ids"].shape[1], max_new_tokens)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
     previous, model.config.lte_mode = model.config.lte_mode, mode
-    model.generate(**inputs, **{**kwargs, "max_new_tokens": 2})  # warm-up: first-call allocations are not speed
+    model.generate(**inputs, **{**kwargs, "max_new_tokens": min(2, max_new_tokens)})  # warm-up: first-call allocations are not speed
     torch.manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
@@ -63,7 +65,22 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sp
     seconds = time.perf_counter() - start
     model.config.lte_mode = previous
     new = output[0, inputs["input_ids"].shape[1]:]
-    return Generation(mode, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer)
+    return Generation(mode, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note)
+
+
+def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """``max_new_tokens`` cut to what the model's context (``max_position_embeddings``) leaves after
+    the prompt, with a note when cut: past it the position embeddings are ones it never saw."""
+    context = getattr(config, "max_position_embeddings", None)
+    if not context:
+        return max_new_tokens, ""
+    if prompt_tokens >= context:
+        raise UsageError(f"--prompt is {prompt_tokens} tokens, the model's whole context of {context}; give a shorter prompt")
+    room = context - prompt_tokens
+    if max_new_tokens <= room:
+        return max_new_tokens, ""
+    return room, (f"note: --max-new-tokens {max_new_tokens} runs past the model's context of {context} tokens; "
+                  f"stopped after {room} new tokens (prompt {prompt_tokens} + {room} = {context})")
 
 
 def describe(result: Generation) -> str:
@@ -72,4 +89,4 @@ def describe(result: Generation) -> str:
     label = "LTE (sparse)" if result.mode == "sparse" else "dense (every expert)"
     return (f"--- {label} ---\n{result.text}\n"
             f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
-            f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]")
+            f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else ""))

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .adapters import add_lora, merge_adapter, quantization_config
 from .config import Recipe, load_run_recipe
@@ -55,22 +57,123 @@ def model_kwargs(recipe: Recipe) -> dict:
 
 
 def preflight(recipe: Recipe) -> None:
-    """Check the model and data exist before anything is written."""
+    """Check every input and output of the run before any model or data loads or anything is
+    written: data and calibration files, the output directory, the reporting integrations, the
+    model (config, weights, tokenizer, attention implementation, FFN layout). The recipe's own
+    values (``train.*`` included: each stage's ``TrainingArguments`` is built) are checked by
+    :func:`lte.config.build_recipe`; whatever this misses fails before the first write in :func:`run`."""
     check_source(recipe.data.train, "data.train")
     if recipe.data.eval:
         check_source(recipe.data.eval, "data.eval")
-    source = recipe.model.name_or_path
-    local = Path(source).expanduser()
-    if (source.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
-        raise UsageError(f"model.name_or_path={source}: no model there (expected a directory with config.json)")
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
-                                            revision=recipe.model.revision)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load model.name_or_path={source!r}: {str(exc).splitlines()[0]}") from None
-    with torch.device("meta"):  # the architecture without weights: checks the FFNs in milliseconds
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.export.enabled and recipe.export.calibration:
+        check_source(recipe.export.calibration, "export.calibration")
+    check_output_dir(recipe.output_dir, "output_dir")
+    if recipe.export.enabled and recipe.export.out:
+        check_output_dir(recipe.export.out, "export.out")
+    check_report_to(recipe)
+    config = check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code,
+                         recipe.model.revision)
+    skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size)
+
+
+def check_output_dir(path: str, key: str) -> None:
+    """``path`` is, or can be made as, a directory this process can write into."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{key}={path} is an existing file, not a directory; choose another {key}")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{key}={path}: {existing} is a file, so no directory can be made under it; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{key}={path}: {existing} is not writable; set {key} to a directory you can write to "
+                         f"(or fix the permissions of {existing})")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """Every ``train.report_to`` integration is installed (the Trainer would fail at its start)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    for stage in ("stage0", "stage1", "stage2"):
+        missing = [r for r in recipe.stage_args(stage, use_cpu=True).report_to or [] if r not in available]
+        if missing:
+            raise UsageError(f"train.report_to: {', '.join(missing)} is not installed here; install it (pip install "
+                             f"{' '.join(missing)}) or set train.report_to=[{','.join(available)}] ([] reports nowhere)")
+
+
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def check_model(source: str, key: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's config loads, a local model's weight files exist and their headers parse, and its
+    tokenizer loads: a damaged or incomplete model directory fails here, before any work or write.
+    Every command that reads a model checks it this way (``key`` names the setting in messages)."""
+    local = Path(source).expanduser()
+    is_local = source.startswith((".", "/", "~")) or local.exists()
+    if is_local and not (local / "config.json").is_file():
+        raise UsageError(f"{key}={source}: no model there (expected a directory with config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load {key}={source!r}: {str(exc).splitlines()[0]}") from None
+    if is_local:
+        check_weight_files(local, key)
+    try:
+        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
+        raise UsageError(f"{key}={source}: its tokenizer does not load ({str(exc).strip().splitlines()[0]}); "
+                         f"put the model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json) "
+                         f"next to config.json") from None
+    return config
+
+
+def check_weight_files(directory: Path, key: str) -> None:
+    """Weights exist (single file or every shard of an index) and every safetensors header parses
+    and covers its file (a truncated download or copy fails here)."""
+    present = [name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not present:
+        raise UsageError(f"{key}={directory}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
+                         f"point it at a complete model directory")
+    name = present[0]
+    files = [directory / name]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{key}: {files[0]} is not a valid weight index ({exc}); restore the model's files") from None
+        files = [directory / shard for shard in shards]
+    for file in files:
+        if not file.is_file():
+            raise UsageError(f"{key}: weight shard {file} is missing; restore the model's files")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), "pt"):
+                    pass
+            except Exception as exc:  # SafetensorError and friends: the header does not describe this file
+                raise UsageError(f"{key}: {file} is damaged ({str(exc).splitlines()[0]}); restore or re-download the "
+                                 f"model") from None
+        elif file.stat().st_size == 0:
+            raise UsageError(f"{key}: {file} is empty; restore or re-download the model")
+
+
+def model_skeleton(recipe: Recipe, config):
+    """The architecture on the meta device (no weights, milliseconds), with the recipe's attention
+    implementation: an unsupported or uninstalled one fails here, naming the choices."""
+    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if not recipe.model.attn_implementation:
+            raise
+        raise UsageError(f"model.attn_implementation={recipe.model.attn_implementation!r} cannot be used here "
+                         f"({str(exc).strip().splitlines()[0]}); set model.attn_implementation=sdpa or eager "
+                         f"(or null for the model's default)") from None
 
 
 def load_tokenizer(recipe: Recipe):
@@ -399,6 +502,7 @@ def run(recipe: Recipe) -> dict | None:
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
+    check_export_calibration(recipe, tokenizer, data)
     state = PartialState()
     out = Path(recipe.output_dir)
     if state.is_main_process:
@@ -424,6 +528,20 @@ def run(recipe: Recipe) -> dict | None:
         if recipe.export.enabled:
             report = run_export(recipe, report)
     return report
+
+
+def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
+    """The export stage's calibration text holds ``export.calibration_tokens``: checked with the data,
+    before training, not after both stages."""
+    if not recipe.export.enabled:
+        return
+    from .export import ExportRequest, calibration_data
+
+    args = recipe.export
+    request = ExportRequest(run_dir=recipe.output_dir, out="", target_sparsity=args.target_sparsity,
+                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
+                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    calibration_data(request, recipe, tokenizer, data, keys=("export.calibration", "export.calibration_tokens"))
 
 
 def run_export(recipe: Recipe, report: dict) -> dict:

@@ -116,10 +116,14 @@ def analyze(model_dir: str, data: str, out: str, tokens: int = 8192, eval_tokens
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .compare import batches_of, token_blocks
+    from .data import read_text_file
+    from .pipeline import check_model
 
+    check_model(model_dir, "model")  # a damaged model or bad file fails before any work
+    text = read_text_file(data, "--data")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    blocks = token_blocks(Path(data).read_text(), tokenizer, block_size)
+    blocks = token_blocks(text, tokenizer, block_size)
     n_calib = max(1, -(-tokens // block_size))
     if n_calib >= len(blocks):
         raise UsageError(f"--data has {len(blocks)} blocks of {block_size} tokens: too few for {tokens} calibration tokens")
