@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATA, STORIES
+from conftest import STORIES, TEST_DATA
 from lte.config import DataArgs
 from lte.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
 from lte.errors import UsageError
@@ -64,7 +64,7 @@ def test_local_dataset_directory_goes_through_the_hub_loader(tmp_path, tokenizer
 
 def test_alpaca_records_train_on_the_response_only(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)  # gets the Alpaca chat template: a fresh copy
-    path = SHARED_DATA / "alpaca"
+    path = TEST_DATA / "alpaca"
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
     assert files, f"no alpaca records in {path}"
     data = build_data(DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096),

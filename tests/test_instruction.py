@@ -1,18 +1,21 @@
-"""Instruction tuning end to end on real Alpaca records (../shared/data/alpaca) with the tiny model."""
+"""Instruction tuning end to end on real Alpaca records (tests/data/alpaca) with the tiny model."""
 
 import json
 
+import pytest
 import torch
 
-from conftest import SHARED_DATA, run_train
+from conftest import TEST_DATA, run_train
 from lte.data import ALPACA_CHAT_TEMPLATE
 
-ALPACA = SHARED_DATA / "alpaca"
+ALPACA = TEST_DATA / "alpaca"
 
 
+@pytest.mark.slow
 def test_instruction_tuned_sparse_export_is_prompted_with_its_chat_template(tmp_path):
     out = tmp_path / "run"
-    run_train(out, f"data.train={ALPACA / 'alpaca_data_1k.json'}", f"data.eval={ALPACA / 'alpaca_plus_validation_unseen.json'}",
+    run_train(out, f"data.train={ALPACA / 'alpaca_data_500.json'}",
+              f"data.eval={ALPACA / 'alpaca_plus_validation_unseen_200.json'}",
               "data.format=instruction", "data.block_size=256", "data.max_train_tokens=null", "lte.stage1_steps=20",
               "lte.stage2_steps=20", "export.allocation=uniform", "train.save_steps=20")
     report = json.loads((out / "report.json").read_text())
