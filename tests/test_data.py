@@ -84,6 +84,13 @@ def test_alpaca_records_train_on_the_response_only(tokenizer):
     assert short > 0
 
 
+def test_instruction_blocks_too_short_for_any_prompt_are_a_usage_error():
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    args = DataArgs(train=str(TEST_DATA / "alpaca" / "alpaca_data_500.json"), format="instruction", block_size=16)
+    with pytest.raises(UsageError, match="every one of the 475 instruction examples has a prompt that fills all 16"):
+        build_data(args, tokenizer, seed=0)  # 475: 5% of the 500 are held out
+
+
 def test_conversations_are_tokenized_as_trl_does_with_the_tokenizers_own_template(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
