@@ -32,8 +32,10 @@ def outside_the_clone_guard(forbidden: Path) -> Callable[[str, tuple], None]:
         return full == root or full.startswith(root + os.sep)
 
     def refuse(path: str) -> None:
-        raise OutsideTheClone(f"a test read {path}, under {root}, which a fresh clone does not have; ship the file "
-                              "under tests/data/ with a SOURCE.md, or let the test generate it")
+        raise OutsideTheClone(
+            f"a test read {path}, under {root}, which a fresh clone does not have; ship the file "
+            "under tests/data/ with a SOURCE.md, or let the test generate it"
+        )
 
     def hook(event: str, args: tuple) -> None:
         if event in _PATH_EVENTS and args and is_forbidden(args[0]):

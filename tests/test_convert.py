@@ -79,7 +79,7 @@ def test_tokenizer_round_trip_matches_sentencepiece(converted, which):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
     for text in ROUND_TRIP_TEXTS:
         ids = tokenizer(text)["input_ids"]
-        assert ids == [1] + reference.encode(text), text
+        assert ids == [1, *reference.encode(text)], text
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 

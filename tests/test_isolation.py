@@ -30,11 +30,14 @@ def test_listing_shared_and_relative_or_dotted_paths_are_refused(monkeypatch):
         open("../shared/data/README.md")  # noqa: SIM115
 
 
-@pytest.mark.parametrize("argv", [
-    ["--task-dir", str(SHARED / "data")],
-    [f"data.train={REPO / 'assets' / 'tinystories' / 'eval.txt'},{SHARED / 'data' / 'alpaca' / 'x.json'}"],
-    ["--data=../shared/data/tinystories"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--task-dir", str(SHARED / "data")],
+        [f"data.train={REPO / 'assets' / 'tinystories' / 'eval.txt'},{SHARED / 'data' / 'alpaca' / 'x.json'}"],
+        ["--data=../shared/data/tinystories"],
+    ],
+)
 def test_a_subprocess_given_a_path_under_shared_is_not_started(argv, tmp_path):
     marker = tmp_path / "started"
     with pytest.raises(OutsideTheClone):
@@ -47,7 +50,9 @@ def test_files_in_the_clone_and_elsewhere_are_read_as_usual(tmp_path):
     (tmp_path / "shared").mkdir()  # a folder named shared that is not the project's
     (tmp_path / "shared" / "x.txt").write_text("ok")
     assert (tmp_path / "shared" / "x.txt").read_text() == "ok"
-    proc = subprocess.run([sys.executable, "-c", "print('ran')", str(tmp_path / "shared")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "print('ran')", str(tmp_path / "shared")], capture_output=True, text=True
+    )
     assert proc.stdout == "ran\n"
 
 
