@@ -253,6 +253,9 @@ def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens
     examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, max_length),
                            remove_columns=dataset.column_names, desc="Tokenizing")
     kept = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
+    if len(kept) == 0:
+        raise UsageError(f"every one of the {len(examples)} instruction examples has a prompt that fills all {max_length} "
+                         "tokens: raise data.block_size (data.eval_block_size for held-out examples)")
     if len(kept) < len(examples):
         logger.warning("%d of %d instruction examples dropped: their prompt fills all %d tokens "
                        "(data.block_size; data.eval_block_size for held-out examples)",

@@ -18,9 +18,14 @@ import pytest
 import torch
 import transformers
 
+from isolation import outside_the_clone_guard
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"  # small real files with their SOURCE.md: the tests read nothing outside the clone
+SHARED_DATA = REPO.parent / "shared" / "data"  # only this project's CI has it: the guard below fails a test that reads it
 STORIES = REPO / "assets" / "stories260K"
+
+sys.addaudithook(outside_the_clone_guard(REPO.parent / "shared"))
 
 SMALL = dict(vocab_size=64, num_hidden_layers=2)
 ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
@@ -69,3 +74,10 @@ def tiny_run(tmp_path_factory):
     """(run directory, completed process) of the smoke run of `train.py recipe=tiny`."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     return out, run_train(out)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the session's training run is slow, like the ones marked so by hand."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -100,6 +100,7 @@ def test_qlora_base_is_4bit_and_routers_stay_trainable_float32(lte_checkpoint):
     assert lora_grads and all(g is not None for g in lora_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
 def test_lora_recipe_end_to_end_exports_a_plain_lte_model(tmp_path, variant):
     out = tmp_path / "run"

@@ -1,6 +1,6 @@
 """lte.convert: llama2.c -> Hugging Face conversion of stories260K, and the shipped assets/stories260K.
 
-Needs the original llama2.c files in ../shared/data/stories260K beside the repository root.
+The original llama2.c files are in tests/data/stories260K (with their SOURCE.md).
 """
 
 import os
@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import STORIES as ASSET
+from conftest import TEST_DATA
 from lte import convert as convert_module
 from lte.convert import convert_llama2c
 from lte.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "stories260K"
-MODEL_BIN = SHARED / "stories260K.bin"
-TOKENIZER_MODEL = SHARED / "tok512.model"
-ASSET = REPO / "assets" / "stories260K"
+ORIGINAL = TEST_DATA / "stories260K"
+MODEL_BIN = ORIGINAL / "stories260K.bin"
+TOKENIZER_MODEL = ORIGINAL / "tok512.model"
 
 # llama2.c's run.c prints this (and more) at temperature 0 for the prompt "Once upon a time".
 REFERENCE_START = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -35,18 +35,8 @@ ROUND_TRIP_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_files():
-    missing = [str(p) for p in (MODEL_BIN, TOKENIZER_MODEL, SHARED / "tok512.bin") if not p.is_file()]
-    if missing:
-        pytest.fail(
-            f"missing {', '.join(missing)}: these tests need the original llama2.c stories260K files in "
-            f"{SHARED} (see assets/stories260K/SOURCE.md for where they come from)"
-        )
-
-
 @pytest.fixture(scope="module")
-def converted(shared_files, tmp_path_factory) -> Path:
+def converted(tmp_path_factory) -> Path:
     return convert_llama2c(MODEL_BIN, TOKENIZER_MODEL, tmp_path_factory.mktemp("convert") / "stories260K")
 
 
@@ -89,7 +79,7 @@ def test_tokenizer_round_trip_matches_sentencepiece(converted, which):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
     for text in ROUND_TRIP_TEXTS:
         ids = tokenizer(text)["input_ids"]
-        assert ids == [1] + reference.encode(text), text
+        assert ids == [1, *reference.encode(text)], text
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
@@ -134,7 +124,7 @@ def test_wrong_tokenizer_raises_usage_error(tmp_path):
 
     # llama2.c's own tokenizer export is not a SentencePiece model.
     with pytest.raises(UsageError, match="not a SentencePiece model"):
-        convert_llama2c(MODEL_BIN, SHARED / "tok512.bin", tmp_path / "out")
+        convert_llama2c(MODEL_BIN, ORIGINAL / "tok512.bin", tmp_path / "out")
     # A real SentencePiece model whose vocabulary doesn't fit the checkpoint.
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(TOKENIZER_MODEL.read_bytes())

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATA, STORIES
+from conftest import STORIES, TEST_DATA
 from lte.config import DataArgs
 from lte.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
 from lte.errors import UsageError
@@ -64,7 +64,7 @@ def test_local_dataset_directory_goes_through_the_hub_loader(tmp_path, tokenizer
 
 def test_alpaca_records_train_on_the_response_only(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)  # gets the Alpaca chat template: a fresh copy
-    path = SHARED_DATA / "alpaca"
+    path = TEST_DATA / "alpaca"
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
     assert files, f"no alpaca records in {path}"
     data = build_data(DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096),
@@ -82,6 +82,13 @@ def test_alpaca_records_train_on_the_response_only(tokenizer):
             short += 1
             assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
     assert short > 0
+
+
+def test_instruction_blocks_too_short_for_any_prompt_are_a_usage_error():
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    args = DataArgs(train=str(TEST_DATA / "alpaca" / "alpaca_data_500.json"), format="instruction", block_size=16)
+    with pytest.raises(UsageError, match="every one of the 475 instruction examples has a prompt that fills all 16"):
+        build_data(args, tokenizer, seed=0)  # 475: 5% of the 500 are held out
 
 
 def test_conversations_are_tokenized_as_trl_does_with_the_tokenizers_own_template(tokenizer):

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 STEPS = ["lte.stage1_steps=8", "lte.stage2_steps=4"]
 # config file, extra launcher flags, entry point, what the logs must call it
 CONFIGS = {

@@ -62,6 +62,7 @@ def stage0_run(tmp_path_factory):
     return out, run_train(out, "lte.stage0_steps=2", "lte.stage2_steps=0", "export.allocation=uniform")
 
 
+@pytest.mark.slow
 def test_a_stage_with_no_steps_keeps_its_starting_model(stage0_run):
     out, _ = stage0_run
     for name in ("model.safetensors", "lte_routers.safetensors"):
@@ -70,6 +71,7 @@ def test_a_stage_with_no_steps_keeps_its_starting_model(stage0_run):
     assert 0 < report["sparsity"] < 1 and report["sparse_ppl"] > 0
 
 
+@pytest.mark.slow
 def test_stage0_fine_tunes_the_dense_model_and_is_reported_as_the_reference(stage0_run):
     out, proc = stage0_run
     stage0 = out / "stage0" / "model"

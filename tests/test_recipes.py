@@ -1,15 +1,22 @@
-"""Every shipped recipe validates; bad input gets one clear message, exit code 2, nothing written."""
+"""Every shipped recipe validates and runs on the CPU; bad input gets one clear message, exit code 2,
+nothing written."""
 
+import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import FAMILY_CONFIGS, REPO, STORIES, TEST_DATA
 from lte.cli import train_main
-from lte.config import available_recipes, load_recipe
+from lte.config import STAGES, available_recipes, load_recipe
+from lte.data import ALPACA_CHAT_TEMPLATE
 
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+ALPACA = TEST_DATA / "alpaca"
 
 
 def test_the_required_recipes_are_shipped():
@@ -27,13 +34,23 @@ def test_every_recipe_validates_and_says_how_to_run_it(name):
         stage_args = recipe.stage_args(stage, **cpu)
         assert stage_args.output_dir.endswith(stage)
         assert stage_args.max_steps == getattr(recipe.lte, f"{stage}_steps")
-    assert recipe.stage_args("stage1", **cpu).lte_mode == "soft" and recipe.stage_args("stage2", **cpu).lte_mode == "hard"
+    assert (
+        recipe.stage_args("stage1", **cpu).lte_mode == "soft" and recipe.stage_args("stage2", **cpu).lte_mode == "hard"
+    )
     assert recipe.stage_args("stage0", **cpu).distill_weight == 0.0  # stage 0 is the dense fine-tune: no teacher
 
 
 def test_overrides_merge_into_typed_fields():
-    recipe = load_recipe(["recipe=tiny", "lte.eta=2.5", "train.learning_rate=3e-4", "train.stage2.learning_rate=1e-3",
-                          "output_dir=/tmp/somewhere", "data.block_size=128"])
+    recipe = load_recipe(
+        [
+            "recipe=tiny",
+            "lte.eta=2.5",
+            "train.learning_rate=3e-4",
+            "train.stage2.learning_rate=1e-3",
+            "output_dir=/tmp/somewhere",
+            "data.block_size=128",
+        ]
+    )
     assert recipe.lte.eta == 2.5 and recipe.data.block_size == 128 and recipe.output_dir == "/tmp/somewhere"
     assert recipe.stage_args("stage1").learning_rate == 3e-4
     assert recipe.stage_args("stage2").learning_rate == 1e-3
@@ -56,10 +73,10 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[1:]) or a[0] for a, _ in BAD])
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a[1:]) or a[0] for a, _ in BAD])
 def test_bad_input_is_one_clear_message_and_nothing_is_written(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
-    code = train_main(argv + [f"output_dir={out}"])
+    code = train_main([*argv, f"output_dir={out}"])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
@@ -69,8 +86,13 @@ def test_bad_input_is_one_clear_message_and_nothing_is_written(argv, message, tm
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "recipe=tiny", "lte.tau=0", f"output_dir={out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "recipe=tiny", "lte.tau=0", f"output_dir={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "lte.tau=0.0 must lie in (0, 1)" in proc.stderr
     assert not out.exists()
@@ -100,5 +122,131 @@ def test_every_accelerate_config_loads_and_says_how_to_run_it(path):
         if zero["stage"] == 3:  # finished stages are gathered into one checkpoint
             assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     if config.distributed_type.value == "FSDP":
-        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert (
+            config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        )
     assert {p.stem for p in CONFIGS} >= {"single_gpu", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload", "two_node"}
+
+
+# --- Each recipe runs end to end on the CPU (recipe=tiny is the session's `tiny_run`) ---------------------
+
+# The FFN family of each model a recipe names that is not on this machine (a hub model, or one another
+# script writes first): the recipe runs on a tiny random model of that family instead.
+MODEL_FAMILY = {
+    "meta-llama/Llama-2-7b-hf": "llama",
+    "Qwen/Qwen2.5-0.5B": "qwen2",
+    "runs/tinystories-llama-4m": "llama",  # written by bench/pretrain_tinystories_llama.py
+}
+# Local data of each format in place of the recipe's (a hub dataset, usually): training file, held-out
+# file, and tokens per block (the recipes' 1024 would only make each step longer; an Alpaca prompt needs
+# about 100 of stories260K's tokens).
+LOCAL_DATA = {
+    "text": (REPO / "assets" / "tinystories" / "train.jsonl", REPO / "assets" / "tinystories" / "eval.txt", 64),
+    "instruction": (ALPACA / "alpaca_data_500.json", ALPACA / "alpaca_plus_validation_unseen_200.json", 256),
+}
+RUN = [p for p in SHIPPED if p != "tiny"]
+
+
+def tiny_model_dir(family: str, expert_size: int, out) -> str:
+    """A random two-layer model of ``family`` with stories260K's 512-token tokenizer, its FFN four of the
+    recipe's experts wide, saved as a local checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    config = FAMILY_CONFIGS[family]()
+    config.vocab_size = len(tokenizer)
+    config.intermediate_size = 4 * expert_size
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def cpu_overrides(name: str, tmp_path) -> list[str]:
+    """What changes for a CPU run: the device, the model's size (a tiny model of the same family where the
+    recipe's model is not here), the data (local files of the recipe's format), the token and step counts.
+    Everything else, precision included, is the recipe's own."""
+    recipe = load_recipe([f"recipe={name}"], check_hardware=False)
+    overrides = ["train.use_cpu=true", f"output_dir={tmp_path / 'run'}"]
+    if not (REPO / recipe.model.name_or_path / "config.json").is_file():
+        assert recipe.model.name_or_path in MODEL_FAMILY, (
+            f"recipe={name}: add its model {recipe.model.name_or_path} to MODEL_FAMILY (the family of its FFN)"
+        )
+        family = MODEL_FAMILY[recipe.model.name_or_path]
+        overrides.append(f"model.name_or_path={tiny_model_dir(family, recipe.lte.expert_size, tmp_path / 'model')}")
+    if recipe.train.get("fp16") or recipe.model.dtype == "float16":
+        # The CPU has no float16 autocast (PyTorch supports bf16 there): a float16 recipe runs in bfloat16.
+        overrides += ["train.fp16=false", "train.bf16=true", "model.dtype=bfloat16"]
+    train, held_out, block = LOCAL_DATA[recipe.data.format]
+    overrides.append(f"data.train={train}")
+    if recipe.data.eval:
+        overrides.append(f"data.eval={held_out}")
+    overrides += [
+        f"data.block_size={block}",
+        "data.eval_block_size=null",
+        f"data.max_train_tokens={block * 64}",
+        f"data.max_eval_tokens={block * 16}",
+        "lte.router_init_tokens=1024",
+        "lte.router_init_steps=10",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+        "export.calibration_tokens=1024",
+    ]
+    overrides += [f"lte.{stage}_steps={min(getattr(recipe.lte, f'{stage}_steps'), 2)}" for stage in STAGES]
+    return overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUN)
+def test_every_recipe_trains_and_evaluates_on_the_cpu_in_its_own_precision(name, tmp_path):
+    """``python train.py recipe=NAME`` with only the device and the sizes changed (:func:`cpu_overrides`).
+
+    The GPU recipes train in bf16: on the CPU that is bf16 weights plus the Trainer's bf16 autocast. QLoRA
+    keeps its 4-bit NF4 base and its paged 8-bit optimizer: the bitsandbytes this project tests with (0.50)
+    runs both on the CPU, so nothing is swapped off.
+    """
+    overrides = cpu_overrides(name, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"recipe={name}", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = load_recipe([f"recipe={name}", *overrides])
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["sparsity"] < 1 and math.isfinite(report["sparse_ppl"]) and math.isfinite(report["dense_ppl"])
+    for stage in STAGES:
+        if getattr(recipe.lte, f"{stage}_steps") == 0:
+            continue
+        checkpoint = out / stage / "checkpoint-2"
+        args = torch.load(checkpoint / "training_args.bin", weights_only=False)
+        # the recipe's precision and batch, on the CPU
+        assert args.use_cpu and (args.bf16, args.fp16) == (recipe.train.get("bf16", False), False)
+        assert args.per_device_train_batch_size == recipe.train["per_device_train_batch_size"]
+        losses = [
+            h["loss"] for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in h
+        ]
+        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+        weights = load_file(str(out / stage / "model" / "model.safetensors"))
+        dtype = getattr(torch, recipe.model.dtype, None)  # None for "auto": the checkpoint's own
+        assert dtype is None or {w.dtype for w in weights.values()} == {dtype}, stage  # saved in the recipe's dtype
+    if recipe.lora.enabled:
+        assert (out / "stage1" / "adapter" / "adapter_config.json").is_file()
+        assert f"LoRA r={recipe.lora.r}" in proc.stderr
+        assert ("over a 4-bit base" in proc.stderr) == recipe.lora.load_in_4bit
+    if recipe.data.format == "instruction":
+        config = json.loads((out / "stage2" / "model" / "tokenizer_config.json").read_text())
+        assert config.get("chat_template") == ALPACA_CHAT_TEMPLATE or (
+            (out / "stage2" / "model" / "chat_template.jinja").read_text() == ALPACA_CHAT_TEMPLATE
+        )
+    if recipe.export.enabled:
+        exported = json.loads((out / "export" / "lte_export.json").read_text())
+        assert abs(exported["heldout_sparsity"] - recipe.export.target_sparsity) < 0.05
