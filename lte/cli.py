@@ -23,13 +23,16 @@ def _setup_logging() -> None:
 
 
 def train(overrides: list[str]) -> int:
-    """``recipe=NAME key=value ...``: validate the recipe, then run every stage."""
+    """``recipe=NAME key=value ...``: validate the recipe, then run every stage. ``restart_from=STAGE``
+    (not a recipe key: it acts once) discards that stage and the ones after it first."""
     from .config import load_recipe
 
+    restart = [a for a in overrides if a.startswith("restart_from=")]
+    overrides = [a for a in overrides if not a.startswith("restart_from=")]
     recipe = load_recipe(overrides)  # validates everything before any heavy import or write
     from .pipeline import run
 
-    run(recipe)
+    run(recipe, restart_from=restart[-1].split("=", 1)[1] if restart else None)
     return 0
 
 
@@ -265,6 +268,14 @@ def run_cli(func, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from .outputs import disk_full_path
+
+        where = disk_full_path(exc)
+        if where is None:
+            raise
+        print(f"error: no space left on device at {where}; free some space, then rerun the same command", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

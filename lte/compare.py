@@ -16,7 +16,7 @@ positions after the prompt (so GRIFFIN's are all made with its selected neurons)
 
 LTE (``--lte RUN_DIR``, or an export directory, which names its run) gets its thresholds
 re-tuned per target by the export's threshold tuning, so one trained run gives every point.
-Outputs go to a temporary directory renamed to ``--out`` at the end: ``results.json`` (one row
+Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.outputs`): ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
 
@@ -26,9 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
+from .outputs import check_out, disk_guard, staged_dir
 from .tasks import HEADLINE, accuracy, load_task
 
 logger = logging.getLogger("lte")
@@ -84,8 +82,9 @@ class CompareRequest:
                              f"scored positions in a block of {self.block_size}")
         if self.allocation not in ("tuned", "uniform"):
             raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
-        if Path(self.out).exists() and not self.overwrite:
-            raise UsageError(f"{self.out} exists; pass --overwrite to replace it")
+        check_out(self.out, "compare", overwrite=self.overwrite, runs={"the --lte run": lte_run_dir(self.lte) if self.lte else None},
+                  inputs={"--model": self.model, "--data": self.data, "--calibration": self.calibration, "--lte": self.lte,
+                          **{f"--tasks {name}": path for name, path in self.tasks.items()}})
 
 
 def token_blocks(text: str, tokenizer, block_size: int) -> torch.Tensor:
@@ -299,10 +298,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
 
 
 def write_results(request: CompareRequest, rows: list[dict], dense_flops: float) -> None:
-    out = Path(request.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with disk_guard(request.out), staged_dir(request.out, "compare", overwrite=request.overwrite) as tmp:
         meta = {"model": request.model, "data": request.data, "lte": request.lte, "block_size": request.block_size,
                 "tasks": {name: str(path) for name, path in request.tasks.items()}, "task_limit": request.task_limit,
                 "prompt_fraction": request.prompt_fraction, "dense_ffn_flops_per_token": dense_flops,
@@ -310,14 +306,3 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
         write_markdown(rows, dense_flops, tmp / "results.md")
         plot(rows, tmp / "sparsity_vs_ppl.png", f"{request.model} on {request.data}")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
