@@ -440,10 +440,8 @@ def open_record(recipe: Recipe, restart_from: str | None) -> None:
     out = Path(recipe.output_dir)
     for directory in (out, *(out / s for s in TRAINED)):
         clean_stale(directory)
-    enabled = {"prepare", "stage1", "stage2", "report"} | ({"stage0"} if recipe.lte.stage0_steps > 0 else set()) | (
-        {"export"} if recipe.export.enabled else set())
     new = recipe.to_dict()
-    plan = plan_rerun(read_record(out), new, stage_status(out), restart_from, enabled)
+    plan = plan_rerun(read_record(out), new, stage_status(out), restart_from)
     if plan.changed:
         logger.info("recipe changed since the last run in %s: %s", out, plan.describe())
     for stage in plan.discard:

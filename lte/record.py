@@ -114,15 +114,22 @@ def _show(value: Any) -> str:
     return "unset" if value is None else json.dumps(value) if not isinstance(value, str) else value
 
 
-def plan_rerun(old: dict | None, new: dict, status: dict[str, str], restart_from: str | None = None,
-               enabled: set[str] | None = None) -> RerunPlan:
+def enabled_stages(recipe: dict) -> set[str]:
+    """The stages a recipe (as a dict) runs."""
+    lte, export = recipe.get("lte") or {}, recipe.get("export") or {}
+    optional = {"stage0": bool(lte.get("stage0_steps")),
+                "export": export.get("target_sparsity") is not None or export.get("max_ppl_increase") is not None}
+    return {stage for stage in STAGE_ORDER if optional.get(stage, True)}
+
+
+def plan_rerun(old: dict | None, new: dict, status: dict[str, str], restart_from: str | None = None) -> RerunPlan:
     """Decide a rerun; raises :class:`UsageError` when the change would leave finished work that no
-    longer matches its record. ``enabled``: stages the new recipe runs (default: all)."""
+    longer matches its record. ``status``: :func:`stage_status` of the run directory."""
     if restart_from is not None and restart_from not in TRAINED:
         raise UsageError(f"restart_from={restart_from} must be one of {', '.join(TRAINED)}")
     changed = changed_keys(old, new) if old is not None else {}
     order = {stage: i for i, stage in enumerate(STAGE_ORDER)}
-    enabled = set(STAGE_ORDER) if enabled is None else enabled
+    enabled = enabled_stages(new)
     stale_from = len(STAGE_ORDER)
     for key in changed:
         reached = [order[s] for s in stages_of(key) if s in status or s in enabled]
