@@ -309,6 +309,7 @@ def divergence_message(recipe: Recipe, stage: str, exc: TrainingDiverged) -> str
     rate = recipe.stage_args(stage, use_cpu=True, bf16=False, fp16=False).learning_rate
     stage_dir = Path(recipe.output_dir) / stage
     if PartialState().is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / DIVERGED).write_text(json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key,
                                                       "learning_rate": rate}) + "\n")
     return (f"{stage} diverged: the loss became {exc.loss} at step {exc.step}; nothing from that step was saved. "
