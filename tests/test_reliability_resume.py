@@ -233,3 +233,16 @@ def test_rerun_plans_that_would_leave_a_lying_record_are_refused(new, status, na
     for name in names:
         assert name in str(refused.value)
     assert "new output_dir" in str(refused.value)
+
+
+def test_the_export_stage_never_replaces_another_runs_export(tiny_run, tmp_path, monkeypatch, capsys):
+    from test_reliability_outputs import tree_hash
+
+    base, _ = tiny_run
+    monkeypatch.chdir(REPO)
+    before = tree_hash(base / "export")
+    out = tmp_path / "other"
+    assert main(["train", "recipe=tiny", f"output_dir={out}", *FAST, f"export.out={base / 'export'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"export.out={base / 'export'} already exists; it is not this run's export" in err
+    assert tree_hash(base / "export") == before and not out.exists()  # refused before any work
