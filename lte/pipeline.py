@@ -429,11 +429,9 @@ def preflight_outputs(recipe: Recipe) -> None:
         raise UsageError(f"output_dir={out} is an existing file; choose a directory")
     if recipe.export.enabled:
         target = export_target(recipe)
-        ours = (read_marker(target) or {}).get("source_run") == str(out)
         check_out(target, "export", flag="export.out", inputs={"export.calibration": recipe.export.calibration, **inputs},
-                  runs={"this run's output_dir": out}, overwrite=ours,
-                  overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it "
-                                 "or set export.out to another directory")
+                  runs={"this run's output_dir": out}, overwrite=is_own_export(recipe, target),
+                  overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it yourself")
 
 
 def open_record(recipe: Recipe, restart_from: str | None) -> None:
@@ -516,6 +514,19 @@ def export_target(recipe: Recipe) -> Path:
     return Path(recipe.export.out or Path(recipe.output_dir) / "export")
 
 
+def is_own_export(recipe: Recipe, target: Path) -> bool:
+    """Whether ``target`` is this run's export, which its export stage may replace: written by
+    ``lte export`` (its marker) and lying inside the run (a run moved or copied keeps its export),
+    or naming this run or its stage-2 model."""
+    marker = read_marker(target) or {}
+    if marker.get("command") != "export":
+        return False
+    out = Path(recipe.output_dir)
+    stage2_id = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
+    return (target.resolve().is_relative_to(out) or marker.get("source_run") == str(out)
+            or (stage2_id is not None and marker.get("stage2_id") == stage2_id))
+
+
 def run_export(recipe: Recipe, report: dict) -> dict:
     """The export stage: ``lte export`` with the recipe's ``export.*``. Skipped when the export there
     was made by this run, from this stage-2 model, with these settings (its marker says so);
@@ -530,7 +541,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
                             max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
                             calibration_tokens=args.calibration_tokens, allocation=args.allocation)
     marker = read_marker(target) or {}
-    ours = marker.get("command") == "export" and marker.get("source_run") == str(out)
+    ours = is_own_export(recipe, target)
     current = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
     if ours and marker.get("settings") == request.settings() and marker.get("stage2_id") == current and (target / EXPORT_REPORT).is_file():
         logger.info("export: finished export found at %s, skipping", target)
