@@ -35,7 +35,7 @@ from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
 from .faults import fault_point, step_callback
-from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
+from .outputs import check_apart, check_out, check_writable, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
 from .record import DIVERGED, TRAINED, plan_rerun, read_record, resolve_paths, stage_status, write_record
 from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
 from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
@@ -424,9 +424,10 @@ def preflight_outputs(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     inputs = {"model.name_or_path": recipe.model.name_or_path, "data.eval": recipe.data.eval,
               **{f"data.train ({p})": p for p in recipe.data.train.split(",")}}
-    check_apart(out, f"output_dir={out}", inputs)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output_dir={out} is an existing file; choose a directory")
+    check_apart(out, f"output_dir={out}", inputs)
+    check_writable(out, f"output_dir={out}")
     if recipe.export.enabled:
         target = export_target(recipe)
         check_out(target, "export", flag="export.out", inputs={"export.calibration": recipe.export.calibration, **inputs},
@@ -447,6 +448,8 @@ def open_record(recipe: Recipe, restart_from: str | None) -> None:
         logger.warning("%s: discarding %s/ (%s), which the new settings replace", stage, out / stage,
                        "it diverged" if (out / stage / DIVERGED).is_file() else f"restart_from={restart_from}")
         remove_dir(out / stage)
+    if plan.discard:  # the report described the discarded models
+        (out / REPORT).unlink(missing_ok=True)
     if plan.update_record:
         write_record(out, new)
 
