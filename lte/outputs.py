@@ -85,7 +85,7 @@ def check_out(out: str | os.PathLike, command: str, *, flag: str = "--out", inpu
     this command wrote earlier.
     """
     target = resolve(out)
-    shown = f"{flag} {out}"
+    shown = f"{flag} {out}" if flag.startswith("-") else f"{flag}={out}"  # a CLI flag, or a recipe key
     if target.exists() and not target.is_dir():
         raise UsageError(f"{shown} is an existing file, not a directory; choose a directory path")
     check_apart(target, shown, inputs, runs, command)
