@@ -165,8 +165,12 @@ def clean_stale(directory: str | os.PathLike) -> None:
 
 
 def write_marker(directory: Path, command: str, meta: dict | None = None) -> None:
-    (directory / MARKER).write_text(json.dumps({"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                **(meta or {})}, indent=2) + "\n")
+    """Write ``directory/.lte-output.json`` as a new file (renamed over any copied or hard-linked one,
+    which must not be changed in place)."""
+    tmp = directory / f"{MARKER}.{os.getpid()}"
+    tmp.write_text(json.dumps({"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})},
+                              indent=2) + "\n")
+    os.replace(tmp, directory / MARKER)
 
 
 @contextlib.contextmanager
