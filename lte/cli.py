@@ -75,13 +75,16 @@ INTERRUPTED = {
 
 
 def train(overrides: list[str]) -> int:
-    """``recipe=NAME key=value ...``: validate the recipe, then run every stage."""
+    """``recipe=NAME key=value ...``: validate the recipe, then run every stage. ``restart_from=STAGE``
+    (not a recipe key: it acts once) discards that stage and the ones after it first."""
     from .config import load_recipe
 
+    restart = [a for a in overrides if a.startswith("restart_from=")]
+    overrides = [a for a in overrides if not a.startswith("restart_from=")]
     recipe = load_recipe(overrides)  # validates everything before any heavy import or write
     from .pipeline import run
 
-    run(recipe)
+    run(recipe, restart_from=restart[-1].split("=", 1)[1] if restart else None)
     return 0
 
 
@@ -321,6 +324,14 @@ def run_cli(func, *args, interrupted: str = INTERRUPTED["train"]) -> int:
         _close_progress_bars()
         print(interrupted, file=sys.stderr)
         return 130
+    except Exception as exc:
+        from .outputs import disk_full_path
+
+        where = disk_full_path(exc)
+        if where is None:
+            raise
+        print(f"error: no space left on device at {where}; free some space, then rerun the same command", file=sys.stderr)
+        return 2
 
 
 def _close_progress_bars() -> None:

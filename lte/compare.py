@@ -20,7 +20,7 @@ serve every target, or each target its own run, trained for it (``--lte 0.5=RUN_
 run without a target serves the rest); each LTE row names its ``run`` and its ``thresholds``.
 ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
 layout) through the same code path: ``extra_data[NAME]`` in each row.
-Outputs go to a temporary directory renamed to ``--out`` at the end: ``results.json`` (one row
+Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.outputs`): ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
 
@@ -30,9 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
+from .outputs import check_out, disk_guard, staged_dir
 from .tasks import HEADLINE, accuracy, load_task
 
 logger = logging.getLogger("lte")
@@ -103,8 +101,11 @@ class CompareRequest:
         if self.expert_size is None and "moefication" in self.methods and LTE in self.methods and len(expert_sizes(runs)) > 1:
             raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
                              f"--expert-size for MoEfication")
-        if Path(self.out).exists() and not self.overwrite:
-            raise UsageError(f"{self.out} exists; pass --overwrite to replace it")
+        check_out(self.out, "compare", overwrite=self.overwrite,
+                  runs={f"the --lte run {run}": run for run in sorted(set(runs.values()))},
+                  inputs={"--model": self.model, "--data": self.data, "--calibration": self.calibration,
+                          **{f"--extra-data {name}": path for name, path in self.extra_data.items()},
+                          **{f"--tasks {name}": path for name, path in self.tasks.items()}})
 
 
 def token_blocks(text: str, tokenizer, block_size: int, what: str = "the text") -> torch.Tensor:
@@ -420,10 +421,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
 
 
 def write_results(request: CompareRequest, rows: list[dict], dense_flops: float) -> None:
-    out = Path(request.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with disk_guard(request.out), staged_dir(request.out, "compare", overwrite=request.overwrite) as tmp:
         meta = {"model": request.model, "data": request.data, "lte": request.lte, "block_size": request.block_size,
                 "tasks": {name: str(path) for name, path in request.tasks.items()}, "task_limit": request.task_limit,
                 "prompt_fraction": request.prompt_fraction, "dense_ffn_flops_per_token": dense_flops,
@@ -433,14 +431,3 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
         write_markdown(rows, dense_flops, tmp / "results.md")
         plot(rows, tmp / "sparsity_vs_ppl.png", f"{request.model} on {request.data}")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,7 +13,8 @@
    and two plots.
 
 Everything is written to a temporary directory next to ``--out`` and renamed into place at
-the end, so a failed or interrupted export never leaves a half-written checkpoint.
+the end (:func:`lte.outputs.staged_dir`), so a failed or interrupted export never leaves a
+half-written checkpoint; ``--out`` is checked against the run and its inputs before any work.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
 from .errors import UsageError
+from .faults import fault_point
 from .inject import is_lte_checkpoint, load_lte, lte_layers, unload_lte
+from .outputs import disk_guard, read_marker, staged_dir
 from .thresholds import ALLOCATIONS, DENSE, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
@@ -69,10 +71,23 @@ class ExportRequest:
             raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise UsageError(f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file")
-        out = Path(self.out)
-        if out.exists() and not self.overwrite:
-            raise UsageError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        stage2_model(self.run_dir)  # raises if the run has no stage-2 model
+        model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
+        from .config import load_run_recipe
+        from .outputs import check_out
+
+        recipe = load_run_recipe(self.run_dir)
+        check_out(self.out, "export", overwrite=self.overwrite, runs={"the run": self.run_dir},
+                  inputs={"the run's stage-2 model": model, "--calibration": self.calibration,
+                          "the run's model (its tokenizer)": recipe.model.name_or_path, "the run's data.eval": recipe.data.eval,
+                          **{f"the run's data.train ({p})": p for p in recipe.data.train.split(",")}})
+
+    def settings(self) -> dict:
+        """What the export's thresholds depend on, besides the run's stage-2 model (kept in its marker)."""
+        from .record import resolve_local
+
+        return {"target_sparsity": self.target_sparsity, "max_ppl_increase": self.max_ppl_increase,
+                "allocation": self.allocation, "calibration": resolve_local(self.calibration),
+                "calibration_tokens": self.calibration_tokens}
 
 
 def stage2_model(run_dir: str | os.PathLike) -> Path:
@@ -213,16 +228,6 @@ def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Te
     return worst
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def plot_export(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -274,10 +279,12 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
         logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
                     100 * request.target_sparsity, request.calibration_tokens, request.allocation)
         calib_dense_ppl = math.exp(dense_nll(model, batches))
+        fault_point("export:tuning")  # test-only
         chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
         target = request.target_sparsity
     else:
         logger.info("export: searching the highest sparsity within +%.1f%% calibration perplexity", request.max_ppl_increase)
+        fault_point("export:tuning")  # test-only
         chosen, calib_dense_ppl = max_sparsity_within(model, batches, request.max_ppl_increase / 100, request.allocation,
                                                       progress=progress)
         target = round(chosen.sparsity, 4)
@@ -295,10 +302,9 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     sparse = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (exported thresholds)")
     original_ppl = run_report.get("dense_ppl")
 
-    out = Path(request.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    marker = {"source_run": str(run_dir.resolve()), "settings": request.settings(),
+              "stage2_id": (read_marker(source) or {}).get("id")}
+    with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])
         expected = reference_logits(model, inputs)
         to_routed(model, chosen.thresholds)
@@ -337,10 +343,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
         }
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         plot_export(report, tmp / "per_layer_sparsity.png")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fault_point("export:written")  # test-only
     return report
 
 

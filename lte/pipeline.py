@@ -7,21 +7,27 @@ Each stage is its own ``Trainer.train()`` with its own trainable set, writing ch
 ``OUTPUT_DIR/stageN/checkpoint-*`` and its finished model to ``OUTPUT_DIR/stageN/model``
 (written to a temporary directory and renamed, so a finished stage is never half-written).
 Rerunning the same command skips finished stages and resumes an unfinished one from its
-last checkpoint. ``reuse_from=RUN`` starts a run from another run's finished ``stage0/`` and
+last intact checkpoint (:func:`last_complete_checkpoint` verifies it). ``OUTPUT_DIR/recipe.yaml``
+is the run's record (:mod:`lte.record`): a rerun whose settings would no longer match what a
+finished stage was trained with stops before any work. A lock (:func:`lte.outputs.run_lock`)
+keeps a second process out of the same ``output_dir``.
+``reuse_from=RUN`` starts a run from another run's finished ``stage0/`` and
 ``prepare/`` (hard links) when both recipes agree on what those stages read, so runs trained for
 different sparsities share them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import uuid
+import zipfile
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
@@ -33,12 +39,15 @@ from .config import Recipe, load_run_recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
+from .faults import fault_point, step_callback
+from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
+from .record import DIVERGED, TRAINED, plan_rerun, read_record, resolve_paths, stage_status, write_record
 from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
 from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
 from .layers import ROUTER_PREFIX
 from .router_init import calibrate_routers
-from .trainer import LTETrainer
+from .trainer import LTETrainer, TrainingDiverged
 
 logger = logging.getLogger("lte")
 
@@ -67,9 +76,7 @@ def preflight(recipe: Recipe) -> None:
         check_source(recipe.data.eval, "data.eval")
     if recipe.export.enabled and recipe.export.calibration:
         check_source(recipe.export.calibration, "export.calibration")
-    check_output_dir(recipe.output_dir, "output_dir")
-    if recipe.export.enabled and recipe.export.out:
-        check_output_dir(recipe.export.out, "export.out")
+    check_output_dir(recipe.output_dir, "output_dir")  # export.out: preflight_outputs (check_out)
     check_report_to(recipe)
     config = check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code,
                          recipe.model.revision)
@@ -194,11 +201,12 @@ def collator_for(data: LMData, tokenizer):
 
 
 def _save_atomically(save, final: Path) -> None:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    """Write a stage's model to a temporary sibling and rename it into place; its marker carries a
+    fresh id, by which the export stage knows which model it was made from."""
+    stage = final.parent.name
+    with staged_dir(final, "train", meta={"stage": stage, "id": uuid.uuid4().hex}, overwrite=True) as tmp:
+        save(tmp)
+        fault_point(f"{stage}:model")
 
 
 def calibration_batches(data: LMData, tokenizer, tokens: int, batch_size: int) -> list[dict]:
@@ -267,21 +275,76 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
     return model
 
 
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (which file, what is wrong), or None.
+
+    Cheap checks that catch what a kill or a full disk leaves: ``trainer_state.json`` parses,
+    every file is non-empty, every safetensors file holds the bytes its header promises, and
+    every torch file (optimizer, scheduler, RNG state) is a readable zip archive (torch's format
+    keeps its index at the end, so a truncated file fails to open).
+    """
+    path = Path(checkpoint)
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        return "trainer_state.json is missing (the run stopped while writing the checkpoint)"
+    try:
+        if "global_step" not in json.loads(state_file.read_text()):
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json does not parse ({exc})"
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")) and not (path / "adapter_model.bin").is_file():
+        return "it holds no model weights"
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        if size == 0:
+            return f"{file.name} is empty"
+        if file.suffix == ".safetensors":
+            try:
+                with open(file, "rb") as handle:
+                    length = int.from_bytes(handle.read(8), "little")
+                    if length <= 0 or 8 + length > size:
+                        return f"{file.name} is truncated (its header runs past the end of the file)"
+                    header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                return f"{file.name} has an unreadable header ({exc})"
+            if 8 + length + end > size:
+                return f"{file.name} is truncated ({size} bytes, its header needs {8 + length + end})"
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            except (OSError, zipfile.BadZipFile) as exc:
+                return f"{file.name} is damaged or truncated ({exc})"
+    return None
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint the Trainer finished writing, or None.
+    """The newest checkpoint that can be resumed from, or None.
 
     The Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed
-    while saving leaves a directory without it; resuming from that would load a partial state.
-    Such directories are removed (a finished older checkpoint is still there: the Trainer only
-    rotates old checkpoints out after the new one is complete).
+    while saving leaves a directory without it; a full disk can leave empty or truncated files.
+    Each checkpoint that fails :func:`checkpoint_problem` is logged with the file at fault and
+    removed (it would be resumed from, or written into, otherwise), and the one before it is
+    tried; the Trainer only rotates old checkpoints out after a new one is complete.
     """
     if not os.path.isdir(output_dir):
         return None
+    clean_stale(output_dir)
+    damaged = False
     while (last := get_last_checkpoint(output_dir)) is not None:
-        if (Path(last) / "trainer_state.json").is_file():
+        problem = checkpoint_problem(last)
+        if problem is None:
+            if damaged:
+                logger.warning("resuming from %s, the newest intact checkpoint", last)
             return last
-        logger.warning("removing %s: the run stopped while writing it", last)
-        shutil.rmtree(last)
+        logger.warning("checkpoint %s cannot be resumed from: %s; removing it and trying the one before", last, problem)
+        remove_dir(Path(last))
+        damaged = True
+    if damaged:
+        logger.warning("%s: no intact checkpoint left; the stage restarts from its beginning", output_dir)
     return None
 
 
@@ -295,7 +358,7 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         return final
     if args.max_steps == 0:  # nothing to train: the stage's model is its starting checkpoint
         if state.is_main_process:
-            _save_atomically(lambda d: shutil.copytree(source, d), final)
+            _save_atomically(lambda d: shutil.copytree(source, d, dirs_exist_ok=True), final)
         state.wait_for_everyone()
         return final
     model = build_stage_model(stage, recipe, source, args)
@@ -305,13 +368,19 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
             teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
     trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
+    if (fault := step_callback(stage)) is not None:
+        trainer.add_callback(fault)
     last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
     last = broadcast_object(last)
     if last:
         logger.info("%s: resuming from %s", stage, last)
     logger.info("%s: training %d steps in %s mode on %d process(es) (%s)", stage, args.max_steps, args.lte_mode,
                 state.num_processes, describe_parallelism(trainer.accelerator))
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(divergence_message(recipe, stage, exc), step=exc.step, loss=exc.loss) from None
+    (Path(args.output_dir) / DIVERGED).unlink(missing_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_routers_identical(model, stage)
     if recipe.lora.enabled:
@@ -326,6 +395,31 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         _save_atomically(save, final)
     state.wait_for_everyone()
     return final
+
+
+def learning_rate_key(recipe: Recipe, stage: str) -> str:
+    """The recipe key that sets ``stage``'s learning rate without touching an earlier trained stage:
+    ``train.STAGE.learning_rate`` when the stage sets its own or an earlier stage trains, else
+    ``train.learning_rate``."""
+    own = "learning_rate" in (recipe.train.get(stage) or {})
+    earlier = [s for s in ("stage0", "stage1") if s < stage and getattr(recipe.lte, f"{s}_steps") > 0]
+    return f"train.{stage}.learning_rate" if own or earlier else "train.learning_rate"
+
+
+def divergence_message(recipe: Recipe, stage: str, exc: TrainingDiverged) -> str:
+    """The divergence message, with the exact key and what a rerun will do; also leaves
+    ``STAGE/diverged.json``, by which the rerun with a changed rate restarts the stage."""
+    key = learning_rate_key(recipe, stage)
+    rate = recipe.stage_args(stage, use_cpu=True, bf16=False, fp16=False).learning_rate
+    stage_dir = Path(recipe.output_dir) / stage
+    if PartialState().is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / DIVERGED).write_text(json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key,
+                                                      "learning_rate": rate}) + "\n")
+    return (f"{stage} diverged: the loss became {exc.loss} at step {exc.step}; nothing from that step was saved. "
+            f"Lower {key} (now {rate:g}), for example add {key}={rate / 10:g} to the same command, and rerun it: "
+            f"{stage} then restarts from its beginning with the new rate (its checkpoints carry the old rate in their "
+            f"optimizer and scheduler state), and the stages before it are kept")
 
 
 def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokenizer, final: Path) -> None:
@@ -491,14 +585,78 @@ def link_stages(pairs: list[tuple[Path, Path]]) -> None:
         if (here / "config.json").is_file():
             continue
         here.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomically(lambda d, there=there: shutil.copytree(there, d, copy_function=_link_or_copy), here)
+        _save_atomically(lambda d, there=there: shutil.copytree(there, d, copy_function=_link_or_copy, dirs_exist_ok=True), here)
         logger.info("%s: reused %s", here.parent.name, there)
 
 
-def run(recipe: Recipe) -> dict | None:
-    """Run every stage of ``recipe`` (resuming what is already done); returns the report."""
+def preflight_outputs(recipe: Recipe) -> None:
+    """Where the run writes: ``output_dir`` apart from its inputs and writable, and the export's
+    directory free or this run's own (checked before any work)."""
+    out = Path(recipe.output_dir)
+    inputs = {"model.name_or_path": recipe.model.name_or_path, "data.eval": recipe.data.eval,
+              **{f"data.train ({p})": p for p in recipe.data.train.split(",")}}
+    check_apart(out, f"output_dir={out}", inputs)  # a file there, or no write access: preflight's check_output_dir
+    if recipe.export.enabled:
+        target = export_target(recipe)
+        check_out(target, "export", flag="export.out", inputs={"export.calibration": recipe.export.calibration, **inputs},
+                  runs={"this run's output_dir": out}, overwrite=is_own_export(recipe, target),
+                  overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it yourself")
+
+
+def open_record(recipe: Recipe, restart_from: str | None) -> None:
+    """Compare the recipe with the run's record and act on the difference (see :mod:`lte.record`)."""
+    out = Path(recipe.output_dir)
+    for directory in (out, *(out / s for s in TRAINED)):
+        clean_stale(directory)
+    new = recipe.to_dict()
+    plan = plan_rerun(read_record(out), new, stage_status(out), restart_from)
+    if plan.changed:
+        logger.info("recipe changed since the last run in %s: %s", out, plan.describe())
+    for stage in plan.discard:
+        logger.warning("%s: discarding %s/ (%s), which the new settings replace", stage, out / stage,
+                       "it diverged" if (out / stage / DIVERGED).is_file() else f"restart_from={restart_from}")
+        remove_dir(out / stage)
+    if plan.discard:  # the report described the discarded models
+        (out / REPORT).unlink(missing_ok=True)
+    if plan.update_record:
+        write_record(out, new)
+
+
+@contextlib.contextmanager
+def claimed(recipe: Recipe, restart_from: str | None = None):
+    """Hold the run's lock and settle its record (main process), before any work."""
+    state = PartialState()
+    out = Path(recipe.output_dir)
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(run_lock(out))
+                open_record(recipe, restart_from)
+            except UsageError as exc:
+                problem = str(exc)
+        problem = broadcast_object(problem)
+        if problem:
+            raise UsageError(problem)
+        state.wait_for_everyone()
+        yield
+
+
+def run(recipe: Recipe, restart_from: str | None = None) -> dict | None:
+    """Run every stage of ``recipe`` (resuming what is already done); returns the report.
+
+    ``restart_from``: a trained stage to discard, with every stage after it, before running.
+    """
+    recipe = resolve_paths(recipe)
     preflight(recipe)
+    preflight_outputs(recipe)
     reused = reused_stages(recipe)
+    out = Path(recipe.output_dir)
+    with claimed(recipe, restart_from), disk_guard(out, "then rerun the same command: it resumes from the last checkpoint"):
+        return _run_stages(recipe, reused)
+
+
+def _run_stages(recipe: Recipe, reused: list[tuple[Path, Path]]) -> dict | None:
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
@@ -506,8 +664,6 @@ def run(recipe: Recipe) -> dict | None:
     state = PartialState()
     out = Path(recipe.output_dir)
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         link_stages(reused)
     state.wait_for_everyone()
     logger.info("data: %d training and %d held-out examples", len(data.train), len(data.eval))
@@ -544,24 +700,45 @@ def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
     calibration_data(request, recipe, tokenizer, data, keys=("export.calibration", "export.calibration_tokens"))
 
 
+def export_target(recipe: Recipe) -> Path:
+    return Path(recipe.export.out or Path(recipe.output_dir) / "export")
+
+
+def is_own_export(recipe: Recipe, target: Path) -> bool:
+    """Whether ``target`` is this run's export, which its export stage may replace: written by
+    ``lte export`` (its marker) and lying inside the run (a run moved or copied keeps its export),
+    or naming this run or its stage-2 model."""
+    marker = read_marker(target) or {}
+    if marker.get("command") != "export":
+        return False
+    out = Path(recipe.output_dir)
+    stage2_id = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
+    return (target.resolve().is_relative_to(out) or marker.get("source_run") == str(out)
+            or (stage2_id is not None and marker.get("stage2_id") == stage2_id))
+
+
 def run_export(recipe: Recipe, report: dict) -> dict:
-    """The export stage: ``lte export`` with the recipe's ``export.*``; skipped when done."""
+    """The export stage: ``lte export`` with the recipe's ``export.*``. Skipped when the export there
+    was made by this run, from this stage-2 model, with these settings (its marker says so);
+    otherwise (re)made, replacing only this run's own earlier export."""
     from .export import EXPORT_REPORT, ExportRequest, export
     from .export import summary as export_summary
 
     out = Path(recipe.output_dir)
-    target = Path(recipe.export.out or out / "export")
-    done = target / EXPORT_REPORT
-    stale = done.is_file() and done.stat().st_mtime < (out / "stage2" / STAGE_MODEL / "config.json").stat().st_mtime
-    if done.is_file() and not stale:
+    target = export_target(recipe)
+    args = recipe.export
+    request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=args.target_sparsity,
+                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
+                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    marker = read_marker(target) or {}
+    ours = is_own_export(recipe, target)
+    current = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
+    if ours and marker.get("settings") == request.settings() and marker.get("stage2_id") == current and (target / EXPORT_REPORT).is_file():
         logger.info("export: finished export found at %s, skipping", target)
-        exported = json.loads(done.read_text())
+        exported = json.loads((target / EXPORT_REPORT).read_text())
     else:
-        args = recipe.export
-        exported = export(ExportRequest(run_dir=str(out), out=str(target), target_sparsity=args.target_sparsity,
-                                        max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                                        calibration_tokens=args.calibration_tokens, allocation=args.allocation,
-                                        overwrite=stale))
+        request.overwrite = ours
+        exported = export(request)
         print(export_summary(exported, target), flush=True)
     report["export_dir"] = os.path.relpath(target, out)
     report["export"] = {k: exported[k] for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -21,6 +22,7 @@ from transformers.trainer_callback import ExportableState
 from typing_extensions import override
 
 from .errors import UsageError
+from .faults import fault_point
 from .layers import MODES, ROUTER_PREFIX, collect_router_scores
 from .losses import efficiency_loss, layer_sparsity, separability_loss
 
@@ -153,7 +155,12 @@ class EtaController(TrainerCallback, ExportableState):
 
 
 class TrainingDiverged(UsageError):
-    """The loss became NaN/inf; the last checkpoint on disk is left as it was."""
+    """The loss became NaN/inf at optimizer step ``step``; the last checkpoint on disk is left as it
+    was. The pipeline re-raises it with the recipe key of the stage's learning rate."""
+
+    def __init__(self, message: str, step: int, loss: float):
+        super().__init__(message)
+        self.step, self.loss = step, loss
 
 
 class LTETrainer(Trainer):
@@ -240,12 +247,12 @@ class LTETrainer(Trainer):
                     controller.observe(self.accelerator.reduce(per_layer.mean().float(), "mean"))
                     metrics["eta"].append(torch.tensor(eta, device=per_layer.device))
         if model.training and not torch.isfinite(loss.detach()).all():
-            step = self.state.global_step + 1
+            step, value = self.state.global_step + 1, loss.detach().float().max().item()
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {step} of the {self.args.lte_mode} stage; "
-                f"nothing was saved from this step. Lower train.learning_rate or lte.eta, then rerun the "
-                f"same command: it resumes from the last checkpoint in {self.args.output_dir}"
-            )
+                f"the loss became {value} at step {step} of the {self.args.lte_mode}-routing stage "
+                f"({self.args.output_dir}); nothing was saved from this step. Lower the learning rate "
+                f"(now {self.args.learning_rate:g}) and train this stage again from its start: its checkpoints "
+                f"carry the old rate in their optimizer and scheduler state", step=step, loss=value)
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -288,6 +295,11 @@ class LTETrainer(Trainer):
                 logs[f"{prefix}{key}"] = value.item()
         metrics.clear()
         super().log(logs, start_time)
+
+    @override
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        fault_point(f"{Path(self.args.output_dir).name}:checkpoint{self.state.global_step}")  # test-only
 
     @override
     def create_optimizer(self, model=None):

@@ -15,9 +15,6 @@ them is the harsher, simpler test of the same question: are these neurons specia
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ from tqdm.auto import tqdm
 from .baselines.sites import Sparsified, ffn_sites, run_batches
 from .errors import UsageError
 from .evaluate import evaluate_batches
+from .outputs import check_out, disk_guard, staged_dir
 
 RANDOM_DRAWS = 3
 
@@ -109,8 +107,7 @@ def analyze(model_dir: str, data: str, out: str, tokens: int = 8192, eval_tokens
         raise UsageError(f"{model_dir}: no model there (expected a directory with config.json)")
     if not Path(data).is_file():
         raise UsageError(f"--data {data}: file not found")
-    if Path(out).exists() and not overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    check_out(out, "analyze wasserstein", overwrite=overwrite, inputs={"the model": model_dir, "--data": data})
     if not all(0 < t < 1 for t in top):
         raise UsageError(f"--top {','.join(map(str, top))}: fractions must lie in (0, 1)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,17 +143,8 @@ def analyze(model_dir: str, data: str, out: str, tokens: int = 8192, eval_tokens
               "dense_ppl": base, "experiment": experiment,
               "layers": [{"layer": i, "mean": float(d.mean()), "median": float(np.median(d)), "max": float(d.max()),
                           "top_neurons": np.argsort(-d)[:16].tolist()} for i, d in enumerate(per_layer)]}
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with disk_guard(out), staged_dir(out, "analyze wasserstein", overwrite=overwrite) as tmp:
         (tmp / "wasserstein.json").write_text(json.dumps(report, indent=2) + "\n")
         np.savez_compressed(tmp / "distances.npz", **{f"layer_{i:02d}": d for i, d in enumerate(per_layer)})
         plot_histograms(per_layer, tmp / "wasserstein_histograms.png", f"{Path(model_dir).name}: Wasserstein distance per FFN neuron")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -408,6 +408,7 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
     target = tmp_path / "exported"
     target.mkdir()
     (target / "keep.txt").write_text("previous export")
+    (target / ".lte-output.json").write_text('{"command": "export"}')  # an earlier export: --overwrite may replace it
 
     def broken(*args, **kwargs):
         raise RuntimeError("export validation failed (simulated)")

@@ -103,7 +103,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     with torch.no_grad():
         lte_layers(model)[0].lte_router.weight.fill_(math.nan)
     trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=packed_dataset())
-    with pytest.raises(TrainingDiverged, match="at step 1 of the soft stage"):
+    with pytest.raises(TrainingDiverged, match="at step 1 of the soft-routing stage"):
         trainer.train()
 
 
