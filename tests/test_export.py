@@ -108,7 +108,8 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         _export_tiny(family, tmp_path / family, tokenizer)
         dirs.append(str(tmp_path / family))
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
-    assert config["model_type"] == "lte" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]  # the base model's
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
     assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
     assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
     results = _load_as_a_user(dirs, tmp_path)
@@ -174,13 +175,14 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
 
     calls = []
 
-    def spy(h, *args):
-        calls.append(h.shape)
-        return cpu_kernel.expert_matvec_t(h, *args)
+    def spy(h, weight_t, order, count, size):
+        calls.append((h.shape, int(count)))
+        return cpu_kernel.slot_matvec_t(h, weight_t, order, count, size)
 
     monkeypatch.setattr(modeling, "_cpu_kernel_available", cpu_kernel.available, raising=False)
-    monkeypatch.setattr(modeling, "expert_matvec", cpu_kernel.expert_matvec, raising=False)
-    monkeypatch.setattr(modeling, "expert_matvec_t", spy, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_select", cpu_kernel.select_experts, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_matvec", cpu_kernel.slot_matvec, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_matvec_t", spy, raising=False)
     for family in ("llama", "gpt2"):
         model = tiny_model(family)
         inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
@@ -192,8 +194,8 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
             to_routed(model, thresholds)
             calls.clear()
             got = model(ids).logits
-        # one kernel call per layer for all 4 tokens, over a non-empty union of experts
-        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and shape[-1] > 0 for shape in calls), (family, calls)
+        # one kernel call per layer for all 4 tokens, over a non-empty union of experts that is not all of them
+        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and 0 < count < 8 for shape, count in calls), (family, calls)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -205,9 +207,10 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
     weights = load_file(tmp_path / "llama" / "model.safetensors")
     prefix = "model.layers.0.mlp."
     assert weights[prefix + "gate_proj.weight"].shape == (64, 32)  # [neurons, hidden]: expert e = rows e*8..e*8+7
-    assert weights[prefix + "down_proj.weight_t"].shape == (64, 32)  # down stored transposed: same row blocks
+    assert weights[prefix + "down_proj.weight"].shape == (32, 64)  # the base class's layout: expert e = columns e*8..
     assert weights[prefix + "gate_proj.router.weight"].shape == (8, 32)
-    assert not any(k.endswith("down_proj.weight") for k in weights)
+    assert not any("weight_t" in k for k in weights)
+    assert {k for k in weights if "router" in k} == {f"model.layers.{i}.mlp.gate_proj.router.weight" for i in range(2)}
     assert (tmp_path / "llama" / "lte_kernels_cpu.py").is_file()
 
 
