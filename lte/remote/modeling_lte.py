@@ -168,7 +168,8 @@ class RoutingState:
             self.tokens += on.shape[:-1].numel()
         tokens = on.shape[:-1].numel()
         self.clear()
-        compact = tokens <= MAX_UNION_TOKENS and not self.wrapped() and not self.needs_grad(x)
+        wrapped = self.wrapped()  # every call: it also masks a new wrapper's input
+        compact = tokens <= MAX_UNION_TOKENS and not wrapped and not self.needs_grad(x)
         kernels = _kernels(self.projections[0].weight) if compact else None
         if kernels is not None:
             self.kernels = kernels
