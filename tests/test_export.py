@@ -436,3 +436,66 @@ def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
     assert below_trained_sparsity(trained, 0.9) is None  # above: raising thresholds is what export tuning is for
     assert load_report(tmp_path / "no-run") == {}
     assert below_trained_sparsity(None, 0.1) is None  # no report: nothing to compare with
+
+
+def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tmp_path):
+    # FalconH1's mup_vector: a non-persistent buffer (never in a checkpoint) computed from the config
+    # in __init__ and _init_weights. Its FFN calls up_proj before gate_proj: "first" is in call order.
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lte.remote.modeling_lte import install_routed_ffns
+
+    config = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
+        mamba_d_state=8, mamba_chunk_size=16, mamba_expand=1, ssm_multipliers=[0.5, 2.0, 3.0, 0.25, 1.5])
+    torch.manual_seed(0)
+    model = transformers.FalconH1ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    config.lte_ffn = {"expert_size": 8, "router_bias": False, "hosts": [
+        {"path": f"model.layers.{i}.feed_forward", "first": ["up_proj", "gate_proj"], "down": "down_proj", "fused_chunks": 1}
+        for i in range(2)]}
+    config.lte_thresholds, config.lte_mode, config.lte_track_sparsity = [0.5, 0.5], "sparse", False
+    install_routed_ffns(model, config)
+    write_checkpoint(model, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"), tmp_path, "FalconH1ForCausalLM")
+    base = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    buffers = dict(exported.named_buffers())
+    assert {n for n, _ in base.named_buffers()} == set(buffers)
+    for name, buffer in base.named_buffers():
+        torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
+    assert not torch.equal(buffers["model.layers.0.mamba.mup_vector"], torch.ones_like(buffers["model.layers.0.mamba.mup_vector"]))
+    exported.config.lte_mode = "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(base(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def _validation_case(tmp_path):
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "llama"
+    _export_tiny("llama", directory, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"))
+    d = torch.load(directory / "expected.pt")
+    return directory, [{"input_ids": d["ids"]}], [d["sparse"]]
+
+
+def test_export_validation_fails_on_non_finite_logits_and_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lte.export import validate_export
+
+    directory, inputs, expected = _validation_case(tmp_path)
+    assert validate_export(directory, inputs, expected, torch.float32, torch.device("cpu")) < 1e-5
+    broken = expected[0].clone()
+    broken[0, 0, 0] = float("nan")  # max(worst, nan) kept the worst error: a NaN passed
+    with pytest.raises(RuntimeError, match="trained model's logits on validation input 0 hold NaN or inf"):
+        validate_export(directory, inputs, [broken], torch.float32, torch.device("cpu"))
+    weights = load_file(directory / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 4] = float("inf")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"1 weight\(s\) hold NaN or inf \(model.layers.1.mlp.up_proj.weight\)"):
+        validate_export(directory, inputs, expected, torch.float32, torch.device("cpu"))

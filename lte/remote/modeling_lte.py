@@ -366,6 +366,14 @@ class LTEForCausalLM(_BaseForCausalLM):
         _share_base_conversions()  # per instance: exports of other bases may share this class name
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: this is the base class, initialised by the base class's own ``_init_weights``.
+        As custom code, transformers would skip ``_init_weights`` for modules without their own
+        parameters, leaving non-persistent buffers they set (FalconH1's ``mup_vector``) as
+        uninitialised memory after ``from_pretrained``."""
+        return False
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).lte_relayout()
