@@ -59,7 +59,16 @@ def base_class(directories):
             dense_logits = sparse(ids).logits
             sparse.config.lte_mode = "sparse"
             sparse_logits = sparse(ids).logits
+        resaved = f"{directory}-resaved"  # save_pretrained of the sparse model: still the base checkpoint
+        sparse.save_pretrained(resaved)
+        again = base_cls.from_pretrained(resaved).eval()
+        reloaded = load_sparse(resaved)
+        with torch.no_grad():
+            resaved_dense, resaved_sparse = again(ids).logits, reloaded(ids).logits
+        resaved_config = json.load(open(f"{resaved}/config.json"))
         out[directory] = {
+            "resaved_vs_base": rel(resaved_dense, base_logits), "resaved_sparse": rel(resaved_sparse, sparse_logits),
+            "resaved_architectures": resaved_config["architectures"], "resaved_model_type": resaved_config["model_type"],
             "base_class": type(base).__name__, "auto_class": type(auto).__name__, "sparse_class": type(sparse).__name__,
             "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
             "mismatched": sorted(str(k) for k in info["mismatched_keys"]),

@@ -54,6 +54,9 @@ def test_plain_loaders_get_the_dense_base_model_and_tokenizer(exports, tmp_path)
         assert r["base_vs_dense"] < 1e-6 and r["auto_vs_dense"] < 1e-6 and r["base_vs_original"] < 1e-5, (family, r)
         assert r["sparse_vs_trained"] < 1e-6 and r["sparse_vs_base"] > 1e-3, (family, r)  # remote code: sparse
         assert r["use_cache"] is True and r["base_use_cache"] is True
+        # save_pretrained of the sparse model writes the same kind of checkpoint
+        assert r["resaved_architectures"] == [cls] and r["resaved_model_type"] == family
+        assert r["resaved_vs_base"] < 1e-6 and r["resaved_sparse"] < 1e-6, (family, r)
         loader_leftovers = {"is_local", "local_files_only", "trust_remote_code", "_commit_hash", "cache_dir"}
         assert not loader_leftovers & set(r["tokenizer_keys"]), r["tokenizer_keys"]
         assert len(r["tokens"]) >= 3

@@ -28,6 +28,7 @@ shape and values: one copy of the weights, nothing else changes.
 Only torch and transformers are imported.
 """
 
+import json
 import os
 
 import torch
@@ -378,6 +379,19 @@ class LTEForCausalLM(_BaseForCausalLM):
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).lte_relayout()
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The base class's ``save_pretrained``, with ``architectures`` kept the base class's (as
+        ``lte export`` writes it), so a saved copy still loads dense in plain loaders and engines."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(save_directory, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+            config["architectures"] = [BASE_ARCHITECTURE]
+            with open(config_file, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
 
     def lte_relayout(self) -> None:
         """Re-stride the FFN weights for the kernels (``from_pretrained`` does it; call it again
