@@ -159,6 +159,14 @@ TOKENIZER_LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_dow
                          "subfolder", "trust_remote_code", "use_auth_token", "resume_download", "_commit_hash", "_from_auto")
 
 
+def base_use_cache(config) -> bool:
+    """The base configuration class's default ``use_cache`` (True where it cannot be built bare)."""
+    try:
+        return bool(getattr(type(config)(), "use_cache", True))
+    except Exception:  # a configuration class that needs arguments
+        return True
+
+
 def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     """``save_pretrained`` + config.json's ``auto_map`` + the code files (model, config, kernels).
 
@@ -169,9 +177,8 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     config.update(architectures=[base], auto_map=AUTO_MAP)
-    default_use_cache = getattr(type(model.config)(), "use_cache", None)  # the Trainer saves False
-    if default_use_cache is not None:
-        config["use_cache"] = default_use_cache
+    if "use_cache" in config:  # the Trainer saves False; a plain model(ids) would return no cache
+        config["use_cache"] = base_use_cache(model.config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer_config = directory / "tokenizer_config.json"
     if tokenizer_config.is_file():

@@ -93,6 +93,7 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
         sparse, token, few = model(ids).logits, model(ids[:1, :1]).logits, model(ids[:, :2]).logits
     base = base_architecture(model)
     to_routed(model, thresholds)
+    model.config.use_cache = False  # as the Trainer leaves it; the export restores the base default
     out.mkdir()
     write_checkpoint(model, tokenizer, out, base)
     torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},

@@ -22,7 +22,9 @@ ROUTER_SUFFIX = ".router.weight"
 def exports(tmp_path_factory):
     """Tiny exports (thresholds that skip experts) of a SwiGLU Llama, GPT-2 (Conv1D, biases) and Qwen2."""
     root = tmp_path_factory.mktemp("exports")
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
+    # loaded as the pipeline loads it: these arguments end up in tokenizer_config.json unless removed
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K", local_files_only=True, trust_remote_code=False)
+    assert {"is_local", "local_files_only"} <= set(tokenizer.init_kwargs)
     for family in ("llama", "gpt2", "qwen2"):
         _export_tiny(family, root / family, tokenizer)
     return root
