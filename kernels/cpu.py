@@ -12,17 +12,29 @@ Two memory-bound matrix-vector products that read only the selected experts' row
 For a few tokens, pass the union of their selected experts and zero each token's entries of
 ``h`` for the experts it did not select.
 
+``slot_matvec`` / ``slot_matvec_t`` are the same products with the selection given as the
+Triton kernels take it (``order``: every expert, the selected ones first; ``count``: how many
+are selected, a one-element tensor): the output of ``slot_matvec`` has a slot for every expert,
+zero past the selected ones. Their shapes never depend on the selection, so a decode step that
+uses them traces into one graph (``torch.compile(fullgraph=True)``, ``torch.export``).
+
+All four are registered torch custom ops (``torch.library.custom_op``, namespace
+``lte_<hash>``) with fake implementations, so compilers trace through them.
+
 Both are C++ loops parallelised with ATen's thread pool (``at::parallel_for``): the first over
 the selected rows, the second over one column block per thread, so no thread ever writes
 another's output (no atomics, a fixed summation order). Weights are read in place; no
 gather copy. fp32 and bf16 weights, fp32 accumulation.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++
-compiler and ninja are needed; the build is cached per machine). If it cannot be built,
+compiler and ninja are needed; about 20 s, logged once). The extension's name carries a hash
+of the source, the flags and the torch version, so environments sharing the extensions cache
+reuse each other's builds instead of rebuilding over them. If it cannot be built,
 :func:`available` is False and callers use their pure-torch path. Imports only torch: this
 file is copied next to an exported model's ``modeling_lte.py``.
 """
 
+import hashlib
 import logging
 import os
 import threading
@@ -48,7 +60,7 @@ static inline float load(const uint16_t* p, int64_t i) {
 
 template <typename W>
 static void matvec_rows(const float* x, int64_t tokens, const W* weight, const int64_t* experts, int64_t k,
-                        int64_t size, int64_t offset, int64_t hidden, float* y) {
+                        int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
   // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads.
   const int64_t n = k * size;
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
@@ -63,15 +75,15 @@ static void matvec_rows(const float* x, int64_t tokens, const W* weight, const i
         float acc = 0.f;
         for (; c < hidden; ++c) acc += load(row, c) * xt[c];
         for (int l = 0; l < 16; ++l) acc += lanes[l];
-        y[t * n + j] = acc;
+        y[t * ystride + j] = acc;
       }
     }
   });
 }
 
 template <typename W>
-static void matvec_t_rows(const float* h, int64_t tokens, const W* weight_t, const int64_t* experts, int64_t k,
-                          int64_t size, int64_t hidden, float* out) {
+static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const W* weight_t, const int64_t* experts,
+                          int64_t k, int64_t size, int64_t hidden, float* out) {
   // out[t, c] = sum_j h[t, j] * row_j[c]. Each thread owns one contiguous column block and streams
   // every selected row's slice of it once for all tokens: no shared writes, a fixed sum order.
   const int64_t n = k * size;
@@ -84,7 +96,7 @@ static void matvec_t_rows(const float* h, int64_t tokens, const W* weight_t, con
       for (int64_t j = 0; j < n; ++j) {
         const W* row = weight_t + (experts[j / size] * size + j % size) * hidden + c0;
         for (int64_t t = 0; t < tokens; ++t) {
-          const float s = h[t * n + j];
+          const float s = h[t * hstride + j];
           if (s == 0.f) continue;  // a token that did not select this expert
           float* a = acc.data() + t * width;
           for (int64_t c = 0; c < width; ++c) a[c] += s * load(row, c);
@@ -101,42 +113,81 @@ static void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name, " must be float32 or bfloat16");
 }
 
-// x: [tokens, hidden] (or [hidden]); returns [tokens, k * size] in weight's dtype.
-torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor experts, int64_t size, int64_t offset) {
+static torch::Tensor rows_times(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& ids, int64_t k,
+                                int64_t size, int64_t offset, int64_t width) {
+  // [tokens, width] (fp32): the first k * size columns are x times the rows of the first k experts of ids, the rest 0.
   check(weight, "weight");
   const int64_t hidden = weight.size(1);
   auto xf = x.reshape({-1, hidden}).to(torch::kFloat).contiguous();
-  auto ids = experts.to(torch::kLong).contiguous();
-  const int64_t k = ids.numel(), tokens = xf.size(0);
-  auto y = torch::empty({tokens, k * size}, xf.options());
+  const int64_t tokens = xf.size(0);
+  auto y = k * size == width ? torch::empty({tokens, width}, xf.options()) : torch::zeros({tokens, width}, xf.options());
   if (weight.scalar_type() == torch::kFloat)
     matvec_rows(xf.data_ptr<float>(), tokens, weight.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, offset, hidden,
-                y.data_ptr<float>());
+                y.data_ptr<float>(), width);
   else
     matvec_rows(xf.data_ptr<float>(), tokens, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-                ids.data_ptr<int64_t>(), k, size, offset, hidden, y.data_ptr<float>());
-  return y.to(weight.scalar_type());
+                ids.data_ptr<int64_t>(), k, size, offset, hidden, y.data_ptr<float>(), width);
+  return y;
+}
+
+static torch::Tensor rows_t_times(const torch::Tensor& h, int64_t width, const torch::Tensor& weight_t,
+                                  const torch::Tensor& ids, int64_t k, int64_t size) {
+  // [tokens, hidden] (fp32): h's first k * size columns (of width) times the rows of the first k experts of ids.
+  check(weight_t, "weight_t");
+  const int64_t hidden = weight_t.size(1);
+  int64_t tokens = 1;  // every dimension but the last (which may be 0 when no expert is selected)
+  for (int64_t d = 0; d + 1 < h.dim(); ++d) tokens *= h.size(d);
+  TORCH_CHECK(h.numel() == tokens * width, "h has ", h.numel(), " entries for ", tokens, " tokens x ", width);
+  auto hf = h.reshape({tokens, width}).to(torch::kFloat).contiguous();
+  auto out = torch::empty({tokens, hidden}, hf.options());
+  if (weight_t.scalar_type() == torch::kFloat)
+    matvec_t_rows(hf.data_ptr<float>(), width, tokens, weight_t.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, hidden,
+                  out.data_ptr<float>());
+  else
+    matvec_t_rows(hf.data_ptr<float>(), width, tokens, reinterpret_cast<const uint16_t*>(weight_t.data_ptr<at::BFloat16>()),
+                  ids.data_ptr<int64_t>(), k, size, hidden, out.data_ptr<float>());
+  return out;
+}
+
+// x: [tokens, hidden] (or [hidden]); returns [tokens, k * size] in weight's dtype.
+torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor experts, int64_t size, int64_t offset) {
+  auto ids = experts.to(torch::kLong).contiguous();
+  return rows_times(x, weight, ids, ids.numel(), size, offset, ids.numel() * size).to(weight.scalar_type());
 }
 
 // h: [tokens, k * size] (or [k * size]); returns [tokens, hidden] in weight_t's dtype.
 torch::Tensor expert_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor experts, int64_t size) {
-  check(weight_t, "weight_t");
   auto ids = experts.to(torch::kLong).contiguous();
-  const int64_t k = ids.numel(), hidden = weight_t.size(1);
-  int64_t tokens = 1;  // every dimension but the last (which may be 0 when no expert is selected)
-  for (int64_t d = 0; d + 1 < h.dim(); ++d) tokens *= h.size(d);
-  TORCH_CHECK(h.numel() == tokens * k * size, "h has ", h.numel(), " entries for ", tokens, " tokens x ", k, " experts of ", size);
-  auto hf = h.reshape({tokens, k * size}).to(torch::kFloat).contiguous();
-  auto out = torch::empty({tokens, hidden}, hf.options());
-  if (weight_t.scalar_type() == torch::kFloat)
-    matvec_t_rows(hf.data_ptr<float>(), tokens, weight_t.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, hidden,
-                  out.data_ptr<float>());
-  else
-    matvec_t_rows(hf.data_ptr<float>(), tokens, reinterpret_cast<const uint16_t*>(weight_t.data_ptr<at::BFloat16>()),
-                  ids.data_ptr<int64_t>(), k, size, hidden, out.data_ptr<float>());
-  return out.to(weight_t.scalar_type());
+  return rows_t_times(h, ids.numel() * size, weight_t, ids, ids.numel(), size).to(weight_t.scalar_type());
+}
+
+static int64_t selected(const torch::Tensor& order, const torch::Tensor& count) {
+  const int64_t k = count.to(torch::kLong).item<int64_t>();
+  TORCH_CHECK(0 <= k && k <= order.numel(), "count ", k, " outside [0, ", order.numel(), "]");
+  return k;
+}
+
+// Slots: x [tokens, hidden] -> [tokens, order.numel() * size], the count selected slots first, zeros after.
+torch::Tensor slot_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor order, torch::Tensor count, int64_t size,
+                          int64_t offset) {
+  auto ids = order.to(torch::kLong).contiguous();
+  return rows_times(x, weight, ids, selected(ids, count), size, offset, ids.numel() * size).to(weight.scalar_type());
+}
+
+// Slots: h [tokens, order.numel() * size] (selected slots first) -> [tokens, hidden].
+torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor order, torch::Tensor count, int64_t size) {
+  auto ids = order.to(torch::kLong).contiguous();
+  return rows_t_times(h, ids.numel() * size, weight_t, ids, selected(ids, count), size).to(weight_t.scalar_type());
 }
 """
+
+_FUNCTIONS = ["expert_matvec", "expert_matvec_t", "slot_matvec", "slot_matvec_t"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+# One build per (source, flags, torch): a changed kernel or another torch gets its own name.
+_HASH = hashlib.sha256("\0".join([_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__]).encode()).hexdigest()[:12]
+EXTENSION_NAME = f"lte_cpu_sparse_ffn_{_HASH}"
+_NAMESPACE = f"lte_{_HASH}"  # custom ops; two copies of this file (project and export) share them
 
 _lock = threading.Lock()
 _extension = None
@@ -153,11 +204,13 @@ def _load():
                 _failed = True
                 return None
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-                _extension = load_inline(
-                    name="lte_cpu_sparse_ffn_v5", cpp_sources=_SOURCE, functions=["expert_matvec", "expert_matvec_t"],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                directory = _get_build_directory(EXTENSION_NAME, verbose=False)
+                if not os.path.exists(os.path.join(directory, f"{EXTENSION_NAME}.so")):
+                    logger.warning("LTE: building the CPU sparse kernel %s (once per environment, about 20 s)", directory)
+                _extension = load_inline(name=EXTENSION_NAME, cpp_sources=_SOURCE, functions=_FUNCTIONS,
+                                         extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, unsupported flags: use the pure-torch path
                 logger.warning("LTE CPU sparse kernel unavailable (%s); using the pure-torch path", str(exc).splitlines()[0])
                 _failed = True
@@ -169,15 +222,100 @@ def available() -> bool:
     return _load() is not None
 
 
+def _register_ops():
+    """The four kernels as ``torch.ops.lte_<hash>.*``, each with a fake (shape-only) implementation."""
+    namespace = getattr(torch.ops, _NAMESPACE)
+    try:
+        return namespace.expert_matvec, namespace.expert_matvec_t, namespace.slot_matvec, namespace.slot_matvec_t
+    except (AttributeError, RuntimeError):  # not registered yet in this process
+        pass
+    from torch.library import custom_op, register_fake
+
+    def tokens_of(t: torch.Tensor, last: int) -> int:
+        return t.numel() // last if last else t.shape[:-1].numel()
+
+    @custom_op(f"{_NAMESPACE}::expert_matvec", mutates_args=())
+    def op_matvec(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, size: int, offset: int) -> torch.Tensor:
+        return _load().expert_matvec(x, weight, experts, size, offset)
+
+    @register_fake(f"{_NAMESPACE}::expert_matvec")
+    def _(x, weight, experts, size, offset):
+        return weight.new_empty(tokens_of(x, weight.shape[1]), experts.numel() * size)
+
+    @custom_op(f"{_NAMESPACE}::expert_matvec_t", mutates_args=())
+    def op_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, experts: torch.Tensor, size: int) -> torch.Tensor:
+        return _load().expert_matvec_t(h, weight_t, experts, size)
+
+    @register_fake(f"{_NAMESPACE}::expert_matvec_t")
+    def _(h, weight_t, experts, size):
+        return weight_t.new_empty(tokens_of(h, experts.numel() * size), weight_t.shape[1])
+
+    @custom_op(f"{_NAMESPACE}::slot_matvec", mutates_args=())
+    def op_slot(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int,
+                offset: int) -> torch.Tensor:
+        return _load().slot_matvec(x, weight, order, count, size, offset)
+
+    @register_fake(f"{_NAMESPACE}::slot_matvec")
+    def _(x, weight, order, count, size, offset):
+        return weight.new_empty(tokens_of(x, weight.shape[1]), order.numel() * size)
+
+    @custom_op(f"{_NAMESPACE}::slot_matvec_t", mutates_args=())
+    def op_slot_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor,
+                  size: int) -> torch.Tensor:
+        return _load().slot_matvec_t(h, weight_t, order, count, size)
+
+    @register_fake(f"{_NAMESPACE}::slot_matvec_t")
+    def _(h, weight_t, order, count, size):
+        return weight_t.new_empty(tokens_of(h, order.numel() * size), weight_t.shape[1])
+
+    return op_matvec, op_matvec_t, op_slot, op_slot_t
+
+
+_op_matvec, _op_matvec_t, _op_slot, _op_slot_t = _register_ops()
+
+
+def _eager() -> bool:
+    """Call the extension directly: a custom op's Python dispatch costs about 70 us per call
+    (measured on this project's 2-core CPU; 3 calls per layer per decoded token). Compilers and
+    ``torch.export`` trace the ops."""
+    return not torch.compiler.is_compiling()
+
+
 def expert_matvec(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, expert_size: int,
                   offset: int = 0) -> torch.Tensor:
     """``x @ weight[rows].T`` for the rows of ``experts`` (row ``offset + e * expert_size + i``):
     ``x`` [hidden] or [tokens, hidden] -> [tokens, k * expert_size]."""
-    return _load().expert_matvec(x, weight, experts, expert_size, offset)
+    args = (x, weight, experts, expert_size, offset)
+    return _load().expert_matvec(*args) if _eager() else _op_matvec(*args)
 
 
 def expert_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, experts: torch.Tensor, expert_size: int) -> torch.Tensor:
     """``h @ weight_t[rows]`` for the rows of ``experts``: ``h`` [k * expert_size] or
     [tokens, k * expert_size] -> [tokens, hidden]. Zero entries of ``h`` are skipped, so a
     token's unselected experts (zeroed by the caller) cost nothing."""
-    return _load().expert_matvec_t(h, weight_t, experts, expert_size)
+    args = (h, weight_t, experts, expert_size)
+    return _load().expert_matvec_t(*args) if _eager() else _op_matvec_t(*args)
+
+
+def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, count) for a [experts] bool mask (or [tokens, experts]: their union): every
+    expert, the selected ones first in index order, and how many are selected."""
+    on = on.reshape(-1, on.shape[-1]).any(dim=0)
+    order = torch.argsort((~on).to(torch.int8), stable=True).to(torch.int32)
+    return order, on.sum(dtype=torch.int32).reshape(1)
+
+
+def slot_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int,
+                offset: int = 0) -> torch.Tensor:
+    """[tokens, num_experts * expert_size]: ``x`` times the rows of the first ``count`` experts
+    of ``order``, slot by slot, zeros after them (the Triton kernels' convention)."""
+    args = (x, weight, order, count, expert_size, offset)
+    return _load().slot_matvec(*args) if _eager() else _op_slot(*args)
+
+
+def slot_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor,
+                  expert_size: int) -> torch.Tensor:
+    """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
+    :func:`slot_matvec`) times the selected experts' rows of ``weight_t``."""
+    args = (h, weight_t, order, count, expert_size)
+    return _load().slot_matvec_t(*args) if _eager() else _op_slot_t(*args)

@@ -4,9 +4,10 @@
    ``--calibration FILE``).
 2. Tune per-layer thresholds (:mod:`lte.thresholds`) to the target sparsity, or to the
    highest sparsity within a perplexity budget.
-3. Convert the FFN projections to the routed, expert-contiguous layout of
-   :mod:`lte.remote.modeling_lte`, ``save_pretrained`` the model, and write ``config.json``
-   with ``model_type: lte`` and an ``auto_map`` to the two code files copied beside it.
+3. Make the FFN projections routed (:mod:`lte.remote.modeling_lte`), ``save_pretrained`` the
+   model (the base model's tensors, names and layouts, plus one router per FFN), and add to
+   ``config.json`` an ``auto_map`` to the code files copied beside it (``model_type`` stays the
+   base model's: plain loaders get the dense base class, ``trust_remote_code=True`` the sparse one).
 4. Load the written checkpoint back (``trust_remote_code=True``) and compare its logits with
    the in-memory model; a mismatch fails the export.
 5. Measure sparsity and perplexity on the run's held-out data and write ``lte_export.json``
@@ -147,39 +148,61 @@ def base_architecture(model) -> str:
 
 
 def to_routed(model, thresholds: list[float]):
-    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place."""
-    from .remote.modeling_lte import install_routed_ffns
+    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place: the
+    base model with routed FFN projections (:mod:`lte.remote.modeling_lte`)."""
+    from .remote.modeling_lte import install_routed_ffns, relayout_routed_ffns
 
     layers = lte_layers(model)
-    hosts = [name for name, module in model.named_modules() if module in layers]
-    specs = {layer.spec for layer in layers}
-    if len(specs) != 1:
-        raise UsageError("cannot export a model whose FFN layers have different layouts")
-    spec = specs.pop()
+    paths = {id(module): name for name, module in model.named_modules()}
+    hosts = [{"path": paths[id(layer)], "first": list(layer.spec.first), "down": layer.spec.down,
+              "fused_chunks": layer.spec.fused_chunks} for layer in layers]
+    if len({layer.expert_size for layer in layers}) != 1:
+        raise UsageError("cannot export a model whose FFN layers have different expert sizes")
     routers = [layer.lte_router for layer in layers]
-    expert_size = layers[0].expert_size
     unload_lte(model)
     config = model.config
-    config.lte_ffn = {"hosts": hosts, "first": list(spec.first), "down": spec.down, "fused_chunks": spec.fused_chunks,
-                      "expert_size": expert_size, "router_bias": routers[0].bias is not None}
+    config.lte_ffn = {"expert_size": layers[0].expert_size, "router_bias": routers[0].bias is not None, "hosts": hosts}
     config.lte_thresholds = [float(t) for t in thresholds]
     config.lte_mode = "sparse"
     config.lte_track_sparsity = False
     install_routed_ffns(model, config)
     for host, router in zip(hosts, routers, strict=True):
-        model.get_submodule(f"{host}.{spec.first[0]}").router.load_state_dict(router.state_dict())
+        model.get_submodule(f"{host['path']}.{host['first'][0]}").router.load_state_dict(router.state_dict())
+    relayout_routed_ffns(model)
     return model
 
 
+# Loader arguments that tokenizers keep in ``init_kwargs`` and ``save_pretrained`` writes back.
+TOKENIZER_LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                         "subfolder", "trust_remote_code", "use_auth_token", "resume_download", "_commit_hash", "_from_auto")
+
+
+def base_use_cache(config) -> bool:
+    """The base configuration class's default ``use_cache`` (True where it cannot be built bare)."""
+    try:
+        return bool(getattr(type(config)(), "use_cache", True))
+    except Exception:  # a configuration class that needs arguments
+        return True
+
+
 def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
-    """``save_pretrained`` + the LTE config.json + the code files (model, config, CPU kernel)."""
-    # Current parameter names: the exported class is custom code, which transformers loads
-    # without the legacy-name conversions (GPT-NeoX's embed_out -> lm_head) a native class gets.
-    model.save_pretrained(directory, save_original_format=False)
+    """``save_pretrained`` + config.json's ``auto_map`` + the code files (model, config, kernels).
+
+    The checkpoint is the base model's plus the routers: ``model_type`` and ``architectures``
+    stay the base model's, so plain loaders use the base class (dense) and ``auto_map`` sends
+    ``trust_remote_code=True`` to the LTE classes (sparse)."""
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
-    config.update(model_type="lte", architectures=["LTEForCausalLM"], auto_map=AUTO_MAP)
+    config.update(architectures=[base], auto_map=AUTO_MAP)
+    if "use_cache" in config:  # the Trainer saves False; a plain model(ids) would return no cache
+        config["use_cache"] = base_use_cache(model.config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        saved = json.loads(tokenizer_config.read_text())
+        clean = {k: v for k, v in saved.items() if k not in TOKENIZER_LOADER_KEYS}
+        tokenizer_config.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
     import lte_kernels.cpu
     import lte_kernels.triton_ffn
 
@@ -212,14 +235,26 @@ def reference_logits(model, inputs: list[dict]) -> list[torch.Tensor]:
 def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Tensor], dtype, device) -> float:
     """Load ``directory`` like a user would and compare its logits with ``expected`` (the
     in-memory LTE model's at the same thresholds). Returns the worst relative error; raises
-    on a mismatch."""
+    on a mismatch, on a non-finite weight and on non-finite logits."""
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype).to(device).eval()
+    broken = [name for name, tensor in exported.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise RuntimeError(f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
+                           f"{', ...' if len(broken) > 3 else ''}); the trained model is broken, nothing was written. "
+                           f"Export an earlier checkpoint or retrain with a lower learning rate")
     worst = 0.0
-    for x, want in zip(inputs, expected, strict=True):
+    for index, (x, want) in enumerate(zip(inputs, expected, strict=True)):
         got = exported(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu()
-        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-12)))
+        for name, logits in (("exported", got), ("trained", want)):
+            if not torch.isfinite(logits).all():
+                raise RuntimeError(f"export validation failed: the {name} model's logits on validation input {index} "
+                                   f"hold NaN or inf; nothing was written. Check the run's dtype (fp16 overflows; "
+                                   f"use bf16 or fp32) and its training loss")
+        error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        worst = max(worst, error)
     tolerance = VALIDATION_TOLERANCE.get(dtype, 3e-2)
     if not worst <= tolerance:
         raise RuntimeError(f"export validation failed: the exported model's logits differ from the trained model's "

@@ -555,7 +555,8 @@ def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
     if not (source / "recipe.yaml").is_file():
         raise UsageError(f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
                          f"stage 0 and prepare step have finished, or drop reuse_from")
-    theirs, ours = shared_stage_settings(load_run_recipe(source)), shared_stage_settings(recipe)
+    recipe = resolve_paths(recipe)  # the record stores absolute paths; compare like with like
+    theirs, ours = shared_stage_settings(resolve_paths(load_run_recipe(source))), shared_stage_settings(recipe)
     differ = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
     if differ:
         listed = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])

@@ -93,6 +93,7 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
         sparse, token, few = model(ids).logits, model(ids[:1, :1]).logits, model(ids[:, :2]).logits
     base = base_architecture(model)
     to_routed(model, thresholds)
+    model.config.use_cache = False  # as the Trainer leaves it; the export restores the base default
     out.mkdir()
     write_checkpoint(model, tokenizer, out, base)
     torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},
@@ -108,7 +109,8 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         _export_tiny(family, tmp_path / family, tokenizer)
         dirs.append(str(tmp_path / family))
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
-    assert config["model_type"] == "lte" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]  # the base model's
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
     assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
     assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
     results = _load_as_a_user(dirs, tmp_path)
@@ -174,13 +176,14 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
 
     calls = []
 
-    def spy(h, *args):
-        calls.append(h.shape)
-        return cpu_kernel.expert_matvec_t(h, *args)
+    def spy(h, weight_t, order, count, size):
+        calls.append((h.shape, int(count)))
+        return cpu_kernel.slot_matvec_t(h, weight_t, order, count, size)
 
     monkeypatch.setattr(modeling, "_cpu_kernel_available", cpu_kernel.available, raising=False)
-    monkeypatch.setattr(modeling, "expert_matvec", cpu_kernel.expert_matvec, raising=False)
-    monkeypatch.setattr(modeling, "expert_matvec_t", spy, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_select", cpu_kernel.select_experts, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_matvec", cpu_kernel.slot_matvec, raising=False)
+    monkeypatch.setattr(modeling, "_cpu_matvec_t", spy, raising=False)
     for family in ("llama", "gpt2"):
         model = tiny_model(family)
         inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
@@ -192,8 +195,8 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
             to_routed(model, thresholds)
             calls.clear()
             got = model(ids).logits
-        # one kernel call per layer for all 4 tokens, over a non-empty union of experts
-        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and shape[-1] > 0 for shape in calls), (family, calls)
+        # one kernel call per layer for all 4 tokens, over a non-empty union of experts that is not all of them
+        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and 0 < count < 8 for shape, count in calls), (family, calls)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -205,9 +208,10 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
     weights = load_file(tmp_path / "llama" / "model.safetensors")
     prefix = "model.layers.0.mlp."
     assert weights[prefix + "gate_proj.weight"].shape == (64, 32)  # [neurons, hidden]: expert e = rows e*8..e*8+7
-    assert weights[prefix + "down_proj.weight_t"].shape == (64, 32)  # down stored transposed: same row blocks
+    assert weights[prefix + "down_proj.weight"].shape == (32, 64)  # the base class's layout: expert e = columns e*8..
     assert weights[prefix + "gate_proj.router.weight"].shape == (8, 32)
-    assert not any(k.endswith("down_proj.weight") for k in weights)
+    assert not any("weight_t" in k for k in weights)
+    assert {k for k in weights if "router" in k} == {f"model.layers.{i}.mlp.gate_proj.router.weight" for i in range(2)}
     assert (tmp_path / "llama" / "lte_kernels_cpu.py").is_file()
 
 
@@ -434,3 +438,66 @@ def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
     assert below_trained_sparsity(trained, 0.9) is None  # above: raising thresholds is what export tuning is for
     assert load_report(tmp_path / "no-run") == {}
     assert below_trained_sparsity(None, 0.1) is None  # no report: nothing to compare with
+
+
+def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tmp_path):
+    # FalconH1's mup_vector: a non-persistent buffer (never in a checkpoint) computed from the config
+    # in __init__ and _init_weights. Its FFN calls up_proj before gate_proj: "first" is in call order.
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lte.remote.modeling_lte import install_routed_ffns
+
+    config = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
+        mamba_d_state=8, mamba_chunk_size=16, mamba_expand=1, ssm_multipliers=[0.5, 2.0, 3.0, 0.25, 1.5])
+    torch.manual_seed(0)
+    model = transformers.FalconH1ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    config.lte_ffn = {"expert_size": 8, "router_bias": False, "hosts": [
+        {"path": f"model.layers.{i}.feed_forward", "first": ["up_proj", "gate_proj"], "down": "down_proj", "fused_chunks": 1}
+        for i in range(2)]}
+    config.lte_thresholds, config.lte_mode, config.lte_track_sparsity = [0.5, 0.5], "sparse", False
+    install_routed_ffns(model, config)
+    write_checkpoint(model, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"), tmp_path, "FalconH1ForCausalLM")
+    base = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    buffers = dict(exported.named_buffers())
+    assert {n for n, _ in base.named_buffers()} == set(buffers)
+    for name, buffer in base.named_buffers():
+        torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
+    assert not torch.equal(buffers["model.layers.0.mamba.mup_vector"], torch.ones_like(buffers["model.layers.0.mamba.mup_vector"]))
+    exported.config.lte_mode = "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(base(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def _validation_case(tmp_path):
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "llama"
+    _export_tiny("llama", directory, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"))
+    d = torch.load(directory / "expected.pt")
+    return directory, [{"input_ids": d["ids"]}], [d["sparse"]]
+
+
+def test_export_validation_fails_on_non_finite_logits_and_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lte.export import validate_export
+
+    directory, inputs, expected = _validation_case(tmp_path)
+    assert validate_export(directory, inputs, expected, torch.float32, torch.device("cpu")) < 1e-5
+    broken = expected[0].clone()
+    broken[0, 0, 0] = float("nan")  # max(worst, nan) kept the worst error: a NaN passed
+    with pytest.raises(RuntimeError, match="trained model's logits on validation input 0 hold NaN or inf"):
+        validate_export(directory, inputs, [broken], torch.float32, torch.device("cpu"))
+    weights = load_file(directory / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 4] = float("inf")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"1 weight\(s\) hold NaN or inf \(model.layers.1.mlp.up_proj.weight\)"):
+        validate_export(directory, inputs, expected, torch.float32, torch.device("cpu"))

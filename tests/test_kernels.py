@@ -106,3 +106,92 @@ def test_bench_kernel_bad_input(argv, phrase, capsys):
     assert main(["bench", "kernel", "--repeats", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_slot_kernels_match_the_reference(sparsity, dtype, tol, tokens):
+    # The selection as the Triton kernels take it: (order, count) tensors, a slot per expert.
+    hidden, neurons, size = 100, 96, 16
+    g = torch.Generator().manual_seed(4)
+    weight, weight_t = torch.randn(neurons, hidden, generator=g).to(dtype), torch.randn(neurons, hidden, generator=g).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    on = torch.rand(tokens, neurons // size, generator=g) >= sparsity
+    order, count = cpu_kernel.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    assert int(count) == union.numel() and torch.equal(order[: union.numel()].long(), union)
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    y = cpu_kernel.slot_matvec(x, weight, order, count, size)
+    assert y.shape == (tokens, neurons) and y.dtype == dtype
+    want = x.float() @ weight.float()[rows].T
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(y[:, : rows.numel()].float(), want, atol=tol * scale, rtol=tol)
+    assert not y[:, rows.numel():].any()  # unselected slots stay zero
+    out = cpu_kernel.slot_matvec_t(y, weight_t, order, count, size)
+    want = y[:, : rows.numel()].float() @ weight_t.float()[rows]
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(out.float(), want, atol=tol * scale, rtol=tol)
+    assert torch.equal(cpu_kernel.slot_matvec_t(y, weight_t, order, count, size), out)  # deterministic
+
+
+def test_the_kernels_are_custom_ops_that_compilers_trace():
+    g = torch.Generator().manual_seed(5)
+    weight, weight_t, x = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g), torch.randn(2, 32, generator=g)
+    experts = torch.tensor([1, 3, 6])
+    order, count = cpu_kernel.select_experts(torch.tensor([[0, 1, 0, 1, 0, 0, 1, 0]], dtype=torch.bool))
+    h = torch.randn(2, 24, generator=g)
+    cases = [(cpu_kernel._op_matvec, (x, weight, experts, 8, 0)), (cpu_kernel._op_matvec_t, (h, weight_t, experts, 8)),
+             (cpu_kernel._op_slot, (x, weight, order, count, 8, 0)),
+             (cpu_kernel._op_slot_t, (torch.randn(2, 64, generator=g), weight_t, order, count, 8))]
+    for op, args in cases:  # schema, fake (meta) implementation against the real one, AOT dispatch
+        torch.library.opcheck(op, args)
+    assert str(cpu_kernel._op_slot._qualname) == f"lte_{cpu_kernel._HASH}::slot_matvec"
+
+    def step(x):
+        return cpu_kernel.slot_matvec_t(torch.relu(cpu_kernel.slot_matvec(x, weight, order, count, 8)), weight_t, order, count, 8)
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x))
+
+
+_NAME_OF_A_COPY = r"""
+import importlib.util, sys, torch
+path, version = sys.argv[1], sys.argv[2]
+if version:
+    torch.__version__ = version
+spec = importlib.util.spec_from_file_location("copy_of_cpu_kernel", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(module.EXTENSION_NAME)
+"""
+
+
+def test_the_extension_name_hashes_the_source_and_the_torch_version(tmp_path):
+    source = (REPO / "kernels" / "cpu.py").read_text()
+    changed = tmp_path / "changed.py"
+    changed.write_text(source.replace("#include <vector>\n", "#include <vector>\n// another kernel\n", 1))
+
+    def name(path, version=""):
+        proc = subprocess.run([sys.executable, "-c", _NAME_OF_A_COPY, str(path), version], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    assert name(REPO / "kernels" / "cpu.py") == cpu_kernel.EXTENSION_NAME
+    assert name(changed) != cpu_kernel.EXTENSION_NAME
+    assert name(REPO / "kernels" / "cpu.py", "2.99.0") != cpu_kernel.EXTENSION_NAME
+    assert cpu_kernel.EXTENSION_NAME.startswith("lte_cpu_sparse_ffn_")
+
+
+def test_the_first_build_logs_one_line_and_a_rebuild_none(tmp_path):
+    code = "import logging; logging.basicConfig(); import lte_kernels.cpu as c; print(c.available())"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    logs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
+        logs.append([line for line in proc.stderr.splitlines() if "lte" in line.lower()])
+    assert len(logs[0]) == 1 and "building the CPU sparse kernel" in logs[0][0], logs
+    assert logs[1] == [], logs

@@ -1,28 +1,34 @@
 """An exported LTE model: the base causal LM whose FFN projections run only routed experts.
 
-The base model (its attention, norms, embeddings, generation code) is untouched: the class
-below *is* the base class, and only the FFN projections are swapped for routed ones. The
-model's own FFN forward still applies the activation (SwiGLU, GeGLU, GELU...), so one
-mechanism serves every family:
+The checkpoint is the base model's checkpoint plus one router per FFN layer: every base tensor
+keeps its name, shape and layout, so the base class (and any tool that knows the architecture)
+loads it as the dense model. With ``trust_remote_code=True`` the class below, which *is* the
+base class, turns each FFN projection into a routed one **in place**: the module keeps its
+class (``nn.Linear``, or GPT-2's ``Conv1D``) as a base class and its parameters, and gains a
+forward that skips experts. So PEFT and other tools that look for linear layers find the FFN.
+The model's own FFN forward still applies the activation, so one mechanism serves every family:
 
 * the first projection (gate, or the input projection) owns the layer's sigmoid router and
   decides, per token, which experts run: those with ``sigmoid(router(x)) > threshold``;
-* for a single token (batch-1 decoding) the first projections compute only the selected
-  experts' rows and hand back a compact activation, and the down projection multiplies it by
-  only those experts' weights, stored transposed so each expert's block is contiguous;
-* for 2 to 8 tokens with a kernel available, the same over the union of their experts, each
-  token's unselected experts zeroed before the down projection;
-* for more tokens (prefill, batches) every row is computed and the skipped neurons are zeroed
-  before the down projection: the same result at the dense model's speed.
+* without autograd (``torch.no_grad``/inference mode, or nothing requiring grad), for 1 to 8
+  tokens and a kernel available, the first projections compute only the selected experts'
+  rows (over the union of the tokens' experts, each token's others zeroed) and the down
+  projection multiplies by only those experts' weights; on CPU the C++ kernel of
+  ``lte_kernels_cpu.py``, on GPU the Triton kernels of ``lte_kernels_triton.py`` (both beside
+  this file, written by ``lte export``). Without a kernel, one token runs pure-torch weight
+  slices, one per run of adjacent selected experts;
+* otherwise (prefill, batches, training) every row is computed and the skipped neurons are
+  zeroed before the down projection: the same result, and correct gradients for every weight.
 
-Weights are laid out expert-contiguously: expert ``e`` owns neurons ``e*E .. (e+1)*E-1``
-(``E = expert_size``), i.e. rows of the first projections and rows of ``down.weight_t``.
-Only torch and transformers are imported. The compact paths use, when present beside this
-file (``lte export`` writes them): on CPU the C++ kernel of ``lte_kernels_cpu.py`` (when it
-builds), on GPU the Triton kernels of ``lte_kernels_triton.py`` (when triton imports);
-otherwise one token runs pure-torch weight slices, one per run of adjacent selected experts.
+Weights are expert-contiguous: expert ``e`` owns neurons ``e*E .. (e+1)*E-1`` (``E =
+expert_size``). The kernels read the down projection as [neurons, out] rows; for an
+``nn.Linear`` (stored [out, neurons]) :meth:`LTEForCausalLM.lte_relayout` (run by
+``from_pretrained``) re-strides ``weight`` in place to a transposed memory layout with the same
+shape and values: one copy of the weights, nothing else changes.
+Only torch and transformers are imported.
 """
 
+import json
 import os
 
 import torch
@@ -34,7 +40,8 @@ import transformers
 from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
-    from .lte_kernels_cpu import available as _cpu_kernel_available, expert_matvec, expert_matvec_t
+    from .lte_kernels_cpu import available as _cpu_kernel_available
+    from .lte_kernels_cpu import select_experts as _cpu_select, slot_matvec as _cpu_matvec, slot_matvec_t as _cpu_matvec_t
 except ImportError:
     _cpu_kernel_available = None
 
@@ -50,11 +57,6 @@ except ImportError:
     _triton_available = None
 
 
-def _use_cpu_kernel(weight: torch.Tensor) -> bool:
-    return (_cpu_kernel_available is not None and weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
-
-
 # LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests
 # it. Read once here, not in the decode step.
 _FORCE_TRITON = os.environ.get("LTE_FORCE_TRITON") == "1"
@@ -64,52 +66,127 @@ def _use_triton(device: torch.device) -> bool:
     return (device.type == "cuda" or _FORCE_TRITON) and _triton_available is not None and _triton_available()
 
 
+def _use_cpu_kernel(weight: torch.Tensor) -> bool:
+    return (_cpu_kernel_available is not None and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
+
+
+def _kernels(weight: torch.Tensor):
+    """(select, matvec, matvec_t) for ``weight``'s device and dtype, or None: both kernel sets
+    take the selection as (order, count) device tensors and return a slot per expert."""
+    if _use_triton(weight.device):
+        return _triton_select, _triton_matvec, _triton_matvec_t
+    if _use_cpu_kernel(weight):
+        return _cpu_select, _cpu_matvec, _cpu_matvec_t
+    return None
+
+
 # Up to this many tokens, the kernels compute the union of their experts (each weight row is read
 # once for all of them); on CPU even a full union is faster than F.linear's small GEMMs where
 # measured (`lte bench kernel --batch 4`). More tokens run the masked dense path.
 MAX_UNION_TOKENS = 8
 
 
+def _rows(module: nn.Module, out_is_rows: bool) -> torch.Tensor:
+    """``module.weight`` viewed as [out, in] (``out_is_rows``) or [in, out]; ``nn.Linear`` stores
+    [out, in], GPT-2's ``Conv1D`` [in, out]."""
+    weight = module.weight
+    return weight if isinstance(module, nn.Linear) == out_is_rows else weight.t()
+
+
+def _relayout(module: nn.Module, out_is_rows: bool) -> None:
+    """Make the kernel's row view of ``module.weight`` contiguous, in place: same Parameter, same
+    shape and values, another memory layout. A no-op when it already is."""
+    view = _rows(module, out_is_rows)
+    if not view.is_contiguous():
+        with torch.no_grad():
+            rows = view.contiguous()
+            module.weight.data = rows if rows.shape == module.weight.shape else rows.t()
+
+
+class Router(nn.Module):
+    """The layer's sigmoid router: ``sigmoid(x @ weight.T + bias)`` scores one gate per expert.
+
+    Deliberately not an ``nn.Linear``: tools that adapt every linear layer (PEFT's
+    ``all-linear``) must not put an adapter here, where hard thresholding passes no gradient."""
+
+    def __init__(self, in_features: int, num_experts: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
-    ``experts``: the selected experts (int64) when one token is routed (compact path), or the
-    union of a few tokens' selections (``token_mask`` [tokens, len(experts)] says whose), else None.
-    ``order``/``count``: the same on the GPU path, as device tensors (no host synchronisation):
-    every expert ordered selected-first, and how many are selected.
-    ``mask``: [..., experts] bool when several tokens are routed (masked path), else None.
+    ``order``/``count`` (kernel path): every expert ordered selected-first, and how many are
+    selected (the union of a few tokens'; ``token_mask`` [tokens, experts] in slot order says
+    whose). ``experts`` (pure-torch path, one token): the selected experts. ``mask`` [...,
+    experts] (masked path): per token. All None: every expert runs.
     """
 
-    def __init__(self, num_experts: int, expert_size: int):
+    def __init__(self, host: nn.Module, first: list[str], down: str, num_experts: int, expert_size: int):
+        self.host, self.first, self.down = host, list(first), down
+        self.projections: list[nn.Module] = []  # the routed modules, first ones then down
         self.num_experts = num_experts
         self.expert_size = expert_size
-        self.experts = self.token_mask = None
-        self.order = self.count = None
-        self.mask = None
+        self.kernels = None
+        self.experts = self.token_mask = self.order = self.count = self.mask = None
         self.skipped = None  # experts skipped, summed over tracked tokens
         self.tokens = 0
 
-    def route(self, x, router: nn.Linear, threshold: float, track: bool) -> None:
-        scores = torch.sigmoid(router(x.to(router.weight.dtype)))
-        on = scores > threshold
+    def needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for m in self.projections for p in m.parameters(recurse=False))
+
+    def wrapped(self) -> bool:
+        """Whether a projection was replaced by a wrapper (a PEFT adapter layer...): the compact
+        paths change output widths, which only this file's forwards know about. A wrapped down
+        projection gets its input masked by a pre-hook, so an adapter sees what the routed layer
+        does (unmerged = merged)."""
+        down = self.host.get_submodule(self.down)
+        if down is not self.projections[-1] and not getattr(down, "_lte_masks_input", False):
+            down.register_forward_pre_hook(self._mask_hook)
+            down._lte_masks_input = True
+        return down is not self.projections[-1] or any(
+            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections))
+
+    def _mask_hook(self, module, args):
+        if self.mask is None:
+            return None
+        return (self.apply_mask(args[0]), *args[1:])
+
+    def route(self, x, router: Router, threshold: float, track: bool) -> None:
+        with torch.no_grad():  # a hard threshold: no gradient reaches the router
+            on = torch.sigmoid(router(x.to(router.weight.dtype))) > threshold
         if track:
             off = (~on).sum(dtype=torch.float64)
             self.skipped = off if self.skipped is None else self.skipped + off
             self.tokens += on.shape[:-1].numel()
         tokens = on.shape[:-1].numel()
-        self.experts = self.token_mask = self.order = self.count = self.mask = None
-        if tokens <= MAX_UNION_TOKENS and _use_triton(on.device):
-            self.order, self.count = _triton_select(on)  # the union, on the device
+        self.clear()
+        wrapped = self.wrapped()  # every call: it also masks a new wrapper's input
+        compact = tokens <= MAX_UNION_TOKENS and not wrapped and not self.needs_grad(x)
+        kernels = _kernels(self.projections[0].weight) if compact else None
+        if kernels is not None:
+            self.kernels = kernels
+            self.order, self.count = kernels[0](on)  # the union, on the device
             if tokens > 1:
                 self.token_mask = on.reshape(tokens, -1)[:, self.order.long()]  # in slot order
-        elif tokens == 1:
+        elif compact and tokens == 1:
             self.experts = on.reshape(-1).nonzero().squeeze(1)
-        elif tokens <= MAX_UNION_TOKENS and _use_cpu_kernel(router.weight):
-            flat = on.reshape(tokens, -1)
-            self.experts = flat.any(dim=0).nonzero().squeeze(1)
-            self.token_mask = flat[:, self.experts]
         else:
             self.mask = on
+
+    def apply_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` [..., neurons] with each token's unselected experts' neurons zeroed."""
+        shape = h.shape
+        keep = self.mask.unsqueeze(-1).to(h.dtype)
+        return (h.reshape(*shape[:-1], self.num_experts, self.expert_size) * keep).reshape(shape)
 
     def segments(self) -> list[tuple[int, int]]:
         """Row ranges of the runs of selected experts, e.g. experts 2, 3, 7 -> [(2E, 4E), (7E, 8E)]."""
@@ -118,11 +195,6 @@ class RoutingState:
         edges = torch.diff(flags).nonzero().squeeze(1).tolist()
         size = self.expert_size
         return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2])]
-
-    def rows(self) -> torch.Tensor:
-        """The selected neurons' row indices."""
-        offsets = torch.arange(self.expert_size, device=self.experts.device)
-        return (self.experts[:, None] * self.expert_size + offsets).reshape(-1)
 
     def clear(self) -> None:
         self.experts = self.token_mask = self.order = self.count = self.mask = None
@@ -137,145 +209,151 @@ class RoutingState:
         self.skipped, self.tokens = None, 0
 
 
-def _as_rows(module: nn.Module, out_is_rows: bool) -> torch.Tensor:
-    """``module.weight`` as [out, in] (``out_is_rows``) or [in, out]; Linear and GPT-2's Conv1D."""
-    weight = module.weight
-    linear_layout = isinstance(module, nn.Linear)  # [out, in]; Conv1D stores [in, out]
-    return weight if linear_layout == out_is_rows else weight.t()
-
-
-class RoutedFirst(nn.Module):
-    """A first FFN projection (gate, up, fused gate_up or input): [out, in] rows, optional bias.
+class RoutedFirst:
+    """Mixed into a first FFN projection's own class (gate, up, fused gate_up or input).
 
     The layer's first-called projection carries ``router`` and routes; the others read the
-    shared :class:`RoutingState`. ``chunks`` > 1 is a fused projection (Phi-3's gate_up) that
-    stacks ``chunks`` blocks of neurons.
-    """
-
-    def __init__(self, base: nn.Module, state: RoutingState, chunks: int = 1, router: nn.Linear | None = None,
-                 config: LTEConfig | None = None, layer_index: int = 0):
-        super().__init__()
-        self.weight = nn.Parameter(_as_rows(base, out_is_rows=True).detach().clone().contiguous(), requires_grad=False)
-        bias = getattr(base, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.router = router
-        self.chunks = chunks
-        self.layer_index = layer_index
-        self._state = state
-        self._config = config
+    shared :class:`RoutingState`. ``lte_chunks`` > 1 is a fused projection (Phi-3's gate_up)
+    that stacks that many blocks of neurons."""
 
     def forward(self, x):
-        state = self._state
+        state = self.lte_state
         if self.router is not None:
-            config = self._config
+            config = self.lte_config
             if config.lte_mode == "dense":
                 state.clear()
             else:
-                state.route(x, self.router, config.lte_thresholds[self.layer_index], config.lte_track_sparsity)
-        width = self.weight.shape[0] // self.chunks
-        bias = self.bias
-        if state.order is not None:  # GPU: every expert's slot, the selected ones first
-            size = state.expert_size
-            out = torch.cat([_triton_matvec(x, self.weight, state.order, state.count, size, c * width)
-                             for c in range(self.chunks)], dim=-1).to(x.dtype)
+                state.route(x, self.router, config.lte_thresholds[self.lte_layer_index], config.lte_track_sparsity)
+        if state.order is None and state.experts is None:
+            return super().forward(x)  # every neuron: the base class's own forward
+        rows = _rows(self, out_is_rows=True)
+        width, size, bias = rows.shape[0] // self.lte_chunks, state.expert_size, self.bias
+        if state.order is not None:  # kernels: a slot per expert, the selected ones first
+            _relayout(self, out_is_rows=True)
+            rows = _rows(self, out_is_rows=True)
+            matvec = state.kernels[1]
+            out = torch.cat([matvec(x, rows, state.order, state.count, size, c * width)
+                             for c in range(self.lte_chunks)], dim=-1).to(x.dtype)
             if bias is not None:
                 slots = state.order.long()
                 out = out + torch.cat([bias[c * width:(c + 1) * width].view(-1, size)[slots].reshape(-1)
-                                       for c in range(self.chunks)])
-            return out.reshape(*x.shape[:-1], -1)
-        if state.experts is None:
-            return F.linear(x, self.weight, self.bias)
-        if _use_cpu_kernel(self.weight):
-            out = torch.cat([expert_matvec(x, self.weight, state.experts, state.expert_size, c * width)
-                             for c in range(self.chunks)], dim=-1).to(x.dtype)
-            if bias is not None:
-                out = out + torch.cat([bias[c * width + state.rows()] for c in range(self.chunks)])
+                                       for c in range(self.lte_chunks)])
             return out.reshape(*x.shape[:-1], -1)
         segments = state.segments()  # pure torch: one slice of the weights per run of adjacent experts
-        parts = [F.linear(x, self.weight[c * width + a:c * width + b], None if bias is None else bias[c * width + a:c * width + b])
-                 for c in range(self.chunks) for a, b in segments]
+        parts = [F.linear(x, rows[c * width + a:c * width + b], None if bias is None else bias[c * width + a:c * width + b])
+                 for c in range(self.lte_chunks) for a, b in segments]
         return torch.cat(parts, dim=-1) if parts else x.new_zeros(*x.shape[:-1], 0)
 
-    def extra_repr(self) -> str:
-        out, inp = self.weight.shape
-        return f"in={inp}, out={out}, chunks={self.chunks}, routes={self.router is not None}"
 
-
-class RoutedDown(nn.Module):
-    """The down projection, stored transposed (``weight_t`` [neurons, out]) so each expert's
-    weights are one contiguous block."""
-
-    def __init__(self, base: nn.Module, state: RoutingState):
-        super().__init__()
-        self.weight_t = nn.Parameter(_as_rows(base, out_is_rows=False).detach().clone().contiguous(), requires_grad=False)
-        bias = getattr(base, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._state = state
+class RoutedDown:
+    """Mixed into the down projection's own class: multiplies only the selected experts' rows."""
 
     def forward(self, h):
-        state = self._state
-        experts, mask = state.experts, state.mask
+        state = self.lte_state
         if state.order is not None:
             if state.token_mask is not None:  # a few tokens over the union: zero what each did not select
                 shape = h.shape
                 keep = state.token_mask.reshape(*shape[:-1], -1, 1).to(h.dtype)
                 h = (h.reshape(*shape[:-1], keep.shape[-2], state.expert_size) * keep).reshape(shape)
-            out = _triton_matvec_t(h, self.weight_t, state.order, state.count, state.expert_size)
+            _relayout(self, out_is_rows=False)
+            out = state.kernels[2](h, _rows(self, out_is_rows=False), state.order, state.count, state.expert_size)
             out = out.to(h.dtype).reshape(*h.shape[:-1], -1)
-        elif experts is not None and _use_cpu_kernel(self.weight_t):
-            if state.token_mask is not None:  # a few tokens over the union: zero what each did not select
-                k, shape = experts.numel(), h.shape
-                keep = state.token_mask.reshape(*shape[:-1], k, 1).to(h.dtype)
-                h = (h.reshape(*shape[:-1], k, state.expert_size) * keep).reshape(shape)
-            out = expert_matvec_t(h, self.weight_t, experts, state.expert_size).to(h.dtype).reshape(*h.shape[:-1], -1)
-        elif experts is not None:
+        elif state.experts is not None:
+            weight_t = _rows(self, out_is_rows=False)
             flat = h.reshape(1, -1)
-            out = flat.new_zeros(1, self.weight_t.shape[1])
+            out = flat.new_zeros(1, weight_t.shape[1])
             offset = 0
             for a, b in state.segments():  # out += h[selected rows] @ weight_t[selected rows], one slice per run
-                out.addmm_(flat[:, offset:offset + b - a], self.weight_t[a:b])
+                out.addmm_(flat[:, offset:offset + b - a], weight_t[a:b])
                 offset += b - a
             out = out.reshape(*h.shape[:-1], -1)
         else:
-            if mask is not None:
-                shape = h.shape
-                h = (h.reshape(*shape[:-1], state.num_experts, state.expert_size) * mask.unsqueeze(-1).to(h.dtype)).reshape(shape)
-            out = h @ self.weight_t
+            if state.mask is not None:
+                h = state.apply_mask(h)
+            state.clear()
+            return super().forward(h)  # every neuron (the skipped ones zeroed): the base class's own forward
         state.clear()
         return out if self.bias is None else out + self.bias
 
-    def extra_repr(self) -> str:
-        return f"in={self.weight_t.shape[0]}, out={self.weight_t.shape[1]}"
+
+_ROUTED_CLASSES: dict = {}
+
+
+def _routed_class(role: type, base: type) -> type:
+    """``role`` mixed into ``base`` (e.g. RoutedFirst + nn.Linear -> RoutedFirstLinear), made
+    once per pair and importable from this module (so models pickle)."""
+    if issubclass(base, role):
+        return base
+    key = (role, base)
+    if key not in _ROUTED_CLASSES:
+        name = f"{role.__name__}{base.__name__}"
+        cls = type(name, (role, base), {"__module__": __name__, "__qualname__": name, "__doc__": role.__doc__})
+        _ROUTED_CLASSES[key] = globals()[name] = cls
+    return _ROUTED_CLASSES[key]
+
+
+def _make_routed(module: nn.Module, role: type, state: RoutingState, **attributes) -> None:
+    module.__class__ = _routed_class(role, type(module))
+    module.lte_state = state
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    state.projections.append(module)
 
 
 def install_routed_ffns(model: nn.Module, config) -> None:
-    """Swap every FFN's projections (listed in ``config.lte_ffn``) for routed ones, in place.
+    """Make every FFN's projections (``config.lte_ffn["hosts"]``) routed, in place.
 
-    Weights are taken from the projections being replaced, so the same call builds an empty
-    model for ``from_pretrained`` and converts a trained one for export.
-    """
+    The modules keep their parameters and their class (as a base class); each layer's first
+    projection in call order gains a :class:`Router`. The same call builds an empty model for
+    ``from_pretrained`` and converts a trained one for export."""
     ffn = config.lte_ffn
-    for index, host_name in enumerate(ffn["hosts"]):
-        host = model.get_submodule(host_name)
-        down = host.get_submodule(ffn["down"])
-        width = _as_rows(down, out_is_rows=False).shape[0]
-        state = RoutingState(width // ffn["expert_size"], ffn["expert_size"])
-        first_weight = _as_rows(host.get_submodule(ffn["first"][0]), out_is_rows=True)
-        router = nn.Linear(first_weight.shape[1], state.num_experts, bias=ffn.get("router_bias", False),
-                           device=first_weight.device, dtype=first_weight.dtype)
-        for position, name in enumerate(ffn["first"]):
-            routed = RoutedFirst(host.get_submodule(name), state, ffn.get("fused_chunks", 1),
-                                 router=router if position == 0 else None, config=config, layer_index=index)
-            host.set_submodule(name, routed)
-        host.set_submodule(ffn["down"], RoutedDown(down, state))
+    size = ffn["expert_size"]
+    for index, spec in enumerate(ffn["hosts"]):
+        host = model.get_submodule(spec["path"])
+        neurons = _rows(host.get_submodule(spec["down"]), out_is_rows=False).shape[0]
+        chunks = spec.get("fused_chunks", 1)
+        state = RoutingState(host, spec["first"], spec["down"], neurons // size, size)
+        for position, name in enumerate(spec["first"]):
+            module = host.get_submodule(name)
+            router = None
+            if position == 0:
+                weight = _rows(module, out_is_rows=True)
+                router = Router(weight.shape[1], state.num_experts, bias=ffn.get("router_bias", False),
+                                device=weight.device, dtype=weight.dtype)
+            _make_routed(module, RoutedFirst, state, router=router, lte_chunks=chunks, lte_config=config,
+                         lte_layer_index=index)
+        _make_routed(host.get_submodule(spec["down"]), RoutedDown, state)
+
+
+def relayout_routed_ffns(model: nn.Module) -> None:
+    """Give every routed projection the memory layout its kernel reads (see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, RoutedFirst):
+            _relayout(module, out_is_rows=True)
+        elif isinstance(module, RoutedDown):
+            _relayout(module, out_is_rows=False)
 
 
 def routing_states(model: nn.Module) -> list[RoutingState]:
     """Each FFN layer's routing state, in depth order."""
-    return [m._state for m in model.modules() if isinstance(m, RoutedFirst) and m.router is not None]
+    return [m.lte_state for m in model.modules() if isinstance(m, RoutedFirst) and m.router is not None]
 
 
 _BaseForCausalLM = getattr(transformers, BASE_ARCHITECTURE)
+
+
+def _share_base_conversions() -> None:
+    """Give this class the base class's checkpoint conversions (GPT-NeoX: ``embed_out`` ->
+    ``lm_head``...), which transformers applies to its own classes only: the checkpoint holds
+    the base model's original names, and both classes must read (and write) them alike."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4: no conversions
+        return
+    base = get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
+    if base is None:
+        base = get_checkpoint_conversion_mapping(LTEConfig.model_type)
+    register_checkpoint_conversion_mapping("LTEForCausalLM", base or [], overwrite=True)
 
 
 class LTEForCausalLM(_BaseForCausalLM):
@@ -286,6 +364,39 @@ class LTEForCausalLM(_BaseForCausalLM):
     def __init__(self, config: LTEConfig):
         super().__init__(config)
         install_routed_ffns(self, config)
+        _share_base_conversions()  # per instance: exports of other bases may share this class name
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: this is the base class, initialised by the base class's own ``_init_weights``.
+        As custom code, transformers would skip ``_init_weights`` for modules without their own
+        parameters, leaving non-persistent buffers they set (FalconH1's ``mup_vector``) as
+        uninitialised memory after ``from_pretrained``."""
+        return False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).lte_relayout()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The base class's ``save_pretrained``, with ``architectures`` kept the base class's (as
+        ``lte export`` writes it), so a saved copy still loads dense in plain loaders and engines."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(save_directory, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+            config["architectures"] = [BASE_ARCHITECTURE]
+            with open(config_file, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    def lte_relayout(self) -> None:
+        """Re-stride the FFN weights for the kernels (``from_pretrained`` does it; call it again
+        after replacing a weight's tensor; the kernel paths also do it on first use)."""
+        relayout_routed_ffns(self)
 
     def lte_sparsity(self) -> list[float | None]:
         """Per-layer fraction of FFN neurons skipped since the last reset (needs
