@@ -129,27 +129,27 @@ def base_architecture(model) -> str:
 
 
 def to_routed(model, thresholds: list[float]):
-    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place."""
+    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place.
+
+    ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
+    ``first[0]`` owns the router), so layers may differ."""
     from .remote.modeling_lte import install_routed_ffns
 
     layers = lte_layers(model)
-    hosts = [name for name, module in model.named_modules() if module in layers]
-    specs = {layer.spec for layer in layers}
-    if len(specs) != 1:
-        raise UsageError("cannot export a model whose FFN layers have different layouts")
-    spec = specs.pop()
+    paths = {id(module): name for name, module in model.named_modules()}
+    hosts = [{"path": paths[id(layer)], "first": list(layer.spec.first), "down": layer.spec.down,
+              "fused_chunks": layer.spec.fused_chunks} for layer in layers]
     routers = [layer.lte_router for layer in layers]
     expert_size = layers[0].expert_size
     unload_lte(model)
     config = model.config
-    config.lte_ffn = {"hosts": hosts, "first": list(spec.first), "down": spec.down, "fused_chunks": spec.fused_chunks,
-                      "expert_size": expert_size, "router_bias": routers[0].bias is not None}
+    config.lte_ffn = {"expert_size": expert_size, "router_bias": routers[0].bias is not None, "hosts": hosts}
     config.lte_thresholds = [float(t) for t in thresholds]
     config.lte_mode = "sparse"
     config.lte_track_sparsity = False
     install_routed_ffns(model, config)
     for host, router in zip(hosts, routers, strict=True):
-        model.get_submodule(f"{host}.{spec.first[0]}").router.load_state_dict(router.state_dict())
+        model.get_submodule(f"{host['path']}.{host['first'][0]}").router.load_state_dict(router.state_dict())
     return model
 
 

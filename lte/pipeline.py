@@ -68,7 +68,21 @@ def preflight(recipe: Recipe) -> None:
         raise UsageError(f"could not load model.name_or_path={source!r}: {str(exc).splitlines()[0]}") from None
     with torch.device("meta"):  # the architecture without weights: checks the FFNs in milliseconds
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    check_expert_size(skeleton, recipe.lte.expert_size)
+    check_attn_implementation(type(skeleton), recipe.model.attn_implementation)
+    check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
+
+
+def check_attn_implementation(model_class, choice: str | None) -> None:
+    """An explicit ``model.attn_implementation`` must be one the architecture supports (None: transformers
+    chooses; a hub kernel name ``org/repo`` is left to transformers)."""
+    if choice is None or "/" in choice:
+        return
+    supported = ["eager"] + (["sdpa"] if model_class._supports_sdpa else []) + (
+        ["flash_attention_2", "flash_attention_3"] if model_class._supports_flash_attn else []) + (
+        ["flex_attention"] if model_class._supports_flex_attn else [])
+    if choice not in supported:
+        raise UsageError(f"model.attn_implementation={choice!r} is not supported by {model_class.__name__}; choose one of "
+                         f"{', '.join(supported)}, or leave it unset (null) to let transformers choose")
 
 
 def load_tokenizer(recipe: Recipe):
@@ -125,7 +139,7 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
                                          router_init=lte.router_init, router_init_scale=lte.router_init_scale,
                                          detach_router_input=lte.detach_router_input),
-                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed)
+                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, recipe_layout=recipe.model.ffn_layout)
         if lte.router_init == "calibrated":
             batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
                                           recipe.train.get("per_device_train_batch_size", 8))

@@ -255,19 +255,19 @@ def install_routed_ffns(model: nn.Module, config) -> None:
     model for ``from_pretrained`` and converts a trained one for export.
     """
     ffn = config.lte_ffn
-    for index, host_name in enumerate(ffn["hosts"]):
-        host = model.get_submodule(host_name)
-        down = host.get_submodule(ffn["down"])
+    for index, entry in enumerate(ffn["hosts"]):  # {"path", "first" (call order), "down", "fused_chunks"}
+        host = model.get_submodule(entry["path"])
+        down = host.get_submodule(entry["down"])
         width = _as_rows(down, out_is_rows=False).shape[0]
         state = RoutingState(width // ffn["expert_size"], ffn["expert_size"])
-        first_weight = _as_rows(host.get_submodule(ffn["first"][0]), out_is_rows=True)
+        first_weight = _as_rows(host.get_submodule(entry["first"][0]), out_is_rows=True)
         router = nn.Linear(first_weight.shape[1], state.num_experts, bias=ffn.get("router_bias", False),
                            device=first_weight.device, dtype=first_weight.dtype)
-        for position, name in enumerate(ffn["first"]):
-            routed = RoutedFirst(host.get_submodule(name), state, ffn.get("fused_chunks", 1),
+        for position, name in enumerate(entry["first"]):
+            routed = RoutedFirst(host.get_submodule(name), state, entry.get("fused_chunks", 1),
                                  router=router if position == 0 else None, config=config, layer_index=index)
             host.set_submodule(name, routed)
-        host.set_submodule(ffn["down"], RoutedDown(down, state))
+        host.set_submodule(entry["down"], RoutedDown(down, state))
 
 
 def routing_states(model: nn.Module) -> list[RoutingState]:
