@@ -99,6 +99,17 @@ def _has(module: nn.Module, name: str) -> bool:
         return False
 
 
+def _check_shapes(path: str, module: nn.Module, spec: FFNSpec) -> None:
+    """An override must fit the weights: every first projection d -> fused_chunks * F, down F -> d."""
+    width, d_model = in_out(module.get_submodule(spec.down))
+    shapes = {n: in_out(module.get_submodule(n)) for n in spec.first}
+    if any(shape != (d_model, spec.fused_chunks * width) for shape in shapes.values()):
+        raise UsageError(f"the FFN layout given for {path} ({type(module).__name__}) does not fit its weights: {spec.down} "
+                         f"maps {width} -> {d_model}, so each of {list(spec.first)} must map {d_model} -> "
+                         f"{spec.fused_chunks * width} (fused_chunks={spec.fused_chunks}), but they map "
+                         f"{ {n: f'{i} -> {o}' for n, (i, o) in shapes.items()} }")
+
+
 def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
     """Why ``model`` is a mixture of experts, or None. Signs: expert weights fused into 3-D tensors
     (not a convolution's), or a ModuleList of FFN hosts inside a decoder layer (routed experts)."""
@@ -125,22 +136,23 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
     for path, module in model.named_modules():
         spec = _override(module, recipe_layout)
         if spec is not None:
+            _check_shapes(path, module, spec)
             found.append(Candidate(path, module, spec.first, spec.down, spec.fused_chunks, spec))
         elif (candidate := _structural(path, module, d_model_hint)) is not None:
             found.append(candidate)
     # A host inside another host (a decoder layer around its MLP): keep the innermost.
     paths = [c.path for c in found]
     found = [c for c in found if not any(p != c.path and (not c.path or p.startswith(c.path + ".")) for p in paths)]
-    if not found:
-        names = sorted({type(m).__name__ for n, m in model.named_modules()
-                        if n and _projections(m) and not isinstance(m, nn.ModuleList)})
-        raise UsageError(f"no FFN found in {type(model).__name__}: no module has one projection F -> d and one or two "
-                         f"d -> F (modules with projections: [{', '.join(names) or 'none'}]); {RECIPE_HINT}")
     if (reason := moe_reason(model, found)) is not None:
         raise UsageError(f"MoE models are not supported yet: {type(model).__name__} is a mixture of experts ({reason}). "
                          f"LTE groups the neurons of a dense FFN into experts behind one router; inside an MoE layer the "
                          f"model's own router already picks experts, and routing within each routed expert (with its fused "
                          f"expert tensors) is not built. Use a dense model.")
+    if not found:
+        names = sorted({type(m).__name__ for n, m in model.named_modules()
+                        if n and _projections(m) and not isinstance(m, nn.ModuleList)})
+        raise UsageError(f"no FFN found in {type(model).__name__}: no module has one projection F -> d and one or two "
+                         f"d -> F (modules with projections: [{', '.join(names) or 'none'}]); {RECIPE_HINT}")
     return found
 
 
