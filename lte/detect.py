@@ -1,17 +1,19 @@
 """Find every FFN of a model from its structure, and prove the layout on one traced forward.
 
 1. **Candidates** (module tree and weight shapes only, so it also works on a meta-device
-   model): a host is a module whose direct projection children (nn.Linear, GPT-2's Conv1D,
-   or their bitsandbytes/PEFT wrappers) are exactly one ``down`` (F -> d, F != d) and one or
-   two ``first`` projections (d -> F each, or one fused d -> k*F). Attention modules fail this
+   model): a host is a module whose projections (nn.Linear, GPT-2's Conv1D, or their
+   bitsandbytes/PEFT wrappers; children, or grandchildren as in BERT's ``intermediate.dense``)
+   are exactly one ``down`` (F -> d, F != d) and one or two ``first`` (d -> F each, or one
+   fused d -> 2F). Attention modules fail this
    (more projections, or F == d), and so does anything else that is not an FFN.
 2. **Trace** (real weights): one forward of a few tokens with hooks gives each host's call
    order (``first`` is sorted by it: ``first[0]`` runs first and owns the router), checks that
    every first projection reads the same input (the FFN input) and that ``down`` runs last,
    and records the host's own inputs so it can be replayed alone.
 3. **Gate**: replaying a host with one first projection's output (or one chunk of a fused
-   one) multiplied by -2 scales the down input by -2 exactly when that projection is the
-   linear "up"; the other one passes through the activation and is the gate (``cluster_on``).
+   one) negated negates the down input exactly when that projection is the "up" of
+   ``act(gate) * up`` (also behind a norm); the other one passes through the activation and
+   is the gate (``cluster_on``).
 4. **Proof**: masking one group of neurons at the down input must change the host's output,
    and a random permutation of every FFN's neurons must leave the model's logits unchanged.
 
@@ -50,14 +52,29 @@ class Candidate:
     alternatives: list | None = None  # other readings of the same projections (settled by the trace)
 
 
-def _projections(module: nn.Module) -> dict[str, tuple[int, int]]:
-    return {name: in_out(child) for name, child in module.named_children() if base_projection(child) is not None}
+def _projections(module: nn.Module, depth: int = 2) -> dict[str, tuple[int, int]]:
+    """Projections up to ``depth`` levels below ``module`` (BERT splits its FFN over two child
+    modules, ``intermediate.dense`` and ``output.dense``), by relative name; not inside a projection."""
+    found = {}
+    for name, child in module.named_children():
+        if base_projection(child) is not None:
+            found[name] = in_out(child)
+        elif depth > 1 and not isinstance(child, nn.ModuleList):
+            found.update({f"{name}.{n}": shape for n, shape in _projections(child, depth - 1).items()})
+    return found
 
 
 def _structural(path: str, module: nn.Module, d_model_hint: int | None) -> Candidate | None:
     """``module`` as an FFN host, or None. Two projections d -> F -> d read both ways; the model's
-    hidden size decides, and where it does not, the trace does (``down`` runs last)."""
-    projections = _projections(module)
+    hidden size decides, and where it does not, the trace does (``down`` runs last). Children
+    first (OPT's decoder layer holds fc1/fc2 next to its attention module), then grandchildren."""
+    for depth in (1, 2):
+        if (found := _reading(path, module, _projections(module, depth), d_model_hint)) is not None:
+            return found
+    return None
+
+
+def _reading(path: str, module: nn.Module, projections: dict, d_model_hint: int | None) -> Candidate | None:
     if not 2 <= len(projections) <= 3:
         return None
     readings = []
@@ -110,15 +127,19 @@ def _check_shapes(path: str, module: nn.Module, spec: FFNSpec) -> None:
                          f"{ {n: f'{i} -> {o}' for n, (i, o) in shapes.items()} }")
 
 
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
-    """Why ``model`` is a mixture of experts, or None. Signs: expert weights fused into 3-D tensors
-    (not a convolution's), or a ModuleList of FFN hosts inside a decoder layer (routed experts)."""
+    """Why ``model`` is a mixture of experts, or None. Signs: a 3-D weight whose first axis counts the
+    config's experts (fused expert tensors), or a ModuleList of FFN hosts inside a decoder layer."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, key, None) for key in EXPERT_COUNT_KEYS}
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            continue
         for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
-                return f"{type(module).__name__} ({name}) stores expert weights as a 3-D tensor {pname} {tuple(param.shape)}"
+            if param.dim() == 3 and param.shape[0] in counts:
+                return f"{type(module).__name__} ({name}) stores {param.shape[0]} experts in a 3-D tensor {pname} {tuple(param.shape)}"
     hosts = {c.path for c in candidates}
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for name in lists:
@@ -150,7 +171,7 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
                          f"expert tensors) is not built. Use a dense model.")
     if not found:
         names = sorted({type(m).__name__ for n, m in model.named_modules()
-                        if n and _projections(m) and not isinstance(m, nn.ModuleList)})
+                        if n and _projections(m, 1) and not isinstance(m, nn.ModuleList)})
         raise UsageError(f"no FFN found in {type(model).__name__}: no module has one projection F -> d and one or two "
                          f"d -> F (modules with projections: [{', '.join(names) or 'none'}]); {RECIPE_HINT}")
     return found
@@ -235,7 +256,7 @@ def _replay(host: nn.Module, call: tuple, hooks: list[tuple[nn.Module, str, obje
 
 def _capture_down(c: Candidate, call: tuple, scale: tuple[str, int] | None = None) -> torch.Tensor:
     """The down projection's input when replaying ``c``, optionally with one first projection's
-    output (chunk ``scale[1]`` of ``scale[0]``, -1: all of it) multiplied by -2."""
+    output (chunk ``scale[1]`` of ``scale[0]``, -1: all of it) negated."""
     seen = {}
 
     def take(module, args):
@@ -247,10 +268,10 @@ def _capture_down(c: Candidate, call: tuple, scale: tuple[str, int] | None = Non
 
         def scaled(module, args, output):
             if chunk < 0:
-                return output * -2
+                return -output
             width = output.shape[-1] // c.fused_chunks
             out = output.clone()
-            out[..., chunk * width:(chunk + 1) * width] *= -2
+            out[..., chunk * width:(chunk + 1) * width] *= -1
             return out
 
         hooks.append((c.host.get_submodule(name), "post", scaled))
@@ -273,7 +294,7 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
         return c.first[0]
     base = _capture_down(c, call)
     probes = [(n, -1) for n in c.first] if c.fused_chunks == 1 else [(c.first[0], k) for k in range(c.fused_chunks)]
-    linear = [_close(_capture_down(c, call, probe), -2 * base, tolerance) for probe in probes]
+    linear = [_close(_capture_down(c, call, probe), -base, tolerance) for probe in probes]
     nonlinear = [probe for probe, lin in zip(probes, linear) if not lin]
     if len(nonlinear) != 1:
         raise UsageError(f"cannot tell the gate of the FFN at {c.path or 'the model'} ({type(c.host).__name__}): "
