@@ -84,8 +84,11 @@ def tiny_config(model_type: str):
         current = getattr(base, key, None)
         if isinstance(getattr(type(base), key, None), property):
             continue
-        if isinstance(current, (list, tuple)) and current:
-            kwargs[key] = list(current[: SIZES["num_hidden_layers"]])
+        if isinstance(current, (list, tuple)) and current:  # one layer of each kind, in order of appearance
+            kinds = list(dict.fromkeys(current))
+            layers = max(SIZES["num_hidden_layers"], len(kinds))
+            kwargs["num_hidden_layers"] = max(kwargs.get("num_hidden_layers", 0), layers)
+            kwargs[key] = (kinds * layers)[:layers]
     for key in SPECIAL_TOKENS:
         value = getattr(base, key, None)
         if isinstance(value, int) and value >= SIZES["vocab_size"]:

@@ -325,6 +325,31 @@ def _order(c: Candidate, trace: _Trace) -> tuple[str, ...]:
     return first
 
 
+def _check_neurons_independent(path: str, host: nn.Module, spec: FFNSpec, call: tuple, size: int) -> None:
+    """Changing one group of neurons at ``first[0]``'s output may change only that group at the down
+    input: the exported model computes only the selected experts' neurons, so nothing between the
+    projections (a norm over the intermediate activations, say) may mix neurons."""
+    seen = []
+
+    def take(module, args):
+        seen.append(args[0].detach().float())
+
+    def bump(module, args, output):
+        out = output.clone()
+        out[..., :size] += 1.0
+        return out
+
+    down, first = host.get_submodule(spec.down), host.get_submodule(spec.first[0])
+    _replay(host, call, [(down, "pre", take)])
+    _replay(host, call, [(down, "pre", take), (first, "post", bump)])
+    base, bumped = seen[0], seen[-1]
+    outside = (bumped - base)[..., size:]
+    if float(outside.norm()) > 1e-6 * float(base.norm().clamp_min(1e-12)):
+        raise UsageError(f"the FFN at {path} ({type(host).__name__}) mixes its neurons between {spec.first[0]} and "
+                         f"{spec.down} (changing {size} neurons changed others, e.g. a norm over the intermediate "
+                         f"activations), so skipped experts could not be left uncomputed; LTE does not support this FFN")
+
+
 @torch.no_grad()
 def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: torch.Tensor, inputs: dict,
            group: int, tolerance: float) -> None:
@@ -345,6 +370,7 @@ def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: 
         if _close(masked.float(), base.float(), 0.0):
             raise UsageError(f"masking FFN neurons at the input of {path}.{spec.down} does not change the output of "
                              f"{path} ({type(host).__name__}), so it is not that FFN's down projection; {RECIPE_HINT}")
+        _check_neurons_independent(path, host, spec, call, size)
     generator = torch.Generator().manual_seed(0)
     orders = {}
     for path, spec in layout.items():

@@ -175,3 +175,24 @@ def test_lora_wrapped_projections_are_recognised():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
     found = candidates(model)
     assert [c.path.split("model.")[-1] for c in found][:1] == ["layers.0.mlp"] and found[0].down == "down_proj"
+
+
+def test_an_unregistered_architecture_trains_and_exports_with_the_recipe_defaults(tmp_path):
+    """Gemma2 (rejects sdpa, which the recipes used to force) through `train.py recipe=tiny` and its
+    export: detected in prepare, saved with every stage, read back by the export."""
+    from conftest import STORIES, run_train
+
+    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, vocab_size=512, num_hidden_layers=2, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(tmp_path / "gemma2")
+    out = tmp_path / "run"
+    run_train(out, f"model.name_or_path={tmp_path / 'gemma2'}", "lte.expert_size=8", "export.target_sparsity=0.3")
+    hosts = [{"path": f"model.layers.{i}.mlp", **GATED.to_dict()} for i in range(2)]
+    for stage in ("prepare", "stage1", "stage2"):
+        assert json.loads((out / stage / "model" / "lte_config.json").read_text())["ffn_hosts"] == hosts
+    exported = json.loads((out / "export" / "config.json").read_text())
+    assert exported["lte_ffn"]["hosts"] == [{k: h[k] for k in ("path", "first", "down", "fused_chunks")} for h in hosts]
+    assert json.loads((out / "export" / "lte_export.json").read_text())["validation_error"] <= 1e-3
