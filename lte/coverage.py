@@ -31,11 +31,11 @@ WORKS, REFUSED, NOT_BUILT, FAILED = "works", "refused", "not built", "failed"
 TOKENS = 16
 DENSE_TOLERANCE = 1e-5
 EXPORT_TOLERANCE = 1e-3
-MAX_PARAMETERS = 2_000_000
+MAX_PARAMETERS = 5_000_000
 
 # Size attributes shrunk when a config has them (aliases through attribute_map included).
 SIZES = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 256,
     "ffn_dim": 128, "n_inner": 128, "d_ff": 128, "ffn_hidden_size": 128, "intermediate_dim": 128,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 4, "num_local_experts": 4,

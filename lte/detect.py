@@ -34,7 +34,8 @@ from .registry import FFNSpec, base_projection, in_out, layout_from_list, spec_f
 
 logger = logging.getLogger("lte")
 
-RECIPE_HINT = ("set the recipe key model.ffn_layout, e.g. model.ffn_layout='{first: [gate_proj, up_proj], down: down_proj, "
+RECIPE_HINT = ("if it is not an FFN, or to name the FFN yourself, set the recipe key model.ffn_layout (then only the "
+               "modules it names are FFNs), e.g. model.ffn_layout='{first: [gate_proj, up_proj], down: down_proj, "
                "cluster_on: gate_proj}' (or one such entry per host class name: '{MyMLP: {first: [...], down: ...}}')")
 TRACE_TOKENS = 8
 
@@ -159,7 +160,8 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
         if spec is not None:
             _check_shapes(path, module, spec)
             found.append(Candidate(path, module, spec.first, spec.down, spec.fused_chunks, spec))
-        elif (candidate := _structural(path, module, d_model_hint)) is not None:
+        elif not recipe_layout and (candidate := _structural(path, module, d_model_hint)) is not None:
+            # with model.ffn_layout, only the modules it names are FFNs
             found.append(candidate)
     # A host inside another host (a decoder layer around its MLP): keep the innermost.
     paths = [c.path for c in found]
@@ -297,8 +299,9 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
     linear = [_close(_capture_down(c, call, probe), -base, tolerance) for probe in probes]
     nonlinear = [probe for probe, lin in zip(probes, linear) if not lin]
     if len(nonlinear) != 1:
-        raise UsageError(f"cannot tell the gate of the FFN at {c.path or 'the model'} ({type(c.host).__name__}): "
-                         f"{len(nonlinear)} of its projections {list(c.first)} act non-linearly; {RECIPE_HINT}")
+        what = f"projections {list(c.first)}" if c.fused_chunks == 1 else f"{c.fused_chunks} blocks of {c.first[0]}"
+        raise UsageError(f"cannot tell the gate of the FFN candidate {c.path or 'the model'} ({type(c.host).__name__}): "
+                         f"{len(nonlinear)} of its {what} act non-linearly; {RECIPE_HINT}")
     name, chunk = nonlinear[0]
     if chunk > 0:
         raise UsageError(f"the fused projection {c.path}.{name} stacks the gate in block {chunk}, not first; LTE needs the "
@@ -397,9 +400,10 @@ def detect_layout(model: nn.Module, recipe_layout: dict | None = None, group: in
     ``first`` is put in call order); ``group``: neurons masked by the proof (the expert size).
     """
     found = candidates(model, recipe_layout)
-    if any(p.is_meta for p in model.parameters()):
-        raise UsageError("FFN detection needs the model's weights (it traces one forward); this model is on the meta "
-                         "device. Load a run's saved layout instead (lte_config.json).")
+    if any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters()):
+        raise UsageError("FFN detection needs the model's full weights (it traces one forward); this model is on the "
+                         "meta device or partitioned by ZeRO-3. Detection runs in the prepare step, which saves the "
+                         "layout in lte_config.json (ffn_hosts); a run written before that must be prepared again.")
     was_training = model.training
     model.eval()
     inputs = _model_inputs(model)

@@ -89,9 +89,12 @@ def test_a_wrong_override_fails_the_permutation_proof():
     mlp = {"first": ["c_fc"], "down": "c_proj"}
     with pytest.raises(UsageError, match=r"does not fit its weights: c_proj maps 32 -> 32, so each of \['c_attn'\] must map 32 -> 32"):
         detect_layout(model, {"GPT2Attention": {"first": ["c_attn"], "down": "c_proj"}, "GPT2MLP": mlp})
-    with pytest.raises(UsageError, match="permuting the neurons"):
+    with pytest.raises(UsageError, match=r"transformer\.h\.0\.attn \(GPT2Attention\) mixes its neurons between c_attn and c_proj"):
         # the attention's c_attn (q, k, v stacked) and c_proj declared as an FFN: the shapes fit, the function does not
         detect_layout(model, {"GPT2Attention": {"first": ["c_attn"], "down": "c_proj", "fused_chunks": 3}, "GPT2MLP": mlp})
+    with pytest.raises(UsageError, match="permuting the neurons of the detected FFNs changes LlamaForCausalLM's logits"):
+        # up_proj left out: permuting gate rows and down columns alone breaks the product
+        detect_layout(tiny_model("llama"), {"first": ["gate_proj"], "down": "down_proj"})
 
 
 def test_moe_models_are_refused_with_the_reason():

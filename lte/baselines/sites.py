@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import FFNSpec, feature_axes, weight_shape
+from ..registry import FFNSpec, feature_axes, layout_from_list, layout_to_list, weight_shape
 
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 
@@ -63,7 +63,10 @@ def ffn_sites(model: nn.Module) -> list[FFNSite]:
     from ..layers import LTEMLP
 
     wrapped = [(name, m.base_layer, m.spec) for name, m in model.named_modules() if isinstance(m, LTEMLP)]
-    found = wrapped or [(name, model.get_submodule(name), spec) for name, spec in detect_layout(model).items()]
+    if not wrapped and not getattr(model, "lte_ffn_hosts", None):
+        # detected once, before any method's hooks change the forward; or an LTE run's saved layout (lte compare)
+        model.lte_ffn_hosts = layout_to_list(detect_layout(model))
+    found = wrapped or [(name, model.get_submodule(name), spec) for name, spec in layout_from_list(model.lte_ffn_hosts).items()]
     sites = []
     for name, host, spec in found:
         down = host.get_submodule(spec.down)
