@@ -11,6 +11,7 @@ _EXPORTS = {
     "UsageError": "errors",
     "FFNSpec": "registry",
     "register_ffn": "registry",
+    "detect_layout": "detect",
     "LTEMLP": "layers",
     "collect_router_scores": "layers",
     "LTEModelConfig": "inject",

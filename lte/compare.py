@@ -334,6 +334,12 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(request.model)
     model = AutoModelForCausalLM.from_pretrained(request.model, dtype=torch.float32).to(device).eval()
+    if request.lte is not None:  # the run's saved FFN layout, where it fits this model (no detection)
+        saved = Path(lte_run_dir(request.lte)) / "stage2" / "model" / "lte_config.json"
+        hosts = json.loads(saved.read_text()).get("ffn_hosts") if saved.is_file() else None
+        names = dict(model.named_modules())
+        if hosts and all(h["path"] in names for h in hosts):
+            model.lte_ffn_hosts = hosts
     blocks = token_blocks(text, tokenizer, request.block_size)
     if request.calibration:
         calibration_blocks = token_blocks(calibration_text, tokenizer, request.block_size)

@@ -40,15 +40,32 @@ PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_mode", "max_steps", *(f.name for
 class ModelArgs:
     name_or_path: str = field(default="", metadata={"help": "Local directory or hub name of a causal LM."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
-    attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ...; "
+                                            "default (null): what transformers picks for the architecture."})
     trust_remote_code: bool = False
     revision: str | None = None
+    ffn_layout: dict[str, Any] | None = field(default=None, metadata={
+        "help": "The FFN layout where detection cannot settle it: {first: [gate_proj, up_proj], down: down_proj, "
+                "cluster_on: gate_proj, fused_chunks: 1}, or one such entry per host class name."})
 
     def validate(self) -> None:
         if not self.name_or_path:
             raise UsageError("model.name_or_path is empty: set it to a local model directory or a hub name")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise UsageError(f"model.dtype={self.dtype!r} must be one of float32, bfloat16, float16, auto")
+        if self.ffn_layout is not None:
+            from .registry import FFNSpec
+
+            single = "first" in self.ffn_layout or "down" in self.ffn_layout
+            entries = [self.ffn_layout] if single else list(self.ffn_layout.values())
+            try:
+                for entry in entries:
+                    if not isinstance(entry, dict):
+                        raise ValueError(f"expected a mapping with first/down, got {entry!r}")
+                    FFNSpec.from_dict(entry)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"model.ffn_layout: {exc}; example: model.ffn_layout='{{first: [gate_proj, up_proj], "
+                                 f"down: down_proj, cluster_on: gate_proj}}' (or {{MyMLP: {{first: [...], down: ...}}}})") from None
 
 
 @dataclass

@@ -149,7 +149,10 @@ def base_architecture(model) -> str:
 
 def to_routed(model, thresholds: list[float]):
     """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place: the
-    base model with routed FFN projections (:mod:`lte.remote.modeling_lte`)."""
+    base model with routed FFN projections (:mod:`lte.remote.modeling_lte`).
+
+    ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
+    ``first[0]`` owns the router), so layers may differ."""
     from .remote.modeling_lte import install_routed_ffns, relayout_routed_ffns
 
     layers = lte_layers(model)

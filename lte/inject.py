@@ -1,8 +1,10 @@
 """Put LTE into a Hugging Face model, and take it out again (PEFT's tuner shape).
 
-``inject_lte`` walks ``named_modules``, wraps every module whose class is in the FFN
-registry with :class:`LTEMLP`, and (unless loading a trained checkpoint) first clusters and
-permutes its neurons. The model stays a ``PreTrainedModel``, so ``Trainer`` saves it as
+``inject_lte`` finds every FFN (:mod:`lte.detect`, or the layout saved with a run), wraps
+its host module with :class:`LTEMLP`, and (unless loading a trained checkpoint) first clusters
+and permutes its neurons. The resolved layout is kept in :class:`LTEModelConfig` and saved in
+``lte_config.json``, so every later load uses it instead of detecting again (also on a
+meta-device or sharded model, where detection cannot trace). The model stays a ``PreTrainedModel``, so ``Trainer`` saves it as
 usual; router parameters all carry the ``lte_router`` prefix, so saving LTE's own state is a
 name filter. ``save_lte``/``load_lte`` write a normal Hugging Face checkpoint of the
 (permuted) base model plus ``lte_routers.safetensors`` and ``lte_config.json``.
@@ -11,8 +13,9 @@ name filter. ``save_lte``/``load_lte`` write a normal Hugging Face checkpoint of
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +26,10 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .layers import MODES, ROUTER_PREFIX, LTEMLP
 from .moefication import moefy
-from .registry import FFN_REGISTRY, feature_axes, spec_for, weight_shape
+from .detect import describe, detect_layout, ffn_widths
+from .registry import FFNSpec, layout_from_list, layout_to_list
+
+logger = logging.getLogger("lte")
 
 LTE_CONFIG_NAME = "lte_config.json"
 ROUTERS_NAME = "lte_routers.safetensors"
@@ -39,6 +45,9 @@ class LTEModelConfig:
     router_init: str = "random"  # "centroid" (expert mean gate rows) or "random" (nn.Linear default)
     router_init_scale: float = 1.0
     detach_router_input: bool = False
+    # The FFN layout, one entry per host in depth order ({"path", "first", "down", "cluster_on",
+    # "fused_chunks"}); empty until resolved by detection (or a recipe's model.ffn_layout).
+    ffn_hosts: list[dict] = field(default_factory=list)
 
 
 def lte_layers(model: nn.Module) -> list[LTEMLP]:
@@ -47,36 +56,33 @@ def lte_layers(model: nn.Module) -> list[LTEMLP]:
     return [m for m in model.modules() if isinstance(m, LTEMLP)]
 
 
-def _ffn_hosts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    hosts = [(name, module) for name, module in model.named_modules() if spec_for(module) is not None]
-    if not hosts:
-        candidates = sorted({type(m).__name__ for n, m in model.named_modules()
-                             if n.split(".")[-1] in ("mlp", "feed_forward", "ffn") or type(m).__name__.endswith(("MLP", "DecoderLayer", "Block"))})
-        found = ", ".join(candidates) or "none"
-        raise UsageError(
-            f"no supported FFN found in {type(model).__name__}: found module classes [{found}], "
-            f"but LTE knows only [{', '.join(sorted(FFN_REGISTRY))}]. Register the FFN layout with "
-            f"lte.registry.register_ffn(CLASS_NAME, FFNSpec(first=..., down=..., cluster_on=...))."
-        )
-    return hosts
+def resolve_layout(model: nn.Module, cfg: LTEModelConfig, recipe_layout: dict | None = None) -> dict[str, FFNSpec]:
+    """The saved layout (``cfg.ffn_hosts``), or detect it on ``model`` once and store it in ``cfg``."""
+    if not cfg.ffn_hosts:
+        layout = detect_layout(model, recipe_layout, group=max(1, cfg.expert_size))
+        cfg.ffn_hosts = layout_to_list(layout)
+        logger.info("FFN layout of %s: %s", type(model).__name__, describe(layout))
+    return layout_from_list(cfg.ffn_hosts)
 
 
 def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = True,
-               kmeans_iters: int = 10, seed: int = 0, progress: bool = True) -> nn.Module:
+               kmeans_iters: int = 10, seed: int = 0, progress: bool = True, recipe_layout: dict | None = None) -> nn.Module:
     """Wrap every FFN of ``model`` in :class:`LTEMLP`, in place.
 
     With ``moefy_experts`` the neurons are first grouped into experts (balanced k-means) and
     permuted; pass False when the weights are already permuted (loading a trained run).
     Routers are initialised from ``seed`` so every process builds identical routers.
+    ``recipe_layout``: the recipe's ``model.ffn_layout``, for what detection cannot settle.
     """
-    hosts = _ffn_hosts(model)
-    check_expert_size(model, cfg.expert_size)
+    check_expert_size(model, cfg.expert_size, recipe_layout, cfg.ffn_hosts)
+    layout = resolve_layout(model, cfg, recipe_layout)
+    hosts = list(layout.items())
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        for index, (name, host) in enumerate(tqdm(hosts, desc="MoEfying FFNs" if moefy_experts else "Wrapping FFNs",
+        for index, (name, spec) in enumerate(tqdm(hosts, desc="MoEfying FFNs" if moefy_experts else "Wrapping FFNs",
                                                   disable=not progress)):
-            spec = spec_for(host)
+            host = model.get_submodule(name)
             if moefy_experts:
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
             wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias,
@@ -90,11 +96,11 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
     return model
 
 
-def check_expert_size(model: nn.Module, expert_size: int) -> None:
-    """Every FFN width must be a multiple of ``expert_size`` (works on a meta-device model)."""
-    for _, host in _ffn_hosts(model):
-        down = host.get_submodule(spec_for(host).down)
-        width = weight_shape(down)[feature_axes(down)[1]]
+def check_expert_size(model: nn.Module, expert_size: int, recipe_layout: dict | None = None,
+                      saved: list[dict] | None = None) -> None:
+    """Every FFN width must be a multiple of ``expert_size`` (works on a meta-device model: the
+    widths come from the saved layout or the module tree, no forward)."""
+    for width in sorted(set(ffn_widths(model, recipe_layout, saved).values())):
         if expert_size <= 0 or width % expert_size:
             divisors = [d for d in range(1, width + 1) if width % d == 0]
             shown = ", ".join(map(str, divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]))

@@ -81,7 +81,20 @@ def preflight(recipe: Recipe) -> None:
     config = check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code,
                          recipe.model.revision)
     skeleton = model_skeleton(recipe, config)
-    check_expert_size(skeleton, recipe.lte.expert_size)
+    check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
+
+
+def check_attn_implementation(model_class, choice: str | None) -> None:
+    """An explicit ``model.attn_implementation`` must be one the architecture supports (None: transformers
+    chooses; a hub kernel name ``org/repo`` is left to transformers)."""
+    if choice is None or "/" in choice:
+        return
+    supported = ["eager"] + (["sdpa"] if model_class._supports_sdpa else []) + (
+        ["flash_attention_2", "flash_attention_3"] if model_class._supports_flash_attn else []) + (
+        ["flex_attention"] if model_class._supports_flex_attn else [])
+    if choice not in supported:
+        raise UsageError(f"model.attn_implementation={choice!r} is not supported by {model_class.__name__}; choose one of "
+                         f"{', '.join(supported)}, or leave it unset (null) to let transformers choose")
 
 
 def check_output_dir(path: str, key: str) -> None:
@@ -167,20 +180,12 @@ def check_weight_files(directory: Path, key: str) -> None:
 
 
 def model_skeleton(recipe: Recipe, config):
-    """The architecture on the meta device (no weights, milliseconds), with the recipe's attention
-    implementation: an unsupported or uninstalled one fails here, naming the choices."""
-    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, **kwargs)
-    except (ValueError, ImportError) as exc:
-        if not recipe.model.attn_implementation:
-            raise
-        raise UsageError(f"model.attn_implementation={recipe.model.attn_implementation!r} cannot be used here "
-                         f"({str(exc).strip().splitlines()[0]}); set model.attn_implementation=sdpa or eager "
-                         f"(or null for the model's default)") from None
+    """The architecture on the meta device (no weights, milliseconds); an explicit attention
+    implementation it does not support fails here, naming the ones it does."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    check_attn_implementation(type(skeleton), recipe.model.attn_implementation)
+    return skeleton
 
 
 def load_tokenizer(recipe: Recipe):
@@ -238,7 +243,7 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
                                          router_init=lte.router_init, router_init_scale=lte.router_init_scale,
                                          detach_router_input=lte.detach_router_input),
-                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed)
+                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, recipe_layout=recipe.model.ffn_layout)
         if lte.router_init == "calibrated":
             batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
                                           recipe.train.get("per_device_train_batch_size", 8))

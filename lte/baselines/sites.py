@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import FFNSpec, feature_axes, spec_for, weight_shape
+from ..registry import FFNSpec, feature_axes, layout_from_list, layout_to_list, weight_shape
 
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 
@@ -59,20 +59,21 @@ def activation_module(host: nn.Module) -> nn.Module | None:
 
 def ffn_sites(model: nn.Module) -> list[FFNSite]:
     """Every FFN of ``model`` in depth order."""
+    from ..detect import detect_layout
+    from ..layers import LTEMLP
+
+    wrapped = [(name, m.base_layer, m.spec) for name, m in model.named_modules() if isinstance(m, LTEMLP)]
+    if not wrapped and not getattr(model, "lte_ffn_hosts", None):
+        # detected once, before any method's hooks change the forward; or an LTE run's saved layout (lte compare)
+        model.lte_ffn_hosts = layout_to_list(detect_layout(model))
+    found = wrapped or [(name, model.get_submodule(name), spec) for name, spec in layout_from_list(model.lte_ffn_hosts).items()]
     sites = []
-    for name, host in model.named_modules():
-        spec = spec_for(host)
-        if spec is None:
-            continue
+    for name, host, spec in found:
         down = host.get_submodule(spec.down)
         first = [host.get_submodule(n) for n in spec.first]
         d_model = weight_shape(first[0])[feature_axes(first[0])[1]]
         width = weight_shape(down)[feature_axes(down)[1]]
         sites.append(FFNSite(len(sites), name, host, spec, first, down, activation_module(host), d_model, width))
-    if not sites:
-        from ..errors import UsageError
-
-        raise UsageError(f"no supported FFN found in {type(model).__name__}; see lte.registry.register_ffn")
     return sites
 
 

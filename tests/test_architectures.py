@@ -1,0 +1,61 @@
+"""The generated coverage test: every causal-LM architecture of the installed transformers.
+
+One run (``lte.coverage.run_coverage``) shared by the tests below: a tiny random model per
+architecture through detection, grouping, both training stages, export, and a reload in a
+process that cannot import ``lte``. docs/architectures.md is this run's table.
+"""
+
+import math
+
+import pytest
+from conftest import REPO, STORIES
+
+from lte.coverage import FAILED, NOT_BUILT, REFUSED, WORKS, architectures, render_markdown, run_coverage
+
+# Dense decoders that the hand-written registry refused (the list of issue 16), the nine
+# families it knew, and MoE models: detection must handle all without registration.
+FORMERLY_REFUSED = ["olmo", "olmo2", "olmo3", "granite", "stablelm", "falcon", "gptj", "bloom", "phi", "starcoder2",
+                    "cohere", "smollm3", "gpt_bigcode", "codegen", "exaone4", "gpt_neo", "glm4", "nemotron", "arcee",
+                    "ministral", "helium", "seed_oss", "mpt", "gemma2", "gemma3_text"]
+FORMER_NINE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+# Exports whose reload is broken outside this branch's files: FalconH1's non-persistent buffer
+# `mup_vector` is left uninitialised by the exported class (lte/remote/modeling_lte.py, branch
+# exportfmt). The detected call order (up_proj before gate_proj) is right. Remove once merged.
+AWAITING_EXPORT_FIX = {"falcon_h1": "reload: NaN or inf logits"}
+
+
+@pytest.fixture(scope="module")
+def coverage(tmp_path_factory):
+    return {o.model_type: o for o in run_coverage(STORIES, workdir=tmp_path_factory.mktemp("architectures"))}
+
+
+def test_every_architecture_works_or_is_refused_with_a_reason(coverage):
+    assert sorted(coverage) == sorted(architectures())
+    assert {t: o.reason for t, o in coverage.items() if o.status == FAILED} == AWAITING_EXPORT_FIX
+    for o in coverage.values():
+        assert o.status in (WORKS, REFUSED, NOT_BUILT) or o.model_type in AWAITING_EXPORT_FIX
+        if o.status == WORKS:
+            assert o.dense_error <= 1e-5 and o.export_error <= 1e-3 and o.layout
+            assert all(math.isfinite(loss) for losses in o.stages.values() for loss in losses) and len(o.stages) == 2
+        else:
+            assert o.reason and "Traceback" not in o.reason
+        if o.status == REFUSED:
+            assert "register_ffn" not in o.reason
+    assert sum(o.status == WORKS for o in coverage.values()) >= 60
+
+
+def test_dense_decoders_work_without_registration(coverage):
+    assert {t: coverage[t].status for t in FORMERLY_REFUSED + FORMER_NINE} == {t: WORKS for t in FORMERLY_REFUSED + FORMER_NINE}
+
+
+def test_moe_models_are_refused_as_moe(coverage):
+    for model_type in MOE:
+        assert coverage[model_type].status == REFUSED
+        assert coverage[model_type].reason.startswith("MoE models are not supported yet:")
+
+
+def test_the_architecture_table_is_up_to_date(coverage):
+    expected = render_markdown(list(coverage.values()))
+    assert (REPO / "docs" / "architectures.md").read_text() == expected, \
+        "docs/architectures.md is out of date: run `python bench/architectures.py`"
