@@ -15,7 +15,10 @@ positions after the prompt (so GRIFFIN's are all made with its selected neurons)
   the whole gate; TEAL's sparse inputs skip weight columns).
 
 LTE (``--lte RUN_DIR``, or an export directory, which names its run) gets its thresholds
-re-tuned per target by the export's threshold tuning, so one trained run gives every point.
+re-tuned per target by the export's threshold tuning, so one trained run gives every point; at an
+export's own target sparsity it runs at the export's thresholds (the exported model itself).
+With ``--tasks``, lm-evaluation-harness scores each method's model on the task configs of
+:mod:`lte.tasks` (the same numbers lm-eval's CLI gives on that model).
 Outputs go to a temporary directory renamed to ``--out`` at the end: ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
-from .tasks import HEADLINE, accuracy, load_task
+from .tasks import HEADLINE, prepare_tasks
 
 logger = logging.getLogger("lte")
 
@@ -112,12 +115,13 @@ def lte_run_dir(path: str) -> Path:
     return path
 
 
-def lte_method(run: Path, calibration: list[dict], allocation: str, device):
-    """The run's stage-2 model with an observer, and a function that sets thresholds per target."""
+def lte_method(run: Path, calibration: list[dict], allocation: str, device, exported: dict | None = None):
+    """The run's stage-2 model with an observer, and a function that sets thresholds per target
+    (``exported``'s thresholds at its target: an export's ``lte_export.json``)."""
     from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
     from .pipeline import load_report
-    from .thresholds import choose_thresholds, sensitivity
+    from .thresholds import choose_thresholds, sensitivity, set_thresholds
 
     model = load_lte(stage2_model(run)).to(device).eval()
     handle = Sparsified(LTE, model)
@@ -133,6 +137,9 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     trained = load_report(run).get("sparsity")
 
     def set_target(target: float) -> None:
+        if exported and abs(exported["target_sparsity"] - target) < 1e-9:
+            set_thresholds(model, exported["thresholds"])
+            return
         if warning := below_trained_sparsity(trained, target):
             logger.warning("compare: lte: %s %s", run, warning)
         with handle.disabled():
@@ -252,14 +259,17 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             skipped[LTE] = "no --lte RUN_OR_EXPORT_DIR given"
         else:
             run = lte_run_dir(request.lte)
-            lte_model, lte_handle, set_target = lte_method(run, calibration, request.allocation, device)
+            export_report = Path(request.lte) / "lte_export.json"
+            exported = json.loads(export_report.read_text()) if export_report.is_file() else None
+            lte_model, lte_handle, set_target = lte_method(run, calibration, request.allocation, device, exported)
             if lte_model.config.vocab_size != model.config.vocab_size:
                 skipped[LTE] = f"its vocabulary ({lte_model.config.vocab_size}) differs from --model's ({model.config.vocab_size})"
             if expert_size is None:
                 expert_size = json.loads((Path(run) / "stage2" / "model" / "lte_config.json").read_text())["expert_size"]
     if expert_size is None:
         expert_size = 32
-    task_examples = {name: load_task(name, path, request.task_limit) for name, path in request.tasks.items()}
+    task_dir = tempfile.TemporaryDirectory(prefix="lte-tasks-")  # lm-eval's configs over the task files
+    task_run = prepare_tasks(request.tasks, Path(task_dir.name), request.task_limit) if request.tasks else None
     logger.info("compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
                 len(blocks), request.block_size, prefix, len(calibration_blocks), device)
 
@@ -284,16 +294,15 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
                 continue
         try:
             result = score(scored_model, model, handle, evaluation, prefix)
-            if task_examples:
-                window = getattr(model.config, "max_position_embeddings", None) or request.block_size
-                result["tasks"] = {name: accuracy(scored_model, tokenizer, examples, handle, window)
-                                   for name, examples in task_examples.items()}
+            if task_run:
+                result["tasks"] = task_run.score(scored_model, tokenizer, request.batch_size, handle)
         finally:
             if method != LTE:
                 handle.remove()
         rows.append({**row, **result})
         logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx", method, target,
                     result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_per_token"] / dense_flops)
+    task_dir.cleanup()
     write_results(request, rows, dense_flops)
     return rows
 
