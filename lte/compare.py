@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
-from .tasks import HEADLINE, prepare_tasks
+from .tasks import HEADLINE, check_lm_eval, prepare_tasks
 
 logger = logging.getLogger("lte")
 
@@ -87,6 +87,8 @@ class CompareRequest:
                              f"scored positions in a block of {self.block_size}")
         if self.allocation not in ("tuned", "uniform"):
             raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
+        if self.tasks:
+            check_lm_eval()
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(f"{self.out} exists; pass --overwrite to replace it")
 

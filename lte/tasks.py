@@ -83,6 +83,15 @@ def _boolq(path: Path) -> list[dict]:
 READERS = {"piqa": _piqa, "arc_easy": _arc, "hellaswag": _hellaswag, "boolq": _boolq}
 
 
+def check_lm_eval() -> None:
+    """lm-evaluation-harness scores the tasks; say how to get it before any work starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--tasks scores through lm-evaluation-harness, which is not installed: pip install 'lte[eval]' "
+                         "(or pip install lm-eval)")
+
+
 def parse_tasks(spec: str, task_dir: str | None) -> dict[str, Path]:
     """``piqa,arc_easy=path/x.json`` -> {name: file}; bare names are found under ``task_dir``."""
     tasks = {}

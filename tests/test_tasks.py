@@ -139,3 +139,14 @@ def test_lm_eval_cli_on_the_export_gives_lte_compares_numbers(tiny_run, tmp_path
         assert row["tasks"][name]["examples"] == by_cli[name]["examples"] == 24
         for metric in by_cli[name]:
             assert row["tasks"][name][metric] == pytest.approx(by_cli[name][metric], abs=1e-9), (name, metric)
+
+
+def test_tasks_without_lm_eval_is_a_usage_error_that_names_the_fix(monkeypatch):
+    import importlib.util
+
+    from lte.tasks import check_lm_eval
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(UsageError, match=r"pip install 'lte\[eval\]'"):
+        check_lm_eval()
