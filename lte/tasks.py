@@ -168,19 +168,28 @@ class TaskRun:
     """lm-eval's task configs for one comparison, written once and scored for every method."""
     names: list[str]
     include_path: Path
+    _manager: object = None
+
+    @property
+    def manager(self):
+        """One TaskManager over our configs only (indexing lm-eval's thousands of built-in tasks takes seconds)."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            self._manager = TaskManager(include_path=str(self.include_path), include_defaults=False)
+        return self._manager
 
     def score(self, model, tokenizer, batch_size: int = 8, handle=None) -> dict[str, dict]:
         """``{task: {"acc", "acc_norm", "examples"}}`` of ``model`` (with ``handle``'s sparsity, which
         stays hooked while lm-eval runs; a handle that reads the prompt gets it request by request)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         if handle is not None and getattr(handle, "reads_prompt", False):
             lm = _prompt_aware_lm()(pretrained=model, tokenizer=tokenizer, batch_size=1, handle=handle)
         else:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=lm, tasks=self.names, task_manager=TaskManager(include_path=str(self.include_path)),
+        results = lm_eval.simple_evaluate(model=lm, tasks=self.names, task_manager=self.manager,
                                           bootstrap_iters=0, log_samples=False, verbosity="WARNING")
         return parse_results(results)
 
