@@ -18,8 +18,11 @@ LTE (``--lte RUN_DIR``, or an export directory, which names its run) gets its th
 tuned per target by the export's threshold tuning on the shared calibration tokens. One run can
 serve every target, or each target its own run, trained for it (``--lte 0.5=RUN_A,0.7=RUN_B``; a
 run without a target serves the rest); each LTE row names its ``run`` and its ``thresholds``.
-``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
+At an export's own target sparsity an export
+directory runs at the export's thresholds (the exported model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
 layout) through the same code path: ``extra_data[NAME]`` in each row.
+With ``--tasks``, lm-evaluation-harness scores each method's model on the task configs of
+:mod:`lte.tasks` (the same numbers lm-eval's CLI gives on that model).
 Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.outputs`): ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
@@ -30,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +42,7 @@ from tqdm.auto import tqdm
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from .errors import UsageError
 from .outputs import check_out, disk_guard, staged_dir
-from .tasks import HEADLINE, accuracy, load_task
+from .tasks import HEADLINE, check_lm_eval, prepare_tasks
 
 logger = logging.getLogger("lte")
 
@@ -101,6 +105,8 @@ class CompareRequest:
         if self.expert_size is None and "moefication" in self.methods and LTE in self.methods and len(expert_sizes(runs)) > 1:
             raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
                              f"--expert-size for MoEfication")
+        if self.tasks:
+            check_lm_eval()
         check_out(self.out, "compare", overwrite=self.overwrite,
                   runs={f"the --lte run {run}": run for run in sorted(set(runs.values()))},
                   inputs={"--model": self.model, "--data": self.data, "--calibration": self.calibration,
@@ -199,12 +205,23 @@ def parse_extra_data(spec: str) -> dict[str, Path]:
     return sources
 
 
-def lte_method(run: Path, calibration: list[dict], allocation: str, device):
-    """The run's stage-2 model with an observer, and a function that sets thresholds per target."""
+def export_reports(spec: str | None) -> dict[Path, dict]:
+    """The ``lte_export.json`` of each ``--lte`` entry that is an export directory, by its run."""
+    reports = {}
+    for item in (spec or "").split(","):
+        path = Path(item.split("=", 1)[-1].strip())
+        if item.strip() and (path / "lte_export.json").is_file():
+            reports[lte_run_dir(str(path))] = json.loads((path / "lte_export.json").read_text())
+    return reports
+
+
+def lte_method(run: Path, calibration: list[dict], allocation: str, device, exported: dict | None = None):
+    """The run's stage-2 model with an observer, and a function that sets thresholds per target
+    (``exported``'s thresholds at its target: an export's ``lte_export.json``)."""
     from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
     from .pipeline import load_report
-    from .thresholds import choose_thresholds, sensitivity
+    from .thresholds import choose_thresholds, sensitivity, set_thresholds
 
     model = load_lte(stage2_model(run)).to(device).eval()
     handle = Sparsified(LTE, model)
@@ -220,7 +237,10 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device):
     trained = load_report(run).get("sparsity")
 
     def set_target(target: float) -> dict:
-        """Tune the thresholds to ``target``; returns what was chosen (allocation, per-layer thresholds)."""
+        """Tune the thresholds to ``target`` (an export's own, at its target); returns what was chosen."""
+        if exported and abs(exported["target_sparsity"] - target) < 1e-9:
+            set_thresholds(model, exported["thresholds"])
+            return {"allocation": exported.get("allocation", "export"), "thresholds": list(exported["thresholds"])}
         if warning := below_trained_sparsity(trained, target):
             logger.warning("compare: lte: %s %s", run, warning)
         with handle.disabled():
@@ -334,8 +354,9 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(request.model)
     model = AutoModelForCausalLM.from_pretrained(request.model, dtype=torch.float32).to(device).eval()
-    if request.lte is not None:  # the run's saved FFN layout, where it fits this model (no detection)
-        saved = Path(lte_run_dir(request.lte)) / "stage2" / "model" / "lte_config.json"
+    lte_runs = request.lte_runs() if request.lte else {}
+    if lte_runs:  # the run's saved FFN layout, where it fits this model (no detection)
+        saved = next(iter(lte_runs.values())) / "stage2" / "model" / "lte_config.json"
         hosts = json.loads(saved.read_text()).get("ffn_hosts") if saved.is_file() else None
         names = dict(model.named_modules())
         if hosts and all(h["path"] in names for h in hosts):
@@ -367,6 +388,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
         skipped[LTE] = "no --lte RUN_OR_EXPORT_DIR given"
     if expert_size is None:  # MoEfication's: the LTE runs' (validate() checked they agree), else 32
         expert_size = (expert_sizes(runs) or [32])[0]
+    exported = export_reports(request.lte)
     loaded: dict[Path, tuple] = {}  # the LTE run in memory (one at a time)
 
     def lte_for(run: Path) -> tuple:
@@ -374,9 +396,10 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             for _, handle, _ in loaded.values():
                 handle.remove()
             loaded.clear()
-            loaded[run] = lte_method(run, calibration, request.allocation, device)
+            loaded[run] = lte_method(run, calibration, request.allocation, device, exported.get(run))
         return loaded[run]
-    task_examples = {name: load_task(name, path, request.task_limit) for name, path in request.tasks.items()}
+    task_dir = tempfile.TemporaryDirectory(prefix="lte-tasks-")  # lm-eval's configs over the task files
+    task_run = prepare_tasks(request.tasks, Path(task_dir.name), request.task_limit) if request.tasks else None
     logger.info("compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
                 len(blocks), request.block_size, prefix, len(calibration_blocks), device)
 
@@ -411,10 +434,8 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             if scores:
                 result["extra_data"] = {name: {key: s[key] for key in ("ppl", "kl", "realized_sparsity", "scored_tokens")}
                                         for name, s in scores.items()}
-            if task_examples:
-                window = getattr(model.config, "max_position_embeddings", None) or request.block_size
-                result["tasks"] = {name: accuracy(scored_model, tokenizer, examples, handle, window)
-                                   for name, examples in task_examples.items()}
+            if task_run:
+                result["tasks"] = task_run.score(scored_model, tokenizer, request.batch_size, handle)
         finally:
             if method != LTE:
                 handle.remove()
@@ -422,6 +443,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
         logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx%s", method, target,
                     result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_vs_dense"],
                     f"  ({row['run']})" if "run" in row else "")
+    task_dir.cleanup()
     write_results(request, rows, dense_flops)
     return rows
 

@@ -88,6 +88,8 @@ class DataArgs:
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."})
     max_train_tokens: int | None = None
     max_eval_tokens: int | None = None
+    layout_sample_by: str | None = field(default=None, metadata={"help": "How the held-out layouts (<s> doc, </s> doc, "
+                                         "packed) split a .txt `eval` file into documents (default: sample_by)."})
 
     def validate(self) -> None:
         if not self.train:
@@ -96,6 +98,8 @@ class DataArgs:
             raise UsageError(f"data.format={self.format!r} must be 'text' or 'instruction'")
         if self.sample_by not in ("line", "paragraph", "document"):
             raise UsageError(f"data.sample_by={self.sample_by!r} must be line, paragraph or document")
+        if self.layout_sample_by not in (None, "line", "paragraph", "document"):
+            raise UsageError(f"data.layout_sample_by={self.layout_sample_by!r} must be line, paragraph, document or null")
         if self.block_size < 2:
             raise UsageError(f"data.block_size={self.block_size} must be >= 2")
         if self.eval_block_size is not None and self.eval_block_size < 2:

@@ -18,7 +18,7 @@ Sources are local files (``.txt`` split into documents by line/paragraph/whole f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset, Value, concatenate_datasets, load_dataset
@@ -174,22 +174,38 @@ def _text_column(dataset: Dataset, field_name: str, source: str) -> Dataset:
     return texts
 
 
+def document_markers(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens that open and close a document, as the tokenizer defines them.
+
+    The opening marker is whatever the tokenizer adds itself (Llama's, Mistral's, Gemma's BOS; OPT's
+    ``</s>``; nothing for GPT-2 or Qwen). Every document is closed by EOS, so the model and its routers
+    see the token a client puts at a document's end and what follows it; the one exception is a
+    tokenizer whose opening marker *is* EOS (OPT), where the next document's opening already separates.
+    """
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    at = next((i for i in range(len(probe) - len(bare) + 1) if probe[i:i + len(bare)] == bare), len(probe))
+    start, added_end = probe[:at], probe[at + len(bare):]
+    eos = tokenizer.eos_token_id
+    end = added_end or ([] if eos is None or start == [eos] else [eos])
+    return start, end
+
+
+def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text as one document: its opening marker, its tokens and its closing marker."""
+    start, end = document_markers(tokenizer)
+    return [start + ids + end for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None,
          source: str | None = None) -> Dataset:
-    """Tokenise documents and cut the concatenation into blocks of ``block`` tokens (default ``block_size``);
-    ``source`` names the data in messages (default ``data.train``)."""
+    """Tokenise documents, each with its start and end markers (:func:`document_markers`), and cut
+    the concatenation into blocks of ``block`` tokens (default ``block_size``); ``source`` names the
+    data in messages (default ``data.train``)."""
     field_name = args.text_field
     dataset = _text_column(dataset, field_name, source or args.train)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def tokenize(batch):
-        ids = tokenizer(batch[field_name], add_special_tokens=True)["input_ids"]
-        # Tokenizers that mark a document's start (Llama's BOS) need no separator; the
-        # others (GPT-2, OPT without BOS) get EOS between documents, as run_clm-style data does.
-        starts_marked = tokenizer.bos_token_id is not None and all(s[:1] == [tokenizer.bos_token_id] for s in ids if s)
-        return {"ids": [s if starts_marked else s + eos for s in ids]}
-
-    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    tokens = dataset.map(lambda batch: {"ids": document_ids(tokenizer, batch[field_name])}, batched=True,
+                         remove_columns=dataset.column_names, desc="Tokenizing")
     block = block or args.block_size
     limit = None if max_tokens is None else max_tokens // block
 
@@ -206,6 +222,56 @@ def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, bl
     if limit is not None:
         packed = packed.select(range(min(limit, len(packed))))
     return packed
+
+
+# How a client may feed documents: each on its own after BOS, each on its own after an EOS (the
+# turn after an end of sequence), or packed one after another with EOS between them.
+LAYOUTS = {"bos": "<s> doc", "eos": "</s> doc", "packed": "<s> A </s> B ..."}
+
+
+def layout_rows(docs: list[list[int]], layout: str, tokenizer, block: int) -> list[dict]:
+    """Held-out documents (bare token ids) in one of :data:`LAYOUTS`, as rows of at most ``block`` tokens.
+
+    Only document tokens are labels, each document is cut to ``block - 2`` tokens, and a packed row
+    holds whole documents: every layout scores exactly the same tokens, so their perplexities differ
+    only by what precedes each document. The markers are the tokenizer's (BOS, or EOS where it has none).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    first = {"bos": bos, "eos": eos, "packed": bos}[layout]
+    docs = [d[: block - 2] for d in docs if d]
+    rows, ids, labels = [], [], []
+
+    def close():
+        if ids:
+            rows.append({"input_ids": list(ids), "labels": list(labels)})
+            ids.clear(), labels.clear()
+
+    for doc in docs:
+        if layout != "packed" or len(ids) + len(doc) + 1 > block:
+            close()
+        marker = first if not ids else eos
+        markers = [] if marker is None else [marker]
+        ids.extend(markers + doc)
+        labels.extend([-100] * len(markers) + doc)
+    close()
+    return rows
+
+
+def layout_datasets(docs: Dataset, tokenizer, args: DataArgs, max_tokens: int | None) -> dict[str, Dataset]:
+    """The held-out documents in every layout of :data:`LAYOUTS` (rows of at most ``held_out_block_size``)."""
+    field_name = args.text_field
+    docs = _text_column(docs, field_name, args.eval or args.train)
+    bare = tokenizer(list(docs[field_name]), add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        total, keep = 0, 0
+        while keep < len(bare) and total < max_tokens:
+            total += len(bare[keep])
+            keep += 1
+        bare = bare[:keep]
+    return {layout: Dataset.from_list(layout_rows(bare, layout, tokenizer, args.held_out_block_size)) for layout in LAYOUTS}
 
 
 def to_conversation(record: dict, args: DataArgs) -> dict:
@@ -276,6 +342,7 @@ class LMData:
     train: Dataset
     eval: Dataset
     padded: bool  # instruction data has variable lengths and needs a padding collator
+    layouts: dict[str, Dataset] = field(default_factory=dict)  # held-out documents per layout (text data)
 
 
 def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
@@ -292,9 +359,13 @@ def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
                              f"or give more documents (data.sample_by=paragraph splits a .txt at blank lines)") from None
         train_docs, eval_docs = split["train"], split["test"]
     if args.format == "text":
+        layout_docs = eval_docs
+        if args.eval and args.layout_sample_by and args.layout_sample_by != args.sample_by:
+            layout_docs = load_documents(args.eval, args.eval_split, replace(args, sample_by=args.layout_sample_by))
         return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens),
                       pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size,
-                           source=args.eval or f"the held-out share of {args.train}"), padded=False)
+                           source=args.eval or f"the held-out share of {args.train}"), padded=False,
+                      layouts=layout_datasets(layout_docs, tokenizer, args, args.max_eval_tokens))
     return LMData(instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
                   instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size),
                   padded=True)

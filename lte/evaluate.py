@@ -28,6 +28,31 @@ class EvalResult:
         return sum(self.per_layer_sparsity) / len(self.per_layer_sparsity) if self.per_layer_sparsity else None
 
 
+def pad_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows of different lengths: ``attention_mask`` 0 and labels -100 on the padding."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def evaluate_layouts(model, layouts: dict, pad_token_id: int, batch_size: int = 8, what: str = "") -> dict[str, EvalResult]:
+    """:func:`evaluate_lm` on the held-out documents in each layout (:func:`lte.data.layout_rows`):
+    the same tokens scored after BOS, after EOS and packed. Rows are batched by length."""
+    results = {}
+    for layout, rows in layouts.items():
+        rows = list(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        rows = [rows[i] for i in order]
+        batches = [pad_rows(rows[i:i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+        results[layout] = evaluate_batches(model, batches, desc=f"Held-out layout {layout} {what}".rstrip())
+    return results
+
+
 def evaluate_lm(model, dataset, collator, batch_size: int = 8, desc: str = "Evaluating") -> EvalResult:
     """Token-weighted NLL over every label of ``dataset``; sparsity over the same tokens."""
     return evaluate_batches(model, DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc)

@@ -293,7 +293,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     from .config import load_run_recipe
     from .data import LMData, build_data
     from .evaluate import evaluate_lm
-    from .pipeline import DTYPES, calibration_batches, collator_for, load_report, load_tokenizer, model_kwargs
+    from .pipeline import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
+                           load_tokenizer, model_kwargs)
 
     request.validate()
     run_dir = Path(request.run_dir)
@@ -336,8 +337,10 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     uniform_heldout = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (uniform allocation)")
     set_thresholds(model, [DENSE] * len(chosen.thresholds))
     dense = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (all experts)")
+    layouts = layout_results("dense", model, data, tokenizer, batch_size)
     set_thresholds(model, chosen.thresholds)
     sparse = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (exported thresholds)")
+    layouts |= layout_results("sparse", model, data, tokenizer, batch_size)
     original_ppl = run_report.get("dense_ppl")
 
     marker = {"source_run": str(run_dir.resolve()), "settings": request.settings(),
@@ -376,6 +379,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
             "uniform_ppl": uniform_heldout.ppl,
             "uniform_heldout_sparsity": uniform_heldout.sparsity,
             "uniform_per_layer_sparsity": uniform_heldout.per_layer_sparsity,
+            "layouts": layout_report(layouts),  # the same held-out tokens after BOS, after EOS, packed
             "validation_error": error,
             "base_architecture": base,
         }
@@ -386,6 +390,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
 
 
 def summary(report: dict, out: str | os.PathLike) -> str:
+    from .pipeline import layout_summary
+
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
     original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""
     return (f"\nLTE export written: {out}\n"
@@ -394,5 +400,7 @@ def summary(report: dict, out: str | os.PathLike) -> str:
             f"({report['allocation']} allocation; per layer: {per_layer})\n"
             f"  held-out ppl  sparse {report['sparse_ppl']:.4f} vs all experts {report['dense_ppl']:.4f} "
             f"({100 * report['ppl_increase']:+.2f}%){original}; uniform allocation {report['uniform_ppl']:.4f}\n"
-            f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
+            + (f"  layouts       sparse: {layout_summary(report['layouts'])}\n"
+               f"                all experts: {layout_summary(report['layouts'], 'dense')}\n" if report.get("layouts") else "")
+            + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
 

@@ -38,7 +38,7 @@ from .adapters import add_lora, merge_adapter, quantization_config
 from .config import Recipe, load_run_recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
-from .evaluate import EvalResult, evaluate_lm
+from .evaluate import EvalResult, evaluate_layouts, evaluate_lm
 from .faults import fault_point, step_callback
 from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
 from .record import DIVERGED, TRAINED, plan_rerun, read_record, resolve_paths, stage_status, write_record
@@ -443,7 +443,8 @@ def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokeni
 
 def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[str, EvalResult]:
     """Held-out perplexity of the original model, of the dense fine-tuned model when stage 0 ran (the
-    fair reference for what the sparsity costs), and of the trained sparse model (hard routing)."""
+    fair reference for what the sparsity costs), and of the trained sparse model (hard routing); with
+    text data, also of each on every held-out layout (``NAME/LAYOUT`` keys: ``sparse/eos``...)."""
     device = PartialState().device
     collator = collator_for(data, tokenizer)
     batch = recipe.train.get("per_device_eval_batch_size", 8)
@@ -454,10 +455,43 @@ def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[
     for name, (source, what) in dense_models.items():
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(device)
         results[name] = evaluate_lm(model, data.eval, collator, batch, desc=f"Evaluating {what}")
+        results |= layout_results(name, model, data, tokenizer, batch)
         del model
     sparse_model = load_lte(stage2, **model_kwargs(recipe)).to(device)
     results["sparse"] = evaluate_lm(sparse_model, data.eval, collator, batch, desc="Evaluating the sparse model")
+    results |= layout_results("sparse", sparse_model, data, tokenizer, batch)
     return results
+
+
+def layout_results(name: str, model, data: LMData, tokenizer, batch_size: int) -> dict[str, EvalResult]:
+    """``{"NAME/LAYOUT": result}`` for every held-out layout of ``data`` (none for instruction data)."""
+    found = evaluate_layouts(model, data.layouts, tokenizer.pad_token_id, batch_size, what=f"({name})")
+    return {f"{name}/{layout}": result for layout, result in found.items()}
+
+
+def layout_report(results: dict[str, EvalResult]) -> dict:
+    """``{layout: {"tokens", "<model>_ppl"...}}`` from :func:`evaluate_run`'s ``NAME/LAYOUT`` results."""
+    report: dict = {}
+    for key, result in results.items():
+        if "/" in key:
+            name, layout = key.split("/", 1)
+            entry = report.setdefault(layout, {"tokens": result.tokens})
+            entry[f"{name}_ppl"] = result.ppl
+            if result.sparsity is not None:
+                entry[f"{name}_sparsity"] = result.sparsity
+    return report
+
+
+def layout_summary(layouts: dict, name: str = "sparse") -> str:
+    """One line: ``NAME``'s perplexity per layout, and each against the first (``<s> doc``)."""
+    from .data import LAYOUTS
+
+    if not layouts:
+        return ""
+    base = next(iter(layouts.values()))[f"{name}_ppl"]
+    cells = [f"{LAYOUTS.get(k, k)} {v[f'{name}_ppl']:.4f}" + ("" if i == 0 else f" ({100 * (v[f'{name}_ppl'] / base - 1):+.1f}%)")
+             for i, (k, v) in enumerate(layouts.items())]
+    return ", ".join(cells)
 
 
 def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
@@ -502,6 +536,7 @@ def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -
         "sparsity": sparse.sparsity,
         "per_layer_sparsity": sparse.per_layer_sparsity,
         "eval_tokens": sparse.tokens,
+        "layouts": layout_report(results),
         "model_dir": os.path.relpath(stage2, out),
         "export_dir": None,
         "recipe": recipe.to_dict(),
@@ -521,6 +556,9 @@ def summary(report: dict, out: Path) -> str:
     if report.get("stage0_ppl"):
         lines.append(f"                       stage 0 (dense fine-tuned) {report['stage0_ppl']:.4f} -> sparse "
                      f"({100 * report['ppl_increase_vs_stage0']:+.2f}%)")
+    if report.get("layouts"):
+        lines += [f"  held-out layouts     sparse: {layout_summary(report['layouts'])}",
+                  f"                       dense:  {layout_summary(report['layouts'], 'dense')}"]
     lines += [f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token (per layer: {per_layer})",
               f"  sparse model         {out / report['model_dir']}",
               f"  report               {out / REPORT}, {out / 'per_layer_sparsity.png'}\n"]
@@ -747,7 +785,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
         exported = export(request)
         print(export_summary(exported, target), flush=True)
     report["export_dir"] = os.path.relpath(target, out)
-    report["export"] = {k: exported[k] for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",
-                                                 "dense_ppl", "allocation")}
+    report["export"] = {k: exported.get(k) for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",
+                                                     "dense_ppl", "allocation", "layouts")}
     save_report(report, out)
     return report

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import STORIES, TEST_DATA
@@ -29,9 +30,12 @@ def test_jsonl_is_packed_into_full_blocks_with_labels(tmp_path, tokenizer):
     assert len(data.train) > 0 and len(data.eval) > 0
     for row in data.train:
         assert len(row["input_ids"]) == 32 and row["labels"] == row["input_ids"]
-    # Documents start with BOS (Llama-style tokenizer), so no separator is added.
-    first = data.train[0]["input_ids"]
-    assert first[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in first
+    # Every document opens with the tokenizer's BOS and closes with EOS: <s> A </s> <s> B </s> ...
+    first = data.train[0]["input_ids"] + data.train[1]["input_ids"]
+    end = first.index(tokenizer.eos_token_id)
+    assert first[0] == tokenizer.bos_token_id and first[end + 1] == tokenizer.bos_token_id
+    story = tokenizer.decode(first[1:end])
+    assert story.startswith("Once upon a time") and story.endswith("naps in the sun.")
 
 
 def test_text_file_documents_and_token_budget(tmp_path, tokenizer):
@@ -125,3 +129,65 @@ def test_several_sources_separated_by_commas_are_concatenated(tmp_path, tokenize
     assert len(build_data(both, tokenizer, 0).train) > len(build_data(one, tokenizer, 0).train)
     with pytest.raises(UsageError, match="nope.jsonl not found"):
         check_source(f"{tmp_path / 'a.jsonl'},{tmp_path / 'nope.jsonl'}", "data.train")
+
+
+def word_tokenizer(template: str | None, bos: str, eos: str):
+    """A tiny offline fast tokenizer whose post-processor adds ``template``'s markers (None: nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<eot>", "[UNK]", "a", "b", "c", "d"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        core.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("template, bos, eos, packed", [
+    ("<s> $A", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),           # Llama, Mistral, Gemma: BOS added, EOS appended
+    (None, "<eot>", "<eot>", "a b <eot> c <eot> d <eot>"),                      # GPT-2, Qwen: nothing added, EOS separates
+    ("</s> $A", "</s>", "</s>", "</s> a b </s> c </s> d"),                      # OPT: its opening marker is EOS already
+    ("<s> $A </s>", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),     # a tokenizer that adds both itself
+])
+def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, template, bos, eos, packed):
+    tok = word_tokenizer(template, bos, eos)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["a b", "c", "d"]) + "\n")
+    n = len(packed.split())
+    data = build_data(DataArgs(train=str(tmp_path / "d.jsonl"), eval=str(tmp_path / "d.jsonl"), block_size=n), tok, 0)
+    assert tok.convert_ids_to_tokens(data.eval[0]["input_ids"]) == packed.split()
+
+
+def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(tmp_path, tokenizer):
+    from lte.evaluate import evaluate_layouts, pad_rows
+
+    from conftest import tiny_model
+
+    stories = write_stories(tmp_path / "e.jsonl", n=12)
+    (tmp_path / "e.txt").write_text("\n\n".join(stories))
+    args = DataArgs(train=str(tmp_path / "e.jsonl"), eval=str(tmp_path / "e.txt"), sample_by="document",
+                    layout_sample_by="paragraph", block_size=16, eval_block_size=96)
+    data = build_data(args, tokenizer, 0)
+    whole = tokenizer("\n\n".join(stories))["input_ids"] + [tokenizer.eos_token_id]  # the file is one document
+    assert [t for row in data.eval for t in row["input_ids"]] == whole[: len(whole) // 96 * 96]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    docs = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in stories]  # layout documents: paragraphs
+    rows = {name: list(rows) for name, rows in data.layouts.items()}
+    assert [r["input_ids"] for r in rows["bos"]] == [[bos] + d for d in docs]
+    assert [r["input_ids"] for r in rows["eos"]] == [[eos] + d for d in docs]
+    assert rows["packed"][0]["input_ids"][: len(docs[0]) + 2 + len(docs[1])] == [bos] + docs[0] + [eos] + docs[1]
+    assert all(len(r["input_ids"]) <= 96 for r in rows["packed"]) and len(rows["packed"]) < len(docs)
+    scored = {name: sorted(t for r in rs for t in r["labels"] if t != -100) for name, rs in rows.items()}
+    assert scored["bos"] == scored["eos"] == scored["packed"] == sorted(t for d in docs for t in d)
+
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    results = evaluate_layouts(model, data.layouts, tokenizer.pad_token_id, batch_size=5)
+    assert {r.tokens for r in results.values()} == {sum(len(d) for d in docs)}
+    # padded, length-sorted batches give each document's own perplexity; the layouts differ by context only
+    with torch.no_grad():
+        nll = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([[marker] + d])).logits[0, :-1], torch.tensor(d),
+                                                          reduction="sum")) for d in docs for marker in [eos])
+    assert results["eos"].nll == pytest.approx(nll / results["eos"].tokens, rel=1e-5)
+    assert results["bos"].nll != pytest.approx(results["eos"].nll, rel=1e-6)
+    assert pad_rows([{"input_ids": [5, 6], "labels": [-100, 6]}], 0)["attention_mask"].tolist() == [[1, 1]]

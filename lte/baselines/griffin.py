@@ -37,6 +37,7 @@ def apply(model: nn.Module, target_sparsity: float, calibration=None, cache: dic
     """``calibration`` and ``cache`` are unused: GRIFFIN needs no calibration."""
     sites = ffn_sites(model)
     handle = Sparsified("griffin", model, sites)
+    handle.reads_prompt = True
 
     def rule(site, z):
         prefix = handle.prefix

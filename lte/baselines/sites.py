@@ -109,6 +109,7 @@ class Sparsified:
         self.name = name
         self.sites = ffn_sites(model) if sites is None else sites
         self.prefix = 0
+        self.reads_prompt = False  # GRIFFIN: the harness must set ``prefix`` for each sequence
         self.enabled = True
         self._handles: list = []
         self._batch_shape: tuple[int, int] | None = None  # (batch, sequence) of the running forward
