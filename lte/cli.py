@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leading share of each block that is the prompt (GRIFFIN selects from it; not scored)")
     p.add_argument("--max-eval-tokens", type=positive_int, default=65536)
     p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
-    p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (the ../shared/data layout)")
+    p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)")
     p.add_argument("--task-limit", type=nonnegative_int, default=200, help="examples per task (0: all; default 200)")
     p.add_argument("--expert-size", type=positive_int, help="MoEfication expert size (default: the LTE run's, else 32)")
     p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"], help="LTE's per-layer threshold tuning")

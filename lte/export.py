@@ -106,7 +106,7 @@ def below_trained_sparsity(trained: float | None, target: float, margin: float =
     was trained at (its report's ``sparsity``; None when unknown).
 
     Stage 2 adapts the model to its own routing; lowering the thresholds switches back on experts it
-    learned to do without, which can cost perplexity instead of buying it (measured in the README,
+    learned to do without, which can cost perplexity instead of buying it (measured in docs/comparison.md,
     "A second, larger model")."""
     if trained is None or target >= trained - margin:
         return None

@@ -8,7 +8,7 @@ so the numbers are lm-eval's own: the CLI on a checkpoint gives the same ones
 
 What lm-eval cannot do stays here:
 
-* reading the files in the layouts they are distributed in (``../shared/data``: PIQA's labels in a
+* reading the files in the layouts they are distributed in (PIQA's labels in a
   ``valid-labels.lst`` beside its ``valid.jsonl``; ARC as the ``ai2_arc`` JSON array; HellaSwag as a
   list of ``{question, choices{A..D}, answer}``, or that list under ``test``; BoolQ ``jsonl``): each is
   rewritten to the JSONL its config reads, and the configs are pointed at those files;
