@@ -205,19 +205,20 @@ def parse_extra_data(spec: str) -> dict[str, Path]:
     return sources
 
 
-def export_reports(spec: str | None) -> dict[Path, dict]:
-    """The ``lte_export.json`` of each ``--lte`` entry that is an export directory, by its run."""
-    reports = {}
+def export_reports(spec: str | None) -> dict[Path, list[dict]]:
+    """The ``lte_export.json`` of each ``--lte`` entry that is an export directory, by its run (one
+    run may have several exports, one per target)."""
+    reports: dict[Path, list[dict]] = {}
     for item in (spec or "").split(","):
         path = Path(item.split("=", 1)[-1].strip())
         if item.strip() and (path / "lte_export.json").is_file():
-            reports[lte_run_dir(str(path))] = json.loads((path / "lte_export.json").read_text())
+            reports.setdefault(lte_run_dir(str(path)), []).append(json.loads((path / "lte_export.json").read_text()))
     return reports
 
 
-def lte_method(run: Path, calibration: list[dict], allocation: str, device, exported: dict | None = None):
+def lte_method(run: Path, calibration: list[dict], allocation: str, device, exported: list[dict] | None = None):
     """The run's stage-2 model with an observer, and a function that sets thresholds per target
-    (``exported``'s thresholds at its target: an export's ``lte_export.json``)."""
+    (an export's thresholds at its own target: ``exported`` holds the run's ``lte_export.json``s)."""
     from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
     from .pipeline import load_report
@@ -238,9 +239,10 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
 
     def set_target(target: float) -> dict:
         """Tune the thresholds to ``target`` (an export's own, at its target); returns what was chosen."""
-        if exported and abs(exported["target_sparsity"] - target) < 1e-9:
-            set_thresholds(model, exported["thresholds"])
-            return {"allocation": exported.get("allocation", "export"), "thresholds": list(exported["thresholds"])}
+        own = next((e for e in exported or [] if abs(e["target_sparsity"] - target) < 1e-9), None)
+        if own is not None:
+            set_thresholds(model, own["thresholds"])
+            return {"allocation": own.get("allocation", "export"), "thresholds": list(own["thresholds"])}
         if warning := below_trained_sparsity(trained, target):
             logger.warning("compare: lte: %s %s", run, warning)
         with handle.disabled():
@@ -376,7 +378,8 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     evaluation = batches_of(blocks, request.batch_size)
     sources = {MAIN_SOURCE: evaluation}  # every method is scored on each, the same way
     for name, path in request.extra_data.items():
-        extra = token_blocks(Path(path).read_text(), tokenizer, request.block_size, f"--extra-data {name}={path}")
+        extra = token_blocks(read_text_file(path, f"--extra-data {name}"), tokenizer, request.block_size,
+                             f"--extra-data {name}={path}")
         sources[name] = batches_of(extra[: max(1, request.max_eval_tokens // request.block_size)], request.batch_size)
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)

@@ -47,7 +47,7 @@ SIZES = {
     "mamba_expand": 2, "ssm_state_size": 16, "state_size": 16, "mamba_chunk_size": 16, "chunk_size": 16,
     "time_step_rank": 8, "d_inner": 128, "n_groups": 1, "d_model": 64, "dim_model": 64, "dim_ff": 128, "dff": 128,
     "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2, "num_layers": 2,
-    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_heads": 4, "n_head": 4, "n_embd": 64, "n_inner": 128,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_heads": 4, "n_head": 4, "n_embd": 64,
 }
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
                   "unk_token_id", "mask_token_id")

@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from .errors import UsageError
+from .record import heldout_settings
 from .faults import fault_point
 from .inject import is_lte_checkpoint, load_lte, lte_layers, unload_lte
 from .outputs import disk_guard, read_marker, staged_dir
@@ -89,6 +90,11 @@ class ExportRequest:
         return {"target_sparsity": self.target_sparsity, "max_ppl_increase": self.max_ppl_increase,
                 "allocation": self.allocation, "calibration": resolve_local(self.calibration),
                 "calibration_tokens": self.calibration_tokens}
+
+
+class ExportRefused(UsageError, RuntimeError):
+    """The written checkpoint failed its reload check (non-finite weights or logits, or logits that
+    differ from the trained model's): one message, exit 2, and nothing is written."""
 
 
 def stage2_model(run_dir: str | os.PathLike) -> Path:
@@ -245,7 +251,7 @@ def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Te
     broken = [name for name, tensor in exported.state_dict().items()
               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
-        raise RuntimeError(f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
+        raise ExportRefused(f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
                            f"{', ...' if len(broken) > 3 else ''}); the trained model is broken, nothing was written. "
                            f"Export an earlier checkpoint or retrain with a lower learning rate")
     worst = 0.0
@@ -253,14 +259,14 @@ def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Te
         got = exported(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu()
         for name, logits in (("exported", got), ("trained", want)):
             if not torch.isfinite(logits).all():
-                raise RuntimeError(f"export validation failed: the {name} model's logits on validation input {index} "
+                raise ExportRefused(f"export validation failed: the {name} model's logits on validation input {index} "
                                    f"hold NaN or inf; nothing was written. Check the run's dtype (fp16 overflows; "
                                    f"use bf16 or fp32) and its training loss")
         error = float((got - want).norm() / want.norm().clamp_min(1e-12))
         worst = max(worst, error)
     tolerance = VALIDATION_TOLERANCE.get(dtype, 3e-2)
     if not worst <= tolerance:
-        raise RuntimeError(f"export validation failed: the exported model's logits differ from the trained model's "
+        raise ExportRefused(f"export validation failed: the exported model's logits differ from the trained model's "
                            f"by {worst:.2e} (relative), above {tolerance:.0e}; nothing was written")
     del exported
     return worst
@@ -343,7 +349,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     layouts |= layout_results("sparse", model, data, tokenizer, batch_size)
     original_ppl = run_report.get("dense_ppl")
 
-    marker = {"source_run": str(run_dir.resolve()), "settings": request.settings(),
+    marker = {"source_run": str(run_dir.resolve()), "settings": {**request.settings(), **heldout_settings(recipe.to_dict())},
               "stage2_id": (read_marker(source) or {}).get("id")}
     with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])

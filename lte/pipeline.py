@@ -41,7 +41,8 @@ from .errors import UsageError
 from .evaluate import EvalResult, evaluate_layouts, evaluate_lm
 from .faults import fault_point, step_callback
 from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
-from .record import DIVERGED, TRAINED, plan_rerun, read_record, resolve_paths, stage_status, write_record
+from .record import (DIVERGED, TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
+                     stages_of, write_record)
 from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
 from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
@@ -297,7 +298,9 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
             return "trainer_state.json has no global_step"
     except (OSError, ValueError) as exc:
         return f"trainer_state.json does not parse ({exc})"
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")) and not (path / "adapter_model.bin").is_file():
+    sharded = any(p.is_dir() for p in path.iterdir())  # FSDP's pytorch_model_fsdp_*/, ZeRO's global_step*/
+    if not sharded and not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")) \
+            and not (path / "adapter_model.bin").is_file():
         return "it holds no model weights"
     for file in sorted(path.iterdir()):
         if not file.is_file():
@@ -565,27 +568,11 @@ def summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-# The lte.* keys the prepare step reads (expert grouping, router init); stage 0 reads none but stage0_steps.
-PREPARE_LTE_KEYS = ("expert_size", "tau", "router_bias", "router_init", "router_init_scale", "router_init_tokens",
-                    "router_init_sparsity", "router_init_steps", "detach_router_input", "kmeans_iters", "stage0_steps")
-
-
 def shared_stage_settings(recipe: Recipe) -> dict:
-    """The settings stage 0 and the prepare step depend on, as dotted keys: two runs that agree on
-    them produce the same ``stage0/`` and ``prepare/``."""
-    d = recipe.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("stage1", "stage2")}
-    if recipe.lte.stage0_steps == 0:  # no stage 0: prepare reads only the batch size of its calibration batches
-        train = {k: v for k, v in train.items() if k == "per_device_train_batch_size"}
-    nested = {"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train,
-              "lte": {k: d["lte"][k] for k in PREPARE_LTE_KEYS}}
-
-    def flat(value, prefix=""):
-        if isinstance(value, dict):
-            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): value}
-
-    return flat(nested)
+    """The settings stage 0 (when it has steps) and the prepare step depend on, as dotted keys (from
+    :data:`lte.record.KEY_STAGES`): two runs that agree on them produce the same ``stage0/`` and ``prepare/``."""
+    stages = {"prepare"} | ({"stage0"} if recipe.lte.stage0_steps > 0 else set())
+    return {key: value for key, value in flatten(recipe.to_dict()).items() if stages_of(key) & stages}
 
 
 def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
@@ -599,6 +586,10 @@ def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
         raise UsageError(f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
                          f"stage 0 and prepare step have finished, or drop reuse_from")
     recipe = resolve_paths(recipe)  # the record stores absolute paths; compare like with like
+    source = Path(recipe.reuse_from)
+    if all((Path(recipe.output_dir) / stage / STAGE_MODEL / "config.json").is_file()
+           for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]):
+        return []  # linked by an earlier run of this command
     theirs, ours = shared_stage_settings(resolve_paths(load_run_recipe(source))), shared_stage_settings(recipe)
     differ = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
     if differ:
@@ -753,9 +744,11 @@ def is_own_export(recipe: Recipe, target: Path) -> bool:
     ``lte export`` (its marker) and lying inside the run (a run moved or copied keeps its export),
     or naming this run or its stage-2 model."""
     marker = read_marker(target) or {}
+    out = Path(recipe.output_dir)
+    if not marker and (target / "lte_export.json").is_file():  # written before exports carried a marker
+        return json.loads((target / "lte_export.json").read_text()).get("source_run") == str(out)
     if marker.get("command") != "export":
         return False
-    out = Path(recipe.output_dir)
     stage2_id = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
     return (target.resolve().is_relative_to(out) or marker.get("source_run") == str(out)
             or (stage2_id is not None and marker.get("stage2_id") == stage2_id))
@@ -777,7 +770,8 @@ def run_export(recipe: Recipe, report: dict) -> dict:
     marker = read_marker(target) or {}
     ours = is_own_export(recipe, target)
     current = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
-    if ours and marker.get("settings") == request.settings() and marker.get("stage2_id") == current and (target / EXPORT_REPORT).is_file():
+    settings = {**request.settings(), **heldout_settings(recipe.to_dict())}
+    if ours and marker.get("settings") == settings and marker.get("stage2_id") == current and (target / EXPORT_REPORT).is_file():
         logger.info("export: finished export found at %s, skipping", target)
         exported = json.loads((target / EXPORT_REPORT).read_text())
     else:

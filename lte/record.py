@@ -36,6 +36,9 @@ KEY_STAGES: tuple[tuple[str, frozenset[str]], ...] = (
     ("name", _NONE),
     ("export.", frozenset({"export"})),
     ("data.eval_block_size", frozenset({"report", "export"})),
+    ("data.layout_sample_by", frozenset({"report", "export"})),  # how the held-out layouts split the eval file
+    ("model.attn_implementation", _NONE),  # the same attention, computed by another kernel
+    ("model.ffn_layout", frozenset({"prepare"})),  # read where the experts are grouped
     ("data.max_eval_tokens", frozenset({"report", "export"})),
     ("train.per_device_eval_batch_size", frozenset({"report", "export"})),
     *((f"train.{key}", _NONE) for key in ("logging_", "report_to", "save_", "disable_tqdm", "dataloader_", "run_name",
@@ -64,6 +67,12 @@ def stages_of(key: str) -> frozenset[str]:
         if key == prefix.rstrip(".") or key.startswith(prefix):
             return stages
     return _ALL  # unknown: assume everything
+
+
+def heldout_settings(recipe: dict) -> dict[str, Any]:
+    """The recipe's keys besides ``export.*`` that change only the held-out figures of the report and
+    the export: the export keeps them in its marker, so a change to one redoes the export stage."""
+    return {key: value for key, value in flatten(recipe).items() if stages_of(key) == frozenset({"report", "export"})}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -168,7 +177,8 @@ def resolve_paths(recipe):
     model = dataclasses.replace(recipe.model, name_or_path=resolve_local(recipe.model.name_or_path))
     export = dataclasses.replace(recipe.export, calibration=resolve_local(recipe.export.calibration),
                                  out=str(Path(recipe.export.out).expanduser().resolve()) if recipe.export.out else None)
-    return dataclasses.replace(recipe, data=data, model=model, export=export,
+    reuse = str(Path(recipe.reuse_from).expanduser().resolve()) if recipe.reuse_from else None
+    return dataclasses.replace(recipe, data=data, model=model, export=export, reuse_from=reuse,
                                output_dir=str(Path(recipe.output_dir).expanduser().resolve()))
 
 
