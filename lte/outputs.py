@@ -87,7 +87,7 @@ def check_out(out: str | os.PathLike, command: str, *, flag: str = "--out", inpu
     target = resolve(out)
     shown = f"{flag} {out}" if flag.startswith("-") else f"{flag}={out}"  # a CLI flag, or a recipe key
     if target.exists() and not target.is_dir():
-        raise UsageError(f"{shown} is an existing file, not a directory; choose a directory path")
+        raise UsageError(f"{shown} is an existing file, not a directory; choose another {flag} (a directory path)")
     check_apart(target, shown, inputs, runs, command)
     if target.is_dir() and not _is_empty_dir(target):
         if not overwrite:

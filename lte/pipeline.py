@@ -686,16 +686,16 @@ def run(recipe: Recipe, restart_from: str | None = None) -> dict | None:
     preflight(recipe)
     preflight_outputs(recipe)
     reused = reused_stages(recipe)
-    out = Path(recipe.output_dir)
-    with claimed(recipe, restart_from), disk_guard(out, "then rerun the same command: it resumes from the last checkpoint"):
-        return _run_stages(recipe, reused)
-
-
-def _run_stages(recipe: Recipe, reused: list[tuple[Path, Path]]) -> dict | None:
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = build_data(recipe.data, tokenizer, recipe.seed)
+    data = build_data(recipe.data, tokenizer, recipe.seed)  # bad data fails here, before anything is written
     check_export_calibration(recipe, tokenizer, data)
+    out = Path(recipe.output_dir)
+    with claimed(recipe, restart_from), disk_guard(out, "then rerun the same command: it resumes from the last checkpoint"):
+        return _run_stages(recipe, reused, tokenizer, data)
+
+
+def _run_stages(recipe: Recipe, reused: list[tuple[Path, Path]], tokenizer, data: LMData) -> dict | None:
     state = PartialState()
     out = Path(recipe.output_dir)
     if state.is_main_process:
