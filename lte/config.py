@@ -88,6 +88,9 @@ class DataArgs:
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."})
     max_train_tokens: int | None = None
     max_eval_tokens: int | None = None
+    unmarked_fraction: float = field(default=0.0, metadata={"help": "Share of training documents packed without "
+                                   "their opening marker (BOS), so the model and its routers also learn text that follows "
+                                   "an EOS directly (the `</s> doc` layout); chosen per document by a hash of its text."})
     layout_sample_by: str | None = field(default=None, metadata={"help": "How the held-out layouts (<s> doc, </s> doc, "
                                          "packed) split a .txt `eval` file into documents (default: sample_by)."})
 
@@ -98,6 +101,8 @@ class DataArgs:
             raise UsageError(f"data.format={self.format!r} must be 'text' or 'instruction'")
         if self.sample_by not in ("line", "paragraph", "document"):
             raise UsageError(f"data.sample_by={self.sample_by!r} must be line, paragraph or document")
+        if not 0 <= self.unmarked_fraction <= 1:
+            raise UsageError(f"data.unmarked_fraction={self.unmarked_fraction} must lie in [0, 1]")
         if self.layout_sample_by not in (None, "line", "paragraph", "document"):
             raise UsageError(f"data.layout_sample_by={self.layout_sample_by!r} must be line, paragraph, document or null")
         if self.block_size < 2:

@@ -18,6 +18,7 @@ Sources are local files (``.txt`` split into documents by line/paragraph/whole f
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,20 +192,25 @@ def document_markers(tokenizer) -> tuple[list[int], list[int]]:
     return start, end
 
 
-def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text as one document: its opening marker, its tokens and its closing marker."""
+def document_ids(tokenizer, texts: list[str], unmarked: float = 0.0) -> list[list[int]]:
+    """Each text as one document: its opening marker, its tokens and its closing marker. A share
+    ``unmarked`` of the documents (chosen by a hash of the text, so the same on every run and
+    process) goes without its opening marker: packed, those follow the previous document's EOS
+    directly, as text does when a client feeds one document after another without BOS."""
     start, end = document_markers(tokenizer)
-    return [start + ids + end for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [(start if zlib.crc32(text.encode()) % 10_000 >= unmarked * 10_000 else []) + tokens + end
+            for text, tokens in zip(texts, ids, strict=True)]
 
 
 def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None,
-         source: str | None = None) -> Dataset:
+         source: str | None = None, unmarked: float = 0.0) -> Dataset:
     """Tokenise documents, each with its start and end markers (:func:`document_markers`), and cut
     the concatenation into blocks of ``block`` tokens (default ``block_size``); ``source`` names the
     data in messages (default ``data.train``)."""
     field_name = args.text_field
     dataset = _text_column(dataset, field_name, source or args.train)
-    tokens = dataset.map(lambda batch: {"ids": document_ids(tokenizer, batch[field_name])}, batched=True,
+    tokens = dataset.map(lambda batch: {"ids": document_ids(tokenizer, batch[field_name], unmarked)}, batched=True,
                          remove_columns=dataset.column_names, desc="Tokenizing")
     block = block or args.block_size
     limit = None if max_tokens is None else max_tokens // block
@@ -362,7 +368,7 @@ def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
         layout_docs = eval_docs
         if args.eval and args.layout_sample_by and args.layout_sample_by != args.sample_by:
             layout_docs = load_documents(args.eval, args.eval_split, replace(args, sample_by=args.layout_sample_by))
-        return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens),
+        return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens, unmarked=args.unmarked_fraction),
                       pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size,
                            source=args.eval or f"the held-out share of {args.train}"), padded=False,
                       layouts=layout_datasets(layout_docs, tokenizer, args, args.max_eval_tokens))

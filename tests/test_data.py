@@ -191,3 +191,21 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     assert results["eos"].nll == pytest.approx(nll / results["eos"].tokens, rel=1e-5)
     assert results["bos"].nll != pytest.approx(results["eos"].nll, rel=1e-6)
     assert pad_rows([{"input_ids": [5, 6], "labels": [-100, 6]}], 0)["attention_mask"].tolist() == [[1, 1]]
+
+
+def test_unmarked_share_of_documents_follows_an_eos_without_bos():
+    """data.unmarked_fraction: that share of documents goes without its opening marker, chosen by
+    the text (the same on every call), and none without the setting."""
+    from lte.data import document_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    texts = [f"Story {i}: Tom saw a dog." for i in range(2000)]
+    marked = document_ids(tokenizer, texts)
+    assert all(d[0] == tokenizer.bos_token_id and d[-1] == tokenizer.eos_token_id for d in marked)
+    mixed = document_ids(tokenizer, texts, 0.25)
+    share = sum(d[0] != tokenizer.bos_token_id for d in mixed) / len(mixed)
+    assert 0.2 < share < 0.3
+    assert mixed == document_ids(tokenizer, texts, 0.25)
+    assert all(d[-1] == tokenizer.eos_token_id for d in mixed)
+    assert [d[1:] if d[0] == tokenizer.bos_token_id else d for d in marked] == \
+           [d[1:] if d[0] == tokenizer.bos_token_id else d for d in mixed]
