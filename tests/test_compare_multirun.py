@@ -169,5 +169,7 @@ def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_sett
     link_stages(pairs)
     assert (here / "stage0" / "model" / "config.json").read_text() == '{"stage": 0}'
     link_stages(pairs)  # a rerun: already there, left alone
+    assert reused_stages(load_recipe(ours)) == []  # a rerun with the stages linked: nothing left to take
+    other = [*args, f"output_dir={tmp_path / 'other'}", f"reuse_from={source}", "train.learning_rate=1e-3"]
     with pytest.raises(UsageError, match="train.learning_rate: 0.0001 there, 0.001 here"):
-        reused_stages(load_recipe([*ours, "train.learning_rate=1e-3"]))  # stage 0 trains with it
+        reused_stages(load_recipe(other))  # stage 0 trains with it

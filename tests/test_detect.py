@@ -1,6 +1,7 @@
 """Structural FFN detection: the layout comes from the module tree and one traced forward."""
 
 import json
+import math
 import types
 
 import pytest
@@ -199,3 +200,27 @@ def test_an_unregistered_architecture_trains_and_exports_with_the_recipe_default
     exported = json.loads((out / "export" / "config.json").read_text())
     assert exported["lte_ffn"]["hosts"] == [{k: h[k] for k in ("path", "first", "down", "fused_chunks")} for h in hosts]
     assert json.loads((out / "export" / "lte_export.json").read_text())["validation_error"] <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["olmo2", "gpt_neo", "bloom", "falcon_h1", "phi", "gpt_bigcode"])
+def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_path, model_type):
+    """Decoders the class-name registry refused (and attention implementations the recipes used to force)
+    go through `train.py recipe=tiny` (a few steps per stage) and its export, with no registration and no
+    recipe key; the export's reload check passes and it lands near its target."""
+    from conftest import STORIES, run_train
+
+    from lte.coverage import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))
+    model.save_pretrained(tmp_path / "model")
+    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    run_train(out, f"model.name_or_path={tmp_path / 'model'}", "lte.expert_size=8", "export.target_sparsity=0.3")
+    report = json.loads((out / "export" / "lte_export.json").read_text())
+    assert report["validation_error"] <= 1e-3
+    assert abs(report["calibration_sparsity"] - 0.3) <= 0.02
+    assert math.isfinite(report["sparse_ppl"])
+    hosts = json.loads((out / "stage2" / "model" / "lte_config.json").read_text())["ffn_hosts"]
+    assert hosts and all(h["first"] and h["down"] for h in hosts)
