@@ -682,8 +682,8 @@ def run(recipe: Recipe, restart_from: str | None = None) -> dict | None:
 
     ``restart_from``: a trained stage to discard, with every stage after it, before running.
     """
+    preflight(recipe)  # its messages name the paths as the user wrote them
     recipe = resolve_paths(recipe)
-    preflight(recipe)
     preflight_outputs(recipe)
     reused = reused_stages(recipe)
     set_seed(recipe.seed)

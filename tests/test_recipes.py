@@ -148,14 +148,15 @@ RUN = [p for p in SHIPPED if p != "tiny"]
 
 
 def tiny_model_dir(family: str, expert_size: int, out) -> str:
-    """A random two-layer model of ``family`` with stories260K's 512-token tokenizer, its FFN four of the
-    recipe's experts wide, saved as a local checkpoint."""
+    """A random two-layer model of ``family`` with stories260K's 512-token tokenizer, its FFN a whole number
+    of the recipe's experts (at least four) and wider than the model, as real FFNs are, saved as a local
+    checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     config = FAMILY_CONFIGS[family]()
     config.vocab_size = len(tokenizer)
-    config.intermediate_size = 4 * expert_size
+    config.intermediate_size = expert_size * max(4, 2 * config.hidden_size // expert_size + 1)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
