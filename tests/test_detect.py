@@ -203,7 +203,7 @@ def test_an_unregistered_architecture_trains_and_exports_with_the_recipe_default
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["olmo2", "gpt_neo", "bloom", "falcon_h1", "phi", "gpt_bigcode"])
+@pytest.mark.parametrize("model_type", ["olmo2", "bloom", "falcon_h1"])
 def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_path, model_type):
     """Decoders the class-name registry refused (and attention implementations the recipes used to force)
     go through `train.py recipe=tiny` (a few steps per stage) and its export, with no registration and no
