@@ -22,7 +22,6 @@ from isolation import outside_the_clone_guard
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # small real files with their SOURCE.md: the tests read nothing outside the clone
-SHARED_DATA = REPO.parent / "shared" / "data"  # only this project's CI has it: the guard below fails a test that reads it
 STORIES = REPO / "assets" / "stories260K"
 
 sys.addaudithook(outside_the_clone_guard(REPO.parent / "shared"))
