@@ -249,7 +249,7 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
 _RELOAD = r'''
 import importlib.util, json, math, sys
 repos = json.loads(sys.argv[2])
-sys.path[:] = [p for p in sys.path if p and not any(p == r or p.startswith(r + "/") for r in repos)]
+sys.path[:] = [p for p in sys.path if p and p not in repos]  # the checkout itself; its .venv's packages stay
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 if importlib.util.find_spec("lte") is not None:
     raise SystemExit("lte is importable in the reload process: the test would prove nothing")
