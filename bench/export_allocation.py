@@ -23,7 +23,7 @@ from lte.data import build_data
 from lte.evaluate import evaluate_lm
 from lte.export import stage2_model
 from lte.inject import load_lte, lte_layers
-from lte.pipeline import calibration_batches, collator_for, load_tokenizer, model_kwargs
+from lte.loading import calibration_batches, collator_for, load_tokenizer, model_kwargs
 from lte.thresholds import DENSE, allocate, evaluate_allocation, sensitivity, set_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,7 +20,7 @@ from lte.config import load_recipe
 from lte.data import build_data
 from lte.evaluate import evaluate_lm
 from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.pipeline import calibration_batches, load_tokenizer
+from lte.loading import calibration_batches, load_tokenizer
 from lte.router_init import _down_column_norms, calibrate_routers
 
 def oracle(model, sparsity):

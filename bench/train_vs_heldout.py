@@ -19,7 +19,7 @@ from lte.data import LMData, build_data
 from lte.evaluate import evaluate_batches
 from lte.export import stage2_model
 from lte.inject import load_lte
-from lte.pipeline import calibration_batches, load_tokenizer, model_kwargs
+from lte.loading import calibration_batches, load_tokenizer, model_kwargs
 
 
 def main() -> None:

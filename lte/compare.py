@@ -221,7 +221,7 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
     (an export's thresholds at its own target: ``exported`` holds the run's ``lte_export.json``s)."""
     from .export import below_trained_sparsity, stage2_model
     from .inject import load_lte, lte_layers
-    from .pipeline import load_report
+    from .loading import load_report
     from .thresholds import choose_thresholds, sensitivity, set_thresholds
 
     model = load_lte(stage2_model(run)).to(device).eval()

@@ -299,8 +299,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     from .config import load_run_recipe
     from .data import LMData, build_data
     from .evaluate import evaluate_lm
-    from .pipeline import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
-                           load_tokenizer, model_kwargs)
+    from .loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
+                          load_tokenizer, model_kwargs)
 
     request.validate()
     run_dir = Path(request.run_dir)
@@ -396,7 +396,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
 
 
 def summary(report: dict, out: str | os.PathLike) -> str:
-    from .pipeline import layout_summary
+    from .loading import layout_summary
 
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
     original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
@@ -38,7 +38,9 @@ from .adapters import add_lora, merge_adapter, quantization_config
 from .config import Recipe, load_run_recipe
 from .data import LMData, build_data, check_source
 from .errors import UsageError
-from .evaluate import EvalResult, evaluate_layouts, evaluate_lm
+from .evaluate import EvalResult, evaluate_lm
+from .loading import (DTYPES, REPORT, calibration_batches, collator_for, layout_report, layout_results, layout_summary,
+                      load_tokenizer, model_kwargs)
 from .faults import fault_point, step_callback
 from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
 from .record import (DIVERGED, TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
@@ -52,18 +54,7 @@ from .trainer import LTETrainer, TrainingDiverged
 
 logger = logging.getLogger("lte")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 STAGE_MODEL = "model"
-REPORT = "report.json"
-
-
-def model_kwargs(recipe: Recipe) -> dict:
-    kwargs = {"dtype": DTYPES[recipe.model.dtype], "trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    if recipe.model.revision:
-        kwargs["revision"] = recipe.model.revision
-    return kwargs
 
 
 def preflight(recipe: Recipe) -> None:
@@ -189,23 +180,6 @@ def model_skeleton(recipe: Recipe, config):
     return skeleton
 
 
-def load_tokenizer(recipe: Recipe):
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code,
-                                              revision=recipe.model.revision)
-    if tokenizer.pad_token is None:
-        # Padding is masked out of the loss and the router statistics, so any token will do.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
-def collator_for(data: LMData, tokenizer):
-    if data.padded:  # instruction data: TRL's collator pads input_ids and labels (with -100) per batch
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    return default_data_collator
-
-
 def _save_atomically(save, final: Path) -> None:
     """Write a stage's model to a temporary sibling and rename it into place; its marker carries a
     fresh id, by which the export stage knows which model it was made from."""
@@ -213,18 +187,6 @@ def _save_atomically(save, final: Path) -> None:
     with staged_dir(final, "train", meta={"stage": stage, "id": uuid.uuid4().hex}, overwrite=True) as tmp:
         save(tmp)
         fault_point(f"{stage}:model")
-
-
-def calibration_batches(data: LMData, tokenizer, tokens: int, batch_size: int) -> list[dict]:
-    """The first ``tokens`` training tokens, batched: calibration data for the router init."""
-    rows, total = [], 0
-    for row in data.train:
-        if total >= tokens:
-            break
-        rows.append(row)
-        total += len(row["input_ids"])
-    collate = collator_for(data, tokenizer)
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer) -> Path:
@@ -466,37 +428,6 @@ def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[
     return results
 
 
-def layout_results(name: str, model, data: LMData, tokenizer, batch_size: int) -> dict[str, EvalResult]:
-    """``{"NAME/LAYOUT": result}`` for every held-out layout of ``data`` (none for instruction data)."""
-    found = evaluate_layouts(model, data.layouts, tokenizer.pad_token_id, batch_size, what=f"({name})")
-    return {f"{name}/{layout}": result for layout, result in found.items()}
-
-
-def layout_report(results: dict[str, EvalResult]) -> dict:
-    """``{layout: {"tokens", "<model>_ppl"...}}`` from :func:`evaluate_run`'s ``NAME/LAYOUT`` results."""
-    report: dict = {}
-    for key, result in results.items():
-        if "/" in key:
-            name, layout = key.split("/", 1)
-            entry = report.setdefault(layout, {"tokens": result.tokens})
-            entry[f"{name}_ppl"] = result.ppl
-            if result.sparsity is not None:
-                entry[f"{name}_sparsity"] = result.sparsity
-    return report
-
-
-def layout_summary(layouts: dict, name: str = "sparse") -> str:
-    """One line: ``NAME``'s perplexity per layout, and each against the first (``<s> doc``)."""
-    from .data import LAYOUTS
-
-    if not layouts:
-        return ""
-    base = next(iter(layouts.values()))[f"{name}_ppl"]
-    cells = [f"{LAYOUTS.get(k, k)} {v[f'{name}_ppl']:.4f}" + ("" if i == 0 else f" ({100 * (v[f'{name}_ppl'] / base - 1):+.1f}%)")
-             for i, (k, v) in enumerate(layouts.items())]
-    return ", ".join(cells)
-
-
 def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
     import matplotlib
 
@@ -512,12 +443,6 @@ def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def load_report(out: str | os.PathLike) -> dict:
-    """``OUTPUT_DIR/report.json``, or ``{}`` for a run without one (copied, or stopped before it)."""
-    path = Path(out) / REPORT
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_report(report: dict, out: Path) -> None:

@@ -224,7 +224,7 @@ def trained(tiny_run):
     from lte.config import load_run_recipe
     from lte.data import build_data
     from lte.inject import load_lte
-    from lte.pipeline import calibration_batches, collator_for, load_tokenizer
+    from lte.loading import calibration_batches, collator_for, load_tokenizer
 
     out, _ = tiny_run
     recipe = load_run_recipe(out)
@@ -397,7 +397,7 @@ def _stage2_with_calibration(out, tokens):
     from lte.config import load_run_recipe
     from lte.data import build_data
     from lte.inject import load_lte
-    from lte.pipeline import calibration_batches, load_tokenizer
+    from lte.loading import calibration_batches, load_tokenizer
 
     recipe = load_run_recipe(out)
     tokenizer = load_tokenizer(recipe)
@@ -428,7 +428,7 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
 
 def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
     from lte.export import below_trained_sparsity
-    from lte.pipeline import load_report
+    from lte.loading import load_report
 
     (tmp_path / "report.json").write_text(json.dumps({"sparsity": 0.694}))
     trained = load_report(tmp_path)["sparsity"]
