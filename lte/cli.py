@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .core.errors import UsageError
 
 
 def _setup_logging() -> None:
@@ -77,7 +77,7 @@ INTERRUPTED = {
 def train(overrides: list[str]) -> int:
     """``recipe=NAME key=value ...``: validate the recipe, then run every stage. ``restart_from=STAGE``
     (not a recipe key: it acts once) discards that stage and the ones after it first."""
-    from .config import load_recipe
+    from .training.config import load_recipe
 
     restart = [a for a in overrides if a.startswith("restart_from=")]
     overrides = [a for a in overrides if not a.startswith("restart_from=")]
@@ -93,7 +93,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert_llama2c
+    from .tools.convert import convert_llama2c
 
     out = convert_llama2c(args.model, args.tokenizer, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -101,7 +101,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportRequest, export, summary
+    from .export.exporter import ExportRequest, export, summary
 
     request = ExportRequest(run_dir=args.run_dir, out=args.out, target_sparsity=args.target_sparsity,
                             max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
@@ -119,8 +119,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import CompareRequest, compare, parse_extra_data
-    from .tasks import parse_tasks
+    from .compare.harness import CompareRequest, compare, parse_extra_data
+    from .compare.tasks import parse_tasks
 
     request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
                              methods=args.methods,
@@ -139,7 +139,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_wasserstein(args) -> int:
-    from .wasserstein import analyze
+    from .compare.wasserstein import analyze
 
     report = analyze(args.model, args.data, args.out, tokens=args.tokens, eval_tokens=args.eval_tokens,
                      top=tuple(_floats(args.top)), overwrite=args.overwrite)
@@ -152,7 +152,7 @@ def _cmd_wasserstein(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .generate import describe, generate, load_export
+    from .tools.generate import describe, generate, load_export
 
     model, tokenizer = load_export(args.model_dir)
     modes = ["sparse", "dense"] if args.compare_dense else ["sparse"]
@@ -169,7 +169,7 @@ def _cmd_generate(args) -> int:
 def _cmd_bench_kernel(args) -> int:
     from dataclasses import asdict
 
-    from .bench import DEFAULT_SHAPES, bench_kernel, kernel_table, machine, write_json
+    from .tools.bench import DEFAULT_SHAPES, bench_kernel, kernel_table, machine, write_json
 
     try:
         sparsities = [float(v) for v in args.sparsity.split(",")]
@@ -190,8 +190,8 @@ def _cmd_bench_kernel(args) -> int:
 def _cmd_bench_decode(args) -> int:
     from dataclasses import asdict
 
-    from .bench import bench_decode, write_json
-    from .generate import load_export
+    from .tools.bench import bench_decode, write_json
+    from .tools.generate import load_export
 
     if args.device != "cpu":
         raise UsageError("--device cuda: decoding with a static cache and CUDA graphs is not built yet; use --device cpu")
@@ -208,7 +208,7 @@ def _cmd_bench_decode(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
-    from .config import available_recipes, find_recipe
+    from .training.config import available_recipes, find_recipe
 
     for name in available_recipes():
         print(f"{name:<16} {find_recipe(name)}")
@@ -325,7 +325,7 @@ def run_cli(func, *args, interrupted: str = INTERRUPTED["train"]) -> int:
         print(interrupted, file=sys.stderr)
         return 130
     except Exception as exc:
-        from .outputs import disk_full_path
+        from .core.outputs import disk_full_path
 
         where = disk_full_path(exc)
         if where is None:

@@ -29,33 +29,30 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import get_last_checkpoint, set_seed
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .adapters import add_lora, merge_adapter, quantization_config
-from .config import Recipe, load_run_recipe
-from .data import LMData, build_data, check_source
-from .errors import UsageError
-from .evaluate import EvalResult, evaluate_lm
-from .loading import (DTYPES, REPORT, calibration_batches, collator_for, layout_report, layout_results, layout_summary,
+from .training.adapters import add_lora, merge_adapter, quantization_config
+from .training.config import Recipe, load_run_recipe
+from .training.data import LMData, build_data, check_source
+from .core import run_dir
+from .core.errors import UsageError
+from .training.evaluate import EvalResult, evaluate_lm
+from .training.loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, layout_summary,
                       load_tokenizer, model_kwargs)
-from .faults import fault_point, step_callback
-from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
-from .record import (DIVERGED, TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
+from .core.faults import fault_point, step_callback
+from .core.outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
+from .core.record import (TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
                      stages_of, write_record)
-from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
-from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
+from .model.inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
+from .training.distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
-from .layers import ROUTER_PREFIX
-from .router_init import calibrate_routers
-from .trainer import LTETrainer, TrainingDiverged
+from .model.layers import ROUTER_PREFIX
+from .model.router_init import calibrate_routers
+from .training.preflight import check_attn_implementation, check_model
+from .training.trainer import LTETrainer, TrainingDiverged
 
 logger = logging.getLogger("lte")
-
-STAGE_MODEL = "model"
-
 
 def preflight(recipe: Recipe) -> None:
     """Check every input and output of the run before any model or data loads or anything is
@@ -74,19 +71,6 @@ def preflight(recipe: Recipe) -> None:
                          recipe.model.revision)
     skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
-
-
-def check_attn_implementation(model_class, choice: str | None) -> None:
-    """An explicit ``model.attn_implementation`` must be one the architecture supports (None: transformers
-    chooses; a hub kernel name ``org/repo`` is left to transformers)."""
-    if choice is None or "/" in choice:
-        return
-    supported = ["eager"] + (["sdpa"] if model_class._supports_sdpa else []) + (
-        ["flash_attention_2", "flash_attention_3"] if model_class._supports_flash_attn else []) + (
-        ["flex_attention"] if model_class._supports_flex_attn else [])
-    if choice not in supported:
-        raise UsageError(f"model.attn_implementation={choice!r} is not supported by {model_class.__name__}; choose one of "
-                         f"{', '.join(supported)}, or leave it unset (null) to let transformers choose")
 
 
 def check_output_dir(path: str, key: str) -> None:
@@ -116,61 +100,6 @@ def check_report_to(recipe: Recipe) -> None:
                              f"{' '.join(missing)}) or set train.report_to=[{','.join(available)}] ([] reports nowhere)")
 
 
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-
-
-def check_model(source: str, key: str, trust_remote_code: bool = False, revision: str | None = None):
-    """The model's config loads, a local model's weight files exist and their headers parse, and its
-    tokenizer loads: a damaged or incomplete model directory fails here, before any work or write.
-    Every command that reads a model checks it this way (``key`` names the setting in messages)."""
-    local = Path(source).expanduser()
-    is_local = source.startswith((".", "/", "~")) or local.exists()
-    if is_local and not (local / "config.json").is_file():
-        raise UsageError(f"{key}={source}: no model there (expected a directory with config.json)")
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load {key}={source!r}: {str(exc).splitlines()[0]}") from None
-    if is_local:
-        check_weight_files(local, key)
-    try:
-        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
-        raise UsageError(f"{key}={source}: its tokenizer does not load ({str(exc).strip().splitlines()[0]}); "
-                         f"put the model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json) "
-                         f"next to config.json") from None
-    return config
-
-
-def check_weight_files(directory: Path, key: str) -> None:
-    """Weights exist (single file or every shard of an index) and every safetensors header parses
-    and covers its file (a truncated download or copy fails here)."""
-    present = [name for name in WEIGHT_FILES if (directory / name).is_file()]
-    if not present:
-        raise UsageError(f"{key}={directory}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
-                         f"point it at a complete model directory")
-    name = present[0]
-    files = [directory / name]
-    if name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{key}: {files[0]} is not a valid weight index ({exc}); restore the model's files") from None
-        files = [directory / shard for shard in shards]
-    for file in files:
-        if not file.is_file():
-            raise UsageError(f"{key}: weight shard {file} is missing; restore the model's files")
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), "pt"):
-                    pass
-            except Exception as exc:  # SafetensorError and friends: the header does not describe this file
-                raise UsageError(f"{key}: {file} is damaged ({str(exc).splitlines()[0]}); restore or re-download the "
-                                 f"model") from None
-        elif file.stat().st_size == 0:
-            raise UsageError(f"{key}: {file} is empty; restore or re-download the model")
-
-
 def model_skeleton(recipe: Recipe, config):
     """The architecture on the meta device (no weights, milliseconds); an explicit attention
     implementation it does not support fails here, naming the ones it does."""
@@ -195,7 +124,7 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
     Runs on the main process only, on the whole model (never a shard), while the other
     processes wait; they then read the result from disk. Skipped when already written.
     """
-    final = Path(recipe.output_dir) / "prepare" / STAGE_MODEL
+    final = run_dir.stage_model(recipe.output_dir, "prepare")
     state = PartialState()
     if (final / "config.json").is_file():
         logger.info("prepare: experts and routers found at %s, skipping", final)
@@ -321,7 +250,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, tokenizer, teacher_source=None) -> Path:
     """Train one stage (or resume it) and return the directory of its finished model."""
     args = recipe.stage_args(stage)
-    final = Path(args.output_dir) / STAGE_MODEL
+    final = run_dir.stage_model(recipe.output_dir, stage)
     state = PartialState()
     if (final / "config.json").is_file():
         logger.info("%s: finished model found at %s, skipping", stage, final)
@@ -350,7 +279,7 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
         trainer.train(resume_from_checkpoint=last)
     except TrainingDiverged as exc:
         raise TrainingDiverged(divergence_message(recipe, stage, exc), step=exc.step, loss=exc.loss) from None
-    (Path(args.output_dir) / DIVERGED).unlink(missing_ok=True)
+    run_dir.diverged_file(recipe.output_dir, stage).unlink(missing_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_routers_identical(model, stage)
     if recipe.lora.enabled:
@@ -381,10 +310,10 @@ def divergence_message(recipe: Recipe, stage: str, exc: TrainingDiverged) -> str
     ``STAGE/diverged.json``, by which the rerun with a changed rate restarts the stage."""
     key = learning_rate_key(recipe, stage)
     rate = recipe.stage_args(stage, use_cpu=True, bf16=False, fp16=False).learning_rate
-    stage_dir = Path(recipe.output_dir) / stage
+    diverged = run_dir.diverged_file(recipe.output_dir, stage)
     if PartialState().is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / DIVERGED).write_text(json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key,
+        diverged.parent.mkdir(parents=True, exist_ok=True)
+        diverged.write_text(json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key,
                                                       "learning_rate": rate}) + "\n")
     return (f"{stage} diverged: the loss became {exc.loss} at step {exc.step}; nothing from that step was saved. "
             f"Lower {key} (now {rate:g}), for example add {key}={rate / 10:g} to the same command, and rerun it: "
@@ -396,7 +325,7 @@ def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokeni
     """LoRA stages: save the adapter (every rank takes part), then merge it on the main process
     into an unquantized copy of the stage's starting model and save that as the stage model."""
     state = PartialState()
-    adapter = Path(recipe.output_dir) / stage / "adapter"
+    adapter = run_dir.adapter_dir(recipe.output_dir, stage)
     trainer.save_model(str(adapter))
     if state.is_main_process:
         with no_zero3_init():
@@ -415,7 +344,7 @@ def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[
     batch = recipe.train.get("per_device_eval_batch_size", 8)
     dense_models = {"dense": (recipe.model.name_or_path, "the original model")}
     if recipe.lte.stage0_steps > 0:
-        dense_models["stage0"] = (Path(recipe.output_dir) / "stage0" / STAGE_MODEL, "the stage-0 (dense fine-tuned) model")
+        dense_models["stage0"] = (run_dir.stage_model(recipe.output_dir, "stage0"), "the stage-0 (dense fine-tuned) model")
     results = {}
     for name, (source, what) in dense_models.items():
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(device)
@@ -447,9 +376,10 @@ def plot_per_layer(per_layer: list[float], path: Path, title: str) -> None:
 
 def save_report(report: dict, out: Path) -> None:
     """Write ``OUTPUT_DIR/report.json`` through a temporary file, so it is never half-written."""
-    tmp = out / (REPORT + ".tmp")
+    path = run_dir.report_file(out)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT)
+    os.replace(tmp, path)
 
 
 def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -> dict:
@@ -471,7 +401,7 @@ def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -
     }
     save_report(report, out)
     reference = f"stage 0 {stage0.ppl:.3f}" if stage0 else f"dense {dense.ppl:.3f}"
-    plot_per_layer(sparse.per_layer_sparsity, out / "per_layer_sparsity.png",
+    plot_per_layer(sparse.per_layer_sparsity, run_dir.plot_file(out),
                    f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} ({reference})")
     return report
 
@@ -489,7 +419,7 @@ def summary(report: dict, out: Path) -> str:
                   f"                       dense:  {layout_summary(report['layouts'], 'dense')}"]
     lines += [f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token (per layer: {per_layer})",
               f"  sparse model         {out / report['model_dir']}",
-              f"  report               {out / REPORT}, {out / 'per_layer_sparsity.png'}\n"]
+              f"  report               {run_dir.report_file(out)}, {run_dir.plot_file(out)}\n"]
     return "\n".join(lines)
 
 
@@ -507,12 +437,12 @@ def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
     if not recipe.reuse_from:
         return []
     source, key = Path(recipe.reuse_from), f"reuse_from={recipe.reuse_from}"
-    if not (source / "recipe.yaml").is_file():
+    if not run_dir.recipe_file(source).is_file():
         raise UsageError(f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
                          f"stage 0 and prepare step have finished, or drop reuse_from")
     recipe = resolve_paths(recipe)  # the record stores absolute paths; compare like with like
     source = Path(recipe.reuse_from)
-    if all((Path(recipe.output_dir) / stage / STAGE_MODEL / "config.json").is_file()
+    if all(run_dir.is_finished(recipe.output_dir, stage)
            for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]):
         return []  # linked by an earlier run of this command
     theirs, ours = shared_stage_settings(resolve_paths(load_run_recipe(source))), shared_stage_settings(recipe)
@@ -523,10 +453,10 @@ def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
                          f"{'; ...' if len(differ) > 6 else ''}); set them as that run did, or drop reuse_from")
     pairs = []
     for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]:
-        there = source / stage / STAGE_MODEL
-        if not (there / "config.json").is_file():
+        there = run_dir.stage_model(source, stage)
+        if not run_dir.is_finished(source, stage):
             raise UsageError(f"{key}: {there} is not finished; finish that run first (rerun its command) or drop reuse_from")
-        pairs.append((there, Path(recipe.output_dir) / stage / STAGE_MODEL))
+        pairs.append((there, run_dir.stage_model(recipe.output_dir, stage)))
     return pairs
 
 
@@ -566,18 +496,18 @@ def preflight_outputs(recipe: Recipe) -> None:
 def open_record(recipe: Recipe, restart_from: str | None) -> None:
     """Compare the recipe with the run's record and act on the difference (see :mod:`lte.record`)."""
     out = Path(recipe.output_dir)
-    for directory in (out, *(out / s for s in TRAINED)):
+    for directory in (out, *(run_dir.stage_dir(out, s) for s in TRAINED)):
         clean_stale(directory)
     new = recipe.to_dict()
     plan = plan_rerun(read_record(out), new, stage_status(out), restart_from)
     if plan.changed:
         logger.info("recipe changed since the last run in %s: %s", out, plan.describe())
     for stage in plan.discard:
-        logger.warning("%s: discarding %s/ (%s), which the new settings replace", stage, out / stage,
-                       "it diverged" if (out / stage / DIVERGED).is_file() else f"restart_from={restart_from}")
-        remove_dir(out / stage)
+        logger.warning("%s: discarding %s/ (%s), which the new settings replace", stage, run_dir.stage_dir(out, stage),
+                       "it diverged" if run_dir.diverged_file(out, stage).is_file() else f"restart_from={restart_from}")
+        remove_dir(run_dir.stage_dir(out, stage))
     if plan.discard:  # the report described the discarded models
-        (out / REPORT).unlink(missing_ok=True)
+        run_dir.report_file(out).unlink(missing_ok=True)
     if plan.update_record:
         write_record(out, new)
 
@@ -651,7 +581,7 @@ def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
     before training, not after both stages."""
     if not recipe.export.enabled:
         return
-    from .export import ExportRequest, calibration_data
+    from .export.exporter import ExportRequest, calibration_data
 
     args = recipe.export
     request = ExportRequest(run_dir=recipe.output_dir, out="", target_sparsity=args.target_sparsity,
@@ -661,7 +591,7 @@ def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
 
 
 def export_target(recipe: Recipe) -> Path:
-    return Path(recipe.export.out or Path(recipe.output_dir) / "export")
+    return Path(recipe.export.out or run_dir.default_export(recipe.output_dir))
 
 
 def is_own_export(recipe: Recipe, target: Path) -> bool:
@@ -670,11 +600,11 @@ def is_own_export(recipe: Recipe, target: Path) -> bool:
     or naming this run or its stage-2 model."""
     marker = read_marker(target) or {}
     out = Path(recipe.output_dir)
-    if not marker and (target / "lte_export.json").is_file():  # written before exports carried a marker
-        return json.loads((target / "lte_export.json").read_text()).get("source_run") == str(out)
+    if not marker and run_dir.export_report_file(target).is_file():  # written before exports carried a marker
+        return json.loads(run_dir.export_report_file(target).read_text()).get("source_run") == str(out)
     if marker.get("command") != "export":
         return False
-    stage2_id = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
+    stage2_id = (read_marker(run_dir.stage_model(out, "stage2")) or {}).get("id")
     return (target.resolve().is_relative_to(out) or marker.get("source_run") == str(out)
             or (stage2_id is not None and marker.get("stage2_id") == stage2_id))
 
@@ -683,8 +613,8 @@ def run_export(recipe: Recipe, report: dict) -> dict:
     """The export stage: ``lte export`` with the recipe's ``export.*``. Skipped when the export there
     was made by this run, from this stage-2 model, with these settings (its marker says so);
     otherwise (re)made, replacing only this run's own earlier export."""
-    from .export import EXPORT_REPORT, ExportRequest, export
-    from .export import summary as export_summary
+    from .export.exporter import ExportRequest, export
+    from .export.exporter import summary as export_summary
 
     out = Path(recipe.output_dir)
     target = export_target(recipe)
@@ -694,11 +624,11 @@ def run_export(recipe: Recipe, report: dict) -> dict:
                             calibration_tokens=args.calibration_tokens, allocation=args.allocation)
     marker = read_marker(target) or {}
     ours = is_own_export(recipe, target)
-    current = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
+    current = (read_marker(run_dir.stage_model(out, "stage2")) or {}).get("id")
     settings = {**request.settings(), **heldout_settings(recipe.to_dict())}
-    if ours and marker.get("settings") == settings and marker.get("stage2_id") == current and (target / EXPORT_REPORT).is_file():
+    if ours and marker.get("settings") == settings and marker.get("stage2_id") == current and run_dir.export_report_file(target).is_file():
         logger.info("export: finished export found at %s, skipping", target)
-        exported = json.loads((target / EXPORT_REPORT).read_text())
+        exported = json.loads(run_dir.export_report_file(target).read_text())
     else:
         request.overwrite = ours
         exported = export(request)

@@ -1,0 +1,402 @@
+"""``lte export``: a trained run -> a checkpoint at a chosen sparsity that loads anywhere.
+
+1. Load the run's stage-2 model and the calibration tokens (the run's training data, or
+   ``--calibration FILE``).
+2. Tune per-layer thresholds (:mod:`lte.thresholds`) to the target sparsity, or to the
+   highest sparsity within a perplexity budget.
+3. Make the FFN projections routed (:mod:`lte.remote.modeling_lte`), ``save_pretrained`` the
+   model (the base model's tensors, names and layouts, plus one router per FFN), and add to
+   ``config.json`` an ``auto_map`` to the code files copied beside it (``model_type`` stays the
+   base model's: plain loaders get the dense base class, ``trust_remote_code=True`` the sparse one).
+4. Load the written checkpoint back (``trust_remote_code=True``) and compare its logits with
+   the in-memory model; a mismatch fails the export.
+5. Measure sparsity and perplexity on the run's held-out data and write ``lte_export.json``
+   and two plots.
+
+Everything is written to a temporary directory next to ``--out`` and renamed into place at
+the end (:func:`lte.outputs.staged_dir`), so a failed or interrupted export never leaves a
+half-written checkpoint; ``--out`` is checked against the run and its inputs before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..core.errors import UsageError
+from ..core.record import heldout_settings
+from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
+from ..core.faults import fault_point
+from ..model.inject import load_lte, lte_layers, unload_lte
+from ..core.outputs import disk_guard, read_marker, staged_dir
+from .thresholds import ALLOCATIONS, DENSE, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
+
+logger = logging.getLogger("lte")
+
+REMOTE_DIR = Path(__file__).resolve().parent / "remote"
+BASE_LINE = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'  # in configuration_lte.py
+CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
+TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
+AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
+VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+@dataclasses.dataclass
+class ExportRequest:
+    run_dir: str
+    out: str
+    target_sparsity: float | None = None
+    max_ppl_increase: float | None = None  # percent
+    calibration: str | None = None
+    calibration_tokens: int = 32768
+    allocation: str = "tuned"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if (self.target_sparsity is None) == (self.max_ppl_increase is None):
+            raise UsageError("give exactly one of --target-sparsity S or --max-ppl-increase P")
+        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
+            raise UsageError(f"--target-sparsity {self.target_sparsity} must lie in [0, 1) (0.5 skips half the FFN neurons)")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise UsageError(f"--max-ppl-increase {self.max_ppl_increase} must be a positive percentage (5 means +5%)")
+        if self.calibration_tokens < 1:
+            raise UsageError(f"--calibration-tokens {self.calibration_tokens} must be positive")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UsageError(f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file")
+        model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
+        from ..training.config import load_run_recipe
+        from ..core.outputs import check_out
+
+        recipe = load_run_recipe(self.run_dir)
+        check_out(self.out, "export", overwrite=self.overwrite, runs={"the run": self.run_dir},
+                  inputs={"the run's stage-2 model": model, "--calibration": self.calibration,
+                          "the run's model (its tokenizer)": recipe.model.name_or_path, "the run's data.eval": recipe.data.eval,
+                          **{f"the run's data.train ({p})": p for p in recipe.data.train.split(",")}})
+
+    def settings(self) -> dict:
+        """What the export's thresholds depend on, besides the run's stage-2 model (kept in its marker)."""
+        from ..core.record import resolve_local
+
+        return {"target_sparsity": self.target_sparsity, "max_ppl_increase": self.max_ppl_increase,
+                "allocation": self.allocation, "calibration": resolve_local(self.calibration),
+                "calibration_tokens": self.calibration_tokens}
+
+
+class ExportRefused(UsageError, RuntimeError):
+    """The written checkpoint failed its reload check (non-finite weights or logits, or logits that
+    differ from the trained model's): one message, exit 2, and nothing is written."""
+
+
+def below_trained_sparsity(trained: float | None, target: float, margin: float = 0.05) -> str | None:
+    """A warning when ``target`` lies more than ``margin`` below ``trained``, the sparsity the run
+    was trained at (its report's ``sparsity``; None when unknown).
+
+    Stage 2 adapts the model to its own routing; lowering the thresholds switches back on experts it
+    learned to do without, which can cost perplexity instead of buying it (measured in docs/comparison.md,
+    "A second, larger model")."""
+    if trained is None or target >= trained - margin:
+        return None
+    return (f"trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch experts back "
+            f"on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. For a sparsity "
+            f"well below it, train a run that reaches it.")
+
+
+def calibration_data(request: ExportRequest, recipe, tokenizer, data,
+                     keys: tuple[str, str] = ("--calibration", "--calibration-tokens")):
+    """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
+    data (``data.train``), or of ``--calibration FILE``; ``keys`` name the two settings in messages
+    (the recipe's ``export.calibration``/``export.calibration_tokens`` when the pipeline checks them)."""
+    from ..training.data import load_documents, pack
+
+    if request.calibration is None:
+        source, blocks = f"the run's training data ({recipe.data.train})", data.train
+    else:
+        args = dataclasses.replace(recipe.data, train=request.calibration, format="text", max_train_tokens=None)
+        source = request.calibration
+        documents = load_documents(request.calibration, "train", args)  # an unreadable file is its own message
+        try:
+            blocks = pack(documents, tokenizer, args, None, source=request.calibration)
+        except UsageError:  # no text, or less than one block: reported as too few tokens below
+            blocks = []
+    available = sum(len(row["input_ids"]) for row in blocks)
+    if available < request.calibration_tokens:
+        raise UsageError(f"{source} has only {available} tokens (in blocks of {recipe.data.block_size}), fewer than "
+                         f"{keys[1]} {request.calibration_tokens}; give more text ({keys[0]}) or fewer tokens")
+    return blocks
+
+
+def base_architecture(model) -> str:
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise UsageError(f"cannot export {name}: the exported code subclasses the model class, so it must ship with "
+                         f"transformers (remote-code base models are not supported yet)")
+    return name
+
+
+def to_routed(model, thresholds: list[float]):
+    """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place: the
+    base model with routed FFN projections (:mod:`lte.remote.modeling_lte`).
+
+    ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
+    ``first[0]`` owns the router), so layers may differ."""
+    from .remote.modeling_lte import install_routed_ffns, relayout_routed_ffns
+
+    layers = lte_layers(model)
+    paths = {id(module): name for name, module in model.named_modules()}
+    hosts = [{"path": paths[id(layer)], "first": list(layer.spec.first), "down": layer.spec.down,
+              "fused_chunks": layer.spec.fused_chunks} for layer in layers]
+    if len({layer.expert_size for layer in layers}) != 1:
+        raise UsageError("cannot export a model whose FFN layers have different expert sizes")
+    routers = [layer.lte_router for layer in layers]
+    unload_lte(model)
+    config = model.config
+    config.lte_ffn = {"expert_size": layers[0].expert_size, "router_bias": routers[0].bias is not None, "hosts": hosts}
+    config.lte_thresholds = [float(t) for t in thresholds]
+    config.lte_mode = "sparse"
+    config.lte_track_sparsity = False
+    install_routed_ffns(model, config)
+    for host, router in zip(hosts, routers, strict=True):
+        model.get_submodule(f"{host['path']}.{host['first'][0]}").router.load_state_dict(router.state_dict())
+    relayout_routed_ffns(model)
+    return model
+
+
+# Loader arguments that tokenizers keep in ``init_kwargs`` and ``save_pretrained`` writes back.
+TOKENIZER_LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                         "subfolder", "trust_remote_code", "use_auth_token", "resume_download", "_commit_hash", "_from_auto")
+
+
+def base_use_cache(config) -> bool:
+    """The base configuration class's default ``use_cache`` (True where it cannot be built bare)."""
+    try:
+        return bool(getattr(type(config)(), "use_cache", True))
+    except Exception:  # a configuration class that needs arguments
+        return True
+
+
+def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
+    """``save_pretrained`` + config.json's ``auto_map`` + the code files (model, config, kernels).
+
+    The checkpoint is the base model's plus the routers: ``model_type`` and ``architectures``
+    stay the base model's, so plain loaders use the base class (dense) and ``auto_map`` sends
+    ``trust_remote_code=True`` to the LTE classes (sparse)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(architectures=[base], auto_map=AUTO_MAP)
+    if "use_cache" in config:  # the Trainer saves False; a plain model(ids) would return no cache
+        config["use_cache"] = base_use_cache(model.config)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        saved = json.loads(tokenizer_config.read_text())
+        clean = {k: v for k, v in saved.items() if k not in TOKENIZER_LOADER_KEYS}
+        tokenizer_config.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
+    import lte_kernels.cpu
+    import lte_kernels.triton_ffn
+
+    shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
+    shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
+    shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
+    source = (REMOTE_DIR / "configuration_lte.py").read_text()
+    if BASE_LINE not in source:
+        raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")
+    (directory / "configuration_lte.py").write_text(source.replace(BASE_LINE, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`'))
+
+
+def validation_inputs(batches) -> list[dict]:
+    """Full calibration sequences (the masked path) and single tokens (the compact decode path)."""
+    inputs = []
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        inputs.append({"input_ids": batch["input_ids"], **({} if mask is None else {"attention_mask": mask})})
+        inputs.append({"input_ids": batch["input_ids"][:1, :1]})
+    return inputs
+
+
+@torch.no_grad()
+def reference_logits(model, inputs: list[dict]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
+
+
+@torch.no_grad()
+def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Tensor], dtype, device) -> float:
+    """Load ``directory`` like a user would and compare its logits with ``expected`` (the
+    in-memory LTE model's at the same thresholds). Returns the worst relative error; raises
+    on a mismatch, on a non-finite weight and on non-finite logits."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype).to(device).eval()
+    broken = [name for name, tensor in exported.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ExportRefused(f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
+                           f"{', ...' if len(broken) > 3 else ''}); the trained model is broken, nothing was written. "
+                           f"Export an earlier checkpoint or retrain with a lower learning rate")
+    worst = 0.0
+    for index, (x, want) in enumerate(zip(inputs, expected, strict=True)):
+        got = exported(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu()
+        for name, logits in (("exported", got), ("trained", want)):
+            if not torch.isfinite(logits).all():
+                raise ExportRefused(f"export validation failed: the {name} model's logits on validation input {index} "
+                                   f"hold NaN or inf; nothing was written. Check the run's dtype (fp16 overflows; "
+                                   f"use bf16 or fp32) and its training loss")
+        error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        worst = max(worst, error)
+    tolerance = VALIDATION_TOLERANCE.get(dtype, 3e-2)
+    if not worst <= tolerance:
+        raise ExportRefused(f"export validation failed: the exported model's logits differ from the trained model's "
+                           f"by {worst:.2e} (relative), above {tolerance:.0e}; nothing was written")
+    del exported
+    return worst
+
+
+def plot_export(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(len(report["per_layer_sparsity"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 3.4))
+    ax.bar([i - 0.2 for i in layers], [100 * s for s in report["per_layer_sparsity"]], width=0.4,
+           label=f"{report['allocation']} (held-out)")
+    ax.bar([i + 0.2 for i in layers], [100 * s for s in report["uniform_per_layer_sparsity"]], width=0.4,
+           color="tab:gray", label="uniform (held-out)")
+    ax.axhline(100 * report["target_sparsity"], color="tab:red", linestyle="--", label="target")
+    ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100))
+    ax.set_title(f"held-out ppl {report['sparse_ppl']:.3f} ({report['allocation']}) vs {report['uniform_ppl']:.3f} "
+                 f"(uniform); dense {report['dense_ppl']:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export(request: ExportRequest, progress: bool = True) -> dict:
+    """Run an export; returns the content of ``lte_export.json``."""
+    from ..training.config import load_run_recipe
+    from ..training.data import LMData, build_data
+    from ..training.evaluate import evaluate_lm
+    from ..training.loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
+                          load_tokenizer, model_kwargs)
+
+    request.validate()
+    run_dir = Path(request.run_dir)
+    source = stage2_model(run_dir)
+    recipe = load_run_recipe(run_dir)
+    run_report = load_report(run_dir)
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.seed)
+    blocks = calibration_data(request, recipe, tokenizer, data)
+    batch_size = recipe.train.get("per_device_eval_batch_size", 8)
+    batches = calibration_batches(LMData(blocks, data.eval, data.padded), tokenizer, request.calibration_tokens, batch_size)
+    dtype = DTYPES[recipe.model.dtype]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
+    base = base_architecture(model)
+    dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
+
+    if request.target_sparsity is not None:
+        if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):
+            logger.warning("export: %s %s", run_dir, warning)
+        logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
+                    100 * request.target_sparsity, request.calibration_tokens, request.allocation)
+        calib_dense_ppl = math.exp(dense_nll(model, batches))
+        fault_point("export:tuning")  # test-only
+        chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
+        target = request.target_sparsity
+    else:
+        logger.info("export: searching the highest sparsity within +%.1f%% calibration perplexity", request.max_ppl_increase)
+        fault_point("export:tuning")  # test-only
+        chosen, calib_dense_ppl = max_sparsity_within(model, batches, request.max_ppl_increase / 100, request.allocation,
+                                                      progress=progress)
+        target = round(chosen.sparsity, 4)
+        _, uniform = choose_thresholds(model, batches, target, "uniform", progress=progress)
+        logger.info("export: %.1f%% sparsity keeps calibration ppl at %.4f (dense routing %.4f)", 100 * target, chosen.ppl,
+                    calib_dense_ppl)
+
+    # Held-out: the run's eval split, which calibration never reads.
+    collator = collator_for(data, tokenizer)
+    set_thresholds(model, uniform.thresholds)
+    uniform_heldout = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (uniform allocation)")
+    set_thresholds(model, [DENSE] * len(chosen.thresholds))
+    dense = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (all experts)")
+    layouts = layout_results("dense", model, data, tokenizer, batch_size)
+    set_thresholds(model, chosen.thresholds)
+    sparse = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (exported thresholds)")
+    layouts |= layout_results("sparse", model, data, tokenizer, batch_size)
+    original_ppl = run_report.get("dense_ppl")
+
+    marker = {"source_run": str(run_dir.resolve()), "settings": {**request.settings(), **heldout_settings(recipe.to_dict())},
+              "stage2_id": (read_marker(source) or {}).get("id")}
+    with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
+        inputs = validation_inputs(batches[:2])
+        expected = reference_logits(model, inputs)
+        to_routed(model, chosen.thresholds)
+        write_checkpoint(model, tokenizer, tmp, base)
+        del model
+        error = validate_export(tmp, inputs, expected, dtype, device)
+        logger.info("export: reloaded checkpoint matches the trained model (relative logit error %.1e)", error)
+        report = {
+            "source_run": str(run_dir.resolve()),
+            "stage2_model": str(source.resolve()),
+            "target_sparsity": target,
+            "max_ppl_increase": request.max_ppl_increase,
+            "allocation": chosen.allocation,
+            "calibration": request.calibration or recipe.data.train,
+            "calibration_tokens": request.calibration_tokens,
+            "calibration_sparsity": chosen.sparsity,
+            "calibration_per_layer_sparsity": chosen.per_layer_sparsity,
+            "calibration_ppl": chosen.ppl,
+            "calibration_dense_ppl": calib_dense_ppl,
+            "uniform_calibration_ppl": uniform.ppl,
+            "heldout": recipe.data.eval or f"{recipe.data.eval_fraction:.0%} of {recipe.data.train}",
+            "heldout_tokens": sparse.tokens,
+            "heldout_sparsity": sparse.sparsity,
+            "per_layer_sparsity": sparse.per_layer_sparsity,
+            "thresholds": chosen.thresholds,
+            "layer_targets": chosen.targets,
+            "dense_ppl": dense.ppl,
+            "sparse_ppl": sparse.ppl,
+            "ppl_increase": sparse.ppl / dense.ppl - 1,
+            "original_ppl": original_ppl,
+            "uniform_ppl": uniform_heldout.ppl,
+            "uniform_heldout_sparsity": uniform_heldout.sparsity,
+            "uniform_per_layer_sparsity": uniform_heldout.per_layer_sparsity,
+            "layouts": layout_report(layouts),  # the same held-out tokens after BOS, after EOS, packed
+            "validation_error": error,
+            "base_architecture": base,
+        }
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        plot_export(report, tmp / PLOT)
+        fault_point("export:written")  # test-only
+    return report
+
+
+def summary(report: dict, out: str | os.PathLike) -> str:
+    from ..training.loading import layout_summary
+
+    per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
+    original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""
+    return (f"\nLTE export written: {out}\n"
+            f"  FFN sparsity  target {100 * report['target_sparsity']:.1f}%, calibration "
+            f"{100 * report['calibration_sparsity']:.1f}%, held-out {100 * report['heldout_sparsity']:.1f}% "
+            f"({report['allocation']} allocation; per layer: {per_layer})\n"
+            f"  held-out ppl  sparse {report['sparse_ppl']:.4f} vs all experts {report['dense_ppl']:.4f} "
+            f"({100 * report['ppl_increase']:+.2f}%){original}; uniform allocation {report['uniform_ppl']:.4f}\n"
+            + (f"  layouts       sparse: {layout_summary(report['layouts'])}\n"
+               f"                all experts: {layout_summary(report['layouts'], 'dense')}\n" if report.get("layouts") else "")
+            + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
+

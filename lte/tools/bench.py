@@ -1,0 +1,208 @@
+"""``lte bench kernel`` and ``lte bench decode``: sparse against dense, in one process.
+
+``kernel``:
+
+Dense is computed the way transformers computes a SwiGLU FFN (three ``F.linear`` calls);
+sparse is what an exported model runs for one decoding token on CPU: the router matvec, the
+threshold, the selected experts' indices, then the kernel's expert matvecs for gate and up
+and the transposed one for down (``kernels/cpu.py``). Times are medians over repeats after
+warm-up. The threshold is set so that exactly the requested share of experts is skipped.
+
+``decode``: end-to-end greedy tokens/s of an exported model at batch 1, against the same
+loaded model with ``config.lte_mode = "dense"``: same prompt, same number of new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UsageError
+
+DEFAULT_SHAPES = ("4096x11008", "5120x13824")  # Llama-2-7B and 13B FFNs
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class KernelRow:
+    shape: str
+    batch: int
+    dtype: str
+    sparsity: float
+    dense_ms: float
+    sparse_ms: float
+    speedup: float
+    ideal_speedup: float
+    fraction_of_ideal: float
+    kernel_dense_ms: float  # the same kernel with every expert selected: separates kernel quality from sparsity
+    union: float  # share of experts the batch's tokens selected together (= 1 - sparsity at batch 1)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        hidden, ffn = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: expected HIDDENxFFN, e.g. 4096x11008") from None
+    if hidden <= 0 or ffn <= 0:
+        raise UsageError(f"--shape {text!r}: sizes must be positive")
+    return hidden, ffn
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall-clock time of ``fn`` over ``repeats`` calls, after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_counting_skips(model, fn):
+    """Call ``fn`` while an exported model counts the experts each layer skips; returns
+    (fn's result, per-layer fraction skipped; 0 for layers that routed nothing, as in dense mode)."""
+    model.config.lte_track_sparsity = True
+    model.lte_reset_sparsity()
+    try:
+        result = fn()
+    finally:
+        model.config.lte_track_sparsity = False
+    return result, [s or 0.0 for s in model.lte_sparsity()]
+
+
+@torch.no_grad()
+def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, expert_size: int = 32, repeats: int = 20,
+                 device: str = "cpu", progress: bool = True) -> list[KernelRow]:
+    from tqdm.auto import tqdm
+
+    if device != "cpu":
+        raise UsageError("--device cuda: the GPU (Triton) kernel is not built yet; use --device cpu")
+    if not 1 <= batch <= 8:
+        raise UsageError(f"--batch {batch}: the CPU kernel covers 1 to 8 tokens (larger batches run the dense masked path)")
+    import lte_kernels.cpu as cpu_kernel
+
+    if not cpu_kernel.available():
+        raise UsageError("the CPU kernel could not be built (it needs a C++ compiler and ninja); see the log above")
+    torch_dtype = DTYPES[dtype]
+    rows = []
+    cases = [(s, p) for s in shapes for p in sparsities]
+    for shape, sparsity in tqdm(cases, desc="Benchmarking", disable=not progress):
+        hidden, ffn = parse_shape(shape)
+        if ffn % expert_size:
+            raise UsageError(f"--expert-size {expert_size} does not divide the FFN width {ffn}")
+        experts_total = ffn // expert_size
+        g = torch.Generator().manual_seed(0)
+        gate, up = (torch.randn(ffn, hidden, generator=g).to(torch_dtype) for _ in range(2))
+        down = torch.randn(hidden, ffn, generator=g).to(torch_dtype)
+        down_t = down.t().contiguous()  # the export's layout: one row per neuron
+        # fp32 router (logits ~ N(0, 1)): bf16 scores tie too often to skip an exact share of experts
+        router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
+        x = torch.randn(batch, hidden, generator=g).to(torch_dtype)
+        scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
+        skip = int(round(sparsity * scores.numel()))  # over all tokens: each skips about this share
+        threshold = float(scores.kthvalue(skip).values) if skip else -1.0
+
+        def dense():
+            return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+        def sparse():  # what an exported model's FFN runs for 1 to 8 tokens on CPU
+            on = torch.sigmoid(F.linear(x.float(), router)) > threshold
+            experts = on.any(dim=0).nonzero().squeeze(1)
+            g_ = cpu_kernel.expert_matvec(x, gate, experts, expert_size)
+            u_ = cpu_kernel.expert_matvec(x, up, experts, expert_size)
+            h = F.silu(g_) * u_
+            if batch > 1:  # zero each token's experts it did not select
+                h = (h.reshape(batch, -1, expert_size) * on[:, experts].unsqueeze(-1).to(h.dtype)).reshape(batch, -1)
+            return cpu_kernel.expert_matvec_t(h, down_t, experts, expert_size)
+
+        all_experts = torch.arange(experts_total)
+
+        def kernel_dense():
+            g_ = cpu_kernel.expert_matvec(x, gate, all_experts, expert_size)
+            u_ = cpu_kernel.expert_matvec(x, up, all_experts, expert_size)
+            return cpu_kernel.expert_matvec_t(F.silu(g_) * u_, down_t, all_experts, expert_size)
+
+        on = torch.sigmoid(F.linear(x.float(), router)) > threshold
+        assert int(on.sum()) == on.numel() - skip, (int(on.sum()), on.numel(), skip)
+        union = float(on.any(dim=0).float().mean())
+        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * median_seconds(fn, repeats) for fn in (dense, sparse, kernel_dense))
+        ideal = 1.0 / union if union > 0 else float("inf")  # bytes read: the union of the experts
+        speedup = dense_ms / sparse_ms
+        rows.append(KernelRow(shape, batch, dtype, sparsity, dense_ms, sparse_ms, speedup, ideal, speedup / ideal,
+                              kernel_dense_ms, union))
+    return rows
+
+
+def kernel_table(rows: list[KernelRow]) -> str:
+    lines = ["| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal | kernel, all experts ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.batch} | {r.dtype} | {r.sparsity:.2f} | {100 * r.union:.0f}% | {r.dense_ms:.2f} | "
+                     f"{r.sparse_ms:.2f} | {r.speedup:.2f}x | {r.ideal_speedup:.2f}x | {100 * r.fraction_of_ideal:.0f}% | "
+                     f"{r.kernel_dense_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_json(data, path: str) -> None:
+    """``data`` as JSON at ``path``, written to a temporary file and renamed into place."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
+
+
+@dataclass
+class DecodeResult:
+    model: str
+    device: str
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    dense_tokens_per_s: float
+    sparse_tokens_per_s: float
+    speedup: float
+    sparsity: float  # FFN neurons skipped per token while decoding, mean over layers
+
+
+@torch.no_grad()
+def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 5, name: str = "") -> DecodeResult:
+    """Median greedy-decoding speed of ``model`` (an exported LTE model) sparse and dense."""
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": model.config.pad_token_id or 0}
+
+    def decode():
+        model.generate(prompt_ids, **kwargs)
+
+    device = next(model.parameters()).device
+    speed = {}
+    for mode in ("dense", "sparse"):
+        model.config.lte_mode = mode
+        speed[mode] = new_tokens / median_seconds(decode, repeats, device)
+    model.config.lte_mode = "sparse"
+    _, per_layer = run_counting_skips(model, decode)
+    return DecodeResult(name, machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
+                        str(next(model.parameters()).dtype).replace("torch.", ""), prompt_ids.shape[1], new_tokens, repeats,
+                        speed["dense"], speed["sparse"], speed["sparse"] / speed["dense"], sum(per_layer) / len(per_layer))

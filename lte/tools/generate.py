@@ -1,0 +1,92 @@
+"""``lte generate``: run an exported checkpoint the way a user would, and show what it skips.
+
+It loads the export with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``,
+generates from a prompt, and prints the text, the decoding speed and the realised FFN
+sparsity per layer; ``--compare-dense`` runs the same prompt with every expert.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bench import run_counting_skips, synchronize
+from ..core.errors import UsageError
+
+
+@dataclass
+class Generation:
+    mode: str
+    text: str
+    new_tokens: int
+    seconds: float
+    per_layer_sparsity: list[float]
+    note: str = ""  # e.g. that generation stopped at the end of the model's context
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def load_export(directory: str | Path, dtype: str = "auto", device: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{directory}: no exported model there (no config.json); export one with `lte export RUN_DIR ...`")
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
+    if not hasattr(model, "lte_sparsity"):
+        raise UsageError(f"{directory} is not an LTE export (model class {type(model).__name__}); "
+                         f"export a trained run with `lte export RUN_DIR --target-sparsity S --out DIR`")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sparse", temperature: float = 0.0,
+             seed: int = 0) -> Generation:
+    """Generate with every layer in ``mode`` ("sparse" or "dense"); counts the skipped neurons."""
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    max_new_tokens, note = fit_to_context(model.config, inputs["input_ids"].shape[1], max_new_tokens)
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
+    previous, model.config.lte_mode = model.config.lte_mode, mode
+    model.generate(**inputs, **{**kwargs, "max_new_tokens": min(2, max_new_tokens)})  # warm-up: first-call allocations are not speed
+    torch.manual_seed(seed)
+    synchronize(device)
+    start = time.perf_counter()
+    output, per_layer = run_counting_skips(model, lambda: model.generate(**inputs, **kwargs))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    model.config.lte_mode = previous
+    new = output[0, inputs["input_ids"].shape[1]:]
+    return Generation(mode, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note)
+
+
+def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """``max_new_tokens`` cut to what the model's context (``max_position_embeddings``) leaves after
+    the prompt, with a note when cut: past it the position embeddings are ones it never saw."""
+    context = getattr(config, "max_position_embeddings", None)
+    if not context:
+        return max_new_tokens, ""
+    if prompt_tokens >= context:
+        raise UsageError(f"--prompt is {prompt_tokens} tokens, the model's whole context of {context}; give a shorter prompt")
+    room = context - prompt_tokens
+    if max_new_tokens <= room:
+        return max_new_tokens, ""
+    return room, (f"note: --max-new-tokens {max_new_tokens} runs past the model's context of {context} tokens; "
+                  f"stopped after {room} new tokens (prompt {prompt_tokens} + {room} = {context})")
+
+
+def describe(result: Generation) -> str:
+    mean = sum(result.per_layer_sparsity) / max(len(result.per_layer_sparsity), 1)
+    per_layer = " ".join(f"{100 * s:.0f}%" for s in result.per_layer_sparsity)
+    label = "LTE (sparse)" if result.mode == "sparse" else "dense (every expert)"
+    return (f"--- {label} ---\n{result.text}\n"
+            f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
+            f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else ""))
