@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lte.config import load_run_recipe
-from lte.data import build_data
-from lte.evaluate import evaluate_lm
-from lte.export import stage2_model
-from lte.inject import load_lte, lte_layers
-from lte.loading import calibration_batches, collator_for, load_tokenizer, model_kwargs
-from lte.thresholds import DENSE, allocate, evaluate_allocation, sensitivity, set_thresholds
+from lte.training.config import load_run_recipe
+from lte.training.data import build_data
+from lte.training.evaluate import evaluate_lm
+from lte.export.exporter import stage2_model
+from lte.model.inject import load_lte, lte_layers
+from lte.training.loading import calibration_batches, collator_for, load_tokenizer, model_kwargs
+from lte.export.thresholds import DENSE, allocate, evaluate_allocation, sensitivity, set_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,7 +10,7 @@ with ``trust_remote_code=True`` and times, as medians over repeats in one proces
 
 * prefill: one forward over ``--batch`` x ``--seq`` tokens (the masked path);
 * decode: ``--new-tokens`` greedy tokens from a short prompt at batch 1 (the compact path,
-  with the CPU kernel the export carries), via ``lte.bench.bench_decode`` as ``lte bench decode``.
+  with the CPU kernel the export carries), via ``lte.tools.bench.bench_decode`` as ``lte bench decode``.
 
 Ratios are sparse time / dense time of the same loaded model (``config.lte_mode``), so the
 comparison is like for like. Writes JSON to bench/results/.
@@ -28,10 +28,10 @@ import torch
 import transformers
 
 import lte_kernels.cpu as cpu_kernel
-from lte.bench import bench_decode, median_seconds
-from lte.export import base_architecture, to_routed, write_checkpoint
-from lte.inject import LTEModelConfig, inject_lte, set_lte_mode
-from lte.thresholds import calibrate
+from lte.tools.bench import bench_decode, median_seconds
+from lte.export.exporter import base_architecture, to_routed, write_checkpoint
+from lte.model.inject import LTEModelConfig, inject_lte, set_lte_mode
+from lte.export.thresholds import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from lte.moefication import balanced_kmeans
+from lte.model.grouping import balanced_kmeans
 
 
 def main():

@@ -16,12 +16,12 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, default_data_collator
 
-from lte.config import load_recipe
-from lte.data import build_data
-from lte.evaluate import evaluate_lm
-from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.loading import calibration_batches, load_tokenizer
-from lte.router_init import _down_column_norms, calibrate_routers
+from lte.training.config import load_recipe
+from lte.training.data import build_data
+from lte.training.evaluate import evaluate_lm
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.training.loading import calibration_batches, load_tokenizer
+from lte.model.router_init import _down_column_norms, calibrate_routers
 
 def oracle(model, sparsity):
     """Hooks that keep, per layer, the most important (token, expert) pairs of each batch."""

@@ -14,12 +14,12 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM
 
-from lte.config import load_run_recipe
-from lte.data import LMData, build_data
-from lte.evaluate import evaluate_batches
-from lte.export import stage2_model
-from lte.inject import load_lte
-from lte.loading import calibration_batches, load_tokenizer, model_kwargs
+from lte.training.config import load_run_recipe
+from lte.training.data import LMData, build_data
+from lte.training.evaluate import evaluate_batches
+from lte.export.exporter import stage2_model
+from lte.model.inject import load_lte
+from lte.training.loading import calibration_batches, load_tokenizer, model_kwargs
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ Each stage is its own ``Trainer.train()`` with its own trainable set, writing ch
 (written to a temporary directory and renamed, so a finished stage is never half-written).
 Rerunning the same command skips finished stages and resumes an unfinished one from its
 last intact checkpoint (:func:`last_complete_checkpoint` verifies it). ``OUTPUT_DIR/recipe.yaml``
-is the run's record (:mod:`lte.record`): a rerun whose settings would no longer match what a
-finished stage was trained with stops before any work. A lock (:func:`lte.outputs.run_lock`)
+is the run's record (:mod:`lte.core.record`): a rerun whose settings would no longer match what a
+finished stage was trained with stops before any work. A lock (:func:`lte.core.outputs.run_lock`)
 keeps a second process out of the same ``output_dir``.
 ``reuse_from=RUN`` starts a run from another run's finished ``stage0/`` and
 ``prepare/`` (hard links) when both recipes agree on what those stages read, so runs trained for
@@ -59,7 +59,7 @@ def preflight(recipe: Recipe) -> None:
     written: data and calibration files, the output directory, the reporting integrations, the
     model (config, weights, tokenizer, attention implementation, FFN layout). The recipe's own
     values (``train.*`` included: each stage's ``TrainingArguments`` is built) are checked by
-    :func:`lte.config.build_recipe`; whatever this misses fails before the first write in :func:`run`."""
+    :func:`lte.training.config.build_recipe`; whatever this misses fails before the first write in :func:`run`."""
     check_source(recipe.data.train, "data.train")
     if recipe.data.eval:
         check_source(recipe.data.eval, "data.eval")
@@ -425,7 +425,7 @@ def summary(report: dict, out: Path) -> str:
 
 def shared_stage_settings(recipe: Recipe) -> dict:
     """The settings stage 0 (when it has steps) and the prepare step depend on, as dotted keys (from
-    :data:`lte.record.KEY_STAGES`): two runs that agree on them produce the same ``stage0/`` and ``prepare/``."""
+    :data:`lte.core.record.KEY_STAGES`): two runs that agree on them produce the same ``stage0/`` and ``prepare/``."""
     stages = {"prepare"} | ({"stage0"} if recipe.lte.stage0_steps > 0 else set())
     return {key: value for key, value in flatten(recipe.to_dict()).items() if stages_of(key) & stages}
 
@@ -494,7 +494,7 @@ def preflight_outputs(recipe: Recipe) -> None:
 
 
 def open_record(recipe: Recipe, restart_from: str | None) -> None:
-    """Compare the recipe with the run's record and act on the difference (see :mod:`lte.record`)."""
+    """Compare the recipe with the run's record and act on the difference (see :mod:`lte.core.record`)."""
     out = Path(recipe.output_dir)
     for directory in (out, *(run_dir.stage_dir(out, s) for s in TRAINED)):
         clean_stale(directory)

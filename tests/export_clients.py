@@ -1,4 +1,4 @@
-"""Client checks on exported checkpoints, run by tests/test_export_clients.py as
+"""Client checks on exported checkpoints, run by tests/export/test_export_clients.py as
 ``python -I tests/export_clients.py CHECK DIR...`` from a temporary directory: what a user of
 the export has, without the project (``lte`` and ``lte_kernels`` cannot be imported). Each
 check prints ``RESULT <json>``; the test asserts on the numbers."""

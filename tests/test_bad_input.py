@@ -202,11 +202,11 @@ def test_output_dir_under_a_read_only_directory(inputs, capsys, monkeypatch):
 # Ctrl-C in each command: (argv, the function the command runs, which raises KeyboardInterrupt there)
 INTERRUPTS = [
     (["recipe=tiny", "output_dir={out}"], "lte.pipeline.run", INTERRUPTED["train"]),
-    (["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}"], "lte.export.export", INTERRUPTED["export"]),
-    (["compare", "--model", "m", "--data", "d", "--out", "{out}"], "lte.compare.compare", INTERRUPTED["compare"]),
-    (["analyze", "wasserstein", "m", "--data", "d", "--out", "{out}"], "lte.wasserstein.analyze", INTERRUPTED["analyze"]),
-    (["generate", "{tmp}/export"], "lte.generate.load_export", INTERRUPTED["generate"]),
-    (["bench", "kernel"], "lte.bench.bench_kernel", INTERRUPTED["bench"]),
+    (["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}"], "lte.export.exporter.export", INTERRUPTED["export"]),
+    (["compare", "--model", "m", "--data", "d", "--out", "{out}"], "lte.compare.harness.compare", INTERRUPTED["compare"]),
+    (["analyze", "wasserstein", "m", "--data", "d", "--out", "{out}"], "lte.compare.wasserstein.analyze", INTERRUPTED["analyze"]),
+    (["generate", "{tmp}/export"], "lte.tools.generate.load_export", INTERRUPTED["generate"]),
+    (["bench", "kernel"], "lte.tools.bench.bench_kernel", INTERRUPTED["bench"]),
 ]
 
 
@@ -256,8 +256,8 @@ def _tiny_export(out: Path, context: int) -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from lte.export import base_architecture, to_routed, write_checkpoint
-    from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+    from lte.export.exporter import base_architecture, to_routed, write_checkpoint
+    from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(STORIES)

@@ -22,8 +22,8 @@ At an export's own target sparsity an export
 directory runs at the export's thresholds (the exported model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
 layout) through the same code path: ``extra_data[NAME]`` in each row.
 With ``--tasks``, lm-evaluation-harness scores each method's model on the task configs of
-:mod:`lte.tasks` (the same numbers lm-eval's CLI gives on that model).
-Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.outputs`): ``results.json`` (one row
+:mod:`lte.compare.tasks` (the same numbers lm-eval's CLI gives on that model).
+Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.core.outputs`): ``results.json`` (one row
 per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 """
 
@@ -70,7 +70,7 @@ class CompareRequest:
     batch_size: int = 8
     device: str | None = None
     overwrite: bool = False
-    tasks: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> file (lte.tasks)
+    tasks: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> file (lte.compare.tasks)
     task_limit: int | None = 200
     extra_data: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> held-out text file
 

@@ -5,7 +5,7 @@ LTE needs three facts about an FFN: which projections produce the intermediate n
 weight to cluster neurons on. Everything else (activation, dropout, GeGLU vs SwiGLU) stays
 in the model's own forward.
 
-The layout of a model is found by :mod:`lte.detect` from its module tree and one traced
+The layout of a model is found by :mod:`lte.model.detect` from its module tree and one traced
 forward; this module holds the overrides for what detection cannot settle (a Python
 :func:`register_ffn` per host class, or the recipe key ``model.ffn_layout``) and the
 serialised form saved with every run (``lte_config.json``) and export (``config.lte_ffn``).

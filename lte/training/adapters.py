@@ -1,6 +1,6 @@
 """LoRA and QLoRA for LTE stages, through PEFT and bitsandbytes.
 
-A stage model is an LTE checkpoint loaded by :func:`lte.inject.load_lte` (optionally with 4-bit
+A stage model is an LTE checkpoint loaded by :func:`lte.model.inject.load_lte` (optionally with 4-bit
 base weights); :func:`add_lora` puts LoRA adapters on its linear projections and, in stage 1,
 trains the routers in full through PEFT's ``modules_to_save`` (a trainable float32 copy; the
 routers are never quantized, never adapted; under DeepSpeed bf16 the engine trains them in bf16).

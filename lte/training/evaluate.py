@@ -41,7 +41,7 @@ def pad_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def evaluate_layouts(model, layouts: dict, pad_token_id: int, batch_size: int = 8, what: str = "") -> dict[str, EvalResult]:
-    """:func:`evaluate_lm` on the held-out documents in each layout (:func:`lte.data.layout_rows`):
+    """:func:`evaluate_lm` on the held-out documents in each layout (:func:`lte.training.data.layout_rows`):
     the same tokens scored after BOS, after EOS and packed. Rows are batched by length."""
     results = {}
     for layout, rows in layouts.items():

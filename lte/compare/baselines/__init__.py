@@ -5,7 +5,7 @@
     handle.remove()                                                        # the model as it was
 
 ``cache`` (a dict per method and model, optional) keeps what a method measured on the
-calibration data between targets. ``handle`` (:class:`~lte.baselines.sites.Sparsified`) also reports the realised per-layer FFN
+calibration data between targets. ``handle`` (:class:`~lte.compare.baselines.sites.Sparsified`) also reports the realised per-layer FFN
 sparsity and FFN FLOPs per token of what ran. ``lte compare`` (:mod:`lte.compare`) runs them
 side by side with LTE and the dense model.
 """

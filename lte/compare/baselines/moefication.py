@@ -1,7 +1,7 @@
 """MoEfication (Zhang et al. 2022, thunlp/MoEfication): experts from balanced k-means, top-k routing.
 
 Per FFN, the neurons are grouped into equal-size experts by the same balanced k-means on
-normalised gate rows that LTE uses (:func:`lte.moefication.balanced_kmeans`; the weights are not
+normalised gate rows that LTE uses (:func:`lte.model.grouping.balanced_kmeans`; the weights are not
 permuted: the grouping is a neuron -> expert label). Each FFN gets MoEfication's MLP router
 (``Linear(d, E) -> tanh -> Linear(E, E)``, the first layer initialised to the experts' normalised
 centroids, the second to the identity), trained on calibration tokens to predict each expert's

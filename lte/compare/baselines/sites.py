@@ -1,6 +1,6 @@
 """What every baseline method hooks: each FFN's input, activation and down-projection input.
 
-The FFN registry of :mod:`lte.registry` gives, per architecture, the projections that produce
+The FFN registry of :mod:`lte.model.registry` gives, per architecture, the projections that produce
 the intermediate neurons and the one that consumes them. A method sparsifies by returning a
 keep-mask over the down projection's input ``Z`` (one entry per token and neuron) and, for TEAL,
 by zeroing entries of the FFN input. :class:`Sparsified` installs those hooks, counts what was

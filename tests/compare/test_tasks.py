@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, STORIES
-from lte.errors import UsageError
-from lte.tasks import CONFIG_DIR, TASKS, parse_results, parse_tasks, prepare_tasks, read_task
+from lte.core.errors import UsageError
+from lte.compare.tasks import CONFIG_DIR, TASKS, parse_results, parse_tasks, prepare_tasks, read_task
 
 TASK_DATA = REPO / "tests" / "data" / "tasks"
 LAYOUTS = TASK_DATA / "layouts"  # the first records of each file in the layout it is distributed in
@@ -59,7 +59,7 @@ def choice_logprob(model, tokenizer, context: str, choice: str, prefix_handle=No
 
 def expected_accuracy(model, tokenizer, name: str, records: list[dict], handle=None) -> dict:
     """acc and acc_norm written out from the task's prompt, for comparison with lm-eval's."""
-    from lte.compare_tasks.utils import preprocess
+    from lte.compare.task_configs.utils import preprocess
 
     acc = acc_norm = 0
     for r in records:
@@ -94,7 +94,7 @@ def test_lm_eval_scores_the_model_object_with_each_tasks_prompt(tmp_path):
 
 def test_griffin_selects_from_each_prompt_under_lm_eval(tmp_path):
     """GRIFFIN reads the prompt: lm-eval's requests reach it one at a time, each with its own prompt."""
-    from lte.baselines import METHODS
+    from lte.compare.baselines import METHODS
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
@@ -144,7 +144,7 @@ def test_lm_eval_cli_on_the_export_gives_lte_compares_numbers(tiny_run, tmp_path
 def test_tasks_without_lm_eval_is_a_usage_error_that_names_the_fix(monkeypatch):
     import importlib.util
 
-    from lte.tasks import check_lm_eval
+    from lte.compare.tasks import check_lm_eval
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))

@@ -1,6 +1,6 @@
 """The generated coverage test: every causal-LM architecture of the installed transformers.
 
-One run (``lte.coverage.run_coverage``) shared by the tests below: a tiny random model per
+One run (``lte.tools.coverage.run_coverage``) shared by the tests below: a tiny random model per
 architecture through detection, grouping, both training stages, export, and a reload in a
 process that cannot import ``lte``. docs/architectures.md is this run's table.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 from conftest import REPO, STORIES
 
-from lte.coverage import FAILED, NOT_BUILT, REFUSED, WORKS, architectures, render_markdown, run_coverage
+from lte.tools.coverage import FAILED, NOT_BUILT, REFUSED, WORKS, architectures, render_markdown, run_coverage
 
 # Dense decoders that the hand-written registry refused (the list of issue 16), the nine
 # families it knew, and MoE models: detection must handle all without registration.
@@ -20,7 +20,7 @@ FORMERLY_REFUSED = ["olmo", "olmo2", "olmo3", "granite", "stablelm", "falcon", "
 FORMER_NINE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # Exports whose reload is broken outside this branch's files: FalconH1's non-persistent buffer
-# `mup_vector` is left uninitialised by the exported class (lte/remote/modeling_lte.py, branch
+# `mup_vector` is left uninitialised by the exported class (lte/export/remote/modeling_lte.py, branch
 # exportfmt). The detected call order (up_proj before gate_proj) is right. Remove once merged.
 @pytest.fixture(scope="module")
 def coverage(tmp_path_factory):
@@ -55,4 +55,4 @@ def test_moe_models_are_refused_as_moe(coverage):
 def test_the_architecture_table_is_up_to_date(coverage):
     expected = render_markdown(list(coverage.values()))
     assert (REPO / "docs" / "architectures.md").read_text() == expected, \
-        "docs/architectures.md is out of date: run `python bench/architectures.py`"
+        "docs/architectures.md is out of date: run `python scripts/architectures.py`"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lte.layers import RouterRecord
-from lte.losses import efficiency_loss, layer_sparsity, separability_loss
+from lte.model.layers import RouterRecord
+from lte.training.losses import efficiency_loss, layer_sparsity, separability_loss
 
 
 def records():

@@ -13,10 +13,10 @@ import torch
 
 from conftest import REPO, tiny_model
 from lte.cli import main
-from lte.evaluate import evaluate_batches
-from lte.export import ExportRequest, base_architecture, export, to_routed, write_checkpoint
-from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.thresholds import DENSE, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
+from lte.training.evaluate import evaluate_batches
+from lte.export.exporter import ExportRequest, base_architecture, export, to_routed, write_checkpoint
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.export.thresholds import DENSE, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
 
 # Runs in a fresh interpreter where `lte` cannot be imported: what a user of the export has.
 LOAD_AS_A_USER = r"""
@@ -152,7 +152,7 @@ def test_the_triton_decode_path_matches_in_the_interpreter(tmp_path):
 
 
 def test_the_pure_torch_decode_path_matches_without_the_kernel():
-    import lte.remote.modeling_lte as modeling
+    import lte.export.remote.modeling_lte as modeling
 
     assert modeling._cpu_kernel_available is None  # the package copy has no kernel beside it: pure torch
     for family in ("llama", "phi3", "gpt2"):
@@ -171,7 +171,7 @@ def test_the_pure_torch_decode_path_matches_without_the_kernel():
 
 
 def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monkeypatch):
-    import lte.remote.modeling_lte as modeling
+    import lte.export.remote.modeling_lte as modeling
     import lte_kernels.cpu as cpu_kernel
 
     calls = []
@@ -221,10 +221,10 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_run):
     """The smoke run's stage-2 model, its calibration batches and its held-out data."""
-    from lte.config import load_run_recipe
-    from lte.data import build_data
-    from lte.inject import load_lte
-    from lte.loading import calibration_batches, collator_for, load_tokenizer
+    from lte.training.config import load_run_recipe
+    from lte.training.data import build_data
+    from lte.model.inject import load_lte
+    from lte.training.loading import calibration_batches, collator_for, load_tokenizer
 
     out, _ = tiny_run
     recipe = load_run_recipe(out)
@@ -254,7 +254,7 @@ def stage2_sensitivity(trained):
 @pytest.mark.parametrize("allocation", ["uniform", "tuned"])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_held_out_sparsity_is_within_two_points_of_the_target(stage2, stage2_sensitivity, target, allocation):
-    from lte.evaluate import evaluate_lm
+    from lte.training.evaluate import evaluate_lm
 
     model, batches, data, collator = stage2
     n = len(lte_layers(model))
@@ -376,7 +376,7 @@ def test_bad_input_gets_one_clear_message(tiny_run, tmp_path, capsys):
 
 
 def test_max_ppl_increase_exports_the_highest_sparsity_within_the_budget(tiny_run, tmp_path):
-    from lte.thresholds import choose_thresholds
+    from lte.export.thresholds import choose_thresholds
 
     out, _ = tiny_run
     request = ExportRequest(run_dir=str(out), out=str(tmp_path / "budget"), max_ppl_increase=10.0, calibration_tokens=4096,
@@ -394,10 +394,10 @@ def test_max_ppl_increase_exports_the_highest_sparsity_within_the_budget(tiny_ru
 
 
 def _stage2_with_calibration(out, tokens):
-    from lte.config import load_run_recipe
-    from lte.data import build_data
-    from lte.inject import load_lte
-    from lte.loading import calibration_batches, load_tokenizer
+    from lte.training.config import load_run_recipe
+    from lte.training.data import build_data
+    from lte.model.inject import load_lte
+    from lte.training.loading import calibration_batches, load_tokenizer
 
     recipe = load_run_recipe(out)
     tokenizer = load_tokenizer(recipe)
@@ -406,7 +406,7 @@ def _stage2_with_calibration(out, tokens):
 
 
 def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, monkeypatch):
-    import lte.export
+    import lte.export.exporter
 
     out, _ = tiny_run
     target = tmp_path / "exported"
@@ -427,8 +427,8 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
 
 
 def test_a_target_well_below_the_trained_sparsity_is_warned_about(tmp_path):
-    from lte.export import below_trained_sparsity
-    from lte.loading import load_report
+    from lte.export.exporter import below_trained_sparsity
+    from lte.training.loading import load_report
 
     (tmp_path / "report.json").write_text(json.dumps({"sparsity": 0.694}))
     trained = load_report(tmp_path)["sparsity"]
@@ -446,7 +446,7 @@ def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tm
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lte.remote.modeling_lte import install_routed_ffns
+    from lte.export.remote.modeling_lte import install_routed_ffns
 
     config = transformers.FalconH1Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -488,7 +488,7 @@ def _validation_case(tmp_path):
 def test_export_validation_fails_on_non_finite_logits_and_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lte.export import validate_export
+    from lte.export.exporter import validate_export
 
     directory, inputs, expected = _validation_case(tmp_path)
     assert validate_export(directory, inputs, expected, torch.float32, torch.device("cpu")) < 1e-5

@@ -6,10 +6,10 @@ from torch import nn
 
 from conftest import FAMILY_CONFIGS, tiny_model
 from lte import UsageError
-from lte.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
+from lte.model.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
                         set_lte_mode, unload_lte)
-from lte.layers import collect_router_scores
-from lte.registry import feature_axes
+from lte.model.layers import collect_router_scores
+from lte.model.registry import feature_axes
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 

@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, REPO, STORIES, run_train
 from lte.cli import main
-from lte.compare import CompareRequest, compare
-from lte.config import load_recipe
-from lte.errors import UsageError
+from lte.compare.harness import CompareRequest, compare
+from lte.training.config import load_recipe
+from lte.core.errors import UsageError
 from lte.pipeline import reused_stages
 
 DATA = REPO / "assets" / "tinystories" / "eval.txt"

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import STORIES, TEST_DATA
-from lte.config import DataArgs
-from lte.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
-from lte.errors import UsageError
+from lte.training.config import DataArgs
+from lte.training.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
+from lte.core.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, t
 
 
 def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(tmp_path, tokenizer):
-    from lte.evaluate import evaluate_layouts, pad_rows
+    from lte.training.evaluate import evaluate_layouts, pad_rows
 
     from conftest import tiny_model
 
@@ -196,7 +196,7 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
 def test_unmarked_share_of_documents_follows_an_eos_without_bos():
     """data.unmarked_fraction: that share of documents goes without its opening marker, chosen by
     the text (the same on every call), and none without the setting."""
-    from lte.data import document_ids
+    from lte.training.data import document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     texts = [f"Story {i}: Tom saw a dog." for i in range(2000)]

@@ -1,8 +1,8 @@
-"""Run the architecture coverage (lte/coverage.py) and write docs/architectures.md from it.
+"""Run the architecture coverage (lte/tools/coverage.py) and write docs/architectures.md from it.
 
-    HF_HUB_OFFLINE=1 python bench/architectures.py [--only llama,olmo2] [--json out.json]
+    HF_HUB_OFFLINE=1 python scripts/architectures.py [--only llama,olmo2] [--json out.json]
 
-The README links the file; tests/test_architectures.py fails when it is out of date.
+The README links the file; tests/model/test_architectures.py fails when it is out of date.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from lte.coverage import render_markdown, run_coverage, to_json
+from lte.tools.coverage import render_markdown, run_coverage, to_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import torch
 from datasets import Dataset
 
 from conftest import tiny_model
-from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.layers import collect_router_scores
-from lte.trainer import EtaController, LTETrainer, LTETrainingArguments, TrainingDiverged
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.model.layers import collect_router_scores
+from lte.training.trainer import EtaController, LTETrainer, LTETrainingArguments, TrainingDiverged
 
 
 def packed_dataset(n=8, length=16, seed=0):

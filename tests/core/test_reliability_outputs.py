@@ -1,4 +1,4 @@
-"""Safe outputs (lte/outputs.py): --out checked before any work, --overwrite only of what lte wrote,
+"""Safe outputs (lte/core/outputs.py): --out checked before any work, --overwrite only of what lte wrote,
 staged writes, stale temporaries, umask, the run lock, a full disk."""
 
 import errno
@@ -16,8 +16,8 @@ import torch
 
 from conftest import REPO, STORIES
 from lte.cli import main, run_cli
-from lte.errors import UsageError
-from lte.outputs import MARKER, check_out, clean_stale, disk_guard, run_lock, staged_dir
+from lte.core.errors import UsageError
+from lte.core.outputs import MARKER, check_out, clean_stale, disk_guard, run_lock, staged_dir
 
 
 def tree_hash(root) -> str:
@@ -139,7 +139,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_
 
 def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from lte.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                               "from lte.core.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
                                "    print('held', flush=True); time.sleep(120)", str(tmp_path)],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -167,7 +167,7 @@ class FullDisk(io.RawIOBase):
 
 
 def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatch):
-    import lte.outputs
+    import lte.core.outputs
 
     with pytest.raises(UsageError, match="no space left on device at /mnt/full/optimizer.pt; free some space"):
         with disk_guard(tmp_path):
@@ -177,7 +177,7 @@ def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatc
                                "data/0: file write failed")
     with pytest.raises(RuntimeError, match="file write failed"), disk_guard(tmp_path):
         raise torch_error  # space is left here: not called a full disk
-    monkeypatch.setattr(lte.outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(lte.core.outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     with pytest.raises(UsageError, match=f"no space left on device at {tmp_path}"), disk_guard(tmp_path):
         raise torch_error
     with pytest.raises(ZeroDivisionError), disk_guard(tmp_path):  # anything else passes through

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TEST_DATA, run_train
-from lte.data import ALPACA_CHAT_TEMPLATE
+from lte.training.data import ALPACA_CHAT_TEMPLATE
 
 ALPACA = TEST_DATA / "alpaca"
 

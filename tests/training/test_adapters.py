@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_train, tiny_model
-from lte.adapters import add_lora, merge_adapter, quantization_config
-from lte.config import LoraArgs
-from lte.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_mode
+from lte.training.adapters import add_lora, merge_adapter, quantization_config
+from lte.training.config import LoraArgs
+from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_mode
 
 LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
 

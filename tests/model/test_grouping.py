@@ -2,7 +2,7 @@
 
 import torch
 
-from lte.moefication import balanced_assign, balanced_kmeans
+from lte.model.grouping import balanced_assign, balanced_kmeans
 
 
 def test_balanced_assign_fills_every_cluster_exactly():

@@ -1,5 +1,5 @@
 """Resume that survives kills and damage, a run record that cannot lie, one trainer per output_dir,
-and divergence you can recover from (lte/record.py, lte/pipeline.py, lte/faults.py).
+and divergence you can recover from (lte/core/record.py, lte/pipeline.py, lte/core/faults.py).
 
 The kills are SIGKILLs at deterministic points, through the test-only LTE_TEST_FAULT hook."""
 
@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO
 from lte.cli import main
-from lte.errors import UsageError
-from lte.record import plan_rerun
+from lte.core.errors import UsageError
+from lte.core.record import plan_rerun
 
 FAULT = "LTE_TEST_FAULT"
 NO_EXPORT = "export.target_sparsity=null"  # the chains compare models, not exports: skip the export stage
@@ -156,7 +156,7 @@ def test_following_the_divergence_message_finishes_the_run(tmp_path):
 
 
 def test_the_divergence_message_names_each_stages_learning_rate_key():
-    from lte.config import load_recipe
+    from lte.training.config import load_recipe
     from lte.pipeline import learning_rate_key
 
     recipe = load_recipe(["recipe=tiny", "output_dir=/tmp/x"], check_hardware=False)

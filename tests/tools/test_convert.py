@@ -1,4 +1,4 @@
-"""lte.convert: llama2.c -> Hugging Face conversion of stories260K, and the shipped assets/stories260K.
+"""lte.tools.convert: llama2.c -> Hugging Face conversion of stories260K, and the shipped assets/stories260K.
 
 The original llama2.c files are in tests/data/stories260K (with their SOURCE.md).
 """
@@ -15,9 +15,9 @@ import torch
 
 from conftest import STORIES as ASSET
 from conftest import TEST_DATA
-from lte import convert as convert_module
-from lte.convert import convert_llama2c
-from lte.errors import UsageError
+from lte.tools import convert as convert_module
+from lte.tools.convert import convert_llama2c
+from lte.core.errors import UsageError
 
 ORIGINAL = TEST_DATA / "stories260K"
 MODEL_BIN = ORIGINAL / "stories260K.bin"

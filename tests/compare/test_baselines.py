@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO, STORIES, tiny_model
-from lte.baselines import METHODS, dense_ffn_flops_per_token, ffn_sites
-from lte.baselines.griffin import select
+from lte.compare.baselines import METHODS, dense_ffn_flops_per_token, ffn_sites
+from lte.compare.baselines.griffin import select
 
 SPARSE = [m for m in METHODS if m != "dense"]
 L, PREFIX = 24, 12
@@ -196,7 +196,7 @@ def test_compare_reports_skipped_methods_and_rejects_bad_input(tmp_path):
 
 
 def test_sparsegpt_reconstructs_better_than_magnitude_pruning_and_respects_n_m():
-    from lte.baselines.sparsegpt import prune
+    from lte.compare.baselines.sparsegpt import prune
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(512, 48, generator=generator) @ torch.randn(48, 48, generator=generator)  # correlated inputs

@@ -1,6 +1,6 @@
 """Pretrain a small Llama on TinyStories text on the CPU: the second, larger model of the comparison.
 
-    python bench/pretrain_tinystories_llama.py ../shared/data/tinystories runs/tinystories-llama-4m
+    python scripts/pretrain_tinystories_llama.py ../shared/data/tinystories runs/tinystories-llama-4m
 
 The model: Llama architecture, d_model 256, 6 layers, 8 heads (4 KV heads), FFN width 688 (4x wider
 than stories260K's 172), the stories260K tokenizer (512 tokens), 256-token context: 4.48M parameters.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lte.evaluate import evaluate_batches
+from lte.training.evaluate import evaluate_batches
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "stories260K"

@@ -9,11 +9,11 @@ import torch
 import transformers
 from conftest import FAMILY_CONFIGS, REPO, tiny_model
 
-from lte.detect import candidates, detect_layout
-from lte.errors import UsageError
-from lte.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_mode
-from lte.pipeline import check_attn_implementation
-from lte.registry import FFNSpec, layout_to_list
+from lte.model.detect import candidates, detect_layout
+from lte.core.errors import UsageError
+from lte.model.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_mode
+from lte.training.preflight import check_attn_implementation
+from lte.model.registry import FFNSpec, layout_to_list
 
 GATED = FFNSpec(first=("gate_proj", "up_proj"), down="down_proj", cluster_on="gate_proj")
 # The layouts the hand-written registry held before detection; detection must find the same.
@@ -52,7 +52,7 @@ def test_first_is_in_call_order_and_the_gate_is_found_by_its_nonlinearity():
 
 
 def test_call_order_reaches_the_export_schema(tmp_path):
-    from lte.export import to_routed
+    from lte.export.exporter import to_routed
 
     model = inject_lte(_up_before_gate(tiny_model("llama")), LTEModelConfig(expert_size=8, router_init="centroid"),
                        progress=False)
@@ -116,7 +116,7 @@ def test_layout_is_saved_with_the_run_and_reused_without_detecting(tmp_path, mon
     def no_detection(*args, **kwargs):
         raise AssertionError("a saved layout must not be detected again")
 
-    monkeypatch.setattr("lte.inject.detect_layout", no_detection)
+    monkeypatch.setattr("lte.model.inject.detect_layout", no_detection)
     loaded = load_lte(tmp_path / "ckpt")
     assert [layer.spec for layer in loaded.modules() if hasattr(layer, "lte_router")] == [FORMER_REGISTRY["gpt2"]] * 2
     with torch.device("meta"):  # a sharded/meta skeleton: widths come from the saved layout, no forward
@@ -148,7 +148,7 @@ def test_unsupported_attn_implementation_names_the_supported_ones():
 
 
 def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatch):
-    from lte.config import load_recipe
+    from lte.training.config import load_recipe
     from lte.pipeline import preflight
 
     config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -163,7 +163,7 @@ def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatc
 
 
 def test_recipe_layout_key_is_checked():
-    from lte.config import load_recipe
+    from lte.training.config import load_recipe
 
     with pytest.raises(UsageError, match="model.ffn_layout: an FFN layout needs 'first'"):
         load_recipe(["recipe=tiny", "output_dir=x", "model.ffn_layout={down: w2}"], check_hardware=False)
@@ -210,7 +210,7 @@ def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_
     recipe key; the export's reload check passes and it lands near its target."""
     from conftest import STORIES, run_train
 
-    from lte.coverage import tiny_config
+    from lte.tools.coverage import tiny_config
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))

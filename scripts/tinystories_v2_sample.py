@@ -1,6 +1,6 @@
 """Write the TinyStories V2 (GPT-4) training sample used by the README's development runs 1-11.
 
-    python bench/tinystories_v2_sample.py ../shared/data/tinystories/v2_gpt4_train_head10k_lines.txt /tmp/v2.jsonl
+    python scripts/tinystories_v2_sample.py ../shared/data/tinystories/v2_gpt4_train_head10k_lines.txt /tmp/v2.jsonl
     python train.py recipe=tiny data.train=/tmp/v2.jsonl ...
 
 The first 1,200 complete stories of the file, one ``{"text": ...}`` per line; with a third argument

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import FAMILY_CONFIGS, REPO, STORIES, TEST_DATA
 from lte.cli import train_main
-from lte.config import STAGES, available_recipes, load_recipe
-from lte.data import ALPACA_CHAT_TEMPLATE
+from lte.training.config import STAGES, available_recipes, load_recipe
+from lte.training.data import ALPACA_CHAT_TEMPLATE
 
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 ALPACA = TEST_DATA / "alpaca"
@@ -135,7 +135,7 @@ def test_every_accelerate_config_loads_and_says_how_to_run_it(path):
 MODEL_FAMILY = {
     "meta-llama/Llama-2-7b-hf": "llama",
     "Qwen/Qwen2.5-0.5B": "qwen2",
-    "runs/tinystories-llama-4m": "llama",  # written by bench/pretrain_tinystories_llama.py
+    "runs/tinystories-llama-4m": "llama",  # written by scripts/pretrain_tinystories_llama.py
 }
 # Local data of each format in place of the recipe's (a hub dataset, usually): training file, held-out
 # file, and tokens per block (the recipes' 1024 would only make each step longer; an Alpaca prompt needs

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import norm
 
 from conftest import REPO, STORIES
-from lte.wasserstein import distances
+from lte.compare.wasserstein import distances
 
 
 def test_distance_is_small_for_gaussian_neurons_and_large_for_skewed_ones():
