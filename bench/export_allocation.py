@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from lte.training.config import load_run_recipe
 from lte.training.data import build_data
 from lte.training.evaluate import evaluate_lm
-from lte.export.exporter import stage2_model
+from lte.core.run_dir import stage2_model
 from lte.model.inject import load_lte, lte_layers
-from lte.training.loading import calibration_batches, collator_for, load_tokenizer, model_kwargs
+from lte.training.loading import calibration_batches, collator_for, load_report, load_tokenizer, model_kwargs
 from lte.export.thresholds import DENSE, allocate, evaluate_allocation, sensitivity, set_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,8 +63,7 @@ def main() -> None:
                          "heldout_sparsity": held_out.sparsity, "heldout_ppl": held_out.ppl,
                          "heldout_per_layer_sparsity": held_out.per_layer_sparsity})
 
-    report = Path(args.run_dir) / "report.json"
-    original = json.loads(report.read_text())["dense_ppl"] if report.is_file() else None
+    original = load_report(args.run_dir).get("dense_ppl")
     name = args.name or f"export_allocation_{recipe.name}"
     RESULTS.mkdir(exist_ok=True)
     result = {"run_dir": str(args.run_dir), "calibration_tokens": args.calibration_tokens, "heldout_tokens": dense.tokens,

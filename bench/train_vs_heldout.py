@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from lte.training.config import load_run_recipe
 from lte.training.data import LMData, build_data
 from lte.training.evaluate import evaluate_batches
-from lte.export.exporter import stage2_model
+from lte.core.run_dir import stage2_model
 from lte.model.inject import load_lte
 from lte.training.loading import calibration_batches, load_tokenizer, model_kwargs
 

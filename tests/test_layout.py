@@ -119,4 +119,5 @@ def test_every_module_imports_on_its_own():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")), None)
     assert line is not None, proc.stderr[-3000:]
     failed = json.loads(line[len("FAILED "):])
-    assert not failed, "modules that fail to import on their own:\n  " + "\n  ".join(f"{k}: {v}" for k, v in failed.items())
+    listed = "\n  ".join(f"{name}: {error}" for name, error in failed.items())
+    assert not failed, f"modules that fail to import on their own:\n  {listed}"

@@ -19,7 +19,6 @@ from typing import Any
 
 from . import run_dir
 from .errors import UsageError
-from .run_dir import DIVERGED, RECIPE as RECORD  # noqa: F401  (DIVERGED: re-exported)
 
 STAGE_ORDER = ("stage0", "prepare", "stage1", "stage2", "report", "export")
 TRAINED = ("stage0", "prepare", "stage1", "stage2")
@@ -205,6 +204,6 @@ def read_record(output_dir: Path) -> dict | None:
 def write_record(output_dir: Path, recipe_dict: dict) -> None:
     import yaml
 
-    tmp = output_dir / f".{RECORD}.tmp-{os.getpid()}"
+    tmp = output_dir / f".{run_dir.RECIPE}.tmp-{os.getpid()}"
     tmp.write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
     os.replace(tmp, run_dir.recipe_file(output_dir))

@@ -13,7 +13,7 @@ import os
 import torch
 from transformers import AutoTokenizer, default_data_collator
 
-from ..core.run_dir import REPORT, report_file  # noqa: F401  (REPORT: re-exported)
+from ..core.run_dir import report_file
 from .config import Recipe
 from .data import LMData
 from .evaluate import EvalResult, evaluate_layouts
