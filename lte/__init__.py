@@ -17,7 +17,8 @@ _EXPORTS = {
     "LTEModelConfig": "inject",
     "inject_lte": "inject",
     "unload_lte": "inject",
-    "set_lte_mode": "inject",
+    "set_lte_routing": "inject",
+    "set_lte_mode": "inject",  # deprecated name of set_lte_routing
     "save_lte": "inject",
     "load_lte": "inject",
     "lte_layers": "inject",

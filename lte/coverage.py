@@ -149,15 +149,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _train(model, ids, mode: str, steps: int) -> list[float]:
+def _train(model, ids, routing: str, steps: int) -> list[float]:
     """``steps`` AdamW steps of one LTE stage on ``ids`` (task loss, plus LTE's losses when soft)."""
-    from .inject import set_lte_mode
+    from .inject import set_lte_routing
     from .layers import ROUTER_PREFIX, collect_router_scores
     from .losses import efficiency_loss, separability_loss
 
-    set_lte_mode(model, mode)
+    set_lte_routing(model, routing)
     for name, param in model.named_parameters():
-        param.requires_grad_(mode == "soft" or ROUTER_PREFIX not in name)  # stage 2 freezes the routers
+        param.requires_grad_(routing == "soft" or ROUTER_PREFIX not in name)  # stage 2 freezes the routers
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     model.train()
@@ -165,10 +165,10 @@ def _train(model, ids, mode: str, steps: int) -> list[float]:
     for _ in range(steps):
         with collect_router_scores() as records:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        if mode == "soft":
+        if routing == "soft":
             loss = loss + 0.5 * efficiency_loss(records) + 0.01 * separability_loss(records)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{mode} stage: loss {loss.item()}")
+            raise FloatingPointError(f"{routing}-routing stage: loss {loss.item()}")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -183,7 +183,7 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
 
     from .errors import UsageError
     from .export import base_architecture, to_routed, write_checkpoint
-    from .inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+    from .inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
     from .detect import candidates, ffn_widths
 
     out = Outcome(model_type, model_class)
@@ -218,7 +218,7 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
 
         out.layout = describe(layout_from_list(cfg.ffn_hosts))
         model.eval()
-        set_lte_mode(model, "dense")
+        set_lte_routing(model, "dense")
         with torch.no_grad():
             out.dense_error = _relative(_logits(model, ids), reference)
         if not out.dense_error <= DENSE_TOLERANCE:
@@ -228,7 +228,7 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
                             else SIZES["vocab_size"], seed=1)
         out.stages["soft"] = _train(model, train_ids, "soft", steps)
         out.stages["hard"] = _train(model, train_ids, "hard", steps)
-        set_lte_mode(model, "hard")
+        set_lte_routing(model, "hard")
         layers = lte_layers(model)
         with torch.no_grad():
             expected = _logits(model, ids)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .layers import MODES, ROUTER_PREFIX, LTEMLP
+from .errors import UsageError, renamed_kwargs, warn_deprecated
+from .layers import ROUTER_PREFIX, ROUTINGS, LTEMLP
 from .moefication import moefy
 from .detect import describe, detect_layout, ffn_widths
 from .registry import FFNSpec, layout_from_list, layout_to_list
@@ -35,12 +35,13 @@ LTE_CONFIG_NAME = "lte_config.json"
 ROUTERS_NAME = "lte_routers.safetensors"
 
 
+@renamed_kwargs(tau="threshold")  # lte_config.json files written before the rename still load
 @dataclass
 class LTEModelConfig:
     """What is needed to rebuild the LTE structure around a saved base model."""
 
     expert_size: int
-    tau: float = 0.5
+    threshold: float = 0.5  # the hard-routing cut-off training uses (recipe key lte.threshold)
     router_bias: bool = False
     router_init: str = "random"  # "centroid" (expert mean gate rows) or "random" (nn.Linear default)
     router_init_scale: float = 1.0
@@ -85,7 +86,7 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
             host = model.get_submodule(name)
             if moefy_experts:
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
-            wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias,
+            wrapper = LTEMLP(host, spec, cfg.expert_size, index, threshold=cfg.threshold, router_bias=cfg.router_bias,
                              detach_router_input=cfg.detach_router_input)
             if moefy_experts and cfg.router_init == "centroid":
                 wrapper.init_router_from_experts(cfg.router_init_scale)
@@ -107,11 +108,18 @@ def check_expert_size(model: nn.Module, expert_size: int, recipe_layout: dict | 
             raise UsageError(f"lte.expert_size={expert_size} does not divide the FFN width {width}; choose one of {shown}")
 
 
-def set_lte_mode(model: nn.Module, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def set_lte_routing(model: nn.Module, routing: str) -> None:
+    """How every LTE layer runs its FFN: ``dense``, ``soft`` or ``hard`` (see :mod:`lte.layers`)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     for layer in lte_layers(model):
-        layer.mode = mode
+        layer.routing = routing
+
+
+def set_lte_mode(model: nn.Module, mode: str) -> None:
+    """Deprecated name of :func:`set_lte_routing`, kept for one release."""
+    warn_deprecated("set_lte_mode", "set_lte_routing")
+    set_lte_routing(model, mode)
 
 
 def unload_lte(model: nn.Module) -> nn.Module:
@@ -174,7 +182,7 @@ def is_lte_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_lte(path: str | os.PathLike, **from_pretrained_kwargs):
-    """Load a checkpoint written by :func:`save_lte`; returns the model in ``hard`` mode."""
+    """Load a checkpoint written by :func:`save_lte`; returns the model with ``hard`` routing."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -188,5 +196,5 @@ def load_lte(path: str | os.PathLike, **from_pretrained_kwargs):
     for layer in lte_layers(model):
         prefix = f"layers.{layer.layer_index}."
         layer.lte_router.load_state_dict({k[len(prefix):]: v for k, v in routers.items() if k.startswith(prefix)})
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     return model

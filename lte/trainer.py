@@ -2,7 +2,7 @@
 
 The model is an ordinary causal LM whose FFNs were wrapped by :func:`lte.inject.inject_lte`.
 ``compute_loss`` runs the usual task loss through ``super()`` inside a router-score scope,
-then (in ``soft`` mode) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
+then (with ``soft`` routing) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
 task loss is normalised over the whole accumulated batch (``num_items_in_batch``), the
 Trainer does not divide by the accumulation steps, so the per-micro-batch regularisers are
 divided here; otherwise the Trainer divides everything. Either way the router gradients do
@@ -21,12 +21,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from typing_extensions import override
 
-from .errors import UsageError
+from .errors import UsageError, renamed_kwargs
 from .faults import fault_point
-from .layers import MODES, ROUTER_PREFIX, collect_router_scores
+from .layers import ROUTER_PREFIX, ROUTINGS, collect_router_scores
 from .losses import efficiency_loss, layer_sparsity, separability_loss
 
 
+@renamed_kwargs(tau="threshold")
 @dataclass
 class LTEArguments:
     """LTE's own settings (the recipe's ``lte.*`` group)."""
@@ -39,8 +40,9 @@ class LTEArguments:
     eta_step: float = field(default=1.0, metadata={"help": "How fast eta follows target_sparsity: after every optimizer "
                             "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."})
     lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
-    tau: float = field(default=0.5, metadata={"help": "Router threshold in (0, 1): experts with G > tau run."})
-    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - tau)^2 + eps); keeps L_sep finite at G = tau."})
+    threshold: float = field(default=0.5, metadata={"help": "Hard-routing threshold in (0, 1) (the paper's tau): experts with "
+                             "G > threshold run."})
+    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - threshold)^2 + eps); keeps L_sep finite at G = threshold."})
     efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
     router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
     router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
@@ -73,8 +75,8 @@ class LTEArguments:
             problems.append(f"lte.eta_step={self.eta_step} must be > 0")
         if self.lam < 0:
             problems.append(f"lte.lam={self.lam} must be >= 0 (it weighs the separability loss)")
-        if not 0 < self.tau < 1:
-            problems.append(f"lte.tau={self.tau} must lie in (0, 1): router scores are sigmoids")
+        if not 0 < self.threshold < 1:
+            problems.append(f"lte.threshold={self.threshold} must lie in (0, 1): router scores are sigmoids")
         if self.sep_eps <= 0:
             problems.append(f"lte.sep_eps={self.sep_eps} must be > 0")
         if self.efficiency_loss not in ("l1", "l2"):
@@ -107,18 +109,19 @@ class LTEArguments:
         return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
 
+@renamed_kwargs(tau="threshold", lte_mode="lte_routing")
 @dataclass
 class LTETrainingArguments(TrainingArguments, LTEArguments):
-    """``TrainingArguments`` plus the LTE fields, plus which routing mode this stage trains."""
+    """``TrainingArguments`` plus the LTE fields, plus the routing this stage trains with."""
 
-    lte_mode: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
+    lte_routing: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
     restore_callback_states_from_checkpoint: bool = field(default=True, metadata={
         "help": "Resume callbacks' state too (on here: the eta controller's eta lives there)."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lte_mode not in MODES:
-            raise ValueError(f"lte_mode must be one of {MODES}, got {self.lte_mode!r}")
+        if self.lte_routing not in ROUTINGS:
+            raise ValueError(f"lte_routing must be one of {ROUTINGS}, got {self.lte_routing!r}")
 
 
 class EtaController(TrainerCallback, ExportableState):
@@ -126,7 +129,7 @@ class EtaController(TrainerCallback, ExportableState):
 
     The efficiency loss alone sets no particular sparsity: where stage 1 settles depends on eta,
     on the router init and on the separability loss, which locks each router score on the side of
-    ``tau`` it starts from (on stories260K a calibrated init at 46% ended at 37%, one at 52% at 56%).
+    the threshold it starts from (on stories260K a calibrated init at 46% ended at 37%, one at 52% at 56%).
     Dual ascent on the constraint "sparsity = target" fixes that: after every optimizer step eta
     grows while the measured hard-routing sparsity is below the target and shrinks while it is
     above, past 0 if need be (a negative eta rewards router scores, which is what it takes to
@@ -164,7 +167,7 @@ class TrainingDiverged(UsageError):
 
 
 class LTETrainer(Trainer):
-    """Trainer for one LTE stage; the stage is ``args.lte_mode``."""
+    """Trainer for one LTE stage; the stage is ``args.lte_routing``."""
 
     args: LTETrainingArguments
 
@@ -175,7 +178,7 @@ class LTETrainer(Trainer):
         if self.args.distills and teacher is None:
             raise ValueError("distill_weight > 0 or distill_hidden_weight > 0 needs the original model as `teacher`")
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
-        if self.args.lte_mode == "soft" and self.args.target_sparsity is not None:
+        if self.args.lte_routing == "soft" and self.args.target_sparsity is not None:
             self.add_callback(EtaController(self.args.eta, self.args.target_sparsity, self.args.eta_step))
 
     @property
@@ -234,7 +237,7 @@ class LTETrainer(Trainer):
             per_layer = layer_sparsity(records, mask)
             metrics["sparsity"].append(per_layer.mean())
             metrics["sparsity/layer"].append(per_layer)
-            if self.args.lte_mode == "soft":
+            if self.args.lte_routing == "soft":
                 eff = efficiency_loss(records, mask, self.args.efficiency_loss)
                 sep = separability_loss(records, mask, self.args.sep_eps)
                 metrics["efficiency_loss"].append(eff.detach())
@@ -249,7 +252,7 @@ class LTETrainer(Trainer):
         if model.training and not torch.isfinite(loss.detach()).all():
             step, value = self.state.global_step + 1, loss.detach().float().max().item()
             raise TrainingDiverged(
-                f"the loss became {value} at step {step} of the {self.args.lte_mode}-routing stage "
+                f"the loss became {value} at step {step} of the {self.args.lte_routing}-routing stage "
                 f"({self.args.output_dir}); nothing was saved from this step. Lower the learning rate "
                 f"(now {self.args.learning_rate:g}) and train this stage again from its start: its checkpoints "
                 f"carry the old rate in their optimizer and scheduler state", step=step, loss=value)
