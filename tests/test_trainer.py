@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from conftest import tiny_model
-from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte.layers import collect_router_scores
 from lte.trainer import EtaController, LTETrainer, LTETrainingArguments, TrainingDiverged
 
@@ -20,7 +20,7 @@ def packed_dataset(n=8, length=16, seed=0):
 
 def lte_model(expert_size=8):
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=expert_size), seed=3, progress=False)
-    set_lte_mode(model, "soft")
+    set_lte_routing(model, "soft")
     return model.train()
 
 
@@ -77,8 +77,8 @@ def test_metrics_are_logged_and_stage1_regularisers_change_the_loss(tmp_path):
 
 def test_hard_stage_logs_no_regularisers(tmp_path):
     model = lte_model()
-    set_lte_mode(model, "hard")
-    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_mode="hard"),
+    set_lte_routing(model, "hard")
+    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_routing="hard"),
                          train_dataset=packed_dataset())
     trainer.train()
     entry = next(h for h in trainer.state.log_history if "task_loss" in h)
@@ -112,9 +112,9 @@ def distillation_setup(tmp_path, **distill):
     distillation terms of ``distill`` switched on (and the task loss), and one batch."""
     teacher = tiny_model("llama")
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
-    set_lte_mode(model, "dense")
+    set_lte_routing(model, "dense")
     trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
-                                                       lte_mode="dense", **distill),
+                                                       lte_routing="dense", **distill),
                          train_dataset=packed_dataset(), teacher=teacher)
     return teacher, model, trainer, trainer.data_collator([packed_dataset()[i] for i in range(4)])
 
