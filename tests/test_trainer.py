@@ -188,3 +188,15 @@ def test_hidden_state_distillation(tmp_path):
     h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
     expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:])) / (len(h) - 1)
     assert hidden == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_old_argument_names_still_work_with_a_warning(tmp_path):
+    """tau= and lte_mode= (before the renames) give the same arguments as threshold= and lte_routing=."""
+    new = args(tmp_path, threshold=0.4, lte_routing="hard")
+    with pytest.warns(DeprecationWarning) as caught:
+        old = args(tmp_path, tau=0.4, lte_mode="hard")
+    assert {str(w.message) for w in caught} >= {"LTETrainingArguments(tau=...) is deprecated, use threshold=...",
+                                                 "LTETrainingArguments(lte_mode=...) is deprecated, use lte_routing=..."}
+    assert (old.threshold, old.lte_routing) == (new.threshold, new.lte_routing) == (0.4, "hard")
+    with pytest.raises(ValueError, match="lte_routing must be one of"):
+        args(tmp_path, lte_routing="sparse")
