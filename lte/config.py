@@ -430,7 +430,7 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no recipe.yaml; give the output_dir of an `lte train` run")
-    cfg = read_recipe_file(path)
+    cfg = rename_deprecated_keys(read_recipe_file(path), warn=False)  # written by the pipeline, maybe before a rename
     name = str(cfg.pop("name", "") or path.parent.name)
     return build_recipe(cfg, name, check_hardware=False)
 
