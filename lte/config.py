@@ -26,14 +26,13 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import UsageError, rename_deprecated_keys
+from .errors import UsageError, rename_deprecated_keys, warn_deprecated
 from .trainer import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("stage0", "stage1", "stage2")
 # A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.layers.ROUTINGS).
 ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
-MODE_OF_STAGE = ROUTING_OF_STAGE  # deprecated name, kept for one release
 # Set per stage by the pipeline; a recipe may not set them.
 PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_routing", "max_steps", *(f.name for f in dataclasses.fields(LTEArguments)))
 
@@ -231,6 +230,13 @@ _TOP_LEVEL = ("model", "data", "lte", "lora", "train", "export", "output_dir", "
 # `lte.target_sparsity=0.72` beside it wins for that key.
 SHORTHANDS = {"target_sparsity": ("lte", "export")}
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(LTETrainingArguments)} - set(PIPELINE_OWNED_TRAIN_KEYS)
+
+
+def __getattr__(name: str):
+    if name == "MODE_OF_STAGE":  # the old name, for one release
+        warn_deprecated("lte.config.MODE_OF_STAGE", "ROUTING_OF_STAGE")
+        return ROUTING_OF_STAGE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def recipe_dirs() -> list[Path]:

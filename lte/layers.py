@@ -29,7 +29,6 @@ from .errors import warn_deprecated
 from .registry import FFNSpec, feature_axes, weight_shape
 
 ROUTINGS = ("dense", "soft", "hard")  # how an LTE layer runs its FFN
-MODES = ROUTINGS  # deprecated name, kept for one release
 ROUTER_PREFIX = "lte_router"
 
 
@@ -41,6 +40,13 @@ class RouterRecord:
     scores: torch.Tensor
     trained_threshold: float  # lte.threshold, which the separability loss pulls scores away from
     threshold: float  # the live cut-off (export retunes it per layer)
+
+
+def __getattr__(name: str):
+    if name == "MODES":  # the old name, for one release
+        warn_deprecated("lte.layers.MODES", "ROUTINGS")
+        return ROUTINGS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _collector: ContextVar[list[RouterRecord] | None] = ContextVar("lte_router_collector", default=None)

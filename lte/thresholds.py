@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import warn_deprecated
 from .evaluate import EvalResult, evaluate_batches
 from .inject import lte_layers, set_lte_routing
 from .layers import collect_router_scores
@@ -37,7 +38,6 @@ from .layers import collect_router_scores
 logger = logging.getLogger("lte")
 
 KEEP_ALL = -1.0  # a threshold below every sigmoid score: the layer runs every expert (0% sparsity)
-DENSE = KEEP_ALL  # deprecated name, kept for one release
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ALLOCATIONS = ("tuned", "uniform")
 
@@ -49,6 +49,13 @@ class Thresholds(EvalResult):
     allocation: str = ""
     targets: list[float] = field(default_factory=list)  # per-layer sparsity the thresholds were calibrated to
     thresholds: list[float] = field(default_factory=list)
+
+
+def __getattr__(name: str):
+    if name == "DENSE":  # the old name, for one release
+        warn_deprecated("lte.thresholds.DENSE", "KEEP_ALL (or set_lte_routing(model, 'dense') to run dense)")
+        return KEEP_ALL
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Stop(Exception):

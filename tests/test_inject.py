@@ -141,6 +141,14 @@ def test_the_old_routing_names_still_work_with_a_warning(tiny_llama):
         assert layer.tau == layer.trained_threshold == 0.5
     with pytest.raises(ValueError, match="routing must be one of"):
         lte.set_lte_routing(model, "sparse")
+    import lte.config
+    import lte.layers
+    import lte.thresholds
+
+    for module, old, new in ((lte.layers, "MODES", "ROUTINGS"), (lte.config, "MODE_OF_STAGE", "ROUTING_OF_STAGE"),
+                             (lte.thresholds, "DENSE", "KEEP_ALL")):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated, use {new}"):
+            assert getattr(module, old) == getattr(module, new)
 
 
 def test_unsupported_model_names_the_mlp_class_it_found():
