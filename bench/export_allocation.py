@@ -24,7 +24,7 @@ from lte.training.evaluate import evaluate_lm
 from lte.core.run_dir import stage2_model
 from lte.model.inject import load_lte, lte_layers
 from lte.training.loading import calibration_batches, collator_for, load_report, load_tokenizer, model_kwargs
-from lte.export.thresholds import DENSE, allocate, evaluate_allocation, sensitivity, set_thresholds
+from lte.export.thresholds import KEEP_ALL, allocate, evaluate_allocation, sensitivity, set_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,15 +47,15 @@ def main() -> None:
     model = load_lte(stage2_model(args.run_dir), **model_kwargs(recipe)).to(device).eval()
     n = len(lte_layers(model))
 
-    set_thresholds(model, [DENSE] * n)
+    set_thresholds(model, [KEEP_ALL] * n)
     dense = evaluate_lm(model, data.eval, collator, batch, desc="Held-out, all experts")
-    set_thresholds(model, [recipe.lte.tau] * n)  # the trained operating point
+    set_thresholds(model, [recipe.lte.threshold] * n)  # the trained operating point
     trained = evaluate_lm(model, data.eval, collator, batch, desc="Held-out, trained thresholds")
     sens = sensitivity(model, batches)
     rows = []
     for target in tqdm(args.targets, desc="Targets"):
         for allocation, layer_targets in (("uniform", [target] * n), ("tuned", allocate(sens, target))):
-            set_thresholds(model, [recipe.lte.tau] * n)
+            set_thresholds(model, [recipe.lte.threshold] * n)
             calibrated = evaluate_allocation(model, batches, allocation, layer_targets, progress=False)
             held_out = evaluate_lm(model, data.eval, collator, batch, desc=f"Held-out, {allocation} {target}")
             rows.append({"target": target, "allocation": allocation, "layer_targets": layer_targets,
@@ -71,7 +71,7 @@ def main() -> None:
               "sensitivity_grid": sens.grid, "sensitivity": sens.costs.tolist(), "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
-             f"at its trained thresholds (tau): {trained.ppl:.4f} "
+             f"at its trained thresholds (lte.threshold): {trained.ppl:.4f} "
              f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
              f"{args.calibration_tokens} training tokens).", "",
              "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",

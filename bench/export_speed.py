@@ -12,7 +12,7 @@ with ``trust_remote_code=True`` and times, as medians over repeats in one proces
 * decode: ``--new-tokens`` greedy tokens from a short prompt at batch 1 (the compact path,
   with the CPU kernel the export carries), via ``lte.tools.bench.bench_decode`` as ``lte bench decode``.
 
-Ratios are sparse time / dense time of the same loaded model (``config.lte_mode``), so the
+Ratios are sparse time / dense time of the same loaded model (``config.lte_routing``), so the
 comparison is like for like. Writes JSON to bench/results/.
 """
 
@@ -30,7 +30,7 @@ import transformers
 import lte_kernels.cpu as cpu_kernel
 from lte.tools.bench import bench_decode, median_seconds
 from lte.export.exporter import base_architecture, to_routed, write_checkpoint
-from lte.model.inject import LTEModelConfig, inject_lte, set_lte_mode
+from lte.model.inject import LTEModelConfig, inject_lte, set_lte_routing
 from lte.export.thresholds import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +59,7 @@ def main() -> None:
                                       num_key_value_heads=args.hidden // 128, vocab_size=32000)
     model = transformers.LlamaForCausalLM(config).eval()
     inject_lte(model, LTEModelConfig(expert_size=args.expert_size, router_init="centroid"), kmeans_iters=2, progress=False)
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     tokens = torch.randint(0, config.vocab_size, (4, 128))
     thresholds = calibrate(model, [{"input_ids": tokens}], [args.sparsity] * args.layers, progress=False)
     base = base_architecture(model)
@@ -79,9 +79,9 @@ def main() -> None:
         exported(prefill_ids)
 
     prefill_s = {}
-    for mode in ("dense", "sparse"):
-        exported.config.lte_mode = mode
-        prefill_s[mode] = median_seconds(prefill, args.repeats, device)
+    for key, routing in (("dense", "dense"), ("sparse", "hard")):
+        exported.config.lte_routing = routing
+        prefill_s[key] = median_seconds(prefill, args.repeats, device)
     decode = bench_decode(exported, prompt, args.new_tokens, args.repeats, name="random Llama")
     result = {**asdict(decode), "args": vars(args), "cpu_kernel": cpu_kernel.available(),
               "dense_prefill_s": prefill_s["dense"], "sparse_prefill_s": prefill_s["sparse"],

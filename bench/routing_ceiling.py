@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, default_data_collator
 from lte.training.config import load_recipe
 from lte.training.data import build_data
 from lte.training.evaluate import evaluate_lm
-from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte.training.loading import calibration_batches, load_tokenizer
 from lte.model.router_init import _down_column_norms, calibrate_routers
 
@@ -69,7 +69,7 @@ def main():
         if init == "calibrated":
             agreement = calibrate_routers(model, calibration_batches(data, tokenizer, 16384, 16), args.sparsity)
             print(f"calibrated routers agree with their labels on {100 * sum(agreement) / len(agreement):.0f}% of pairs")
-        set_lte_mode(model, "hard")
+        set_lte_routing(model, "hard")
         result = evaluate_lm(model, data.eval, default_data_collator, 16)
         print(f"{init} routers, {sizes[-1]}-neuron experts: ppl {result.ppl:.3f} at sparsity {result.sparsity:.3f}")
 

@@ -17,7 +17,8 @@ _EXPORTS = {
     "LTEModelConfig": "model.inject",
     "inject_lte": "model.inject",
     "unload_lte": "model.inject",
-    "set_lte_mode": "model.inject",
+    "set_lte_routing": "model.inject",
+    "set_lte_mode": "model.inject",  # deprecated name of set_lte_routing
     "save_lte": "model.inject",
     "load_lte": "model.inject",
     "lte_layers": "model.inject",

@@ -155,8 +155,9 @@ def _cmd_generate(args) -> int:
     from .tools.generate import describe, generate, load_export
 
     model, tokenizer = load_export(args.model_dir)
-    modes = ["sparse", "dense"] if args.compare_dense else ["sparse"]
-    results = [generate(model, tokenizer, args.prompt, args.max_new_tokens, mode, args.temperature, args.seed) for mode in modes]
+    routings = ["hard", "dense"] if args.compare_dense else ["hard"]
+    results = [generate(model, tokenizer, args.prompt, args.max_new_tokens, routing, args.temperature, args.seed)
+               for routing in routings]
     for result in results:
         print(describe(result), flush=True)
     if args.compare_dense:

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .training.adapters import add_lora, merge_adapter, quantization_config
-from .training.config import Recipe, load_run_recipe
+from .training.config import ROUTING_OF_STAGE, Recipe, load_run_recipe
 from .training.data import LMData, build_data, check_source
 from .core import run_dir
 from .core.errors import UsageError
@@ -44,7 +44,7 @@ from .core.faults import fault_point, step_callback
 from .core.outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
 from .core.record import (TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
                      stages_of, write_record)
-from .model.inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
+from .model.inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_routing
 from .training.distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
 from .model.layers import ROUTER_PREFIX
@@ -132,7 +132,7 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         with no_zero3_init():
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(state.device)
         lte = recipe.lte
-        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
+        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, threshold=lte.threshold, router_bias=lte.router_bias,
                                          router_init=lte.router_init, router_init_scale=lte.router_init_scale,
                                          detach_router_input=lte.detach_router_input),
                    kmeans_iters=lte.kmeans_iters, seed=recipe.seed, recipe_layout=recipe.model.ffn_layout)
@@ -150,14 +150,14 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
 
 
 def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
-    """The model a stage starts from, with the stage's routing mode and trainable set
+    """The model a stage starts from, with the stage's routing and trainable set
     (with ``lora.r > 0``: a ``PeftModel`` whose adapters and, in stage 1, routers train)."""
     kwargs = model_kwargs(recipe)
     if stage == "stage0":
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     quantization = quantization_config(recipe.lora, DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else torch.bfloat16)
     model = load_lte(source, **kwargs, **({"quantization_config": quantization} if quantization else {}))
-    set_lte_mode(model, "soft" if stage == "stage1" else "hard")
+    set_lte_routing(model, ROUTING_OF_STAGE[stage])
     for name, param in model.named_parameters():
         if ROUTER_PREFIX in name:
             param.requires_grad_(stage == "stage1")
@@ -273,7 +273,7 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     last = broadcast_object(last)
     if last:
         logger.info("%s: resuming from %s", stage, last)
-    logger.info("%s: training %d steps in %s mode on %d process(es) (%s)", stage, args.max_steps, args.lte_mode,
+    logger.info("%s: training %d steps with %s routing on %d process(es) (%s)", stage, args.max_steps, args.lte_routing,
                 state.num_processes, describe_parallelism(trainer.accelerator))
     try:
         trainer.train(resume_from_checkpoint=last)

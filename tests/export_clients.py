@@ -55,9 +55,9 @@ def base_class(directories):
         ids = d["ids"]
         with torch.no_grad():
             base_logits, auto_logits = base.eval()(ids).logits, auto.eval()(ids).logits
-            sparse.config.lte_mode = "dense"
+            sparse.config.lte_routing = "dense"
             dense_logits = sparse(ids).logits
-            sparse.config.lte_mode = "sparse"
+            sparse.config.lte_routing = "hard"
             sparse_logits = sparse(ids).logits
         resaved = f"{directory}-resaved"  # save_pretrained of the sparse model: still the base checkpoint
         sparse.save_pretrained(resaved)
@@ -118,9 +118,9 @@ def peft_lora(directories):
             token = merged_model(ids[:1, :1]).logits  # one token: the kernel path, on merged weights
             sparsity = merged_model.lte_sparsity()
             masked = merged_model(ids[:1]).logits[:, :1]  # the same token in a sequence: the masked path
-            merged_model.config.lte_mode = "dense"
+            merged_model.config.lte_routing = "dense"
             dense = merged_model(ids).logits
-            merged_model.config.lte_mode = "sparse"
+            merged_model.config.lte_routing = "hard"
         modeling = sys.modules[type(merged_model).__module__]
         routed = [type(m).__name__ for m in merged_model.modules() if isinstance(m, (modeling.RoutedFirst, modeling.RoutedDown))]
         out[directory] = {

@@ -257,7 +257,7 @@ def _tiny_export(out: Path, context: int) -> None:
     from transformers import AutoTokenizer
 
     from lte.export.exporter import base_architecture, to_routed, write_checkpoint
-    from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+    from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
@@ -265,7 +265,7 @@ def _tiny_export(out: Path, context: int) -> None:
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     thresholds = [0.5] * len(lte_layers(model))
     base = base_architecture(model)
     to_routed(model, thresholds)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import run_dir
-from .errors import UsageError
+from .errors import UsageError, rename_deprecated_keys
 
 STAGE_ORDER = ("stage0", "prepare", "stage1", "stage2", "report", "export")
 TRAINED = ("stage0", "prepare", "stage1", "stage2")
@@ -52,7 +52,7 @@ KEY_STAGES: tuple[tuple[str, frozenset[str]], ...] = (
     *((f"lte.{key}", frozenset({"stage1"})) for key in ("eta", "target_sparsity", "lam", "sep_eps", "efficiency_loss",
                                                         "router_learning_rate", "stage1_steps")),
     ("lte.distill_", frozenset({"stage1", "stage2"})),
-    ("lte.", frozenset({"prepare"})),  # expert_size, tau, router init, k-means: the grouping and routers
+    ("lte.", frozenset({"prepare"})),  # expert_size, threshold, router init, k-means: the grouping and routers
     ("lora.", frozenset({"stage1", "stage2"})),
     ("data.", _ALL),
     ("model.", _ALL),
@@ -192,6 +192,7 @@ def read_record(output_dir: Path) -> dict | None:
         return None
     if not isinstance(record, dict):
         return None
+    rename_deprecated_keys(record, warn=False)  # a record written before a key was renamed: same settings
     # records written before paths were stored absolute: read them against the current directory
     for group, key in (("model", "name_or_path"), ("data", "eval"), ("export", "calibration")):
         if isinstance(record.get(group), dict) and isinstance(record[group].get(key), str):

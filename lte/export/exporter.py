@@ -37,7 +37,7 @@ from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..core.faults import fault_point
 from ..model.inject import load_lte, lte_layers, unload_lte
 from ..core.outputs import disk_guard, read_marker, staged_dir
-from .thresholds import ALLOCATIONS, DENSE, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
+from .thresholds import ALLOCATIONS, KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
 
@@ -162,7 +162,7 @@ def to_routed(model, thresholds: list[float]):
     config = model.config
     config.lte_ffn = {"expert_size": layers[0].expert_size, "router_bias": routers[0].bias is not None, "hosts": hosts}
     config.lte_thresholds = [float(t) for t in thresholds]
-    config.lte_mode = "sparse"
+    config.lte_routing = "hard"
     config.lte_track_sparsity = False
     install_routed_ffns(model, config)
     for host, router in zip(hosts, routers, strict=True):
@@ -331,7 +331,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     collator = collator_for(data, tokenizer)
     set_thresholds(model, uniform.thresholds)
     uniform_heldout = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (uniform allocation)")
-    set_thresholds(model, [DENSE] * len(chosen.thresholds))
+    set_thresholds(model, [KEEP_ALL] * len(chosen.thresholds))
     dense = evaluate_lm(model, data.eval, collator, batch_size, desc="Held-out (all experts)")
     layouts = layout_results("dense", model, data, tokenizer, batch_size)
     set_thresholds(model, chosen.thresholds)

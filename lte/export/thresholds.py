@@ -1,6 +1,6 @@
 """Choose per-layer router thresholds that hit a requested FFN sparsity.
 
-Training fixes one threshold (``tau``), so the sparsity a model reaches is whatever the data
+Training fixes one threshold (``lte.threshold``), so the sparsity a model reaches is whatever the data
 gives. Here the user names it instead. Two steps:
 
 1. **Allocation**: how sparse each layer should be, with the layers' mean equal to the target.
@@ -16,8 +16,8 @@ gives. Here the user names it instead. Two steps:
    at their final thresholds (a layer's input depends on them). The calibration sparsity
    therefore equals the target up to ties.
 
-Thresholds live on the LTE layers (``LTEMLP.threshold``); the model must be in ``hard`` mode.
-A negative threshold runs every expert.
+Thresholds live on the LTE layers (``LTEMLP.threshold``); the model must have ``hard`` routing.
+A layer at 0% sparsity gets :data:`KEEP_ALL`, a threshold below every score, so it runs every expert.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..training.evaluate import EvalResult, evaluate_batches
-from ..model.inject import lte_layers
+from ..core.errors import warn_deprecated
+from ..model.inject import lte_layers, set_lte_routing
 from ..model.layers import collect_router_scores
 
 logger = logging.getLogger("lte")
 
-DENSE = -1.0  # below every sigmoid score: the expert always runs
+KEEP_ALL = -1.0  # a threshold below every sigmoid score: the layer runs every expert (0% sparsity)
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ALLOCATIONS = ("tuned", "uniform")
 
@@ -50,6 +51,13 @@ class Thresholds(EvalResult):
     thresholds: list[float] = field(default_factory=list)
 
 
+def __getattr__(name: str):
+    if name == "DENSE":  # the old name, for one release
+        warn_deprecated("lte.thresholds.DENSE", "KEEP_ALL (or set_lte_routing(model, 'dense') to run dense)")
+        return KEEP_ALL
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward once the layer of interest has been routed."""
 
@@ -60,11 +68,12 @@ def set_thresholds(model, thresholds) -> None:
 
 
 def dense_nll(model, batches) -> float:
-    """Calibration loss with every expert running; the model's thresholds are left as they were."""
-    current = [layer.threshold for layer in lte_layers(model)]
-    set_thresholds(model, [DENSE] * len(current))
+    """Calibration loss with dense routing (every expert runs); the model's routing is left as it was."""
+    current = [layer.routing for layer in lte_layers(model)]
+    set_lte_routing(model, "dense")
     nll = evaluate_batches(model, batches).nll
-    set_thresholds(model, current)
+    for layer, routing in zip(lte_layers(model), current, strict=True):
+        layer.routing = routing
     return nll
 
 
@@ -111,14 +120,14 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
     flat = scores.reshape(-1)
     k = int(round(sparsity * flat.numel()))
     if k <= 0:
-        return DENSE
+        return KEEP_ALL
     return float(flat.kthvalue(k).values)
 
 
 def calibrate(model, batches, targets: list[float], progress: bool = True) -> list[float]:
     """Per-layer thresholds realising ``targets`` on ``batches``, set on the model, in depth order."""
     n = len(lte_layers(model))
-    thresholds = [DENSE] * n
+    thresholds = [KEEP_ALL] * n
     set_thresholds(model, thresholds)
     for i in tqdm(range(n), desc="Calibrating thresholds", leave=False, disable=not progress):
         if targets[i] > 0:
@@ -239,7 +248,7 @@ def max_sparsity_within(model, batches, max_ppl_increase: float, allocation: str
     sens = sensitivity(model, batches, progress=progress) if allocation == "tuned" else None
     dense = dense_nll(model, batches)
     limit = dense + math.log1p(max_ppl_increase)
-    best = Thresholds(dense, 0, [0.0] * n, "dense", [0.0] * n, [DENSE] * n)
+    best = Thresholds(dense, 0, [0.0] * n, "dense", [0.0] * n, [KEEP_ALL] * n)
     lo, hi = 0.0, 0.99
     steps = math.ceil(math.log2((hi - lo) / resolution))
     for _ in tqdm(range(steps), desc="Searching the sparsity", leave=False, disable=not progress):

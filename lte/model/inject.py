@@ -23,21 +23,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import UsageError
+from ..core.errors import UsageError, renamed_kwargs, warn_deprecated
 from ..core.run_dir import LTE_CONFIG as LTE_CONFIG_NAME, LTE_ROUTERS as ROUTERS_NAME, is_lte_checkpoint
-from .layers import MODES, ROUTER_PREFIX, LTEMLP
+from .layers import ROUTINGS, ROUTER_PREFIX, LTEMLP
 from .grouping import moefy
 from .detect import describe, detect_layout, ffn_widths
 from .registry import FFNSpec, layout_from_list, layout_to_list
 
 logger = logging.getLogger("lte")
 
+@renamed_kwargs(tau="threshold")  # lte_config.json files written before the rename still load
 @dataclass
 class LTEModelConfig:
     """What is needed to rebuild the LTE structure around a saved base model."""
 
     expert_size: int
-    tau: float = 0.5
+    threshold: float = 0.5  # the hard-routing cut-off training uses (recipe key lte.threshold)
     router_bias: bool = False
     router_init: str = "random"  # "centroid" (expert mean gate rows) or "random" (nn.Linear default)
     router_init_scale: float = 1.0
@@ -46,12 +47,10 @@ class LTEModelConfig:
     # "fused_chunks"}); empty until resolved by detection (or a recipe's model.ffn_layout).
     ffn_hosts: list[dict] = field(default_factory=list)
 
-
 def lte_layers(model: nn.Module) -> list[LTEMLP]:
     """The model's LTE layers in depth order. Resolved on each call, never cached, so it stays
     right after PEFT, FSDP or DeepSpeed rewrap the model."""
     return [m for m in model.modules() if isinstance(m, LTEMLP)]
-
 
 def resolve_layout(model: nn.Module, cfg: LTEModelConfig, recipe_layout: dict | None = None) -> dict[str, FFNSpec]:
     """The saved layout (``cfg.ffn_hosts``), or detect it on ``model`` once and store it in ``cfg``."""
@@ -60,7 +59,6 @@ def resolve_layout(model: nn.Module, cfg: LTEModelConfig, recipe_layout: dict | 
         cfg.ffn_hosts = layout_to_list(layout)
         logger.info("FFN layout of %s: %s", type(model).__name__, describe(layout))
     return layout_from_list(cfg.ffn_hosts)
-
 
 def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = True,
                kmeans_iters: int = 10, seed: int = 0, progress: bool = True, recipe_layout: dict | None = None) -> nn.Module:
@@ -82,7 +80,7 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
             host = model.get_submodule(name)
             if moefy_experts:
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
-            wrapper = LTEMLP(host, spec, cfg.expert_size, index, tau=cfg.tau, router_bias=cfg.router_bias,
+            wrapper = LTEMLP(host, spec, cfg.expert_size, index, threshold=cfg.threshold, router_bias=cfg.router_bias,
                              detach_router_input=cfg.detach_router_input)
             if moefy_experts and cfg.router_init == "centroid":
                 wrapper.init_router_from_experts(cfg.router_init_scale)
@@ -91,7 +89,6 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
         torch.random.set_rng_state(generator_state)
     model.lte_config = cfg
     return model
-
 
 def check_expert_size(model: nn.Module, expert_size: int, recipe_layout: dict | None = None,
                       saved: list[dict] | None = None) -> None:
@@ -103,13 +100,17 @@ def check_expert_size(model: nn.Module, expert_size: int, recipe_layout: dict | 
             shown = ", ".join(map(str, divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]))
             raise UsageError(f"lte.expert_size={expert_size} does not divide the FFN width {width}; choose one of {shown}")
 
+def set_lte_routing(model: nn.Module, routing: str) -> None:
+    """How every LTE layer runs its FFN: ``dense``, ``soft`` or ``hard`` (see :mod:`lte.layers`)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    for layer in lte_layers(model):
+        layer.routing = routing
 
 def set_lte_mode(model: nn.Module, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for layer in lte_layers(model):
-        layer.mode = mode
-
+    """Deprecated name of :func:`set_lte_routing`, kept for one release."""
+    warn_deprecated("set_lte_mode", "set_lte_routing")
+    set_lte_routing(model, mode)
 
 def unload_lte(model: nn.Module) -> nn.Module:
     """Replace every :class:`LTEMLP` by its original module (weights stay permuted)."""
@@ -120,12 +121,10 @@ def unload_lte(model: nn.Module) -> nn.Module:
         del model.lte_config
     return model
 
-
 def _router_prefixes(model: nn.Module) -> dict[str, int]:
     """State-dict prefix of each layer's router -> its layer index."""
     return {f"{name}.{ROUTER_PREFIX}.": module.layer_index for name, module in model.named_modules()
             if isinstance(module, LTEMLP)}
-
 
 def router_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Router weights by layer: ``{"layers.{i}.weight": ..., ...}`` (a prefix filter, PEFT-style).
@@ -140,7 +139,6 @@ def router_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
                 out[f"layers.{index}.{key[len(prefix):]}"] = value.detach().cpu().contiguous()
     return out
 
-
 def base_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A wrapped model's state dict with LTE's wrapper names removed: loadable by the base class."""
     out = {}
@@ -149,7 +147,6 @@ def base_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         out[key.replace(".base_layer.", ".")] = value
     return out
-
 
 def save_lte(model, out_dir: str | os.PathLike, tokenizer=None, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``out_dir`` as a standard checkpoint of the permuted base model plus the routers.
@@ -165,9 +162,8 @@ def save_lte(model, out_dir: str | os.PathLike, tokenizer=None, state: dict[str,
     save_file(router_state_dict(model, state), str(out_dir / ROUTERS_NAME))
     (out_dir / LTE_CONFIG_NAME).write_text(json.dumps(asdict(model.lte_config), indent=2) + "\n")
 
-
 def load_lte(path: str | os.PathLike, **from_pretrained_kwargs):
-    """Load a checkpoint written by :func:`save_lte`; returns the model in ``hard`` mode."""
+    """Load a checkpoint written by :func:`save_lte`; returns the model with ``hard`` routing."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -181,5 +177,5 @@ def load_lte(path: str | os.PathLike, **from_pretrained_kwargs):
     for layer in lte_layers(model):
         prefix = f"layers.{layer.layer_index}."
         layer.lte_router.load_state_dict({k[len(prefix):]: v for k, v in routers.items() if k.startswith(prefix)})
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     return model

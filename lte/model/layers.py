@@ -2,12 +2,13 @@
 
 The router reads the FFN input (the input of its first projection) and scores each expert
 ``G = sigmoid(router(x))``. The expert mask is applied to the input of the down projection,
-where every intermediate neuron is visible, and the model's own forward does the rest:
+where every intermediate neuron is visible, and the model's own forward does the rest.
+Each layer's ``routing`` (set per stage by :func:`lte.inject.set_lte_routing`) is one of:
 
 * ``dense``: router unused, output identical to the original model;
 * ``soft`` (stage 1): ``sum_i G_i(x) E_i(x)``, every neuron of expert ``i`` scaled by ``G_i``;
 * ``hard`` (stage 2, inference): ``sum_{i: G_i > threshold} E_i(x)``, unscaled. The threshold
-  is ``tau`` during training; ``lte export`` tunes one per layer.
+  is ``lte.threshold`` during training; ``lte export`` tunes one per layer.
 
 Both hooks are registered on the wrapped projections and removed by :meth:`LTEMLP.unwrap`.
 Router scores are handed to the loss through :func:`collect_router_scores`, a ContextVar
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import warn_deprecated
 from .registry import FFNSpec, feature_axes, weight_shape
 
-MODES = ("dense", "soft", "hard")
+ROUTINGS = ("dense", "soft", "hard")  # how an LTE layer runs its FFN
 ROUTER_PREFIX = "lte_router"
 
 
@@ -36,8 +38,15 @@ class RouterRecord:
 
     layer: int
     scores: torch.Tensor
-    tau: float
-    threshold: float
+    trained_threshold: float  # lte.threshold, which the separability loss pulls scores away from
+    threshold: float  # the live cut-off (export retunes it per layer)
+
+
+def __getattr__(name: str):
+    if name == "MODES":  # the old name, for one release
+        warn_deprecated("lte.layers.MODES", "ROUTINGS")
+        return ROUTINGS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _collector: ContextVar[list[RouterRecord] | None] = ContextVar("lte_router_collector", default=None)
@@ -55,10 +64,11 @@ def collect_router_scores():
 
 
 class LTEMLP(nn.Module):
-    """Wraps one FFN host module; see the module docstring for the modes."""
+    """Wraps one FFN host module; see the module docstring for the routings."""
 
     def __init__(self, base_layer: nn.Module, spec: FFNSpec, expert_size: int, layer_index: int,
-                 tau: float = 0.5, router_bias: bool = False, detach_router_input: bool = False):
+                 threshold: float = 0.5, router_bias: bool = False, detach_router_input: bool = False,
+                 tau: float | None = None):
         super().__init__()
         first = base_layer.get_submodule(spec.first[0])
         down = base_layer.get_submodule(spec.down)
@@ -69,9 +79,12 @@ class LTEMLP(nn.Module):
         self.expert_size = expert_size
         self.num_experts = width // expert_size
         self.layer_index = layer_index
-        self.tau = tau
-        self.threshold = tau
-        self.mode = "dense"
+        if tau is not None:  # the old keyword, for one release
+            warn_deprecated("LTEMLP(tau=...)", "LTEMLP(threshold=...)")
+            threshold = tau
+        self.trained_threshold = threshold
+        self.threshold = threshold
+        self.routing = "dense"
         self.detach_router_input = detach_router_input
         weight = first.weight
         # Routers are created after loading, so never quantized; next to packed 4-bit storage
@@ -124,22 +137,23 @@ class LTEMLP(nn.Module):
         return torch.sigmoid(self.lte_router(x.to(self.lte_router.weight.dtype)))
 
     def _route(self, module, args):
-        if self.mode == "dense":
+        if self.routing == "dense":
             return None
         x = args[0].detach() if self.detach_router_input else args[0]
         scores = self.scores(x)
         self._scores = scores
         records = _collector.get()
         if records is not None:
-            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.tau, self.threshold))
+            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.trained_threshold,
+                                         self.threshold))
         return None
 
     def _mask(self, module, args):
-        if self.mode == "dense":
+        if self.routing == "dense":
             return None
         scores, self._scores = self._scores, None
         h = args[0]
-        gate = scores if self.mode == "soft" else (scores > self.threshold).to(scores.dtype)
+        gate = scores if self.routing == "soft" else (scores > self.threshold).to(scores.dtype)
         shape = h.shape
         h = (h.reshape(*shape[:-1], self.num_experts, self.expert_size) * gate.to(h.dtype).unsqueeze(-1)).reshape(shape)
         return (h, *args[1:])
@@ -158,5 +172,22 @@ class LTEMLP(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, "
-                f"threshold={self.threshold}, mode={self.mode}")
+        return (f"experts={self.num_experts}, expert_size={self.expert_size}, "
+                f"trained_threshold={self.trained_threshold}, threshold={self.threshold}, routing={self.routing}")
+
+    @property
+    def mode(self) -> str:
+        """Deprecated name of :attr:`routing`."""
+        warn_deprecated("LTEMLP.mode", "LTEMLP.routing")
+        return self.routing
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        warn_deprecated("LTEMLP.mode", "LTEMLP.routing")
+        self.routing = value
+
+    @property
+    def tau(self) -> float:
+        """Deprecated name of :attr:`trained_threshold`."""
+        warn_deprecated("LTEMLP.tau", "LTEMLP.trained_threshold")
+        return self.trained_threshold

@@ -31,12 +31,12 @@ def _down_column_norms(layer: LTEMLP) -> torch.Tensor:
 def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (router inputs [T, d], expert importance [T, N]) on the calibration batches."""
     layers = lte_layers(model)
-    modes = [layer.mode for layer in layers]
+    routings = [layer.routing for layer in layers]
     inputs = {layer.layer_index: [] for layer in layers}
     importance = {layer.layer_index: [] for layer in layers}
     handles = []
     for layer in layers:
-        layer.mode = "dense"
+        layer.routing = "dense"
         first = layer.base_layer.get_submodule(layer.spec.first[0])
         down = layer.base_layer.get_submodule(layer.spec.down)
         weights = _down_column_norms(layer)
@@ -60,8 +60,8 @@ def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.T
     finally:
         for handle in handles:
             handle.remove()
-        for layer, mode in zip(layers, modes):
-            layer.mode = mode
+        for layer, routing in zip(layers, routings):
+            layer.routing = routing
         model.train(was_training)
     return {i: (torch.cat(inputs[i]), torch.cat(importance[i])) for i in inputs}
 

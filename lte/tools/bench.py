@@ -9,7 +9,7 @@ and the transposed one for down (``kernels/cpu.py``). Times are medians over rep
 warm-up. The threshold is set so that exactly the requested share of experts is skipped.
 
 ``decode``: end-to-end greedy tokens/s of an exported model at batch 1, against the same
-loaded model with ``config.lte_mode = "dense"``: same prompt, same number of new tokens.
+loaded model with ``config.lte_routing = "dense"``: same prompt, same number of new tokens.
 """
 
 from __future__ import annotations
@@ -187,6 +187,17 @@ class DecodeResult:
     sparsity: float  # FFN neurons skipped per token while decoding, mean over layers
 
 
+def set_export_routing(config, routing: str) -> str:
+    """Set an exported model's routing (``"hard"`` or ``"dense"``); returns the previous one. An export
+    written before the rename carries remote code that reads ``lte_mode`` (``"sparse"`` or ``"dense"``)."""
+    if "lte_mode" in vars(config):
+        previous = "hard" if config.lte_mode == "sparse" else config.lte_mode
+        config.lte_mode = "sparse" if routing == "hard" else routing
+        return previous
+    previous, config.lte_routing = config.lte_routing, routing
+    return previous
+
+
 @torch.no_grad()
 def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 5, name: str = "") -> DecodeResult:
     """Median greedy-decoding speed of ``model`` (an exported LTE model) sparse and dense."""
@@ -198,10 +209,10 @@ def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int 
 
     device = next(model.parameters()).device
     speed = {}
-    for mode in ("dense", "sparse"):
-        model.config.lte_mode = mode
-        speed[mode] = new_tokens / median_seconds(decode, repeats, device)
-    model.config.lte_mode = "sparse"
+    for key, routing in (("dense", "dense"), ("sparse", "hard")):
+        set_export_routing(model.config, routing)
+        speed[key] = new_tokens / median_seconds(decode, repeats, device)
+    set_export_routing(model.config, "hard")
     _, per_layer = run_counting_skips(model, decode)
     return DecodeResult(name, machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
                         str(next(model.parameters()).dtype).replace("torch.", ""), prompt_ids.shape[1], new_tokens, repeats,

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .bench import run_counting_skips, synchronize
+from .bench import run_counting_skips, set_export_routing, synchronize
 from ..core.errors import UsageError
 
 
 @dataclass
 class Generation:
-    mode: str
+    routing: str  # "hard" (the export's routing) or "dense" (every expert)
     text: str
     new_tokens: int
     seconds: float
@@ -47,15 +47,15 @@ def load_export(directory: str | Path, dtype: str = "auto", device: str | None =
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sparse", temperature: float = 0.0,
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = "hard", temperature: float = 0.0,
              seed: int = 0) -> Generation:
-    """Generate with every layer in ``mode`` ("sparse" or "dense"); counts the skipped neurons."""
+    """Generate with every layer routed ``routing`` ("hard" or "dense"); counts the skipped neurons."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     max_new_tokens, note = fit_to_context(model.config, inputs["input_ids"].shape[1], max_new_tokens)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
-    previous, model.config.lte_mode = model.config.lte_mode, mode
+    previous = set_export_routing(model.config, routing)
     model.generate(**inputs, **{**kwargs, "max_new_tokens": min(2, max_new_tokens)})  # warm-up: first-call allocations are not speed
     torch.manual_seed(seed)
     synchronize(device)
@@ -63,9 +63,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, mode: str = "sp
     output, per_layer = run_counting_skips(model, lambda: model.generate(**inputs, **kwargs))
     synchronize(device)
     seconds = time.perf_counter() - start
-    model.config.lte_mode = previous
+    set_export_routing(model.config, previous)
     new = output[0, inputs["input_ids"].shape[1]:]
-    return Generation(mode, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note)
+    return Generation(routing, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note)
 
 
 def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
@@ -86,7 +86,7 @@ def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int
 def describe(result: Generation) -> str:
     mean = sum(result.per_layer_sparsity) / max(len(result.per_layer_sparsity), 1)
     per_layer = " ".join(f"{100 * s:.0f}%" for s in result.per_layer_sparsity)
-    label = "LTE (sparse)" if result.mode == "sparse" else "dense (every expert)"
+    label = "LTE (sparse)" if result.routing == "hard" else "dense (every expert)"
     return (f"--- {label} ---\n{result.text}\n"
             f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
             f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else ""))

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..core.errors import UsageError
-from ..model.layers import MODES
+from ..core.errors import UsageError, renamed_kwargs
+from ..model.layers import ROUTINGS
 
 
+@renamed_kwargs(tau="threshold")
 @dataclass
 class LTEArguments:
     """LTE's own settings (the recipe's ``lte.*`` group)."""
@@ -28,8 +29,9 @@ class LTEArguments:
     eta_step: float = field(default=1.0, metadata={"help": "How fast eta follows target_sparsity: after every optimizer "
                             "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."})
     lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
-    tau: float = field(default=0.5, metadata={"help": "Router threshold in (0, 1): experts with G > tau run."})
-    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - tau)^2 + eps); keeps L_sep finite at G = tau."})
+    threshold: float = field(default=0.5, metadata={"help": "Hard-routing threshold in (0, 1) (the paper's tau): experts with "
+                             "G > threshold run."})
+    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - threshold)^2 + eps); keeps L_sep finite at G = threshold."})
     efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
     router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
     router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
@@ -62,8 +64,8 @@ class LTEArguments:
             problems.append(f"lte.eta_step={self.eta_step} must be > 0")
         if self.lam < 0:
             problems.append(f"lte.lam={self.lam} must be >= 0 (it weighs the separability loss)")
-        if not 0 < self.tau < 1:
-            problems.append(f"lte.tau={self.tau} must lie in (0, 1): router scores are sigmoids")
+        if not 0 < self.threshold < 1:
+            problems.append(f"lte.threshold={self.threshold} must lie in (0, 1): router scores are sigmoids")
         if self.sep_eps <= 0:
             problems.append(f"lte.sep_eps={self.sep_eps} must be > 0")
         if self.efficiency_loss not in ("l1", "l2"):
@@ -96,15 +98,16 @@ class LTEArguments:
         return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
 
+@renamed_kwargs(tau="threshold", lte_mode="lte_routing")
 @dataclass
 class LTETrainingArguments(TrainingArguments, LTEArguments):
-    """``TrainingArguments`` plus the LTE fields, plus which routing mode this stage trains."""
+    """``TrainingArguments`` plus the LTE fields, plus the routing this stage trains with."""
 
-    lte_mode: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
+    lte_routing: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
     restore_callback_states_from_checkpoint: bool = field(default=True, metadata={
         "help": "Resume callbacks' state too (on here: the eta controller's eta lives there)."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lte_mode not in MODES:
-            raise ValueError(f"lte_mode must be one of {MODES}, got {self.lte_mode!r}")
+        if self.lte_routing not in ROUTINGS:
+            raise ValueError(f"lte_routing must be one of {ROUTINGS}, got {self.lte_routing!r}")

@@ -26,15 +26,16 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..core.errors import UsageError
+from ..core.errors import UsageError, rename_deprecated_keys, warn_deprecated
 from ..core.run_dir import recipe_file, stage_dir
 from .arguments import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 STAGES = ("stage0", "stage1", "stage2")
-MODE_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
+# A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.layers.ROUTINGS).
+ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
 # Set per stage by the pipeline; a recipe may not set them.
-PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_mode", "max_steps", *(f.name for f in dataclasses.fields(LTEArguments)))
+PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_routing", "max_steps", *(f.name for f in dataclasses.fields(LTEArguments)))
 
 
 @dataclass
@@ -210,7 +211,7 @@ class Recipe:
         values.update(dataclasses.asdict(self.lte))
         if stage == "stage0":  # the dense fine-tune: no routers, and the teacher would be the model itself
             values.update(distill_weight=0.0, distill_hidden_weight=0.0)
-        values.update(output_dir=str(stage_dir(self.output_dir, stage)), lte_mode=MODE_OF_STAGE[stage],
+        values.update(output_dir=str(stage_dir(self.output_dir, stage)), lte_routing=ROUTING_OF_STAGE[stage],
                       max_steps=getattr(self.lte, f"{stage}_steps"), seed=self.seed, **extra)
         return LTETrainingArguments(**values)
 
@@ -230,6 +231,13 @@ _TOP_LEVEL = ("model", "data", "lte", "lora", "train", "export", "output_dir", "
 # `lte.target_sparsity=0.72` beside it wins for that key.
 SHORTHANDS = {"target_sparsity": ("lte", "export")}
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(LTETrainingArguments)} - set(PIPELINE_OWNED_TRAIN_KEYS)
+
+
+def __getattr__(name: str):
+    if name == "MODE_OF_STAGE":  # the old name, for one release
+        warn_deprecated("lte.config.MODE_OF_STAGE", "ROUTING_OF_STAGE")
+        return ROUTING_OF_STAGE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def recipe_dirs() -> list[Path]:
@@ -352,7 +360,7 @@ def _check_train_key(full: str, key: str) -> None:
     if key in PIPELINE_OWNED_TRAIN_KEYS:
         where = "the top-level output_dir" if key == "output_dir" else (
             "lte.stage0_steps / lte.stage1_steps / lte.stage2_steps" if key == "max_steps" else
-            "the lte group" if key != "lte_mode" else "the stage (it is fixed per stage)")
+            "the lte group" if key != "lte_routing" else "the stage (it is fixed per stage)")
         raise UsageError(f"{full} is set by the pipeline; use {where} instead")
     if key not in _TRAIN_KEYS:
         raise UsageError(f"unknown key '{full}' (not a TrainingArguments field)"
@@ -401,7 +409,8 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
     path = find_recipe(name)
     base = read_recipe_file(path)
     try:
-        cfg = OmegaConf.merge(expand_shorthands(base), expand_shorthands(OmegaConf.from_dotlist(overrides)))
+        cfg = OmegaConf.merge(expand_shorthands(rename_deprecated_keys(base)),
+                              expand_shorthands(rename_deprecated_keys(OmegaConf.from_dotlist(overrides))))
     except OmegaConfBaseException as exc:
         raise UsageError(f"could not apply the overrides {' '.join(overrides)} to recipe {path}: "
                          f"{str(exc).splitlines()[0]}; write them as dotted key=value") from None
@@ -428,7 +437,7 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     path = recipe_file(run_dir)
     if not path.is_file():
         raise UsageError(f"{run_dir} has no recipe.yaml; give the output_dir of an `lte train` run")
-    cfg = read_recipe_file(path)
+    cfg = rename_deprecated_keys(read_recipe_file(path), warn=False)  # written by the pipeline, maybe before a rename
     name = str(cfg.pop("name", "") or path.parent.name)
     return build_recipe(cfg, name, check_hardware=False)
 
@@ -450,6 +459,7 @@ def _top_level_extras(cfg: DictConfig) -> dict[str, Any]:
 def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Recipe:
     """Check and type a merged recipe config."""
     _check_shapes(cfg)
+    rename_deprecated_keys(cfg)
     _check_keys(cfg)
     extras = _top_level_extras(cfg)
     expand_shorthands(cfg)

@@ -3,11 +3,11 @@
 Eq. 4-6 of the paper, averaged over real tokens (padding excluded), experts and layers:
 
 * efficiency ``L_eff = mean(G^2)`` (``"l2"``, the paper's formula) or ``mean(G)`` (``"l1"``);
-* separability ``L_sep = mean(1 / ((G - tau)^2 + eps))``; the paper has no ``eps``, but the
-  term is singular at ``G = tau`` without one.
+* separability ``L_sep = mean(1 / ((G - threshold)^2 + eps))`` (the paper's tau is ``lte.threshold``); the
+  paper has no ``eps``, but the term is singular at ``G = threshold`` without one.
 
 FFN sparsity is the fraction of FFN neurons a token skips under hard routing; experts have
-equal size, so it is the fraction of experts with ``G <= threshold`` (``tau`` unless ``lte export`` tuned it).
+equal size, so it is the fraction of experts with ``G <= threshold`` (``lte.threshold`` unless ``lte export`` tuned it).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def separability_loss(records: list[RouterRecord], mask: torch.Tensor | None = N
     terms = []
     for r in records:
         weights = _token_weights(mask, r.scores.shape[0], r.scores.device)
-        terms.append(_masked_mean(1.0 / ((r.scores.float() - r.tau).square() + eps), weights))
+        terms.append(_masked_mean(1.0 / ((r.scores.float() - r.trained_threshold).square() + eps), weights))
     return torch.stack(terms).mean()
 
 

@@ -2,7 +2,7 @@
 
 The model is an ordinary causal LM whose FFNs were wrapped by :func:`lte.inject.inject_lte`.
 ``compute_loss`` runs the usual task loss through ``super()`` inside a router-score scope,
-then (in ``soft`` mode) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
+then (with ``soft`` routing) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
 task loss is normalised over the whole accumulated batch (``num_items_in_batch``), the
 Trainer does not divide by the accumulation steps, so the per-micro-batch regularisers are
 divided here; otherwise the Trainer divides everything. Either way the router gradients do
@@ -31,7 +31,7 @@ class EtaController(TrainerCallback, ExportableState):
 
     The efficiency loss alone sets no particular sparsity: where stage 1 settles depends on eta,
     on the router init and on the separability loss, which locks each router score on the side of
-    ``tau`` it starts from (on stories260K a calibrated init at 46% ended at 37%, one at 52% at 56%).
+    the threshold it starts from (on stories260K a calibrated init at 46% ended at 37%, one at 52% at 56%).
     Dual ascent on the constraint "sparsity = target" fixes that: after every optimizer step eta
     grows while the measured hard-routing sparsity is below the target and shrinks while it is
     above, past 0 if need be (a negative eta rewards router scores, which is what it takes to
@@ -69,7 +69,7 @@ class TrainingDiverged(UsageError):
 
 
 class LTETrainer(Trainer):
-    """Trainer for one LTE stage; the stage is ``args.lte_mode``."""
+    """Trainer for one LTE stage; the stage is ``args.lte_routing``."""
 
     args: LTETrainingArguments
 
@@ -80,7 +80,7 @@ class LTETrainer(Trainer):
         if self.args.distills and teacher is None:
             raise ValueError("distill_weight > 0 or distill_hidden_weight > 0 needs the original model as `teacher`")
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
-        if self.args.lte_mode == "soft" and self.args.target_sparsity is not None:
+        if self.args.lte_routing == "soft" and self.args.target_sparsity is not None:
             self.add_callback(EtaController(self.args.eta, self.args.target_sparsity, self.args.eta_step))
 
     @property
@@ -139,7 +139,7 @@ class LTETrainer(Trainer):
             per_layer = layer_sparsity(records, mask)
             metrics["sparsity"].append(per_layer.mean())
             metrics["sparsity/layer"].append(per_layer)
-            if self.args.lte_mode == "soft":
+            if self.args.lte_routing == "soft":
                 eff = efficiency_loss(records, mask, self.args.efficiency_loss)
                 sep = separability_loss(records, mask, self.args.sep_eps)
                 metrics["efficiency_loss"].append(eff.detach())
@@ -154,7 +154,7 @@ class LTETrainer(Trainer):
         if model.training and not torch.isfinite(loss.detach()).all():
             step, value = self.state.global_step + 1, loss.detach().float().max().item()
             raise TrainingDiverged(
-                f"the loss became {value} at step {step} of the {self.args.lte_mode}-routing stage "
+                f"the loss became {value} at step {step} of the {self.args.lte_routing}-routing stage "
                 f"({self.args.output_dir}); nothing was saved from this step. Lower the learning rate "
                 f"(now {self.args.learning_rate:g}) and train this stage again from its start: its checkpoints "
                 f"carry the old rate in their optimizer and scheduler state", step=step, loss=value)

@@ -15,8 +15,8 @@ from conftest import REPO, tiny_model
 from lte.cli import main
 from lte.training.evaluate import evaluate_batches
 from lte.export.exporter import ExportRequest, base_architecture, export, to_routed, write_checkpoint
-from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-from lte.export.thresholds import DENSE, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
+from lte.export.thresholds import KEEP_ALL, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
 
 # Runs in a fresh interpreter where `lte` cannot be imported: what a user of the export has.
 LOAD_AS_A_USER = r"""
@@ -45,9 +45,9 @@ for directory in sys.argv[1:]:
         step = model(ids[:1, -1:], past_key_values=past, use_cache=True).logits[0, -1]
         r["decode"] = (step - full).abs().max().item()
         r["loss"] = model(ids, labels=ids).loss.item()
-        model.config.lte_mode = "dense"
+        model.config.lte_routing = "dense"
         r["dense"] = (model(ids).logits - d["dense"]).abs().max().item()
-        model.config.lte_mode = "sparse"
+        model.config.lte_routing = "hard"
         model.config.lte_thresholds = [float("-inf")] * len(model.config.lte_thresholds)
         r["neg_inf"] = (model(ids).logits - d["dense"]).abs().max().item()
         model.config.lte_thresholds = d["thresholds"]
@@ -85,7 +85,7 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
     with torch.no_grad():
         dense = model(ids).logits
     inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     thresholds = [0.45, 0.55]
     for layer, threshold in zip(lte_layers(model), thresholds):
         layer.threshold = threshold
@@ -123,7 +123,7 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
         assert r["few"] < 1e-5, (family, r)  # a few tokens: the union of their experts
         assert r["decode"] < 1e-4, (family, r)
         assert r["skips"] > 1e-3, (family, r)  # the thresholds do skip experts...
-        assert r["dense"] < 1e-5, (family, r)  # ...lte_mode="dense" runs every expert: the original model's logits
+        assert r["dense"] < 1e-5, (family, r)  # ...lte_routing="dense" runs every expert: the original model's logits
         assert r["neg_inf"] < 1e-5, (family, r)  # ...and so do thresholds at -inf
         assert 3.0 < r["loss"] < 6.0  # ln(64) ~ 4.16 for a random tiny model
         assert r["generated"] == 7
@@ -158,7 +158,7 @@ def test_the_pure_torch_decode_path_matches_without_the_kernel():
     for family in ("llama", "phi3", "gpt2"):
         model = tiny_model(family)
         inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
-        set_lte_mode(model, "hard")
+        set_lte_routing(model, "hard")
         for layer in lte_layers(model):
             layer.threshold = 0.5
         ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -187,7 +187,7 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
     for family in ("llama", "gpt2"):
         model = tiny_model(family)
         inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
-        set_lte_mode(model, "hard")
+        set_lte_routing(model, "hard")
         ids = torch.randint(0, 64, (2, 2), generator=torch.Generator().manual_seed(3))
         thresholds = calibrate(model, [{"input_ids": ids}], [0.8, 0.8], progress=False)  # few experts per token
         with torch.no_grad():
@@ -236,10 +236,10 @@ def trained(tiny_run):
 
 @pytest.fixture
 def stage2(trained):
-    """``trained`` with every threshold back at the trained value (tau)."""
+    """``trained`` with every threshold back at the trained value (lte.threshold)."""
     model = trained[0]
     for layer in lte_layers(model):
-        layer.threshold = layer.tau
+        layer.threshold = layer.trained_threshold
     return trained
 
 
@@ -247,7 +247,7 @@ def stage2(trained):
 def stage2_sensitivity(trained):
     model = trained[0]
     for layer in lte_layers(model):
-        layer.threshold = layer.tau
+        layer.threshold = layer.trained_threshold
     return sensitivity(model, trained[1], progress=False)
 
 
@@ -285,7 +285,7 @@ def test_negative_thresholds_run_every_expert(stage2):
     calibrate(model, batches, [0.0] * 5, progress=False)
     per_layer = evaluate_batches(model, batches[:1]).per_layer_sparsity
     assert per_layer == [0.0] * 5
-    assert all(layer.threshold == DENSE for layer in lte_layers(model))
+    assert all(layer.threshold == KEEP_ALL for layer in lte_layers(model))
 
 
 def test_allocate_spends_the_budget_where_it_is_cheap():
@@ -460,7 +460,7 @@ def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tm
     config.lte_ffn = {"expert_size": 8, "router_bias": False, "hosts": [
         {"path": f"model.layers.{i}.feed_forward", "first": ["up_proj", "gate_proj"], "down": "down_proj", "fused_chunks": 1}
         for i in range(2)]}
-    config.lte_thresholds, config.lte_mode, config.lte_track_sparsity = [0.5, 0.5], "sparse", False
+    config.lte_thresholds, config.lte_routing, config.lte_track_sparsity = [0.5, 0.5], "hard", False
     install_routed_ffns(model, config)
     write_checkpoint(model, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"), tmp_path, "FalconH1ForCausalLM")
     base = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
@@ -470,7 +470,7 @@ def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tm
     for name, buffer in base.named_buffers():
         torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
     assert not torch.equal(buffers["model.layers.0.mamba.mup_vector"], torch.ones_like(buffers["model.layers.0.mamba.mup_vector"]))
-    exported.config.lte_mode = "dense"
+    exported.config.lte_routing = "dense"
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(base(ids).logits, want, atol=1e-5, rtol=1e-5)
@@ -501,3 +501,40 @@ def test_export_validation_fails_on_non_finite_logits_and_weights(tmp_path):
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match=r"1 weight\(s\) hold NaN or inf \(model.layers.1.mlp.up_proj.weight\)"):
         validate_export(directory, inputs, expected, torch.float32, torch.device("cpu"))
+
+
+def test_an_export_written_before_the_routing_rename_still_loads(tmp_path):
+    """config.json of an older export says lte_mode="sparse": it loads as lte_routing="hard", and
+    config.lte_mode still switches it, each with a warning naming the new key."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _export_tiny("llama", tmp_path / "old", AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"))
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("lte_routing") == "hard"
+    path.write_text(json.dumps({**config, "lte_mode": "sparse"}))
+    expected = torch.load(tmp_path / "old" / "expected.pt")
+    with pytest.warns(DeprecationWarning, match="use config.lte_routing"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "old", trust_remote_code=True).eval()
+    assert model.config.lte_routing == "hard"
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["sparse"], atol=1e-5, rtol=1e-5)
+        with pytest.warns(DeprecationWarning, match="use config.lte_routing"):
+            model.config.lte_mode = "dense"
+        assert model.config.lte_routing == "dense"
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["dense"], atol=1e-5, rtol=1e-5)
+    model.config.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert resaved["lte_routing"] == "dense" and "lte_mode" not in resaved
+
+
+def test_tools_switch_the_routing_of_an_export_with_the_old_remote_code():
+    """An older export carries remote code that reads config.lte_mode; generate and bench set that key for it."""
+    from types import SimpleNamespace
+
+    from lte.bench import set_export_routing
+
+    old, new = SimpleNamespace(lte_mode="sparse"), SimpleNamespace(lte_routing="hard")
+    assert set_export_routing(old, "dense") == "hard" and old.lte_mode == "dense"
+    assert set_export_routing(old, "hard") == "dense" and old.lte_mode == "sparse"
+    assert set_export_routing(new, "dense") == "hard" and new.lte_routing == "dense" and not hasattr(new, "lte_mode")

@@ -52,7 +52,7 @@ def test_plain_loaders_get_the_dense_base_model_and_tokenizer(exports, tmp_path)
         assert r["missing"] == [] and r["mismatched"] == [], (family, r)
         assert r["unexpected"] and all(k.endswith(ROUTER_SUFFIX) for k in r["unexpected"]), (family, r)
         assert len(r["unexpected"]) == 2  # one router per layer
-        # the base class computes the export's lte_mode="dense" logits (and the original model's)
+        # the base class computes the export's lte_routing="dense" logits (and the original model's)
         assert r["base_vs_dense"] < 1e-6 and r["auto_vs_dense"] < 1e-6 and r["base_vs_original"] < 1e-5, (family, r)
         assert r["sparse_vs_trained"] < 1e-6 and r["sparse_vs_base"] > 1e-3, (family, r)  # remote code: sparse
         assert r["use_cache"] is True and r["base_use_cache"] is True

@@ -11,7 +11,7 @@ from conftest import FAMILY_CONFIGS, REPO, tiny_model
 
 from lte.model.detect import candidates, detect_layout
 from lte.core.errors import UsageError
-from lte.model.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_mode
+from lte.model.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_routing
 from lte.training.preflight import check_attn_implementation
 from lte.model.registry import FFNSpec, layout_to_list
 
@@ -56,7 +56,7 @@ def test_call_order_reaches_the_export_schema(tmp_path):
 
     model = inject_lte(_up_before_gate(tiny_model("llama")), LTEModelConfig(expert_size=8, router_init="centroid"),
                        progress=False)
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     x = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         expected = model(x).logits

@@ -7,7 +7,7 @@ from torch import nn
 from conftest import FAMILY_CONFIGS, tiny_model
 from lte import UsageError
 from lte.model.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
-                        set_lte_mode, unload_lte)
+                        set_lte_routing, unload_lte)
 from lte.model.layers import collect_router_scores
 from lte.model.registry import feature_axes
 
@@ -36,7 +36,7 @@ def test_grouping_keeps_outputs_and_modes_behave(family):
     # Permuting neurons into contiguous experts does not change the function.
     torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
 
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     for layer in layers:
         layer.threshold = -1.0  # every expert selected
     torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
@@ -50,7 +50,7 @@ def test_grouping_keeps_outputs_and_modes_behave(family):
     assert all(r.scores.shape == (14, 8) for r in records)
 
     # Soft mode scales each expert's neurons by its score: with scores forced to s, the FFN output is s times.
-    set_lte_mode(model, "soft")
+    set_lte_routing(model, "soft")
     for layer in layers:
         nn.init.zeros_(layer.lte_router.weight)
     soft = model(x).logits  # every score is sigmoid(0) = 0.5
@@ -79,7 +79,7 @@ def test_unload_restores_plain_modules_and_state_dict_keys(tiny_llama):
     model = inject_lte(tiny_llama, LTEModelConfig(expert_size=16), progress=False)
     assert all(k.startswith("layers.") for k in router_state_dict(model))
     assert not any("base_layer" in k or "lte_router" in k for k in base_state_dict(model.state_dict()))
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     unload_lte(model)
     assert not lte_layers(model)
     assert not any("lte_router" in name for name, _ in model.named_parameters())
@@ -89,16 +89,66 @@ def test_unload_restores_plain_modules_and_state_dict_keys(tiny_llama):
 
 
 def test_save_and_load_round_trip(tiny_llama, tmp_path):
-    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, tau=0.4), progress=False)
+    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, threshold=0.4), progress=False)
     for layer in lte_layers(model):
         nn.init.normal_(layer.lte_router.weight, std=0.5)
-    set_lte_mode(model, "hard")
+    set_lte_routing(model, "hard")
     x = tokens()
     expected = model(x).logits
     save_lte(model, tmp_path / "ckpt")
     loaded = load_lte(tmp_path / "ckpt").eval()
-    assert [layer.tau for layer in lte_layers(loaded)] == [0.4, 0.4]
+    assert [layer.trained_threshold for layer in lte_layers(loaded)] == [0.4, 0.4]
     torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_checkpoint_saved_before_the_threshold_rename_loads(tiny_llama, tmp_path):
+    """lte_config.json used to say "tau"; it loads, with a warning, as the same threshold."""
+    import json
+
+    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, threshold=0.4), progress=False)
+    for layer in lte_layers(model):
+        nn.init.normal_(layer.lte_router.weight, std=0.5)
+    set_lte_routing(model, "hard")
+    x = tokens()
+    expected = model(x).logits
+    save_lte(model, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "lte_config.json"
+    saved = json.loads(path.read_text())
+    saved["tau"] = saved.pop("threshold")
+    path.write_text(json.dumps(saved))
+    with pytest.warns(DeprecationWarning, match=r"LTEModelConfig\(tau=\.\.\.\) is deprecated, use threshold="):
+        loaded = load_lte(tmp_path / "ckpt").eval()
+    assert [(layer.threshold, layer.routing) for layer in lte_layers(loaded)] == [(0.4, "hard")] * 2
+    assert vars(loaded.lte_config) == {k: v for k, v in saved.items() if k != "tau"} | {"threshold": 0.4}
+    torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_the_old_routing_names_still_work_with_a_warning(tiny_llama):
+    """set_lte_mode and LTEMLP.mode/.tau are the deprecated names of set_lte_routing, .routing, .trained_threshold."""
+    import lte
+
+    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8), progress=False)
+    with pytest.warns(DeprecationWarning, match="set_lte_mode is deprecated, use set_lte_routing"):
+        lte.set_lte_mode(model, "soft")
+    layer = lte_layers(model)[0]
+    assert layer.routing == "soft"
+    with pytest.warns(DeprecationWarning, match="LTEMLP.mode is deprecated, use LTEMLP.routing"):
+        assert layer.mode == "soft"
+    with pytest.warns(DeprecationWarning, match="LTEMLP.mode is deprecated"):
+        layer.mode = "hard"
+    assert layer.routing == "hard"
+    with pytest.warns(DeprecationWarning, match="LTEMLP.tau is deprecated, use LTEMLP.trained_threshold"):
+        assert layer.tau == layer.trained_threshold == 0.5
+    with pytest.raises(ValueError, match="routing must be one of"):
+        lte.set_lte_routing(model, "sparse")
+    import lte.export.thresholds
+    import lte.model.layers
+    import lte.training.config
+
+    for module, old, new in ((lte.model.layers, "MODES", "ROUTINGS"), (lte.training.config, "MODE_OF_STAGE", "ROUTING_OF_STAGE"),
+                             (lte.export.thresholds, "DENSE", "KEEP_ALL")):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated, use {new}"):
+            assert getattr(module, old) == getattr(module, new)
 
 
 def test_unsupported_model_names_the_mlp_class_it_found():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import run_train, tiny_model
 from lte.training.adapters import add_lora, merge_adapter, quantization_config
 from lte.training.config import LoraArgs
-from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_mode
+from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_routing
 
 LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
 
@@ -38,7 +38,7 @@ def pretend_trained(peft_model, seed=0):
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_merged_checkpoint_computes_what_the_adapter_model_computed(lte_checkpoint, tmp_path, mode):
     model = load_lte(lte_checkpoint)
-    set_lte_mode(model, mode)
+    set_lte_routing(model, mode)
     for layer in lte_layers(model):
         layer.threshold = 0.5
     peft_model = add_lora(model, LORA, train_routers=True)
@@ -49,7 +49,7 @@ def test_merged_checkpoint_computes_what_the_adapter_model_computed(lte_checkpoi
     peft_model.save_pretrained(tmp_path / "adapter")
 
     merged = merge_adapter(lte_checkpoint, tmp_path / "adapter")
-    set_lte_mode(merged, mode)
+    set_lte_routing(merged, mode)
     for layer in lte_layers(merged):
         layer.threshold = 0.5
     with torch.no_grad():
@@ -59,14 +59,14 @@ def test_merged_checkpoint_computes_what_the_adapter_model_computed(lte_checkpoi
     torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         original = load_lte(lte_checkpoint)
-        set_lte_mode(original, mode)
+        set_lte_routing(original, mode)
         assert not torch.allclose(original(tokens()).logits, got, atol=1e-3)  # the adapter changed the model
     assert all(type(layer.lte_router) is torch.nn.Linear for layer in lte_layers(merged))
 
 
 def test_routers_train_in_full_in_float32_and_everything_else_only_through_lora(lte_checkpoint):
     model = load_lte(lte_checkpoint, dtype=torch.bfloat16)
-    set_lte_mode(model, "soft")
+    set_lte_routing(model, "soft")
     peft_model = add_lora(model, LORA, train_routers=True)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     routers = {n: p for n, p in trainable.items() if "lte_router" in n}
@@ -88,7 +88,7 @@ def test_qlora_base_is_4bit_and_routers_stay_trainable_float32(lte_checkpoint):
     layer = lte_layers(model)[0]
     assert isinstance(layer.base_layer.gate_proj, bnb.nn.Linear4bit)  # the frozen base really is 4-bit
     assert type(layer.lte_router) is torch.nn.Linear and layer.num_experts == 8  # routers are not quantized
-    set_lte_mode(model, "soft")
+    set_lte_routing(model, "soft")
     peft_model = add_lora(model, qlora, train_routers=True)
     peft_model.train()
     loss = peft_model(tokens(), labels=tokens()).loss

@@ -32,12 +32,12 @@ def test_separability_loss_formula_and_minimum():
     g = torch.stack([r.scores for r in records()])
     assert sep == pytest.approx((1 / ((g - 0.5) ** 2 + 1e-3)).mean().item(), rel=1e-6)
     saturated = [RouterRecord(0, torch.tensor([[0.0, 1.0]]), 0.5, 0.5)]
-    assert separability_loss(saturated, eps=0.0).item() == pytest.approx(4.0)  # the paper's floor at tau = 0.5
+    assert separability_loss(saturated, eps=0.0).item() == pytest.approx(4.0)  # the paper's floor at threshold (tau) = 0.5
 
 
-def test_layer_sparsity_counts_experts_at_or_below_tau():
+def test_layer_sparsity_counts_experts_at_or_below_the_threshold():
     per_layer = layer_sparsity(records())
-    # layer 0: off = 0.1, 0.2, 0.3 -> 3 of 6; layer 1: 0.5 (<= tau), 0.5, 0.05, 0.4 -> 4 of 6
+    # layer 0: off = 0.1, 0.2, 0.3 -> 3 of 6; layer 1: 0.5 (<= threshold), 0.5, 0.05, 0.4 -> 4 of 6
     assert per_layer.tolist() == pytest.approx([3 / 6, 4 / 6])
     masked = layer_sparsity(records(), torch.tensor([1, 1, 0]))
     assert masked.tolist() == pytest.approx([2 / 4, 3 / 4])

@@ -5,14 +5,17 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import FAMILY_CONFIGS, REPO, STORIES, TEST_DATA
 from lte.cli import train_main
-from lte.training.config import STAGES, available_recipes, load_recipe
+from lte import UsageError
+from lte.training.config import STAGES, available_recipes, load_recipe, load_run_recipe
 from lte.training.data import ALPACA_CHAT_TEMPLATE
 
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
@@ -35,7 +38,7 @@ def test_every_recipe_validates_and_says_how_to_run_it(name):
         assert stage_args.output_dir.endswith(stage)
         assert stage_args.max_steps == getattr(recipe.lte, f"{stage}_steps")
     assert (
-        recipe.stage_args("stage1", **cpu).lte_mode == "soft" and recipe.stage_args("stage2", **cpu).lte_mode == "hard"
+        recipe.stage_args("stage1", **cpu).lte_routing == "soft" and recipe.stage_args("stage2", **cpu).lte_routing == "hard"
     )
     assert recipe.stage_args("stage0", **cpu).distill_weight == 0.0  # stage 0 is the dense fine-tune: no teacher
 
@@ -57,6 +60,34 @@ def test_overrides_merge_into_typed_fields():
     assert recipe.stage_args("stage2").eta == 2.5  # LTE fields reach the training arguments
 
 
+def test_the_old_threshold_key_is_accepted_with_a_warning_for_one_release(tmp_path):
+    """lte.tau (before the rename) gives the same recipe as lte.threshold, on the command line, in a
+    recipe file, and in the record of a run trained before the rename (which then needs no rerun)."""
+    from lte.record import changed_keys, read_record, resolve_paths
+
+    new = load_recipe(["recipe=tiny", "lte.threshold=0.4", "output_dir=/tmp/r"], check_hardware=False)
+    with pytest.warns(DeprecationWarning, match="lte.tau is deprecated, use lte.threshold"):
+        old = load_recipe(["recipe=tiny", "lte.tau=0.4", "output_dir=/tmp/r"], check_hardware=False)
+    assert old == new and new.lte.threshold == 0.4 and new.stage_args("stage1", use_cpu=True).threshold == 0.4
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text((REPO / "recipes" / "tiny.yaml").read_text().replace("  threshold: 0.5", "  tau: 0.4"))
+    with pytest.warns(DeprecationWarning, match="lte.tau is deprecated"):
+        from_file = load_recipe([f"recipe={old_file}", "output_dir=/tmp/r"], check_hardware=False)
+    assert from_file.lte == new.lte
+    with pytest.warns(DeprecationWarning):  # the override, in the new name, wins over the file's old key
+        assert load_recipe([f"recipe={old_file}", "lte.threshold=0.3"], check_hardware=False).lte.threshold == 0.3
+    with pytest.raises(UsageError, match="lte.tau and lte.threshold are both set; keep only lte.threshold"):
+        load_recipe(["recipe=tiny", "lte.tau=0.4", "lte.threshold=0.4"], check_hardware=False)
+    record = resolve_paths(new).to_dict()
+    record["lte"]["tau"] = record["lte"].pop("threshold")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(record))
+    assert changed_keys(read_record(tmp_path / "run"), resolve_paths(new).to_dict()) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the run's own record: nothing for the user to fix
+        assert load_run_recipe(tmp_path / "run").lte == new.lte
+
+
 BAD = [
     (["recipe=nope"], "unknown recipe 'nope'; available recipes: " + ", ".join(available_recipes())),
     (["recipe=tiny", "lte.etta=1"], "did you mean 'lte.eta'"),
@@ -64,7 +95,7 @@ BAD = [
     (["recipe=tiny", "modle.dtype=float32"], "did you mean 'model'"),
     (["recipe=tiny", "lte.eta=abc"], "bad value for 'lte.eta'"),
     (["recipe=tiny", "lte.eta=-1"], "lte.eta=-1.0 must be >= 0"),
-    (["recipe=tiny", "lte.tau=1.5"], "lte.tau=1.5 must lie in (0, 1)"),
+    (["recipe=tiny", "lte.threshold=1.5"], "lte.threshold=1.5 must lie in (0, 1)"),
     (["recipe=tiny", "lte.expert_size=5"], "lte.expert_size=5 does not divide the FFN width 172"),
     (["recipe=tiny", "data.train=missing/stories.jsonl"], "data.train=missing/stories.jsonl: file not found"),
     (["recipe=tiny", "model.name_or_path=./no-model-here"], "model.name_or_path=./no-model-here: no model there"),
@@ -87,14 +118,14 @@ def test_bad_input_is_one_clear_message_and_nothing_is_written(argv, message, tm
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "recipe=tiny", "lte.tau=0", f"output_dir={out}"],
+        [sys.executable, "train.py", "recipe=tiny", "lte.threshold=0", f"output_dir={out}"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "lte.tau=0.0 must lie in (0, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "lte.threshold=0.0 must lie in (0, 1)" in proc.stderr
     assert not out.exists()
 
 

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from conftest import tiny_model
-from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte.model.layers import collect_router_scores
 from lte.training.trainer import EtaController, LTETrainer, LTETrainingArguments, TrainingDiverged
 
@@ -20,7 +20,7 @@ def packed_dataset(n=8, length=16, seed=0):
 
 def lte_model(expert_size=8):
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=expert_size), seed=3, progress=False)
-    set_lte_mode(model, "soft")
+    set_lte_routing(model, "soft")
     return model.train()
 
 
@@ -77,8 +77,8 @@ def test_metrics_are_logged_and_stage1_regularisers_change_the_loss(tmp_path):
 
 def test_hard_stage_logs_no_regularisers(tmp_path):
     model = lte_model()
-    set_lte_mode(model, "hard")
-    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_mode="hard"),
+    set_lte_routing(model, "hard")
+    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_routing="hard"),
                          train_dataset=packed_dataset())
     trainer.train()
     entry = next(h for h in trainer.state.log_history if "task_loss" in h)
@@ -112,9 +112,9 @@ def distillation_setup(tmp_path, **distill):
     distillation terms of ``distill`` switched on (and the task loss), and one batch."""
     teacher = tiny_model("llama")
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
-    set_lte_mode(model, "dense")
+    set_lte_routing(model, "dense")
     trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
-                                                       lte_mode="dense", **distill),
+                                                       lte_routing="dense", **distill),
                          train_dataset=packed_dataset(), teacher=teacher)
     return teacher, model, trainer, trainer.data_collator([packed_dataset()[i] for i in range(4)])
 
@@ -188,3 +188,15 @@ def test_hidden_state_distillation(tmp_path):
     h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
     expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:])) / (len(h) - 1)
     assert hidden == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_old_argument_names_still_work_with_a_warning(tmp_path):
+    """tau= and lte_mode= (before the renames) give the same arguments as threshold= and lte_routing=."""
+    new = args(tmp_path, threshold=0.4, lte_routing="hard")
+    with pytest.warns(DeprecationWarning) as caught:
+        old = args(tmp_path, tau=0.4, lte_mode="hard")
+    assert {str(w.message) for w in caught} >= {"LTETrainingArguments(tau=...) is deprecated, use threshold=...",
+                                                 "LTETrainingArguments(lte_mode=...) is deprecated, use lte_routing=..."}
+    assert (old.threshold, old.lte_routing) == (new.threshold, new.lte_routing) == (0.4, "hard")
+    with pytest.raises(ValueError, match="lte_routing must be one of"):
+        args(tmp_path, lte_routing="sparse")

@@ -4,8 +4,10 @@
 (``LlamaForCausalLM``, ``GPT2LMHeadModel``...). ``LTEConfig`` then accepts every field of
 that model's configuration, and adds:
 
-* ``lte_mode``: ``"sparse"`` (each token runs the experts its router selects) or ``"dense"``
-  (every expert runs; the fine-tuned model without routing, for comparison);
+* ``lte_routing``: ``"hard"`` (each token runs the experts its router selects) or ``"dense"``
+  (every expert runs; the fine-tuned model without routing, for comparison). Exports written
+  before the rename say ``lte_mode``: ``"sparse"`` (= ``"hard"``) or ``"dense"``; they still load,
+  and ``config.lte_mode`` still reads and sets it, with a warning, for one release;
 * ``lte_thresholds``: one threshold per FFN layer on the router score ``sigmoid(router(x))``;
   an expert runs when its score is above it (a negative threshold runs every expert);
 * ``lte_ffn``: where the FFNs are and their shape (written by ``lte export``): ``expert_size``,
@@ -14,11 +16,19 @@ that model's configuration, and adds:
 * ``lte_track_sparsity``: count the experts each layer skips (``lte generate`` reads them).
 """
 
+import warnings
+
 import transformers
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`
 
 _BaseConfig = getattr(transformers, BASE_ARCHITECTURE).config_class
+_ROUTING_OF_OLD_MODE = {"sparse": "hard", "dense": "dense"}  # lte_mode (until 0.1) -> lte_routing
+
+
+def _warn_lte_mode():
+    warnings.warn("config.lte_mode is deprecated, use config.lte_routing ('hard' or 'dense')", DeprecationWarning,
+                  stacklevel=3)
 
 
 class LTEConfig(_BaseConfig):
@@ -26,9 +36,24 @@ class LTEConfig(_BaseConfig):
     # knows the architecture use the base class; ``auto_map`` sends trust_remote_code=True here.
     model_type = _BaseConfig.model_type
 
-    def __init__(self, lte_mode="sparse", lte_thresholds=None, lte_ffn=None, lte_track_sparsity=False, **kwargs):
-        self.lte_mode = lte_mode
+    def __init__(self, lte_routing="hard", lte_thresholds=None, lte_ffn=None, lte_track_sparsity=False, **kwargs):
+        if "lte_mode" in kwargs:  # config.json of an export written before the rename
+            _warn_lte_mode()
+            old = kwargs.pop("lte_mode")
+            lte_routing = _ROUTING_OF_OLD_MODE.get(old, old)
+        self.lte_routing = lte_routing
         self.lte_thresholds = list(lte_thresholds or [])
         self.lte_ffn = dict(lte_ffn or {})
         self.lte_track_sparsity = lte_track_sparsity
         super().__init__(**kwargs)
+
+    @property
+    def lte_mode(self):
+        """Deprecated: ``"sparse"`` or ``"dense"``; use :attr:`lte_routing` (``"hard"`` or ``"dense"``)."""
+        _warn_lte_mode()
+        return {routing: mode for mode, routing in _ROUTING_OF_OLD_MODE.items()}.get(self.lte_routing, self.lte_routing)
+
+    @lte_mode.setter
+    def lte_mode(self, value):
+        _warn_lte_mode()
+        self.lte_routing = _ROUTING_OF_OLD_MODE.get(value, value)

@@ -220,7 +220,7 @@ class RoutedFirst:
         state = self.lte_state
         if self.router is not None:
             config = self.lte_config
-            if config.lte_mode == "dense":
+            if config.lte_routing == "dense":
                 state.clear()
             else:
                 state.route(x, self.router, config.lte_thresholds[self.lte_layer_index], config.lte_track_sparsity)
@@ -357,7 +357,7 @@ def _share_base_conversions() -> None:
 
 
 class LTEForCausalLM(_BaseForCausalLM):
-    """The base causal LM with routed FFNs; ``config.lte_mode = "dense"`` runs every expert."""
+    """The base causal LM with routed FFNs; ``config.lte_routing = "dense"`` runs every expert."""
 
     config_class = LTEConfig
 
