@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import warn_deprecated
+from ..core.errors import warn_deprecated
 from .registry import FFNSpec, feature_axes, weight_shape
 
 ROUTINGS = ("dense", "soft", "hard")  # how an LTE layer runs its FFN

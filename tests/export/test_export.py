@@ -532,7 +532,7 @@ def test_tools_switch_the_routing_of_an_export_with_the_old_remote_code():
     """An older export carries remote code that reads config.lte_mode; generate and bench set that key for it."""
     from types import SimpleNamespace
 
-    from lte.bench import set_export_routing
+    from lte.tools.bench import set_export_routing
 
     old, new = SimpleNamespace(lte_mode="sparse"), SimpleNamespace(lte_routing="hard")
     assert set_export_routing(old, "dense") == "hard" and old.lte_mode == "dense"

@@ -63,7 +63,7 @@ def test_overrides_merge_into_typed_fields():
 def test_the_old_threshold_key_is_accepted_with_a_warning_for_one_release(tmp_path):
     """lte.tau (before the rename) gives the same recipe as lte.threshold, on the command line, in a
     recipe file, and in the record of a run trained before the rename (which then needs no rerun)."""
-    from lte.record import changed_keys, read_record, resolve_paths
+    from lte.core.record import changed_keys, read_record, resolve_paths
 
     new = load_recipe(["recipe=tiny", "lte.threshold=0.4", "output_dir=/tmp/r"], check_hardware=False)
     with pytest.warns(DeprecationWarning, match="lte.tau is deprecated, use lte.threshold"):
