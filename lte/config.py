@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .cli_args import fraction, positive_float, positive_int
 from .errors import UsageError
 from .trainer import LTEArguments, LTETrainingArguments
 
@@ -159,14 +160,21 @@ class LoraArgs:
 
 @dataclass
 class ExportArgs:
-    """The export stage after training (``lte export`` with the same options); off unless
-    ``target_sparsity`` or ``max_ppl_increase`` is set."""
+    """The export settings: the recipe's ``export.*`` group (the export stage after training; off
+    unless ``target_sparsity`` or ``max_ppl_increase`` is set), and, with the run and ``--overwrite``,
+    ``lte export``'s request (:class:`lte.export.ExportRequest`, whose flags are these fields)."""
 
-    target_sparsity: float | None = field(default=None, metadata={"help": "FFN sparsity the export tunes thresholds to hit."})
-    max_ppl_increase: float | None = field(default=None, metadata={"help": "Or: the highest sparsity within this % of calibration ppl."})
-    allocation: str = field(default="tuned", metadata={"help": "tuned (per-layer, by sensitivity) or uniform."})
-    calibration: str | None = field(default=None, metadata={"help": "Calibration text file; default: the training data."})
-    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens."})
+    target_sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of FFN neurons to skip per token, in [0, 1): the sparsity the thresholds are tuned to.",
+        "type": fraction, "one_of": "target"})
+    max_ppl_increase: float | None = field(default=None, metadata={
+        "help": "Or: export the highest sparsity whose calibration ppl stays within P% of all experts'.",
+        "type": positive_float, "metavar": "P", "one_of": "target"})
+    allocation: str = field(default="tuned", metadata={
+        "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
+        "choices": ["tuned", "uniform"]})
+    calibration: str | None = field(default=None, metadata={"help": "Calibration text file (default: the run's training data)."})
+    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
     out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
 
     @property

@@ -653,10 +653,7 @@ def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
         return
     from .export import ExportRequest, calibration_data
 
-    args = recipe.export
-    request = ExportRequest(run_dir=recipe.output_dir, out="", target_sparsity=args.target_sparsity,
-                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    request = ExportRequest.of_recipe(recipe)
     calibration_data(request, recipe, tokenizer, data, keys=("export.calibration", "export.calibration_tokens"))
 
 
@@ -688,10 +685,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
 
     out = Path(recipe.output_dir)
     target = export_target(recipe)
-    args = recipe.export
-    request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=args.target_sparsity,
-                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    request = ExportRequest.of_recipe(recipe, run_dir=str(out), out=str(target))
     marker = read_marker(target) or {}
     ours = is_own_export(recipe, target)
     current = (read_marker(out / "stage2" / STAGE_MODEL) or {}).get("id")
