@@ -108,9 +108,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportRequest, export, summary
+    from .export import export, summary
 
-    report = export(from_namespace(ExportRequest, args))
+    report = export(from_namespace(request_class("export"), args))
     print(summary(report, args.out), flush=True)
     return 0
 
@@ -123,10 +123,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import CompareRequest, compare
+    from .compare import compare
     from .tasks import parse_tasks
 
-    request = from_namespace(CompareRequest, args, tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {})
+    request = from_namespace(request_class("compare"), args, tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {})
     compare(request)
     print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
           + (Path(args.out) / "results.md").read_text(), flush=True)
@@ -222,9 +222,20 @@ class _PrintText(argparse.Action):
         parser.exit()
 
 
+# Commands whose flags are a request dataclass's fields (lte.cli_args): command -> (module, class).
+REQUESTS = {"export": ("lte.export", "ExportRequest"), "compare": ("lte.compare", "CompareRequest")}
+
+
+def request_class(command: str):
+    import importlib
+
+    module, name = REQUESTS[command]
+    return getattr(importlib.import_module(module), name)
+
+
 def _wanted(command: str | None, name: str) -> bool:
-    """Whether to fill ``name``'s flags: its request dataclass's module may import torch, so a
-    command fills only its own (``command=None``: all of them, as ``lte --help`` tests do)."""
+    """Whether to fill ``name``'s flags: its request dataclass's module imports torch, so a
+    command fills only its own (``command=None``: every command's, for tests)."""
     return command is None or command == name
 
 
@@ -237,15 +248,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("export", help="tune thresholds to a sparsity and write a checkpoint that loads with from_pretrained")
     if _wanted(command, "export"):
-        from .export import ExportRequest
-
-        add_dataclass_arguments(p, ExportRequest, required_one_of=("target",))
+        add_dataclass_arguments(p, request_class("export"), required_one_of=("target",))
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity")
     if _wanted(command, "compare"):
-        from .compare import CompareRequest
-
-        add_dataclass_arguments(p, CompareRequest)
+        add_dataclass_arguments(p, request_class("compare"))
         # CompareRequest.tasks, from two flags:
         p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
         p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)")

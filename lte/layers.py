@@ -160,3 +160,9 @@ class LTEMLP(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, "
                 f"threshold={self.threshold}, mode={self.mode}")
+
+
+def lte_layers(model: nn.Module) -> list[LTEMLP]:
+    """The model's LTE layers in depth order. Resolved on each call, never cached, so it stays
+    right after PEFT, FSDP or DeepSpeed rewrap the model."""
+    return [m for m in model.modules() if isinstance(m, LTEMLP)]

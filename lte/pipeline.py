@@ -49,7 +49,7 @@ from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkp
 from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
 from .layers import ROUTER_PREFIX
-from .router_init import calibrate_routers
+from .router_init import init_routers
 from .trainer import LTETrainer, TrainingDiverged
 
 logger = logging.getLogger("lte")
@@ -203,14 +203,11 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         with no_zero3_init():
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(state.device)
         lte = recipe.lte
-        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, tau=lte.tau, router_bias=lte.router_bias,
-                                         router_init=lte.router_init, router_init_scale=lte.router_init_scale,
-                                         detach_router_input=lte.detach_router_input),
-                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, recipe_layout=recipe.model.ffn_layout)
-        if lte.router_init == "calibrated":
-            batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
-                                          recipe.train.get("per_device_train_batch_size", 8))
-            agreement = calibrate_routers(model, batches, lte.router_init_sparsity, lte.router_init_steps)
+        inject_lte(model, LTEModelConfig.of(lte), kmeans_iters=lte.kmeans_iters, seed=recipe.seed,
+                   recipe_layout=recipe.model.ffn_layout)
+        agreement = init_routers(model, lte, lambda: calibration_batches(
+            data, tokenizer, lte.router_init_tokens, recipe.train.get("per_device_train_batch_size", 8)))
+        if agreement is not None:
             logger.info("prepare: routers fitted to expert importance (label agreement per layer: %s)",
                         " ".join(f"{a:.2f}" for a in agreement))
         _save_atomically(lambda d: save_lte(model, d, tokenizer), final)
