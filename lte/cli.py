@@ -115,13 +115,6 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers such as 0.5,0.7,0.9") from None
-
-
 def _cmd_compare(args) -> int:
     from .compare import compare
     from .tasks import parse_tasks
@@ -136,8 +129,7 @@ def _cmd_compare(args) -> int:
 def _cmd_wasserstein(args) -> int:
     from .wasserstein import analyze
 
-    report = analyze(args.model, args.data, args.out, tokens=args.tokens, eval_tokens=args.eval_tokens,
-                     top=tuple(_floats(args.top)), overwrite=args.overwrite)
+    report = analyze(from_namespace(request_class("analyze wasserstein"), args))
     print(f"\nWasserstein analysis written: {args.out} (wasserstein.json, distances.npz, wasserstein_histograms.png)")
     print(f"  dense ppl {report['dense_ppl']:.4f}")
     for row in report["experiment"]:
@@ -222,8 +214,9 @@ class _PrintText(argparse.Action):
         parser.exit()
 
 
-# Commands whose flags are a request dataclass's fields (lte.cli_args): command -> (module, class).
-REQUESTS = {"export": ("lte.export", "ExportRequest"), "compare": ("lte.compare", "CompareRequest")}
+# Commands whose flags are a request dataclass's fields (lte.cli_args): command words -> (module, class).
+REQUESTS = {"export": ("lte.export", "ExportRequest"), "compare": ("lte.compare", "CompareRequest"),
+            "analyze wasserstein": ("lte.wasserstein", "WassersteinRequest")}
 
 
 def request_class(command: str):
@@ -259,13 +252,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
     analyze = sub.add_parser("analyze", help="analyses: lte analyze wasserstein ...").add_subparsers(dest="analysis", required=True)
     p = analyze.add_parser("wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment")
-    p.add_argument("model", help="a model directory")
-    p.add_argument("--data", required=True, help="text file: calibration tokens first, then evaluation tokens")
-    p.add_argument("--tokens", type=positive_int, default=8192, help="calibration tokens for the distances (default 8192)")
-    p.add_argument("--eval-tokens", type=positive_int, default=32768, help="tokens for the perplexity experiment (default 32768)")
-    p.add_argument("--top", default="0.03,0.1", help="fractions of neurons per FFN to remove (default 0.03,0.1)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    if _wanted(command, "analyze"):
+        add_dataclass_arguments(p, request_class("analyze wasserstein"))
     p.set_defaults(func=_cmd_wasserstein)
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")

@@ -89,7 +89,7 @@ def _scalar(annotation) -> type:
 
 
 def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:

@@ -73,7 +73,8 @@ class CompareRequest:
     calibration: str | None = _field(None, "Calibration text file (default: the first --calibration-tokens of --data).")
     calibration_tokens: int = _field(16384, "Calibration tokens every method is fitted on.", type=positive_int)
     block_size: int = _field(256, "Tokens per evaluation block.", type=positive_int)
-    max_eval_tokens: int = _field(65536, "Evaluation tokens (after the calibration tokens).", type=positive_int)
+    max_eval_tokens: int = _field(65536, "Most tokens of --data scored per method (after the calibration blocks "
+                                 "when --calibration is not given).", type=positive_int)
     prompt_fraction: float = _field(0.5, "Leading share of each block that is the prompt (GRIFFIN selects from it; "
                                     "not scored).", type=fraction)
     expert_size: int | None = _field(None, "MoEfication expert size (default: the LTE run's, else 32).", type=positive_int)
