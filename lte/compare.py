@@ -44,6 +44,7 @@ from .cli_args import count_or_all, fraction, name_list, number_list, positive_i
 from .errors import UsageError
 from .outputs import check_out, disk_guard, staged_dir
 from .tasks import HEADLINE, check_lm_eval, prepare_tasks
+from .thresholds import ALLOCATIONS
 
 logger = logging.getLogger("lte")
 
@@ -78,7 +79,7 @@ class CompareRequest:
     prompt_fraction: float = _field(0.5, "Leading share of each block that is the prompt (GRIFFIN selects from it; "
                                     "not scored).", type=fraction)
     expert_size: int | None = _field(None, "MoEfication expert size (default: the LTE run's, else 32).", type=positive_int)
-    allocation: str = _field("tuned", "LTE's per-layer threshold tuning.", choices=["tuned", "uniform"])
+    allocation: str = _field("tuned", "LTE's per-layer threshold tuning.", choices=list(ALLOCATIONS))
     batch_size: int = _field(8, "Evaluation batch size.", type=positive_int)
     device: str | None = _field(None, "cpu or cuda (default: cuda when available).", choices=["cpu", "cuda"])
     overwrite: bool = _field(False, "Replace --out if it exists.")
@@ -110,8 +111,8 @@ class CompareRequest:
         if not 1 <= int(self.block_size * self.prompt_fraction) <= self.block_size - 2:
             raise UsageError(f"--prompt-fraction {self.prompt_fraction} must leave at least one prompt token and two "
                              f"scored positions in a block of {self.block_size}")
-        if self.allocation not in ("tuned", "uniform"):
-            raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation} must be one of {', '.join(ALLOCATIONS)}")
         for name, path in self.extra_data.items():
             if name == MAIN_SOURCE:
                 raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")

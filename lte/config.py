@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .cli_args import fraction, positive_float, positive_int
 from .errors import UsageError
+from .thresholds import ALLOCATIONS
 from .trainer import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -176,7 +177,7 @@ class ExportArgs:
         "type": positive_float, "metavar": "P", "one_of": "target"})
     allocation: str = field(default="tuned", metadata={
         "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
-        "choices": ["tuned", "uniform"]})
+        "choices": list(ALLOCATIONS)})
     calibration: str | None = field(default=None, metadata={"help": "Calibration text file (default: the run's training data)."})
     calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
     out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
@@ -192,8 +193,8 @@ class ExportArgs:
             raise UsageError(f"export.target_sparsity={self.target_sparsity} must lie in [0, 1)")
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise UsageError(f"export.max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
-        if self.allocation not in ("tuned", "uniform"):
-            raise UsageError(f"export.allocation={self.allocation!r} must be 'tuned' or 'uniform'")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"export.allocation={self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}")
         if self.calibration_tokens < 1:
             raise UsageError(f"export.calibration_tokens={self.calibration_tokens} must be positive")
 
