@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+# The argument types (every numeric range of the command line, declared once) live with the flag
+# generator, which the request dataclasses' modules import too.
+from .core.cli_args import (add_dataclass_arguments, finite_float, fraction, from_namespace, name_list,  # noqa: F401
+                       nonnegative_float, nonnegative_int, positive_float, positive_int)
 from .core.errors import UsageError
 
 
@@ -21,37 +24,6 @@ def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     for noisy in ("datasets", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# Argument types: every numeric range of the command line is declared here, once, as an argparse
-# ``type=``; a value out of range is one line naming the flag and what it takes (exit 2).
-def _typed(convert, check, wants: str):
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wants}; give {wants}")
-        return value
-    parse.__name__ = wants  # argparse names the type in some messages
-    return parse
-
-
-positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
-nonnegative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
-finite_float = _typed(float, math.isfinite, "a finite number")
-nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-fraction = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-def name_list(text: str) -> list[str]:
-    """``"a, b,"`` -> ["a", "b"]; nothing named is an error."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give comma-separated names such as dense,lte")
-    return names
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,6 +44,40 @@ INTERRUPTED = {
     "bench": "interrupted: the benchmark did not finish; rerun it for the full table",
     "convert-llama2c": "interrupted: the conversion did not finish; rerun the same command to convert again",
 }
+
+
+TRAIN_HELP = """\
+usage: lte train recipe=NAME [key=value ...]
+       python train.py recipe=NAME [key=value ...]
+       accelerate launch train.py recipe=NAME [key=value ...]   (several GPUs)
+
+Fine-tune a causal LM with LTE: an optional dense fine-tune (stage 0), grouping of each FFN's
+neurons into experts and router initialisation, soft routing with the efficiency and
+separability losses (stage 1), hard thresholded routing (stage 2), an evaluation, and an
+export when the recipe asks for one. Every key is checked before anything runs; bad input is
+one line and exit code 2. Rerunning the same command resumes where it stopped.
+
+recipes:
+  recipe=NAME           a shipped recipe (list them: `lte recipes`), or recipe=path/to/file.yaml
+
+overrides (dotted key=value, applied over the recipe):
+  output_dir=runs/NAME  where the run is written
+  seed=N                random seed
+  target_sparsity=S     train and export for FFN sparsity S (sets lte.* and export.*)
+  reuse_from=RUN_DIR    take stage 0 and the expert grouping from a finished run
+  model.KEY=VALUE       the model (model.name_or_path, model.dtype, ...)
+  data.KEY=VALUE        the data (data.train, data.eval, data.block_size, ...)
+  lte.KEY=VALUE         LTE's settings (lte.expert_size, lte.eta, lte.stage1_steps, ...)
+  lora.KEY=VALUE        LoRA/QLoRA instead of full fine-tuning (lora.r=16, ...)
+  train.KEY=VALUE       any transformers TrainingArguments field; train.stage1.KEY for one stage
+  export.KEY=VALUE      the export after training (export.target_sparsity, ...)
+  restart_from=STAGE    discard STAGE (stage0, prepare, stage1, stage2) and the ones after it first
+
+example:
+  lte train recipe=tiny output_dir=runs/tiny lte.eta=1.0 train.learning_rate=1e-4
+
+Every recipe key with its type, default and meaning: docs/recipes.md. More: docs/training.md.
+"""
 
 
 def train(overrides: list[str]) -> int:
@@ -101,37 +107,18 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export.exporter import ExportRequest, export, summary
+    from .export.exporter import export, summary
 
-    request = ExportRequest(run_dir=args.run_dir, out=args.out, target_sparsity=args.target_sparsity,
-                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                            calibration_tokens=args.calibration_tokens, allocation=args.allocation, overwrite=args.overwrite)
-    report = export(request)
+    report = export(from_namespace(request_class("export"), args))
     print(summary(report, args.out), flush=True)
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers such as 0.5,0.7,0.9") from None
-
-
 def _cmd_compare(args) -> int:
-    from .compare.harness import CompareRequest, compare, parse_extra_data
+    from .compare.harness import compare
     from .compare.tasks import parse_tasks
 
-    request = CompareRequest(model=args.model, data=args.data, out=args.out, lte=args.lte,
-                             methods=args.methods,
-                             sparsity=_floats(args.sparsity), calibration=args.calibration,
-                             calibration_tokens=args.calibration_tokens, block_size=args.block_size,
-                             max_eval_tokens=args.max_eval_tokens, prompt_fraction=args.prompt_fraction,
-                             expert_size=args.expert_size, allocation=args.allocation, batch_size=args.batch_size,
-                             device=args.device, overwrite=args.overwrite,
-                             tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {},
-                             task_limit=args.task_limit or None,
-                             extra_data=parse_extra_data(args.extra_data) if args.extra_data else {})
+    request = from_namespace(request_class("compare"), args, tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {})
     compare(request)
     print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
           + (Path(args.out) / "results.md").read_text(), flush=True)
@@ -141,8 +128,7 @@ def _cmd_compare(args) -> int:
 def _cmd_wasserstein(args) -> int:
     from .compare.wasserstein import analyze
 
-    report = analyze(args.model, args.data, args.out, tokens=args.tokens, eval_tokens=args.eval_tokens,
-                     top=tuple(_floats(args.top)), overwrite=args.overwrite)
+    report = analyze(from_namespace(request_class("analyze wasserstein"), args))
     print(f"\nWasserstein analysis written: {args.out} (wasserstein.json, distances.npz, wasserstein_histograms.png)")
     print(f"  dense ppl {report['dense_ppl']:.4f}")
     for row in report["experiment"]:
@@ -216,60 +202,58 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _PrintText(argparse.Action):
+    """``-h``: print ``text`` (plain, as written) and exit 0."""
+
+    def __init__(self, option_strings, dest, text: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show this help message and exit", **kwargs)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.text, end="")
+        parser.exit()
+
+
+# Commands whose flags are a request dataclass's fields (lte.core.cli_args): command words -> (module, class).
+REQUESTS = {"export": ("lte.export.exporter", "ExportRequest"), "compare": ("lte.compare.harness", "CompareRequest"),
+            "analyze wasserstein": ("lte.compare.wasserstein", "WassersteinRequest")}
+
+
+def request_class(command: str):
+    import importlib
+
+    module, name = REQUESTS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def _wanted(command: str | None, name: str) -> bool:
+    """Whether to fill ``name``'s flags: its request dataclass's module imports torch, so a
+    command fills only its own (``command=None``: every command's, for tests)."""
+    return command is None or command == name
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="lte", description="Learn-To-be-Efficient: train LLMs to activate fewer FFN neurons.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run an LTE recipe: lte train recipe=tiny [key=value ...]")
+    p = sub.add_parser("train", help="run an LTE recipe: lte train recipe=tiny [key=value ...]", add_help=False)
+    p.add_argument("-h", "--help", action=_PrintText, text=TRAIN_HELP)
     p.add_argument("overrides", nargs="*", help="recipe=NAME followed by dotted key=value overrides")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("export", help="tune thresholds to a sparsity and write a checkpoint that loads with from_pretrained")
-    p.add_argument("run_dir", help="output_dir of an `lte train` run (uses RUN_DIR/stage2/model)")
-    p.add_argument("--out", required=True, help="directory to write the exported checkpoint to")
-    goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-sparsity", type=fraction, help="fraction of FFN neurons to skip per token, in [0, 1)")
-    goal.add_argument("--max-ppl-increase", type=positive_float, metavar="P",
-                      help="export the highest sparsity whose calibration ppl stays within P%% of all experts'")
-    p.add_argument("--calibration", help="calibration text file (default: the run's training data)")
-    p.add_argument("--calibration-tokens", type=positive_int, default=32768, help="calibration tokens (default 32768)")
-    p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"],
-                   help="per-layer sparsity: tuned by layer sensitivity (default) or the same for every layer")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    if _wanted(command, "export"):
+        add_dataclass_arguments(p, request_class("export"), required_one_of=("target",))
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity")
-    p.add_argument("--model", required=True, help="the dense base model directory (the reference)")
-    p.add_argument("--lte", help="an `lte train` run directory, or an export directory (uses the run it names), for every "
-                   "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest)")
-    p.add_argument("--methods", type=name_list, default="dense,lte,griffin,teal,cats,moefication,sparse_expansion",
-                   help="comma-separated: dense, lte, griffin, teal, teal_all, cats, moefication, sparse_expansion")
-    p.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated target FFN sparsities")
-    p.add_argument("--data", required=True, help="held-out text file")
-    p.add_argument("--extra-data", metavar="NAME=FILE[,NAME=FILE]",
-                   help="more held-out text every method is also scored on (ppl, KL, sparsity per source)")
-    p.add_argument("--calibration", help="calibration text file (default: the first --calibration-tokens of --data)")
-    p.add_argument("--calibration-tokens", type=positive_int, default=16384)
-    p.add_argument("--block-size", type=positive_int, default=256, help="tokens per evaluation block")
-    p.add_argument("--prompt-fraction", type=fraction, default=0.5,
-                   help="leading share of each block that is the prompt (GRIFFIN selects from it; not scored)")
-    p.add_argument("--max-eval-tokens", type=positive_int, default=65536)
-    p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
-    p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)")
-    p.add_argument("--task-limit", type=nonnegative_int, default=200, help="examples per task (0: all; default 200)")
-    p.add_argument("--expert-size", type=positive_int, help="MoEfication expert size (default: the LTE run's, else 32)")
-    p.add_argument("--allocation", default="tuned", choices=["tuned", "uniform"], help="LTE's per-layer threshold tuning")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    if _wanted(command, "compare"):
+        add_dataclass_arguments(p, request_class("compare"))
+        # CompareRequest.tasks, from two flags:
+        p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
+        p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)")
     p.set_defaults(func=_cmd_compare)
     analyze = sub.add_parser("analyze", help="analyses: lte analyze wasserstein ...").add_subparsers(dest="analysis", required=True)
     p = analyze.add_parser("wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment")
-    p.add_argument("model", help="a model directory")
-    p.add_argument("--data", required=True, help="text file: calibration tokens first, then evaluation tokens")
-    p.add_argument("--tokens", type=positive_int, default=8192, help="calibration tokens for the distances (default 8192)")
-    p.add_argument("--eval-tokens", type=positive_int, default=32768, help="tokens for the perplexity experiment (default 32768)")
-    p.add_argument("--top", default="0.03,0.1", help="fractions of neurons per FFN to remove (default 0.03,0.1)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    if _wanted(command, "analyze"):
+        add_dataclass_arguments(p, request_class("analyze wasserstein"))
     p.set_defaults(func=_cmd_wasserstein)
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
@@ -351,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_and_run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     return args.func(args)
 
 
@@ -359,6 +343,6 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``train.py``: the same as ``lte train``."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\nusage: train.py recipe=NAME [key=value ...]   (see `lte recipes`)")
+        print(TRAIN_HELP, end="")
         return 0
     return run_cli(train, argv)

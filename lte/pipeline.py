@@ -48,7 +48,7 @@ from .model.inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_
 from .training.distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
                           no_zero3_init, register_zero3_leaves)
 from .model.layers import ROUTER_PREFIX
-from .model.router_init import calibrate_routers
+from .model.router_init import init_routers
 from .training.preflight import check_attn_implementation, check_model
 from .training.trainer import LTETrainer, TrainingDiverged
 
@@ -132,14 +132,11 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         with no_zero3_init():
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(state.device)
         lte = recipe.lte
-        inject_lte(model, LTEModelConfig(expert_size=lte.expert_size, threshold=lte.threshold, router_bias=lte.router_bias,
-                                         router_init=lte.router_init, router_init_scale=lte.router_init_scale,
-                                         detach_router_input=lte.detach_router_input),
-                   kmeans_iters=lte.kmeans_iters, seed=recipe.seed, recipe_layout=recipe.model.ffn_layout)
-        if lte.router_init == "calibrated":
-            batches = calibration_batches(data, tokenizer, lte.router_init_tokens,
-                                          recipe.train.get("per_device_train_batch_size", 8))
-            agreement = calibrate_routers(model, batches, lte.router_init_sparsity, lte.router_init_steps)
+        inject_lte(model, LTEModelConfig.of(lte), kmeans_iters=lte.kmeans_iters, seed=recipe.seed,
+                   recipe_layout=recipe.model.ffn_layout)
+        agreement = init_routers(model, lte, lambda: calibration_batches(
+            data, tokenizer, lte.router_init_tokens, recipe.train.get("per_device_train_batch_size", 8)))
+        if agreement is not None:
             logger.info("prepare: routers fitted to expert importance (label agreement per layer: %s)",
                         " ".join(f"{a:.2f}" for a in agreement))
         _save_atomically(lambda d: save_lte(model, d, tokenizer), final)
@@ -583,10 +580,7 @@ def check_export_calibration(recipe: Recipe, tokenizer, data: LMData) -> None:
         return
     from .export.exporter import ExportRequest, calibration_data
 
-    args = recipe.export
-    request = ExportRequest(run_dir=recipe.output_dir, out="", target_sparsity=args.target_sparsity,
-                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    request = ExportRequest.of_recipe(recipe)
     calibration_data(request, recipe, tokenizer, data, keys=("export.calibration", "export.calibration_tokens"))
 
 
@@ -618,10 +612,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
 
     out = Path(recipe.output_dir)
     target = export_target(recipe)
-    args = recipe.export
-    request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=args.target_sparsity,
-                            max_ppl_increase=args.max_ppl_increase, calibration=args.calibration,
-                            calibration_tokens=args.calibration_tokens, allocation=args.allocation)
+    request = ExportRequest.of_recipe(recipe, run_dir=str(out), out=str(target))
     marker = read_marker(target) or {}
     ours = is_own_export(recipe, target)
     current = (read_marker(run_dir.stage_model(out, "stage2")) or {}).get("id")

@@ -40,10 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
+from ..core.cli_args import count_or_all, fraction, name_list, number_list, positive_int
 from ..core.errors import UsageError
 from ..core.outputs import check_out, disk_guard, staged_dir
 from ..core.run_dir import export_report_file, lte_config_file, stage2_model, stage_model
 from .tasks import HEADLINE, check_lm_eval, prepare_tasks
+from ..export.thresholds import ALLOCATIONS
 
 logger = logging.getLogger("lte")
 
@@ -52,27 +54,42 @@ ALL_METHODS = ("dense", LTE, *(m for m in METHODS if m != "dense"))
 MAIN_SOURCE = "--data"  # the held-out source of each row's own ppl/kl; --extra-data adds others
 
 
+def _field(default=dataclasses.MISSING, help: str = "", **cli):
+    """A request field whose ``help`` and argparse settings make its ``lte compare`` flag (:mod:`lte.core.cli_args`)."""
+    factory = dataclasses.MISSING
+    if isinstance(default, list):
+        default, factory = dataclasses.MISSING, (lambda value=default: list(value))
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass
 class CompareRequest:
-    model: str
-    data: str
-    out: str
-    methods: list[str]
-    sparsity: list[float]
-    lte: str | None = None
-    calibration: str | None = None
-    calibration_tokens: int = 16384
-    block_size: int = 256
-    max_eval_tokens: int = 65536
-    prompt_fraction: float = 0.5
-    expert_size: int | None = None
-    allocation: str = "tuned"
-    batch_size: int = 8
-    device: str | None = None
-    overwrite: bool = False
-    tasks: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> file (lte.compare.tasks)
-    task_limit: int | None = 200
-    extra_data: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> held-out text file
+    model: str = _field(help="The dense base model directory (the reference).")
+    data: str = _field(help="Held-out text file.")
+    out: str = _field(help="Output directory.")
+    methods: list[str] = _field(["dense", LTE, "griffin", "teal", "cats", "moefication", "sparse_expansion"],
+                                "Comma-separated: " + ", ".join(ALL_METHODS) + ".", type=name_list)
+    sparsity: list[float] = _field([0.5, 0.7, 0.9], "Comma-separated target FFN sparsities.", type=number_list)
+    lte: str | None = _field(None, "An `lte train` run directory, or an export directory (uses the run it names), for every "
+                             "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest).")
+    calibration: str | None = _field(None, "Calibration text file (default: the first --calibration-tokens of --data).")
+    calibration_tokens: int = _field(16384, "Calibration tokens every method is fitted on.", type=positive_int)
+    block_size: int = _field(256, "Tokens per evaluation block.", type=positive_int)
+    max_eval_tokens: int = _field(65536, "Most tokens of --data scored per method (after the calibration blocks "
+                                 "when --calibration is not given).", type=positive_int)
+    prompt_fraction: float = _field(0.5, "Leading share of each block that is the prompt (GRIFFIN selects from it; "
+                                    "not scored).", type=fraction)
+    expert_size: int | None = _field(None, "MoEfication expert size (default: the LTE run's, else 32).", type=positive_int)
+    allocation: str = _field("tuned", "LTE's per-layer threshold tuning.", choices=list(ALLOCATIONS))
+    batch_size: int = _field(8, "Evaluation batch size.", type=positive_int)
+    device: str | None = _field(None, "cpu or cuda (default: cuda when available).", choices=["cpu", "cuda"])
+    overwrite: bool = _field(False, "Replace --out if it exists.")
+    # name -> file (lte.compare.tasks); the command builds it from --tasks and --task-dir
+    tasks: dict[str, Path] = dataclasses.field(default_factory=dict, metadata={"cli": False})
+    task_limit: int | None = _field(200, "Examples per task (0: all).", type=count_or_all)
+    extra_data: dict[str, Path] = dataclasses.field(default_factory=dict, metadata={  # name -> held-out text file
+        "help": "More held-out text every method is also scored on (ppl, KL, sparsity per source).",
+        "type": lambda spec: parse_extra_data(spec), "metavar": "NAME=FILE[,NAME=FILE]"})
 
     def lte_runs(self) -> dict[float, Path]:
         """The LTE run of each target (``{}`` without ``--lte``)."""
@@ -95,8 +112,8 @@ class CompareRequest:
         if not 1 <= int(self.block_size * self.prompt_fraction) <= self.block_size - 2:
             raise UsageError(f"--prompt-fraction {self.prompt_fraction} must leave at least one prompt token and two "
                              f"scored positions in a block of {self.block_size}")
-        if self.allocation not in ("tuned", "uniform"):
-            raise UsageError(f"--allocation {self.allocation} must be tuned or uniform")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation} must be one of {', '.join(ALLOCATIONS)}")
         for name, path in self.extra_data.items():
             if name == MAIN_SOURCE:
                 raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")

@@ -15,6 +15,7 @@ them is the harsher, simpler test of the same question: are these neurons specia
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines.sites import Sparsified, ffn_sites, run_batches
+from ..core.cli_args import number_list, positive_int
 from ..core.errors import UsageError
 from ..training.evaluate import evaluate_batches
 from ..core.outputs import check_out, disk_guard, staged_dir
@@ -101,8 +103,26 @@ def plot_histograms(per_layer: list[np.ndarray], path: Path, title: str) -> None
     plt.close(fig)
 
 
-def analyze(model_dir: str, data: str, out: str, tokens: int = 8192, eval_tokens: int = 32768, block_size: int = 256,
-            top: tuple[float, ...] = (0.03, 0.10), overwrite: bool = False, seed: int = 0) -> dict:
+@dataclass
+class WassersteinRequest:
+    """``lte analyze wasserstein``: its fields are the command's flags (:mod:`lte.core.cli_args`)."""
+
+    model: str = field(metadata={"help": "a model directory", "positional": True})
+    data: str = field(metadata={"help": "Text file: calibration tokens first, then evaluation tokens."})
+    out: str = field(metadata={"help": "Output directory."})
+    tokens: int = field(default=8192, metadata={"help": "Calibration tokens for the distances.", "type": positive_int})
+    eval_tokens: int = field(default=32768, metadata={"help": "Tokens for the perplexity experiment.", "type": positive_int})
+    top: list[float] = field(default_factory=lambda: [0.03, 0.1], metadata={
+        "help": "Fractions of neurons per FFN to remove, comma-separated.", "type": number_list})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --out if it exists."})
+    block_size: int = field(default=256, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"cli": False})
+
+
+def analyze(request: WassersteinRequest) -> dict:
+    model_dir, data, out, tokens, eval_tokens, block_size, top, overwrite, seed = (
+        request.model, request.data, request.out, request.tokens, request.eval_tokens, request.block_size, request.top,
+        request.overwrite, request.seed)
     if not (Path(model_dir) / "config.json").is_file():
         raise UsageError(f"{model_dir}: no model there (expected a directory with config.json)")
     if not Path(data).is_file():

@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from ..core.errors import UsageError
+from ..training.config import ExportArgs
 from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..core.faults import fault_point
@@ -49,16 +50,21 @@ AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM":
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
-@dataclasses.dataclass
-class ExportRequest:
-    run_dir: str
-    out: str
-    target_sparsity: float | None = None
-    max_ppl_increase: float | None = None  # percent
-    calibration: str | None = None
-    calibration_tokens: int = 32768
-    allocation: str = "tuned"
-    overwrite: bool = False
+@dataclasses.dataclass(kw_only=True)
+class ExportRequest(ExportArgs):
+    """``lte export``: the recipe's export settings (:class:`~lte.config.ExportArgs`, the same fields
+    and defaults) applied to one run; its fields are the command's flags (:mod:`lte.core.cli_args`)."""
+
+    run_dir: str = dataclasses.field(metadata={"help": "output_dir of an `lte train` run (uses RUN_DIR/stage2/model)",
+                                               "positional": True})
+    out: str = dataclasses.field(metadata={"help": "Directory to write the exported checkpoint to."})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "Replace --out if it exists."})
+
+    @classmethod
+    def of_recipe(cls, recipe, **fields) -> ExportRequest:
+        """The request of a recipe's export stage (``fields``: ``out``, ``overwrite``)."""
+        settings = {f.name: getattr(recipe.export, f.name) for f in dataclasses.fields(ExportArgs)}
+        return cls(**{**settings, "out": "", "run_dir": str(recipe.output_dir), **fields})
 
     def validate(self) -> None:
         if (self.target_sparsity is None) == (self.max_ppl_increase is None):

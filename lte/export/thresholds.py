@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..training.evaluate import EvalResult, evaluate_batches
 from ..core.errors import warn_deprecated
+from ..training.config import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
 from ..model.inject import lte_layers, set_lte_routing
 from ..model.layers import collect_router_scores
 
@@ -39,7 +40,6 @@ logger = logging.getLogger("lte")
 
 KEEP_ALL = -1.0  # a threshold below every sigmoid score: the layer runs every expert (0% sparsity)
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-ALLOCATIONS = ("tuned", "uniform")
 
 
 @dataclass

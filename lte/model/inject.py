@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,32 +25,45 @@ from tqdm.auto import tqdm
 
 from ..core.errors import UsageError, renamed_kwargs, warn_deprecated
 from ..core.run_dir import LTE_CONFIG as LTE_CONFIG_NAME, LTE_ROUTERS as ROUTERS_NAME, is_lte_checkpoint
-from .layers import ROUTINGS, ROUTER_PREFIX, LTEMLP
+from .layers import ROUTER_PREFIX, ROUTINGS, LTEMLP, lte_layers
 from .grouping import moefy
 from .detect import describe, detect_layout, ffn_widths
 from .registry import FFNSpec, layout_from_list, layout_to_list
+from .router_init import ROUTER_INITS, init_routers
 
 logger = logging.getLogger("lte")
 
+
+@dataclass
+class LTELayerSettings:
+    """The settings that shape the LTE layers, defaults included, written once: the recipe's
+    ``lte.*`` group (:class:`lte.training.arguments.LTEArguments`) inherits them, and :class:`LTEModelConfig`
+    saves them with the layout."""
+
+    expert_size: int = field(default=32, metadata={"help": "FFN neurons per expert (must divide the FFN width)."})
+    threshold: float = field(default=0.5, metadata={"help": "Hard-routing threshold in (0, 1) (the paper's tau): experts with "
+                             "G > threshold run."})
+    router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
+    router_init: str = field(default="calibrated", metadata={
+        "help": "How routers start (lte.router_init.ROUTER_INITS): " + "; ".join(f"'{k}': {v}" for k, v in ROUTER_INITS.items()) + "."})
+    router_init_scale: float = field(default=1.0, metadata={"help": "Scale of the centroid router init (a logit temperature)."})
+    detach_router_input: bool = field(default=False, metadata={"help": "Routers read a detached FFN input, so the "
+                                      "regularisers train only the routers and the backbone sees only the task loss."})
+
+
 @renamed_kwargs(tau="threshold")  # lte_config.json files written before the rename still load
 @dataclass
-class LTEModelConfig:
-    """What is needed to rebuild the LTE structure around a saved base model."""
+class LTEModelConfig(LTELayerSettings):
+    """What is needed to rebuild the LTE structure around a saved base model (``lte_config.json``)."""
 
-    expert_size: int
-    threshold: float = 0.5  # the hard-routing cut-off training uses (recipe key lte.threshold)
-    router_bias: bool = False
-    router_init: str = "random"  # "centroid" (expert mean gate rows) or "random" (nn.Linear default)
-    router_init_scale: float = 1.0
-    detach_router_input: bool = False
     # The FFN layout, one entry per host in depth order ({"path", "first", "down", "cluster_on",
     # "fused_chunks"}); empty until resolved by detection (or a recipe's model.ffn_layout).
     ffn_hosts: list[dict] = field(default_factory=list)
 
-def lte_layers(model: nn.Module) -> list[LTEMLP]:
-    """The model's LTE layers in depth order. Resolved on each call, never cached, so it stays
-    right after PEFT, FSDP or DeepSpeed rewrap the model."""
-    return [m for m in model.modules() if isinstance(m, LTEMLP)]
+    @classmethod
+    def of(cls, settings: LTELayerSettings, **extra) -> LTEModelConfig:
+        """The saved part of ``settings`` (e.g. a recipe's :class:`~lte.training.arguments.LTEArguments`)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(LTELayerSettings)}, **extra)
 
 def resolve_layout(model: nn.Module, cfg: LTEModelConfig, recipe_layout: dict | None = None) -> dict[str, FFNSpec]:
     """The saved layout (``cfg.ffn_hosts``), or detect it on ``model`` once and store it in ``cfg``."""
@@ -82,11 +95,11 @@ def inject_lte(model: nn.Module, cfg: LTEModelConfig, *, moefy_experts: bool = T
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
             wrapper = LTEMLP(host, spec, cfg.expert_size, index, threshold=cfg.threshold, router_bias=cfg.router_bias,
                              detach_router_input=cfg.detach_router_input)
-            if moefy_experts and cfg.router_init == "centroid":
-                wrapper.init_router_from_experts(cfg.router_init_scale)
             model.set_submodule(name, wrapper)
     finally:
         torch.random.set_rng_state(generator_state)
+    if moefy_experts:  # fresh experts: the routers start as cfg.router_init says (those that need no data here)
+        init_routers(model, cfg)
     model.lte_config = cfg
     return model
 

@@ -191,3 +191,9 @@ class LTEMLP(nn.Module):
         """Deprecated name of :attr:`trained_threshold`."""
         warn_deprecated("LTEMLP.tau", "LTEMLP.trained_threshold")
         return self.trained_threshold
+
+
+def lte_layers(model: nn.Module) -> list[LTEMLP]:
+    """The model's LTE layers in depth order. Resolved on each call, never cached, so it stays
+    right after PEFT, FSDP or DeepSpeed rewrap the model."""
+    return [m for m in model.modules() if isinstance(m, LTEMLP)]

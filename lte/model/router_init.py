@@ -16,9 +16,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inject import lte_layers
-from .layers import LTEMLP
+from .layers import LTEMLP, lte_layers
 from .registry import feature_axes
+
+# How routers start; ``lte.router_init`` picks one and :func:`init_routers` alone acts on it.
+ROUTER_INITS = {
+    "calibrated": "fit routers to expert importance on training tokens before stage 1",
+    "centroid": "the experts' mean gate rows",
+    "random": "nn.Linear init",
+}
+
+
+def init_routers(model: nn.Module, settings, calibration=None) -> list[float] | None:
+    """Initialise the freshly grouped model's routers as ``settings.router_init`` says (``settings``:
+    an :class:`~lte.inject.LTEModelConfig` or the recipe's ``lte`` group). ``calibration``: a callable
+    returning the calibration batches, which only ``calibrated`` needs; without it that init waits
+    (:func:`lte.inject.inject_lte` has no data; the pipeline calls again with it, which repeats the
+    deterministic centroid init to the same values). Returns the
+    calibrated init's per-layer label agreement, else None."""
+    if settings.router_init not in ROUTER_INITS:
+        raise ValueError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {settings.router_init!r}")
+    if settings.router_init == "centroid":
+        for layer in lte_layers(model):
+            layer.init_router_from_experts(settings.router_init_scale)
+    elif settings.router_init == "calibrated" and calibration is not None:
+        return calibrate_routers(model, calibration(), settings.router_init_sparsity, settings.router_init_steps)
+    return None
 
 
 def _down_column_norms(layer: LTEMLP) -> torch.Tensor:

@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..core.errors import UsageError, renamed_kwargs
+from ..model.inject import LTELayerSettings
 from ..model.layers import ROUTINGS
+from ..model.router_init import ROUTER_INITS
 
 
 @renamed_kwargs(tau="threshold")
 @dataclass
-class LTEArguments:
-    """LTE's own settings (the recipe's ``lte.*`` group)."""
+class LTEArguments(LTELayerSettings):
+    """LTE's own settings (the recipe's ``lte.*`` group): the layers' (inherited from
+    :class:`~lte.model.inject.LTELayerSettings`, which ``lte_config.json`` saves) and training's."""
 
-    expert_size: int = field(default=32, metadata={"help": "FFN neurons per expert (must divide the FFN width)."})
     eta: float = field(default=1.0, metadata={"help": "Weight of the efficiency loss: the sparsity knob (>= 0); "
                        "the starting value when target_sparsity is set."})
     target_sparsity: float | None = field(default=None, metadata={"help": "Stage 1 steers eta so that the FFN sparsity "
@@ -29,20 +31,12 @@ class LTEArguments:
     eta_step: float = field(default=1.0, metadata={"help": "How fast eta follows target_sparsity: after every optimizer "
                             "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."})
     lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
-    threshold: float = field(default=0.5, metadata={"help": "Hard-routing threshold in (0, 1) (the paper's tau): experts with "
-                             "G > threshold run."})
     sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - threshold)^2 + eps); keeps L_sep finite at G = threshold."})
     efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
     router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
-    router_bias: bool = field(default=False, metadata={"help": "Give routers a bias (the paper's Eq. 1 has none)."})
-    router_init: str = field(default="calibrated", metadata={"help": "'calibrated': fit routers to expert importance on "
-                             "training tokens before stage 1; 'centroid': the experts' mean gate rows; 'random': nn.Linear init."})
-    router_init_scale: float = field(default=1.0, metadata={"help": "Scale of the centroid router init (a logit temperature)."})
     router_init_tokens: int = field(default=16384, metadata={"help": "Training tokens used by the calibrated router init."})
     router_init_sparsity: float = field(default=0.5, metadata={"help": "Share of (token, expert) pairs the calibrated init labels as not needed."})
     router_init_steps: int = field(default=200, metadata={"help": "Logistic-regression steps of the calibrated router init."})
-    detach_router_input: bool = field(default=False, metadata={"help": "Routers read a detached FFN input, so the "
-                                      "regularisers train only the routers and the backbone sees only the task loss."})
     distill_weight: float = field(default=0.0, metadata={"help": "alpha in (1 - alpha) * task + alpha * KL(original || "
                                   "LTE model) over next-token distributions, in stages 1 and 2 (0: the paper's task loss only)."})
     distill_hidden_weight: float = field(default=0.0, metadata={"help": "beta: adds beta * the mean over decoder "
@@ -81,8 +75,8 @@ class LTEArguments:
             problems.append(f"lte.distill_weight={self.distill_weight} must lie in [0, 1]")
         if self.distill_hidden_weight < 0:
             problems.append(f"lte.distill_hidden_weight={self.distill_hidden_weight} must be >= 0")
-        if self.router_init not in ("calibrated", "centroid", "random"):
-            problems.append(f"lte.router_init={self.router_init!r} must be 'calibrated', 'centroid' or 'random'")
+        if self.router_init not in ROUTER_INITS:
+            problems.append(f"lte.router_init={self.router_init!r} must be {', '.join(map(repr, ROUTER_INITS))}")
         if not 0 < self.router_init_sparsity < 1:
             problems.append(f"lte.router_init_sparsity={self.router_init_sparsity} must lie in (0, 1)")
         if self.router_init_tokens < 1 or self.router_init_steps < 1:

@@ -28,24 +28,29 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..core.errors import UsageError, rename_deprecated_keys, warn_deprecated
 from ..core.run_dir import recipe_file, stage_dir
+from ..core.cli_args import fraction, positive_float, positive_int
 from .arguments import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 STAGES = ("stage0", "stage1", "stage2")
 # A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.layers.ROUTINGS).
 ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
+# How the export spreads its target sparsity over the layers (lte.export.thresholds implements them).
+ALLOCATIONS = ("tuned", "uniform")
 # Set per stage by the pipeline; a recipe may not set them.
 PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_routing", "max_steps", *(f.name for f in dataclasses.fields(LTEArguments)))
 
 
 @dataclass
 class ModelArgs:
+    """The model to fine-tune."""
+
     name_or_path: str = field(default="", metadata={"help": "Local directory or hub name of a causal LM."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ...; "
                                             "default (null): what transformers picks for the architecture."})
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let transformers run the model's own code from its repository."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
     ffn_layout: dict[str, Any] | None = field(default=None, metadata={
         "help": "The FFN layout where detection cannot settle it: {first: [gate_proj, up_proj], down: down_proj, "
                 "cluster_on: gate_proj, fused_chunks: 1}, or one such entry per host class name."})
@@ -72,24 +77,26 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
+    """The training and held-out text, and how it is cut into blocks."""
+
     train: str = field(default="", metadata={"help": "Training data: a .txt/.json/.jsonl/.csv/.parquet file or a hub "
                                                    "dataset name; several, separated by commas, are concatenated."})
     eval: str | None = field(default=None, metadata={"help": "Held-out data (file or hub name); default: eval_fraction of train."})
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = field(default="train", metadata={"help": "Split of a hub dataset to train on."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of a hub dataset held out (when `eval` names one)."})
     format: str = field(default="text", metadata={"help": "text (causal-LM packing) or instruction (alpaca-style)."})
-    text_field: str = "text"
+    text_field: str = field(default="text", metadata={"help": "Column holding the text (json/jsonl/csv/parquet/hub data)."})
     sample_by: str = field(default="paragraph", metadata={"help": "How a .txt file splits into documents: line, paragraph, document."})
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    response_field: str = "output"
+    instruction_field: str = field(default="instruction", metadata={"help": "Instruction column (format: instruction)."})
+    input_field: str = field(default="input", metadata={"help": "Optional input column (format: instruction)."})
+    response_field: str = field(default="output", metadata={"help": "Response column, the only tokens trained on (format: instruction)."})
     block_size: int = field(default=512, metadata={"help": "Tokens per packed training block (text) or max length (instruction)."})
     eval_block_size: int | None = field(default=None, metadata={"help": "Tokens per held-out block (default: block_size): "
                                         "evaluate at the context you serve, train on shorter blocks where attention dominates a step."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."})
-    max_train_tokens: int | None = None
-    max_eval_tokens: int | None = None
+    max_train_tokens: int | None = field(default=None, metadata={"help": "Cap on training tokens (null: all)."})
+    max_eval_tokens: int | None = field(default=None, metadata={"help": "Cap on held-out tokens (null: all)."})
     unmarked_fraction: float = field(default=0.0, metadata={"help": "Share of training documents packed without "
                                    "their opening marker (BOS), so the model and its routers also learn text that follows "
                                    "an EOS directly (the `</s> doc` layout); chosen per document by a hash of its text."})
@@ -140,7 +147,7 @@ class LoraArgs:
                                       metadata={"help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (bitsandbytes)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
-    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants too."})
 
     @property
     def enabled(self) -> bool:
@@ -161,14 +168,21 @@ class LoraArgs:
 
 @dataclass
 class ExportArgs:
-    """The export stage after training (``lte export`` with the same options); off unless
-    ``target_sparsity`` or ``max_ppl_increase`` is set."""
+    """The export settings: the recipe's ``export.*`` group (the export stage after training; off
+    unless ``target_sparsity`` or ``max_ppl_increase`` is set), and, with the run and ``--overwrite``,
+    ``lte export``'s request (:class:`lte.export.ExportRequest`, whose flags are these fields)."""
 
-    target_sparsity: float | None = field(default=None, metadata={"help": "FFN sparsity the export tunes thresholds to hit."})
-    max_ppl_increase: float | None = field(default=None, metadata={"help": "Or: the highest sparsity within this % of calibration ppl."})
-    allocation: str = field(default="tuned", metadata={"help": "tuned (per-layer, by sensitivity) or uniform."})
-    calibration: str | None = field(default=None, metadata={"help": "Calibration text file; default: the training data."})
-    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens."})
+    target_sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of FFN neurons to skip per token, in [0, 1): the sparsity the thresholds are tuned to.",
+        "type": fraction, "one_of": "target"})
+    max_ppl_increase: float | None = field(default=None, metadata={
+        "help": "Or: export the highest sparsity whose calibration ppl stays within P% of all experts'.",
+        "type": positive_float, "metavar": "P", "one_of": "target"})
+    allocation: str = field(default="tuned", metadata={
+        "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
+        "choices": list(ALLOCATIONS)})
+    calibration: str | None = field(default=None, metadata={"help": "Calibration text file (default: the run's training data)."})
+    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
     out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
 
     @property
@@ -182,8 +196,8 @@ class ExportArgs:
             raise UsageError(f"export.target_sparsity={self.target_sparsity} must lie in [0, 1)")
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise UsageError(f"export.max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
-        if self.allocation not in ("tuned", "uniform"):
-            raise UsageError(f"export.allocation={self.allocation!r} must be 'tuned' or 'uniform'")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"export.allocation={self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}")
         if self.calibration_tokens < 1:
             raise UsageError(f"export.calibration_tokens={self.calibration_tokens} must be positive")
 
@@ -195,14 +209,17 @@ class Recipe:
     lte: LTEArguments
     train: dict[str, Any]
     export: ExportArgs
-    output_dir: str
+    output_dir: str = field(metadata={"help": "Where the run is written (stage0/, prepare/, stage1/, stage2/, export/, "
+                                          "the report); rerunning with the same output_dir resumes."})
     lora: LoraArgs = field(default_factory=LoraArgs)
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, expert grouping, routers)."})
     name: str = ""
     # One key for a run trained for a sparsity: fills lte.target_sparsity and export.target_sparsity (see SHORTHANDS).
-    target_sparsity: float | None = None
+    target_sparsity: float | None = field(default=None, metadata={"help": "Train and export for this FFN sparsity, in "
+                                          "(0, 1): sets lte.target_sparsity and export.target_sparsity where they are not set."})
     # A finished run whose stage0/ and prepare/ this run takes (hard links) when the settings they depend on agree.
-    reuse_from: str | None = None
+    reuse_from: str | None = field(default=None, metadata={"help": "A finished run whose stage 0 and expert grouping "
+                                   "(prepare/) this run takes, when the settings they depend on agree."})
 
     def stage_args(self, stage: str, **extra) -> LTETrainingArguments:
         """The ``TrainingArguments`` of one stage: ``train.*`` merged with ``train.<stage>.*``."""
