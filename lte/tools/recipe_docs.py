@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 
 HEADER = """\
 # Recipe reference
