@@ -417,7 +417,7 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
     def broken(*args, **kwargs):
         raise RuntimeError("export validation failed (simulated)")
 
-    monkeypatch.setattr(lte.export, "validate_export", broken)
+    monkeypatch.setattr(lte.export.exporter, "validate_export", broken)
     request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=0.4, calibration_tokens=2048,
                             allocation="uniform", overwrite=True)
     with pytest.raises(RuntimeError, match="simulated"):
