@@ -5,9 +5,15 @@ from a config; the script times ``relayout_routed_ffns`` (the in-place re-stridi
 runs) and ``from_pretrained`` of the saved checkpoint against the base class, in fp32 and bf16, on one
 thread. Run: ``python bench/export_load_cost.py``.
 """
-import time, torch, tempfile, transformers
+import tempfile
+import time
+
+import torch
+import transformers
+
 torch.set_num_threads(1)
-from lte.remote.modeling_lte import LTEForCausalLM, LTEConfig, relayout_routed_ffns
+from lte.remote.modeling_lte import LTEConfig, LTEForCausalLM, relayout_routed_ffns
+
 n = 4
 cfg = LTEConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=n, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                 lte_ffn={"expert_size": 32, "router_bias": False, "hosts": [{"path": f"model.layers.{i}.mlp", "first": ["gate_proj", "up_proj"], "down": "down_proj", "fused_chunks": 1} for i in range(n)]},

@@ -78,7 +78,7 @@ def tiny_config(model_type: str):
         if key == "partial_rotary_factor" or not hasattr(base, key) or isinstance(getattr(type(base), key, None), property):
             continue
         current = getattr(base, key)
-        if isinstance(current, (int, float)) and not isinstance(current, bool) or current is None:
+        if (isinstance(current, (int, float)) and not isinstance(current, bool)) or current is None:
             kwargs[key] = value
     for key in ("layer_types", "mlp_layer_types", "layers_block_type", "block_types"):
         current = getattr(base, key, None)
@@ -181,10 +181,10 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
     """Everything up to the export for one architecture (the reload is :func:`reload_exports`)."""
     import transformers
 
+    from .detect import candidates, ffn_widths
     from .errors import UsageError
     from .export import base_architecture, to_routed, write_checkpoint
     from .inject import LTEModelConfig, inject_lte, lte_layers, set_lte_mode
-    from .detect import candidates, ffn_widths
 
     out = Outcome(model_type, model_class)
     try:

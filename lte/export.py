@@ -32,10 +32,10 @@ import torch
 import transformers
 
 from .errors import UsageError
-from .record import heldout_settings
 from .faults import fault_point
 from .inject import is_lte_checkpoint, load_lte, lte_layers, unload_lte
 from .outputs import disk_guard, read_marker, staged_dir
+from .record import heldout_settings
 from .thresholds import ALLOCATIONS, DENSE, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
@@ -299,8 +299,16 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     from .config import load_run_recipe
     from .data import LMData, build_data
     from .evaluate import evaluate_lm
-    from .loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
-                          load_tokenizer, model_kwargs)
+    from .loading import (
+        DTYPES,
+        calibration_batches,
+        collator_for,
+        layout_report,
+        layout_results,
+        load_report,
+        load_tokenizer,
+        model_kwargs,
+    )
 
     request.validate()
     run_dir = Path(request.run_dir)

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .layers import MODES, ROUTER_PREFIX, LTEMLP
-from .moefication import moefy
 from .detect import describe, detect_layout, ffn_widths
+from .errors import UsageError
+from .layers import LTEMLP, MODES, ROUTER_PREFIX
+from .moefication import moefy
 from .registry import FFNSpec, layout_from_list, layout_to_list
 
 logger = logging.getLogger("lte")

@@ -37,18 +37,53 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from .adapters import add_lora, merge_adapter, quantization_config
 from .config import Recipe, load_run_recipe
 from .data import LMData, build_data, check_source
+from .distributed import (
+    broadcast_object,
+    check_routers_identical,
+    describe_parallelism,
+    every_rank_loads,
+    is_sharded,
+    no_zero3_init,
+    register_zero3_leaves,
+)
 from .errors import UsageError
 from .evaluate import EvalResult, evaluate_lm
-from .loading import (DTYPES, REPORT, calibration_batches, collator_for, layout_report, layout_results, layout_summary,
-                      load_tokenizer, model_kwargs)
 from .faults import fault_point, step_callback
-from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
-from .record import (DIVERGED, TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
-                     stages_of, write_record)
-from .inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_mode
-from .distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
-                          no_zero3_init, register_zero3_leaves)
+from .inject import (
+    LTEModelConfig,
+    check_expert_size,
+    inject_lte,
+    is_lte_checkpoint,
+    load_lte,
+    lte_layers,
+    save_lte,
+    set_lte_mode,
+)
 from .layers import ROUTER_PREFIX
+from .loading import (
+    DTYPES,
+    REPORT,
+    calibration_batches,
+    collator_for,
+    layout_report,
+    layout_results,
+    layout_summary,
+    load_tokenizer,
+    model_kwargs,
+)
+from .outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
+from .record import (
+    DIVERGED,
+    TRAINED,
+    flatten,
+    heldout_settings,
+    plan_rerun,
+    read_record,
+    resolve_paths,
+    stage_status,
+    stages_of,
+    write_record,
+)
 from .router_init import calibrate_routers
 from .trainer import LTETrainer, TrainingDiverged
 
@@ -683,8 +718,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
     """The export stage: ``lte export`` with the recipe's ``export.*``. Skipped when the export there
     was made by this run, from this stage-2 model, with these settings (its marker says so);
     otherwise (re)made, replacing only this run's own earlier export."""
-    from .export import EXPORT_REPORT, ExportRequest, export
-    from .export import summary as export_summary
+    from .export import EXPORT_REPORT, ExportRequest, export, summary as export_summary
 
     out = Path(recipe.output_dir)
     target = export_target(recipe)

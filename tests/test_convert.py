@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STORIES as ASSET
-from conftest import TEST_DATA
+from conftest import STORIES as ASSET, TEST_DATA
 from lte import convert as convert_module
 from lte.convert import convert_llama2c
 from lte.errors import UsageError

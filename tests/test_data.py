@@ -8,7 +8,14 @@ from transformers import AutoTokenizer
 
 from conftest import STORIES, TEST_DATA
 from lte.config import DataArgs
-from lte.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
+from lte.data import (
+    ALPACA_CHAT_TEMPLATE,
+    build_data,
+    check_source,
+    encode_conversation,
+    load_documents,
+    to_conversation,
+)
 from lte.errors import UsageError
 
 
@@ -159,9 +166,8 @@ def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, t
 
 
 def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(tmp_path, tokenizer):
-    from lte.evaluate import evaluate_layouts, pad_rows
-
     from conftest import tiny_model
+    from lte.evaluate import evaluate_layouts, pad_rows
 
     stories = write_stories(tmp_path / "e.jsonl", n=12)
     (tmp_path / "e.txt").write_text("\n\n".join(stories))

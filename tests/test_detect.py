@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 import transformers
-from conftest import FAMILY_CONFIGS, REPO, tiny_model
 
+from conftest import FAMILY_CONFIGS, REPO, tiny_model
 from lte.detect import candidates, detect_layout
 from lte.errors import UsageError
 from lte.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_mode
@@ -209,7 +209,6 @@ def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_
     go through `train.py recipe=tiny` (a few steps per stage) and its export, with no registration and no
     recipe key; the export's reload check passes and it lands near its target."""
     from conftest import STORIES, run_train
-
     from lte.coverage import tiny_config
 
     torch.manual_seed(0)

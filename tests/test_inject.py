@@ -6,8 +6,17 @@ from torch import nn
 
 from conftest import FAMILY_CONFIGS, tiny_model
 from lte import UsageError
-from lte.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
-                        set_lte_mode, unload_lte)
+from lte.inject import (
+    LTEModelConfig,
+    base_state_dict,
+    inject_lte,
+    load_lte,
+    lte_layers,
+    router_state_dict,
+    save_lte,
+    set_lte_mode,
+    unload_lte,
+)
 from lte.layers import collect_router_scores
 from lte.registry import feature_axes
 

@@ -33,15 +33,18 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import transformers
+from torch import nn
 
 from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
-    from .lte_kernels_cpu import available as _cpu_kernel_available
-    from .lte_kernels_cpu import select_experts as _cpu_select, slot_matvec as _cpu_matvec, slot_matvec_t as _cpu_matvec_t
+    from .lte_kernels_cpu import (
+        available as _cpu_kernel_available,
+        select_experts as _cpu_select,
+        slot_matvec as _cpu_matvec,
+        slot_matvec_t as _cpu_matvec_t,
+    )
 except ImportError:
     _cpu_kernel_available = None
 
@@ -347,7 +350,10 @@ def _share_base_conversions() -> None:
     ``lm_head``...), which transformers applies to its own classes only: the checkpoint holds
     the base model's original names, and both classes must read (and write) them alike."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
     except ImportError:  # transformers 4: no conversions
         return
     base = get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
