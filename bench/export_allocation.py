@@ -95,7 +95,7 @@ def plot(rows, dense_ppl: float, trained: tuple[float, float], path: Path) -> No
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for allocation, style in (("uniform", "o--"), ("tuned", "s-")):
         points = [(100 * r["heldout_sparsity"], r["heldout_ppl"]) for r in rows if r["allocation"] == allocation]
-        ax.plot(*zip(*points), style, label=f"{allocation} allocation")
+        ax.plot(*zip(*points, strict=True), style, label=f"{allocation} allocation")
     ax.axhline(dense_ppl, color="tab:gray", linestyle=":", label="all experts")
     ax.plot([100 * trained[0]], [trained[1]], "k*", markersize=10, label="trained thresholds")
     ax.set(xlabel="held-out FFN sparsity (%)", ylabel="held-out perplexity", yscale="log")

@@ -60,7 +60,7 @@ def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.T
     finally:
         for handle in handles:
             handle.remove()
-        for layer, mode in zip(layers, modes):
+        for layer, mode in zip(layers, modes, strict=True):
             layer.mode = mode
         model.train(was_training)
     return {i: (torch.cat(inputs[i]), torch.cat(importance[i])) for i in inputs}

@@ -137,7 +137,7 @@ class Sensitivity:
 
     def curve(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(sparsities, loss changes) of one layer, including its trained point."""
-        points = dict(zip(self.grid, self.costs[layer]))
+        points = dict(zip(self.grid, self.costs[layer], strict=True))
         points[round(self.trained[layer], 4)] = 0.0
         xs = np.array(sorted(points))
         return xs, np.array([points[x] for x in xs])

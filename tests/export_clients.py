@@ -169,7 +169,7 @@ def gradients(directories):
         # frozen weights and an input that needs no gradient: nothing to differentiate, the kernels run
         calls = []
         kernel = modeling._cpu_matvec_t
-        modeling._cpu_matvec_t = lambda *args: calls.append(1) or kernel(*args)
+        modeling._cpu_matvec_t = lambda *args, calls=calls, kernel=kernel: calls.append(1) or kernel(*args)
         model.requires_grad_(False)
         frozen = model(ids[:1][None]).logits
         modeling._cpu_matvec_t = kernel
@@ -190,7 +190,7 @@ def compiled(directories):
         with torch.no_grad():
             past = model(ids[:, :-1], use_cache=True).past_key_values
 
-            def step(token, cache):
+            def step(token, cache, model=model):
                 return model(token, past_key_values=cache, use_cache=True).logits
 
             eager = step(ids[:, -1:], copy.deepcopy(past))

@@ -73,7 +73,7 @@ def expected_accuracy(model, tokenizer, name: str, records: list[dict], handle=N
         else:
             context, choices, gold = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"])
         scores = [choice_logprob(model, tokenizer, context, c, handle) for c in choices]
-        normed = [s / len(c) for s, c in zip(scores, choices)]
+        normed = [s / len(c) for s, c in zip(scores, choices, strict=True)]
         acc += int(max(range(len(scores)), key=scores.__getitem__) == gold)
         acc_norm += int(max(range(len(normed)), key=normed.__getitem__) == gold)
     return {"acc": acc / len(records), "acc_norm": acc_norm / len(records)}

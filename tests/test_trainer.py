@@ -186,5 +186,5 @@ def test_hidden_state_distillation(tmp_path):
     assert loss == pytest.approx(model(**batch).loss.item() + 2.0 * hidden, rel=1e-4)
     h = model(**batch, output_hidden_states=True).hidden_states
     h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
-    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:])) / (len(h) - 1)
+    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:], strict=True)) / (len(h) - 1)
     assert hidden == pytest.approx(expected, rel=1e-4)

@@ -156,7 +156,7 @@ class RoutingState:
             down.register_forward_pre_hook(self._mask_hook)
             down._lte_masks_input = True
         return down is not self.projections[-1] or any(
-            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections))
+            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections[:-1], strict=True))
 
     def _mask_hook(self, module, args):
         if self.mask is None:
@@ -197,7 +197,7 @@ class RoutingState:
         flags[self.experts.cpu() + 1] = 1
         edges = torch.diff(flags).nonzero().squeeze(1).tolist()
         size = self.expert_size
-        return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2])]
+        return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2], strict=True)]
 
     def clear(self) -> None:
         self.experts = self.token_mask = self.order = self.count = self.mask = None
