@@ -71,10 +71,10 @@ def main() -> None:
               "original_ppl": original, "dense_ppl": dense.ppl, "trained_ppl": trained.ppl, "trained_sparsity": trained.sparsity,
               "sensitivity_grid": sens.grid, "sensitivity": sens.costs.tolist(), "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
+    lines = [(f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
              f"at its trained thresholds (tau): {trained.ppl:.4f} "
              f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
-             f"{args.calibration_tokens} training tokens).", "",
+             f"{args.calibration_tokens} training tokens)."), "",
              "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -116,7 +116,7 @@ def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, exp
         router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
         x = torch.randn(batch, hidden, generator=g).to(torch_dtype)
         scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
-        skip = int(round(sparsity * scores.numel()))  # over all tokens: each skips about this share
+        skip = round(sparsity * scores.numel())  # over all tokens: each skips about this share
         threshold = float(scores.kthvalue(skip).values) if skip else -1.0
 
         def dense(x=x, gate=gate, up=up, down=down):  # defaults: this iteration's tensors

@@ -361,8 +361,8 @@ def render_markdown(outcomes: list[Outcome]) -> str:
         "process that cannot import `lte` (logits against the trained model's, `generate`, no NaN).",
         "`tests/test_architectures.py` reruns it and fails when this file is out of date.",
         "",
-        f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
-        f"here, {counts[FAILED]} failed** (of {len(outcomes)}).",
+        (f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
+        f"here, {counts[FAILED]} failed** (of {len(outcomes)})."),
         "",
         "| model type | class | result | FFN layout found / reason |",
         "| --- | --- | --- | --- |",

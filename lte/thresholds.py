@@ -22,6 +22,7 @@ A negative threshold runs every expert.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -92,11 +93,8 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             mask = batch.get("attention_mask")
             keep = slice(None) if mask is None else mask.reshape(-1).bool().cpu()
-            with collect_router_scores() as records:
-                try:
-                    model(**batch)
-                except _Stop:
-                    pass
+            with collect_router_scores() as records, contextlib.suppress(_Stop):
+                model(**batch)
             for record in records:
                 if record.layer in chunks:
                     chunks[record.layer].append(record.scores.float().cpu()[keep])
@@ -109,7 +107,7 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
 def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
     """The threshold that skips a ``sparsity`` share of the (token, expert) scores."""
     flat = scores.reshape(-1)
-    k = int(round(sparsity * flat.numel()))
+    k = round(sparsity * flat.numel())
     if k <= 0:
         return DENSE
     return float(flat.kthvalue(k).values)
@@ -177,9 +175,9 @@ def allocate(sens: Sensitivity, target: float) -> list[float]:
     n = sens.costs.shape[0]
     step = 0.005
     max_layer_sparsity = max(sens.grid)
-    levels = np.arange(int(round(max_layer_sparsity / step)) + 1)
+    levels = np.arange(round(float(max_layer_sparsity) / step) + 1)  # float(): round() of a NumPy 1 scalar is no int
     curves = np.stack([np.interp(levels * step, *sens.curve(layer)) for layer in range(n)])
-    budget = int(round(target * n / step))
+    budget = round(float(target) * n / step)
     if budget > levels[-1] * n:
         return [target] * n  # beyond the measured curves: only the uniform allocation is defined
     best = np.full(budget + 1, np.inf)

@@ -7,6 +7,7 @@ import copy
 import importlib.abc
 import json
 import sys
+from pathlib import Path
 
 
 class _NoProject(importlib.abc.MetaPathFinder):
@@ -45,8 +46,8 @@ def base_class(directories):
     out = {}
     for directory in directories:
         d = torch.load(f"{directory}/expected.pt")
-        config = json.load(open(f"{directory}/config.json"))
-        tokenizer_config = json.load(open(f"{directory}/tokenizer_config.json"))
+        config = json.loads(Path(f"{directory}/config.json").read_text())
+        tokenizer_config = json.loads(Path(f"{directory}/tokenizer_config.json").read_text())
         base_cls = getattr(transformers, config["architectures"][0])
         base, info = base_cls.from_pretrained(directory, output_loading_info=True)
         auto = AutoModelForCausalLM.from_pretrained(directory)  # no trust_remote_code: no prompt (stdin is closed)
@@ -65,7 +66,7 @@ def base_class(directories):
         reloaded = load_sparse(resaved)
         with torch.no_grad():
             resaved_dense, resaved_sparse = again(ids).logits, reloaded(ids).logits
-        resaved_config = json.load(open(f"{resaved}/config.json"))
+        resaved_config = json.loads(Path(f"{resaved}/config.json").read_text())
         out[directory] = {
             "resaved_vs_base": rel(resaved_dense, base_logits), "resaved_sparse": rel(resaved_sparse, sparse_logits),
             "resaved_architectures": resaved_config["architectures"], "resaved_model_type": resaved_config["model_type"],

@@ -41,7 +41,7 @@ def test_bad_task_arguments_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="not in the expected format"):
         read_task("arc_easy", bad)
     (tmp_path / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
-    with pytest.raises(UsageError, match="valid-labels.lst beside the data"):
+    with pytest.raises(UsageError, match=r"valid-labels\.lst beside the data"):
         read_task("piqa", tmp_path / "valid.jsonl")
 
 
