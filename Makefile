@@ -1,5 +1,5 @@
 # `make demo`: create .venv, install, and run the main job on the embedded model.
-# `make test`: the test suite (same venv). Both work on a fresh clone.
+# `make test`: `make lint`, then the test suite (same venv). Both work on a fresh clone.
 # `make lint`: ruff's lint rules and formatting check (configured in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python train.py recipe=tiny
 	$(BIN)/lte generate runs/tiny/export --prompt "Once upon a time" --max-new-tokens 80 --compare-dense
 
-test: $(STAMP)
+test: lint  # lint first: a lint or format finding fails the tests before pytest starts
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -70,10 +70,10 @@ def main() -> None:
               "original_ppl": original, "dense_ppl": dense.ppl, "trained_ppl": trained.ppl, "trained_sparsity": trained.sparsity,
               "sensitivity_grid": sens.grid, "sensitivity": sens.costs.tolist(), "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
+    lines = [(f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
              f"at its trained thresholds (lte.threshold): {trained.ppl:.4f} "
              f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
-             f"{args.calibration_tokens} training tokens).", "",
+             f"{args.calibration_tokens} training tokens)."), "",
              "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -94,7 +94,7 @@ def plot(rows, dense_ppl: float, trained: tuple[float, float], path: Path) -> No
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for allocation, style in (("uniform", "o--"), ("tuned", "s-")):
         points = [(100 * r["heldout_sparsity"], r["heldout_ppl"]) for r in rows if r["allocation"] == allocation]
-        ax.plot(*zip(*points), style, label=f"{allocation} allocation")
+        ax.plot(*zip(*points, strict=True), style, label=f"{allocation} allocation")
     ax.axhline(dense_ppl, color="tab:gray", linestyle=":", label="all experts")
     ax.plot([100 * trained[0]], [trained[1]], "k*", markersize=10, label="trained thresholds")
     ax.set(xlabel="held-out FFN sparsity (%)", ylabel="held-out perplexity", yscale="log")

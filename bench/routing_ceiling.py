@@ -23,6 +23,7 @@ from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_rou
 from lte.training.loading import calibration_batches, load_tokenizer
 from lte.model.router_init import _down_column_norms, calibrate_routers
 
+
 def oracle(model, sparsity):
     """Hooks that keep, per layer, the most important (token, expert) pairs of each batch."""
     for layer in lte_layers(model):

@@ -29,7 +29,7 @@ def main() -> None:
     for batch, block in ((8, 256), (16, 128)):
         ids = torch.randint(3, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
 
-        def step():
+        def step(ids=ids):
             model(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad(set_to_none=True)
 

@@ -85,7 +85,7 @@ if triton is not None:
         tmask = t < tokens
         count = tl.load(count_ptr)
         acc = tl.zeros((T_PAD, BLOCK), dtype=tl.float32)
-        for slot in range(0, count):
+        for slot in range(count):
             expert = tl.load(order_ptr + slot).to(tl.int64)
             h = tl.load(h_ptr + t[:, None] * width + (slot * EXPERT_SIZE + r)[None, :], mask=tmask[:, None] & rmask[None, :],
                         other=0.0)

@@ -406,8 +406,8 @@ def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -
 def summary(report: dict, out: Path) -> str:
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
     lines = [f"\nLTE run finished: {out}",
-             f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
-             f"({100 * report['ppl_increase']:+.2f}%)"]
+             (f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
+             f"({100 * report['ppl_increase']:+.2f}%)")]
     if report.get("stage0_ppl"):
         lines.append(f"                       stage 0 (dense fine-tuned) {report['stage0_ppl']:.4f} -> sparse "
                      f"({100 * report['ppl_increase_vs_stage0']:+.2f}%)")

@@ -11,13 +11,15 @@ held-out text is a prefix of the source and that no held-out paragraph reappears
 """
 
 import sys
+from pathlib import Path
 
-MOJIBAKE = [("â€œ", "“"), ("â€™", "’"), ("â€˜", "‘"), ("â€“", "–"), ("â€”", "—"), ("â€Š", ""), ("â€", "”")]
+# The SMALL TILDE in the left quote's mojibake is the cp1252 reading of byte 0x98, not a typo for "~".
+MOJIBAKE = [("â€œ", "“"), ("â€™", "’"), ("â€˜", "‘"), ("â€“", "–"), ("â€”", "—"), ("â€Š", ""), ("â€", "”")]  # noqa: RUF001
 
 
 def main(source: str, heldout: str, out: str) -> None:
-    raw = open(source, encoding="utf-8").read()
-    held = open(heldout, encoding="utf-8").read()
+    raw = Path(source).read_text(encoding="utf-8")
+    held = Path(heldout).read_text(encoding="utf-8")
     if not raw.startswith(held):
         sys.exit(f"{heldout} is not the start of {source}")
     rest = raw[raw.index("\n\nOnce upon a time", len(held)) + 2:]

@@ -10,10 +10,11 @@ The first 1,200 complete stories of the file, one ``{"text": ...}`` per line; wi
 import json
 import re
 import sys
+from pathlib import Path
 
 
 def main(source: str, out: str, n: int | None = 1200) -> None:
-    text = open(source, encoding="utf-8").read()
+    text = Path(source).read_text(encoding="utf-8")
     stories = [re.sub(r"[ \t]+\n", "\n", s.strip()) for s in text.split("<|endoftext|>")]
     stories = [s for s in stories if s][:-1]  # the last story is cut off at the file's end
     stories = stories[:n]

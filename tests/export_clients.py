@@ -7,6 +7,7 @@ import copy
 import importlib.abc
 import json
 import sys
+from pathlib import Path
 
 
 class _NoProject(importlib.abc.MetaPathFinder):
@@ -45,8 +46,8 @@ def base_class(directories):
     out = {}
     for directory in directories:
         d = torch.load(f"{directory}/expected.pt")
-        config = json.load(open(f"{directory}/config.json"))
-        tokenizer_config = json.load(open(f"{directory}/tokenizer_config.json"))
+        config = json.loads(Path(f"{directory}/config.json").read_text())
+        tokenizer_config = json.loads(Path(f"{directory}/tokenizer_config.json").read_text())
         base_cls = getattr(transformers, config["architectures"][0])
         base, info = base_cls.from_pretrained(directory, output_loading_info=True)
         auto = AutoModelForCausalLM.from_pretrained(directory)  # no trust_remote_code: no prompt (stdin is closed)
@@ -65,7 +66,7 @@ def base_class(directories):
         reloaded = load_sparse(resaved)
         with torch.no_grad():
             resaved_dense, resaved_sparse = again(ids).logits, reloaded(ids).logits
-        resaved_config = json.load(open(f"{resaved}/config.json"))
+        resaved_config = json.loads(Path(f"{resaved}/config.json").read_text())
         out[directory] = {
             "resaved_vs_base": rel(resaved_dense, base_logits), "resaved_sparse": rel(resaved_sparse, sparse_logits),
             "resaved_architectures": resaved_config["architectures"], "resaved_model_type": resaved_config["model_type"],
@@ -169,7 +170,7 @@ def gradients(directories):
         # frozen weights and an input that needs no gradient: nothing to differentiate, the kernels run
         calls = []
         kernel = modeling._cpu_matvec_t
-        modeling._cpu_matvec_t = lambda *args: calls.append(1) or kernel(*args)
+        modeling._cpu_matvec_t = lambda *args, calls=calls, kernel=kernel: calls.append(1) or kernel(*args)
         model.requires_grad_(False)
         frozen = model(ids[:1][None]).logits
         modeling._cpu_matvec_t = kernel
@@ -190,7 +191,7 @@ def compiled(directories):
         with torch.no_grad():
             past = model(ids[:, :-1], use_cache=True).past_key_values
 
-            def step(token, cache):
+            def step(token, cache, model=model):
                 return model(token, past_key_values=cache, use_cache=True).logits
 
             eager = step(ids[:, -1:], copy.deepcopy(past))

@@ -75,45 +75,45 @@ CASES = [
     ("data-invalid-json", TRAIN + DATA("broken.json"), ["broken.json", "not valid JSON", "fix the file"]),
     ("data-not-utf8", TRAIN + DATA("latin1.txt"), ["latin1.txt", "not UTF-8", "convert it to UTF-8"]),
     ("data-not-a-string", TRAIN + DATA("numbers.jsonl"), ["numbers.jsonl", "'text'", "int64", "make every 'text' a string"]),
-    ("data-one-document", TRAIN + ["data.train={tmp}/one_story.txt", "data.eval=null"],
+    ("data-one-document", [*TRAIN, "data.train={tmp}/one_story.txt", "data.eval=null"],
      ["data.train=", "one_story.txt", "set data.eval="]),
-    ("data-too-short", TRAIN + ["data.train={tmp}/short.txt", "data.eval={tmp}/short.txt"],
+    ("data-too-short", [*TRAIN, "data.train={tmp}/short.txt", "data.eval={tmp}/short.txt"],
      ["fewer than one block", "data.block_size"]),
-    ("data-eval-not-utf8", TRAIN + ["data.train={tmp}/ok.txt", "data.eval={tmp}/latin1.txt"], ["latin1.txt", "convert it to UTF-8"]),
+    ("data-eval-not-utf8", [*TRAIN, "data.train={tmp}/ok.txt", "data.eval={tmp}/latin1.txt"], ["latin1.txt", "convert it to UTF-8"]),
     # models
-    ("model-truncated-weights", TRAIN + ["model.name_or_path={tmp}/truncated"],
+    ("model-truncated-weights", [*TRAIN, "model.name_or_path={tmp}/truncated"],
      ["model.name_or_path", "truncated/model.safetensors", "damaged", "re-download"]),
-    ("model-no-weights", TRAIN + ["model.name_or_path={tmp}/no_weights"],
+    ("model-no-weights", [*TRAIN, "model.name_or_path={tmp}/no_weights"],
      ["model.name_or_path", "no weights", "complete model directory"]),
-    ("model-no-tokenizer", TRAIN + ["model.name_or_path={tmp}/no_tokenizer"],
+    ("model-no-tokenizer", [*TRAIN, "model.name_or_path={tmp}/no_tokenizer"],
      ["model.name_or_path", "tokenizer does not load", "tokenizer files"]),
-    ("model-attn-bogus", TRAIN + ["model.attn_implementation=bogus"],
+    ("model-attn-bogus", [*TRAIN, "model.attn_implementation=bogus"],
      ["model.attn_implementation='bogus'", "choose one of eager"]),
     # recipes
     ("recipe-malformed-yaml", ["recipe={tmp}/malformed.yaml", "output_dir={out}"],
      ["malformed.yaml", "not valid YAML", "fix the file"]),
     ("recipe-list-yaml", ["recipe={tmp}/list.yaml", "output_dir={out}"], ["list.yaml", "must be a YAML mapping"]),
-    ("recipe-group-not-mapping", TRAIN + ["lte=5"], ["'lte' must be a mapping", "lte.KEY=VALUE"]),
-    ("recipe-stage-not-mapping", TRAIN + ["train.stage1=5"], ["train.stage1 must be a mapping", "train.stage1.learning_rate="]),
-    ("recipe-seed-not-int", TRAIN + ["seed=abc"], ["seed='abc' must be an integer", "seed=42"]),
-    ("train-lr-not-number", TRAIN + ["train.learning_rate=abc"], ["train.learning_rate='abc'", "a number", "e.g."]),
-    ("train-stage-lr-not-number", TRAIN + ["train.stage2.learning_rate=abc"], ["train.stage2.learning_rate='abc'", "e.g."]),
-    ("train-grad-accum-0", TRAIN + ["train.gradient_accumulation_steps=0"],
+    ("recipe-group-not-mapping", [*TRAIN, "lte=5"], ["'lte' must be a mapping", "lte.KEY=VALUE"]),
+    ("recipe-stage-not-mapping", [*TRAIN, "train.stage1=5"], ["train.stage1 must be a mapping", "train.stage1.learning_rate="]),
+    ("recipe-seed-not-int", [*TRAIN, "seed=abc"], ["seed='abc' must be an integer", "seed=42"]),
+    ("train-lr-not-number", [*TRAIN, "train.learning_rate=abc"], ["train.learning_rate='abc'", "a number", "e.g."]),
+    ("train-stage-lr-not-number", [*TRAIN, "train.stage2.learning_rate=abc"], ["train.stage2.learning_rate='abc'", "e.g."]),
+    ("train-grad-accum-0", [*TRAIN, "train.gradient_accumulation_steps=0"],
      ["train.gradient_accumulation_steps=0 must be >= 1", "e.g."]),
-    ("train-batch-0", TRAIN + ["train.per_device_train_batch_size=0"], ["train.per_device_train_batch_size=0", ">= 1"]),
-    ("train-save-steps-0", TRAIN + ["train.save_steps=0"], ["train.save_steps=0 must be > 0", "e.g."]),
-    ("train-report-to-missing", TRAIN + ["train.report_to=[no_such_tracker]"],
+    ("train-batch-0", [*TRAIN, "train.per_device_train_batch_size=0"], ["train.per_device_train_batch_size=0", ">= 1"]),
+    ("train-save-steps-0", [*TRAIN, "train.save_steps=0"], ["train.save_steps=0 must be > 0", "e.g."]),
+    ("train-report-to-missing", [*TRAIN, "train.report_to=[no_such_tracker]"],
      ["train.report_to", "no_such_tracker", "is not installed", "pip install"]),
     ("export-calibration-tokens", TRAIN + DATA("ok.txt") + ["export.calibration_tokens=100000000"],
      ["export.calibration_tokens 100000000", "give more text", "fewer tokens"]),
-    ("export-calibration-missing", TRAIN + ["export.calibration={tmp}/missing.txt"],
+    ("export-calibration-missing", [*TRAIN, "export.calibration={tmp}/missing.txt"],
      ["export.calibration=", "missing.txt", "file not found"]),
     ("export-calibration-not-utf8", TRAIN + DATA("ok.txt") + ["export.calibration={tmp}/latin1.txt"],
      ["latin1.txt", "convert it to UTF-8"]),
     # output_dir
     ("output-dir-is-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt"], ["output_dir=", "existing file", "choose another"]),
     ("output-dir-under-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt/run"], ["output_dir=", "is a file", "choose another"]),
-    ("export-out-is-a-file", TRAIN + ["export.out={tmp}/ok.txt"], ["export.out=", "existing file", "choose another export.out"]),
+    ("export-out-is-a-file", [*TRAIN, "export.out={tmp}/ok.txt"], ["export.out=", "existing file", "choose another export.out"]),
     # command-line ranges
     ("compare-batch-size-0", ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--batch-size", "0"],
      ["--batch-size", "'0'", "give an integer >= 1"]),
@@ -168,7 +168,7 @@ def _assert_one_clear_line(err: str, phrases) -> None:
         assert phrase in errors[0], (phrase, errors[0])
 
 
-@pytest.mark.parametrize("argv,phrases", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("argv", "phrases"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(argv, phrases, inputs, capsys):
     out = inputs / "out"
     before = _tree(inputs)
@@ -210,7 +210,7 @@ INTERRUPTS = [
 ]
 
 
-@pytest.mark.parametrize("argv,target,message", INTERRUPTS, ids=[m[0] if m[0] in INTERRUPTED else "train"
+@pytest.mark.parametrize(("argv", "target", "message"), INTERRUPTS, ids=[m[0] if m[0] in INTERRUPTED else "train"
                                                                   for m, _, _ in INTERRUPTS])
 def test_ctrl_c_is_one_line_in_the_command_s_terms(argv, target, message, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
@@ -240,7 +240,7 @@ SUBPROCESS = [
 ]
 
 
-@pytest.mark.parametrize("argv,phrases", SUBPROCESS, ids=["train-data", "train-model", "compare-range"])
+@pytest.mark.parametrize(("argv", "phrases"), SUBPROCESS, ids=["train-data", "train-model", "compare-range"])
 def test_bad_input_from_the_command_line_has_no_traceback(argv, phrases, inputs):
     out = inputs / "out"
     before = _tree(inputs)

@@ -242,7 +242,7 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
 
     model = load_lte(stage2_model(run)).to(device).eval()
     handle = Sparsified(LTE, model)
-    for site, layer in zip(handle.sites, lte_layers(model)):
+    for site, layer in zip(handle.sites, lte_layers(model), strict=True):
         handle.router_flops += 2 * site.d_model * layer.num_experts
 
         def observe(module, args, logits, layer=layer, site=site):

@@ -68,7 +68,7 @@ def perplexity_without(model, batches, neurons: list[np.ndarray]) -> float:
     """Perplexity with the given neurons of every FFN removed (zeroed at the down projection)."""
     handle = Sparsified("removed", model)
     masks = []
-    for site, chosen in zip(handle.sites, neurons):
+    for site, chosen in zip(handle.sites, neurons, strict=True):
         keep = torch.ones(site.width, dtype=torch.bool)
         keep[torch.as_tensor(chosen, dtype=torch.long)] = False
         masks.append(keep)
@@ -152,9 +152,9 @@ def analyze(request: WassersteinRequest) -> dict:
     experiment = []
     for fraction in tqdm(top, desc="Removing neurons", leave=False):
         counts = [max(1, round(fraction * len(d))) for d in per_layer]
-        highest = [np.argsort(-d)[:k] for d, k in zip(per_layer, counts)]
+        highest = [np.argsort(-d)[:k] for d, k in zip(per_layer, counts, strict=True)]
         random_ppl = [perplexity_without(model, evaluation, [generator.choice(len(d), k, replace=False)
-                                                              for d, k in zip(per_layer, counts)])
+                                                              for d, k in zip(per_layer, counts, strict=True)])
                       for _ in range(RANDOM_DRAWS)]
         experiment.append({"fraction": fraction, "neurons_per_layer": counts,
                            "ppl_top_wasserstein_removed": perplexity_without(model, evaluation, highest),

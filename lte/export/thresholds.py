@@ -22,6 +22,7 @@ A layer at 0% sparsity gets :data:`KEEP_ALL`, a threshold below every score, so 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -101,11 +102,8 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             mask = batch.get("attention_mask")
             keep = slice(None) if mask is None else mask.reshape(-1).bool().cpu()
-            with collect_router_scores() as records:
-                try:
-                    model(**batch)
-                except _Stop:
-                    pass
+            with collect_router_scores() as records, contextlib.suppress(_Stop):
+                model(**batch)
             for record in records:
                 if record.layer in chunks:
                     chunks[record.layer].append(record.scores.float().cpu()[keep])
@@ -118,7 +116,7 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
 def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
     """The threshold that skips a ``sparsity`` share of the (token, expert) scores."""
     flat = scores.reshape(-1)
-    k = int(round(sparsity * flat.numel()))
+    k = round(sparsity * flat.numel())
     if k <= 0:
         return KEEP_ALL
     return float(flat.kthvalue(k).values)
@@ -146,7 +144,7 @@ class Sensitivity:
 
     def curve(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(sparsities, loss changes) of one layer, including its trained point."""
-        points = dict(zip(self.grid, self.costs[layer]))
+        points = dict(zip(self.grid, self.costs[layer], strict=True))
         points[round(self.trained[layer], 4)] = 0.0
         xs = np.array(sorted(points))
         return xs, np.array([points[x] for x in xs])
@@ -186,9 +184,9 @@ def allocate(sens: Sensitivity, target: float) -> list[float]:
     n = sens.costs.shape[0]
     step = 0.005
     max_layer_sparsity = max(sens.grid)
-    levels = np.arange(int(round(max_layer_sparsity / step)) + 1)
+    levels = np.arange(round(float(max_layer_sparsity) / step) + 1)  # float(): round() of a NumPy 1 scalar is no int
     curves = np.stack([np.interp(levels * step, *sens.curve(layer)) for layer in range(n)])
-    budget = int(round(target * n / step))
+    budget = round(float(target) * n / step)
     if budget > levels[-1] * n:
         return [target] * n  # beyond the measured curves: only the uniform allocation is defined
     best = np.full(budget + 1, np.inf)

@@ -297,7 +297,7 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
     base = _capture_down(c, call)
     probes = [(n, -1) for n in c.first] if c.fused_chunks == 1 else [(c.first[0], k) for k in range(c.fused_chunks)]
     linear = [_close(_capture_down(c, call, probe), -base, tolerance) for probe in probes]
-    nonlinear = [probe for probe, lin in zip(probes, linear) if not lin]
+    nonlinear = [probe for probe, lin in zip(probes, linear, strict=True) if not lin]
     if len(nonlinear) != 1:
         what = f"projections {list(c.first)}" if c.fused_chunks == 1 else f"{c.fused_chunks} blocks of {c.first[0]}"
         raise UsageError(f"cannot tell the gate of the FFN candidate {c.path or 'the model'} ({type(c.host).__name__}): "
@@ -364,7 +364,7 @@ def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: 
         base = _replay(host, call, [])
         size = min(group, in_out(host.get_submodule(spec.down))[0])
 
-        def mask(module, args):
+        def mask(module, args, size=size):
             h = args[0].clone()
             h[..., :size] = 0
             return (h, *args[1:])

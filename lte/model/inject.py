@@ -110,7 +110,7 @@ def check_expert_size(model: nn.Module, expert_size: int, recipe_layout: dict | 
     for width in sorted(set(ffn_widths(model, recipe_layout, saved).values())):
         if expert_size <= 0 or width % expert_size:
             divisors = [d for d in range(1, width + 1) if width % d == 0]
-            shown = ", ".join(map(str, divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]))
+            shown = ", ".join(map(str, divisors if len(divisors) <= 16 else [*divisors[:8], "...", *divisors[-4:]]))
             raise UsageError(f"lte.expert_size={expert_size} does not divide the FFN width {width}; choose one of {shown}")
 
 def set_lte_routing(model: nn.Module, routing: str) -> None:

@@ -83,7 +83,7 @@ def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.T
     finally:
         for handle in handles:
             handle.remove()
-        for layer, routing in zip(layers, routings):
+        for layer, routing in zip(layers, routings, strict=True):
             layer.routing = routing
         model.train(was_training)
     return {i: (torch.cat(inputs[i]), torch.cat(importance[i])) for i in inputs}

@@ -116,13 +116,14 @@ def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, exp
         router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
         x = torch.randn(batch, hidden, generator=g).to(torch_dtype)
         scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
-        skip = int(round(sparsity * scores.numel()))  # over all tokens: each skips about this share
+        skip = round(sparsity * scores.numel())  # over all tokens: each skips about this share
         threshold = float(scores.kthvalue(skip).values) if skip else -1.0
 
-        def dense():
+        def dense(x=x, gate=gate, up=up, down=down):  # defaults: this iteration's tensors
             return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
-        def sparse():  # what an exported model's FFN runs for 1 to 8 tokens on CPU
+        # what an exported model's FFN runs for 1 to 8 tokens on CPU
+        def sparse(x=x, gate=gate, up=up, down_t=down_t, router=router, threshold=threshold):
             on = torch.sigmoid(F.linear(x.float(), router)) > threshold
             experts = on.any(dim=0).nonzero().squeeze(1)
             g_ = cpu_kernel.expert_matvec(x, gate, experts, expert_size)
@@ -134,7 +135,7 @@ def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, exp
 
         all_experts = torch.arange(experts_total)
 
-        def kernel_dense():
+        def kernel_dense(x=x, gate=gate, up=up, down_t=down_t, all_experts=all_experts):
             g_ = cpu_kernel.expert_matvec(x, gate, all_experts, expert_size)
             u_ = cpu_kernel.expert_matvec(x, up, all_experts, expert_size)
             return cpu_kernel.expert_matvec_t(F.silu(g_) * u_, down_t, all_experts, expert_size)

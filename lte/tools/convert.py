@@ -369,7 +369,7 @@ def build_tokenizer(path: Path, *, vocab_size: int, max_length: int):
 def _check_tokenizer(tokenizer, processor, path: Path) -> None:
     """Fail unless ``tokenizer`` encodes and decodes TOKENIZER_CHECK_TEXTS exactly like sentencepiece."""
     for text in TOKENIZER_CHECK_TEXTS:
-        expected = [processor.bos_id()] + processor.encode(text)
+        expected = [processor.bos_id(), *processor.encode(text)]
         ids = tokenizer(text)["input_ids"]
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
         if ids != expected or decoded != processor.decode(expected[1:]):

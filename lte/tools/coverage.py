@@ -78,7 +78,7 @@ def tiny_config(model_type: str):
         if key == "partial_rotary_factor" or not hasattr(base, key) or isinstance(getattr(type(base), key, None), property):
             continue
         current = getattr(base, key)
-        if isinstance(current, (int, float)) and not isinstance(current, bool) or current is None:
+        if (isinstance(current, (int, float)) and not isinstance(current, bool)) or current is None:
             kwargs[key] = value
     for key in ("layer_types", "mlp_layer_types", "layers_block_type", "block_types"):
         current = getattr(base, key, None)
@@ -361,8 +361,8 @@ def render_markdown(outcomes: list[Outcome]) -> str:
         "in a process that cannot import `lte` (logits against the trained model's, `generate`, no NaN).",
         "`tests/model/test_architectures.py` reruns it and fails when this file is out of date.",
         "",
-        f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
-        f"here, {counts[FAILED]} failed** (of {len(outcomes)}).",
+        (f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
+        f"here, {counts[FAILED]} failed** (of {len(outcomes)})."),
         "",
         "| model type | class | result | FFN layout found / reason |",
         "| --- | --- | --- | --- |",

@@ -175,7 +175,7 @@ class LTETrainer(Trainer):
         mask = inputs.get("attention_mask")
         real = mask.bool() if mask is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
         errors = []
-        for h, h_teacher in zip(hidden[1:], teacher_hidden[1:]):
+        for h, h_teacher in zip(hidden[1:], teacher_hidden[1:], strict=True):
             h, h_teacher = h[real].float(), h_teacher[real].float()
             errors.append((h - h_teacher).square().mean() / h_teacher.square().mean().clamp_min(1e-12))
         return torch.stack(errors).mean()

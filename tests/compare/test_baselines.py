@@ -131,7 +131,7 @@ def test_flops_accounting():
         for probe in probes:
             probe.remove()
         keep = [n / total for n, total in nonzero]
-        assert 0.3 < min(keep) and max(keep) < 0.7
+        assert min(keep) > 0.3 and max(keep) < 0.7
         assert cats.ffn_flops_per_token() == pytest.approx(sum(unit * (1 + 2 * k) for k in keep))  # whole gate computed
         cats.remove()
         griffin = apply("griffin", model, 0.5, None)

@@ -127,7 +127,7 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     assert f"| lte | 0.50 | {first} |" in table and f"| lte | 0.70 | {second} |" in table
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--lte", "0.5=RUN_A,0.6=RUN_B"], "--lte 0.6=RUN_B: 0.6 is not a target of --sparsity 0.5,0.7; add it to --sparsity"),
     (["--lte", "0.5=RUN_A,0.7=missing"], "--lte 0.7=missing: missing: no such run directory"),
     (["--lte", "0.5=RUN_A,half=RUN_B"], "--lte 'half=RUN_B': expected TARGET=RUN_DIR"),
@@ -171,5 +171,5 @@ def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_sett
     link_stages(pairs)  # a rerun: already there, left alone
     assert reused_stages(load_recipe(ours)) == []  # a rerun with the stages linked: nothing left to take
     other = [*args, f"output_dir={tmp_path / 'other'}", f"reuse_from={source}", "train.learning_rate=1e-3"]
-    with pytest.raises(UsageError, match="train.learning_rate: 0.0001 there, 0.001 here"):
+    with pytest.raises(UsageError, match=r"train\.learning_rate: 0\.0001 there, 0\.001 here"):
         reused_stages(load_recipe(other))  # stage 0 trains with it

@@ -41,7 +41,7 @@ def test_bad_task_arguments_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="not in the expected format"):
         read_task("arc_easy", bad)
     (tmp_path / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
-    with pytest.raises(UsageError, match="valid-labels.lst beside the data"):
+    with pytest.raises(UsageError, match=r"valid-labels\.lst beside the data"):
         read_task("piqa", tmp_path / "valid.jsonl")
 
 
@@ -73,7 +73,7 @@ def expected_accuracy(model, tokenizer, name: str, records: list[dict], handle=N
         else:
             context, choices, gold = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"])
         scores = [choice_logprob(model, tokenizer, context, c, handle) for c in choices]
-        normed = [s / len(c) for s, c in zip(scores, choices)]
+        normed = [s / len(c) for s, c in zip(scores, choices, strict=True)]
         acc += int(max(range(len(scores)), key=scores.__getitem__) == gold)
         acc_norm += int(max(range(len(normed)), key=normed.__getitem__) == gold)
     return {"acc": acc / len(records), "acc_norm": acc_norm / len(records)}

@@ -204,7 +204,7 @@ def changed(**keys):
     return new
 
 
-@pytest.mark.parametrize("new, status, restart, discard, update", [
+@pytest.mark.parametrize(("new", "status", "restart", "discard", "update"), [
     (OLD, DONE, None, [], False),  # the same recipe: resume, record untouched
     (changed(export__target_sparsity=0.4), DONE, None, [], True),  # export only: rerun it, update the record
     (changed(train__logging_steps=5), DONE, None, [], True),  # no effect on any result
@@ -220,7 +220,7 @@ def test_rerun_plans(new, status, restart, discard, update):
     assert plan.discard == discard and plan.update_record == update
 
 
-@pytest.mark.parametrize("new, status, names", [
+@pytest.mark.parametrize(("new", "status", "names"), [
     (changed(lte__expert_size=2), DONE, ["lte.expert_size (4 -> 2)", "restart_from=prepare"]),
     (changed(train__stage2__learning_rate=1e-3), {**DONE, "stage2": "partial"}, ["restart_from=stage2"]),
     (changed(seed=1), {"prepare": "finished"}, ["seed (42 -> 1)", "restart_from=prepare"]),

@@ -87,7 +87,7 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
     inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
     set_lte_routing(model, "hard")
     thresholds = [0.45, 0.55]
-    for layer, threshold in zip(lte_layers(model), thresholds):
+    for layer, threshold in zip(lte_layers(model), thresholds, strict=True):
         layer.threshold = threshold
     with torch.no_grad():
         sparse, token, few = model(ids).logits, model(ids[:1, :1]).logits, model(ids[:, :2]).logits
@@ -114,7 +114,7 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
     assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
     assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
     results = _load_as_a_user(dirs, tmp_path)
-    for family, directory in zip(FAMILIES, dirs):
+    for family, directory in zip(FAMILIES, dirs, strict=True):
         r = results[directory]
         assert r["class"] == "LTEForCausalLM", family
         assert r["cpu_kernel"], family  # the export carries the CPU kernel and decoding uses it

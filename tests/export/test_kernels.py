@@ -18,7 +18,7 @@ def test_the_kernel_builds_here():
     assert cpu_kernel.available()  # a C++ compiler and ninja are part of the set-up; a silent fallback would hide a slow path
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
@@ -93,7 +93,7 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
 
 
-@pytest.mark.parametrize("argv,phrase", [
+@pytest.mark.parametrize(("argv", "phrase"), [
     (["--sparsity", "1.5"], "[0, 1)"),
     (["--shape", "4096by11008"], "HIDDENxFFN"),
     (["--device", "cuda"], "not built yet"),
@@ -109,7 +109,7 @@ def test_bench_kernel_bad_input(argv, phrase, capsys):
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 def test_slot_kernels_match_the_reference(sparsity, dtype, tol, tokens):
     # The selection as the Triton kernels take it: (order, count) tensors, a slot per expert.

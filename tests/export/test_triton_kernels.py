@@ -24,7 +24,7 @@ def _case(shape, sparsity, dtype, seed=0, tokens=1):
 
 
 @pytest.mark.parametrize("tokens", [2, 3, 8])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_the_small_batch_variant_matches_the_reference(tokens, dtype, tol):
     weight, weight_t, x, _ = _case((100, 96, 12), 0.0, dtype, tokens=tokens)
     on = torch.rand(tokens, 8, generator=torch.Generator().manual_seed(tokens)) > 0.6
@@ -40,7 +40,7 @@ def test_the_small_batch_variant_matches_the_reference(tokens, dtype, tol):
     torch.testing.assert_close(out.float(), want, atol=tol * (1 + want.abs().amax().item()), rtol=tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):

@@ -165,7 +165,7 @@ def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatc
 def test_recipe_layout_key_is_checked():
     from lte.training.config import load_recipe
 
-    with pytest.raises(UsageError, match="model.ffn_layout: an FFN layout needs 'first'"):
+    with pytest.raises(UsageError, match=r"model\.ffn_layout: an FFN layout needs 'first'"):
         load_recipe(["recipe=tiny", "output_dir=x", "model.ffn_layout={down: w2}"], check_hardware=False)
     recipe = load_recipe(["recipe=tiny", "output_dir=x", "model.ffn_layout={MyMLP: {first: [w1, w3], down: w2}}"],
                          check_hardware=False)

@@ -127,7 +127,7 @@ def test_several_sources_separated_by_commas_are_concatenated(tmp_path, tokenize
     assert len(docs) == 20 + 30 + 20 and docs.column_names == ["text"]  # the extra "id" column is dropped
     assert docs[20]["text"] == "A dog named Rex 0." and docs[50]["text"] == "A bird sang."
     assert len(build_data(both, tokenizer, 0).train) > len(build_data(one, tokenizer, 0).train)
-    with pytest.raises(UsageError, match="nope.jsonl not found"):
+    with pytest.raises(UsageError, match=r"nope\.jsonl not found"):
         check_source(f"{tmp_path / 'a.jsonl'},{tmp_path / 'nope.jsonl'}", "data.train")
 
 
@@ -144,7 +144,7 @@ def word_tokenizer(template: str | None, bos: str, eos: str):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token="[UNK]")
 
 
-@pytest.mark.parametrize("template, bos, eos, packed", [
+@pytest.mark.parametrize(("template", "bos", "eos", "packed"), [
     ("<s> $A", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),           # Llama, Mistral, Gemma: BOS added, EOS appended
     (None, "<eot>", "<eot>", "a b <eot> c <eot> d <eot>"),                      # GPT-2, Qwen: nothing added, EOS separates
     ("</s> $A", "</s>", "</s>", "</s> a b </s> c </s> d"),                      # OPT: its opening marker is EOS already
@@ -162,6 +162,7 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     from lte.training.evaluate import evaluate_layouts, pad_rows
 
     from conftest import tiny_model
+    from lte.training.evaluate import evaluate_layouts, pad_rows
 
     stories = write_stories(tmp_path / "e.jsonl", n=12)
     (tmp_path / "e.txt").write_text("\n\n".join(stories))
@@ -173,8 +174,8 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     docs = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in stories]  # layout documents: paragraphs
     rows = {name: list(rows) for name, rows in data.layouts.items()}
-    assert [r["input_ids"] for r in rows["bos"]] == [[bos] + d for d in docs]
-    assert [r["input_ids"] for r in rows["eos"]] == [[eos] + d for d in docs]
+    assert [r["input_ids"] for r in rows["bos"]] == [[bos, *d] for d in docs]
+    assert [r["input_ids"] for r in rows["eos"]] == [[eos, *d] for d in docs]
     assert rows["packed"][0]["input_ids"][: len(docs[0]) + 2 + len(docs[1])] == [bos] + docs[0] + [eos] + docs[1]
     assert all(len(r["input_ids"]) <= 96 for r in rows["packed"]) and len(rows["packed"]) < len(docs)
     scored = {name: sorted(t for r in rs for t in r["labels"] if t != -100) for name, rs in rows.items()}
@@ -186,7 +187,7 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     assert {r.tokens for r in results.values()} == {sum(len(d) for d in docs)}
     # padded, length-sorted batches give each document's own perplexity; the layouts differ by context only
     with torch.no_grad():
-        nll = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([[marker] + d])).logits[0, :-1], torch.tensor(d),
+        nll = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([[marker, *d]])).logits[0, :-1], torch.tensor(d),
                                                           reduction="sum")) for d in docs for marker in [eos])
     assert results["eos"].nll == pytest.approx(nll / results["eos"].tokens, rel=1e-5)
     assert results["bos"].nll != pytest.approx(results["eos"].nll, rel=1e-6)

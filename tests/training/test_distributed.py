@@ -1,6 +1,7 @@
 """Real multi-process training on CPU: two processes over gloo, started by `accelerate launch` with
 the project's named accelerate configs (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3)."""
 
+import contextlib
 import json
 import os
 import re
@@ -132,10 +133,8 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_pat
     # SIGKILL the launcher and both ranks (torch's elastic agent starts the ranks in their own sessions)
     tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
     for pid in tree:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
     psutil.wait_procs([p for p in map(_process, tree) if p is not None], timeout=30)
     assert not (out / "stage1" / "model").exists()  # really interrupted inside stage 1

@@ -121,7 +121,7 @@ def distillation_setup(tmp_path, **distill):
 
 def test_distillation_to_the_original_model(tmp_path):
     """distill_weight=1: the loss is KL(original || LTE model); against an identical dense copy it is zero."""
-    teacher, model, trainer, batch = distillation_setup(tmp_path, distill_weight=1.0)
+    _teacher, model, trainer, batch = distillation_setup(tmp_path, distill_weight=1.0)
     assert trainer.compute_loss(model, batch).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():  # now the student differs from the teacher
         model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight))
@@ -152,7 +152,7 @@ def test_target_sparsity_steers_eta_and_is_resumed(tmp_path):
     trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, **kw), train_dataset=packed_dataset())
     trainer.train()
     logged = [h for h in trainer.state.log_history if "eta" in h]
-    assert [h["eta"] for h in logged][0] == pytest.approx(1.0)
+    assert logged[0]["eta"] == pytest.approx(1.0)
     assert logged[1]["eta"] == pytest.approx(1.0 + 3.0 * (0.9 - logged[0]["sparsity"]), rel=1e-4)
     final_eta = trainer.eta
     assert final_eta == pytest.approx(logged[1]["eta"] + 3.0 * (0.9 - logged[1]["sparsity"]), rel=1e-4)
@@ -186,7 +186,7 @@ def test_hidden_state_distillation(tmp_path):
     assert loss == pytest.approx(model(**batch).loss.item() + 2.0 * hidden, rel=1e-4)
     h = model(**batch, output_hidden_states=True).hidden_states
     h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
-    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:])) / (len(h) - 1)
+    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:], strict=True)) / (len(h) - 1)
     assert hidden == pytest.approx(expected, rel=1e-4)
 
 

@@ -87,7 +87,7 @@ def apply(model: nn.Module, target_sparsity: float, calibration, expert_size: in
     sites = ffn_sites(model)
     routers = cached(cache, f"routers/{expert_size}/{seed}", lambda: fit(model, calibration, expert_size, seed))
     handle = Sparsified("moefication", model, sites)
-    for site, (router, label) in zip(sites, routers):
+    for site, (router, label) in zip(sites, routers, strict=True):
         experts = router.outer.out_features
         handle.router_flops += 2 * site.d_model * experts + 2 * experts * experts
         kept = round(experts * (1 - target_sparsity))

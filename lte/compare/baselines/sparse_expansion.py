@@ -126,7 +126,7 @@ class ExpandedFFNs(Sparsified):
 
     def ffn_flops_per_token(self) -> float:
         return self.router_flops + sum(site.unit_flops * site.matrices * (1 - s)
-                                       for site, s in zip(self.sites, self.per_layer_sparsity()))
+                                       for site, s in zip(self.sites, self.per_layer_sparsity(), strict=True))
 
 
 def _install(handle: ExpandedFFNs, site: FFNSite, projection: nn.Module, router: Router, experts: torch.Tensor,

@@ -86,7 +86,7 @@ def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool
     if attention:
         projections = _attention_projections(model, sites)
         inputs = cached(cache, "attention_inputs", lambda: _projection_inputs(model, projections, calibration))
-        for projection, values in zip(projections, inputs):
+        for projection, values in zip(projections, inputs, strict=True):
             hook = _threshold_hook(quantile(values, target_sparsity))
             handle.hook(projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None))
     handle.reset()  # calibration forwards ran through the hooks already installed

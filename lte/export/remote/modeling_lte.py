@@ -33,15 +33,18 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import transformers
+from torch import nn
 
 from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
-    from .lte_kernels_cpu import available as _cpu_kernel_available
-    from .lte_kernels_cpu import select_experts as _cpu_select, slot_matvec as _cpu_matvec, slot_matvec_t as _cpu_matvec_t
+    from .lte_kernels_cpu import (
+        available as _cpu_kernel_available,
+        select_experts as _cpu_select,
+        slot_matvec as _cpu_matvec,
+        slot_matvec_t as _cpu_matvec_t,
+    )
 except ImportError:
     _cpu_kernel_available = None
 
@@ -153,7 +156,7 @@ class RoutingState:
             down.register_forward_pre_hook(self._mask_hook)
             down._lte_masks_input = True
         return down is not self.projections[-1] or any(
-            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections))
+            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections[:-1], strict=True))
 
     def _mask_hook(self, module, args):
         if self.mask is None:
@@ -194,7 +197,7 @@ class RoutingState:
         flags[self.experts.cpu() + 1] = 1
         edges = torch.diff(flags).nonzero().squeeze(1).tolist()
         size = self.expert_size
-        return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2])]
+        return [(start * size, stop * size) for start, stop in zip(edges[0::2], edges[1::2], strict=True)]
 
     def clear(self) -> None:
         self.experts = self.token_mask = self.order = self.count = self.mask = None
@@ -347,7 +350,10 @@ def _share_base_conversions() -> None:
     ``lm_head``...), which transformers applies to its own classes only: the checkpoint holds
     the base model's original names, and both classes must read (and write) them alike."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
     except ImportError:  # transformers 4: no conversions
         return
     base = get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
