@@ -159,8 +159,6 @@ def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, t
 
 
 def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(tmp_path, tokenizer):
-    from lte.training.evaluate import evaluate_layouts, pad_rows
-
     from conftest import tiny_model
     from lte.training.evaluate import evaluate_layouts, pad_rows
 
