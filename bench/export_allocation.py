@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lte.core.run_dir import stage2_model
+from lte.export.thresholds import KEEP_ALL, allocate, evaluate_allocation, sensitivity, set_thresholds
+from lte.model.inject import load_lte, lte_layers
 from lte.training.config import load_run_recipe
 from lte.training.data import build_data
 from lte.training.evaluate import evaluate_lm
-from lte.core.run_dir import stage2_model
-from lte.model.inject import load_lte, lte_layers
 from lte.training.loading import calibration_batches, collator_for, load_report, load_tokenizer, model_kwargs
-from lte.export.thresholds import KEEP_ALL, allocate, evaluate_allocation, sensitivity, set_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,28 +58,52 @@ def main() -> None:
             set_thresholds(model, [recipe.lte.threshold] * n)
             calibrated = evaluate_allocation(model, batches, allocation, layer_targets, progress=False)
             held_out = evaluate_lm(model, data.eval, collator, batch, desc=f"Held-out, {allocation} {target}")
-            rows.append({"target": target, "allocation": allocation, "layer_targets": layer_targets,
-                         "calibration_sparsity": calibrated.sparsity, "calibration_ppl": calibrated.ppl,
-                         "heldout_sparsity": held_out.sparsity, "heldout_ppl": held_out.ppl,
-                         "heldout_per_layer_sparsity": held_out.per_layer_sparsity})
+            rows.append(
+                {
+                    "target": target,
+                    "allocation": allocation,
+                    "layer_targets": layer_targets,
+                    "calibration_sparsity": calibrated.sparsity,
+                    "calibration_ppl": calibrated.ppl,
+                    "heldout_sparsity": held_out.sparsity,
+                    "heldout_ppl": held_out.ppl,
+                    "heldout_per_layer_sparsity": held_out.per_layer_sparsity,
+                }
+            )
 
     original = load_report(args.run_dir).get("dense_ppl")
     name = args.name or f"export_allocation_{recipe.name}"
     RESULTS.mkdir(exist_ok=True)
-    result = {"run_dir": str(args.run_dir), "calibration_tokens": args.calibration_tokens, "heldout_tokens": dense.tokens,
-              "original_ppl": original, "dense_ppl": dense.ppl, "trained_ppl": trained.ppl, "trained_sparsity": trained.sparsity,
-              "sensitivity_grid": sens.grid, "sensitivity": sens.costs.tolist(), "rows": rows}
+    result = {
+        "run_dir": str(args.run_dir),
+        "calibration_tokens": args.calibration_tokens,
+        "heldout_tokens": dense.tokens,
+        "original_ppl": original,
+        "dense_ppl": dense.ppl,
+        "trained_ppl": trained.ppl,
+        "trained_sparsity": trained.sparsity,
+        "sensitivity_grid": sens.grid,
+        "sensitivity": sens.costs.tolist(),
+        "rows": rows,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [(f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
-             f"at its trained thresholds (lte.threshold): {trained.ppl:.4f} "
-             f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
-             f"{args.calibration_tokens} training tokens)."), "",
-             "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
+            f"at its trained thresholds (lte.threshold): {trained.ppl:.4f} "
+            f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
+            f"{args.calibration_tokens} training tokens)."
+        ),
+        "",
+        "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         per_layer = " ".join(f"{100 * s:.0f}" for s in r["layer_targets"])
-        lines.append(f"| {r['target']:.1f} | {r['allocation']} | {per_layer} | {r['calibration_ppl']:.4f} | "
-                     f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | {100 * (r['heldout_ppl'] / original - 1):+.1f}% |")
+        lines.append(
+            f"| {r['target']:.1f} | {r['allocation']} | {per_layer} | {r['calibration_ppl']:.4f} | "
+            f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | {100 * (r['heldout_ppl'] / original - 1):+.1f}% |"
+        )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, dense.ppl, (trained.sparsity, trained.ppl), RESULTS / f"{name}.png")
     print("\n".join(lines))

@@ -28,10 +28,10 @@ import torch
 import transformers
 
 import lte_kernels.cpu as cpu_kernel
-from lte.tools.bench import bench_decode, median_seconds
 from lte.export.exporter import base_architecture, to_routed, write_checkpoint
-from lte.model.inject import LTEModelConfig, inject_lte, set_lte_routing
 from lte.export.thresholds import calibrate
+from lte.model.inject import LTEModelConfig, inject_lte, set_lte_routing
+from lte.tools.bench import bench_decode, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -54,11 +54,18 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    config = transformers.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                                      num_key_value_heads=args.hidden // 128, vocab_size=32000)
+    config = transformers.LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=args.hidden // 128,
+        vocab_size=32000,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
-    inject_lte(model, LTEModelConfig(expert_size=args.expert_size, router_init="centroid"), kmeans_iters=2, progress=False)
+    inject_lte(
+        model, LTEModelConfig(expert_size=args.expert_size, router_init="centroid"), kmeans_iters=2, progress=False
+    )
     set_lte_routing(model, "hard")
     tokens = torch.randint(0, config.vocab_size, (4, 128))
     thresholds = calibrate(model, [{"input_ids": tokens}], [args.sparsity] * args.layers, progress=False)
@@ -83,9 +90,14 @@ def main() -> None:
         exported.config.lte_routing = routing
         prefill_s[key] = median_seconds(prefill, args.repeats, device)
     decode = bench_decode(exported, prompt, args.new_tokens, args.repeats, name="random Llama")
-    result = {**asdict(decode), "args": vars(args), "cpu_kernel": cpu_kernel.available(),
-              "dense_prefill_s": prefill_s["dense"], "sparse_prefill_s": prefill_s["sparse"],
-              "prefill_time_ratio": prefill_s["sparse"] / prefill_s["dense"]}
+    result = {
+        **asdict(decode),
+        "args": vars(args),
+        "cpu_kernel": cpu_kernel.available(),
+        "dense_prefill_s": prefill_s["dense"],
+        "sparse_prefill_s": prefill_s["sparse"],
+        "prefill_time_ratio": prefill_s["sparse"] / prefill_s["dense"],
+    }
     RESULTS.mkdir(exist_ok=True)
     name = f"export_speed_{device.type}_h{args.hidden}_i{args.intermediate}_{args.dtype}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,12 +16,12 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, default_data_collator
 
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
+from lte.model.router_init import _down_column_norms, calibrate_routers
 from lte.training.config import load_recipe
 from lte.training.data import build_data
 from lte.training.evaluate import evaluate_lm
-from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte.training.loading import calibration_batches, load_tokenizer
-from lte.model.router_init import _down_column_norms, calibrate_routers
 
 
 def oracle(model, sparsity):
@@ -47,8 +47,14 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args()
     sizes = [int(size) for size in args.expert_sizes.split(",")]
-    recipe = load_recipe(["recipe=tiny", "output_dir=/tmp/unused", f"data.max_eval_tokens={args.tokens}",
-                          f"model.name_or_path={args.model}"])
+    recipe = load_recipe(
+        [
+            "recipe=tiny",
+            "output_dir=/tmp/unused",
+            f"data.max_eval_tokens={args.tokens}",
+            f"model.name_or_path={args.model}",
+        ]
+    )
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed)
 
@@ -58,18 +64,24 @@ def main():
     dense = ppl(AutoModelForCausalLM.from_pretrained(args.model))
     print(f"dense: ppl {dense:.3f}")
     for expert_size in sizes:
-        model = inject_lte(AutoModelForCausalLM.from_pretrained(args.model), LTEModelConfig(expert_size=expert_size),
-                           progress=False)
+        model = inject_lte(
+            AutoModelForCausalLM.from_pretrained(args.model), LTEModelConfig(expert_size=expert_size), progress=False
+        )
         oracle(model, args.sparsity)
         value = ppl(model)
         print(f"oracle, {expert_size}-neuron experts: ppl {value:.3f} ({100 * (value / dense - 1):+.1f}%)")
     for init in ("centroid", "calibrated"):
         model = AutoModelForCausalLM.from_pretrained(args.model)
-        inject_lte(model, LTEModelConfig(expert_size=sizes[-1], router_init="centroid" if init == "centroid" else "random"),
-                   progress=False)
+        inject_lte(
+            model,
+            LTEModelConfig(expert_size=sizes[-1], router_init="centroid" if init == "centroid" else "random"),
+            progress=False,
+        )
         if init == "calibrated":
             agreement = calibrate_routers(model, calibration_batches(data, tokenizer, 16384, 16), args.sparsity)
-            print(f"calibrated routers agree with their labels on {100 * sum(agreement) / len(agreement):.0f}% of pairs")
+            print(
+                f"calibrated routers agree with their labels on {100 * sum(agreement) / len(agreement):.0f}% of pairs"
+            )
         set_lte_routing(model, "hard")
         result = evaluate_lm(model, data.eval, default_data_collator, 16)
         print(f"{init} routers, {sizes[-1]}-neuron experts: ppl {result.ppl:.3f} at sparsity {result.sparsity:.3f}")

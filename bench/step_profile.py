@@ -44,8 +44,10 @@ def main() -> None:
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
-        print(f"  {batch:2d} x {block}: {1000 * statistics.median(times):.0f} ms per forward + backward, "
-              f"attention {100 * attention / total:.0f}% of it")
+        print(
+            f"  {batch:2d} x {block}: {1000 * statistics.median(times):.0f} ms per forward + backward, "
+            f"attention {100 * attention / total:.0f}% of it"
+        )
 
 
 if __name__ == "__main__":

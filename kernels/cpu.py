@@ -208,11 +208,21 @@ def _load():
 
                 directory = _get_build_directory(EXTENSION_NAME, verbose=False)
                 if not os.path.exists(os.path.join(directory, f"{EXTENSION_NAME}.so")):
-                    logger.warning("LTE: building the CPU sparse kernel %s (once per environment, about 20 s)", directory)
-                _extension = load_inline(name=EXTENSION_NAME, cpp_sources=_SOURCE, functions=_FUNCTIONS,
-                                         extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=False)
+                    logger.warning(
+                        "LTE: building the CPU sparse kernel %s (once per environment, about 20 s)", directory
+                    )
+                _extension = load_inline(
+                    name=EXTENSION_NAME,
+                    cpp_sources=_SOURCE,
+                    functions=_FUNCTIONS,
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    verbose=False,
+                )
             except Exception as exc:  # no compiler, no ninja, unsupported flags: use the pure-torch path
-                logger.warning("LTE CPU sparse kernel unavailable (%s); using the pure-torch path", str(exc).splitlines()[0])
+                logger.warning(
+                    "LTE CPU sparse kernel unavailable (%s); using the pure-torch path", str(exc).splitlines()[0]
+                )
                 _failed = True
     return _extension
 
@@ -251,8 +261,9 @@ def _register_ops():
         return weight_t.new_empty(tokens_of(h, experts.numel() * size), weight_t.shape[1])
 
     @custom_op(f"{_NAMESPACE}::slot_matvec", mutates_args=())
-    def op_slot(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int,
-                offset: int) -> torch.Tensor:
+    def op_slot(
+        x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int, offset: int
+    ) -> torch.Tensor:
         return _load().slot_matvec(x, weight, order, count, size, offset)
 
     @register_fake(f"{_NAMESPACE}::slot_matvec")
@@ -260,8 +271,9 @@ def _register_ops():
         return weight.new_empty(tokens_of(x, weight.shape[1]), order.numel() * size)
 
     @custom_op(f"{_NAMESPACE}::slot_matvec_t", mutates_args=())
-    def op_slot_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor,
-                  size: int) -> torch.Tensor:
+    def op_slot_t(
+        h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int
+    ) -> torch.Tensor:
         return _load().slot_matvec_t(h, weight_t, order, count, size)
 
     @register_fake(f"{_NAMESPACE}::slot_matvec_t")
@@ -281,8 +293,9 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def expert_matvec(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, expert_size: int,
-                  offset: int = 0) -> torch.Tensor:
+def expert_matvec(
+    x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, expert_size: int, offset: int = 0
+) -> torch.Tensor:
     """``x @ weight[rows].T`` for the rows of ``experts`` (row ``offset + e * expert_size + i``):
     ``x`` [hidden] or [tokens, hidden] -> [tokens, k * expert_size]."""
     args = (x, weight, experts, expert_size, offset)
@@ -305,16 +318,18 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, on.sum(dtype=torch.int32).reshape(1)
 
 
-def slot_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int,
-                offset: int = 0) -> torch.Tensor:
+def slot_matvec(
+    x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int, offset: int = 0
+) -> torch.Tensor:
     """[tokens, num_experts * expert_size]: ``x`` times the rows of the first ``count`` experts
     of ``order``, slot by slot, zeros after them (the Triton kernels' convention)."""
     args = (x, weight, order, count, expert_size, offset)
     return _load().slot_matvec(*args) if _eager() else _op_slot(*args)
 
 
-def slot_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor,
-                  expert_size: int) -> torch.Tensor:
+def slot_matvec_t(
+    h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int
+) -> torch.Tensor:
     """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
     :func:`slot_matvec`) times the selected experts' rows of ``weight_t``."""
     args = (h, weight_t, order, count, expert_size)

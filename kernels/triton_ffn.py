@@ -48,8 +48,21 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _expert_matvec_kernel(x_ptr, w_ptr, order_ptr, count_ptr, y_ptr, tokens, hidden, offset, width,
-                              EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _expert_matvec_kernel(
+        x_ptr,
+        w_ptr,
+        order_ptr,
+        count_ptr,
+        y_ptr,
+        tokens,
+        hidden,
+        offset,
+        width,
+        EXPERT_SIZE: tl.constexpr,
+        ES_PAD: tl.constexpr,
+        T_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # y[t, slot*E + i] for every token t: one program per expert slot reads its rows once.
         slot = tl.program_id(0)
         count = tl.load(count_ptr)
@@ -64,8 +77,12 @@ if triton is not None:
             for start in range(0, hidden, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 cmask = cols < hidden
-                x = tl.load(x_ptr + t[:, None] * hidden + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
-                w = tl.load(w_ptr + rows[:, None] * hidden + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+                x = tl.load(
+                    x_ptr + t[:, None] * hidden + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0
+                )
+                w = tl.load(
+                    w_ptr + rows[:, None] * hidden + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+                )
                 if T_PAD == 1:  # one token: a matrix-vector product
                     acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
                 else:
@@ -74,8 +91,20 @@ if triton is not None:
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
-    def _expert_matvec_t_kernel(h_ptr, wt_ptr, order_ptr, count_ptr, out_ptr, tokens, hidden, width,
-                                EXPERT_SIZE: tl.constexpr, ES_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _expert_matvec_t_kernel(
+        h_ptr,
+        wt_ptr,
+        order_ptr,
+        count_ptr,
+        out_ptr,
+        tokens,
+        hidden,
+        width,
+        EXPERT_SIZE: tl.constexpr,
+        ES_PAD: tl.constexpr,
+        T_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # out[t, columns of this program] = sum over the selected slots, in order (deterministic).
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < hidden
@@ -87,16 +116,25 @@ if triton is not None:
         acc = tl.zeros((T_PAD, BLOCK), dtype=tl.float32)
         for slot in range(count):
             expert = tl.load(order_ptr + slot).to(tl.int64)
-            h = tl.load(h_ptr + t[:, None] * width + (slot * EXPERT_SIZE + r)[None, :], mask=tmask[:, None] & rmask[None, :],
-                        other=0.0)
-            w = tl.load(wt_ptr + (expert * EXPERT_SIZE + r)[:, None] * hidden + cols[None, :],
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+            h = tl.load(
+                h_ptr + t[:, None] * width + (slot * EXPERT_SIZE + r)[None, :],
+                mask=tmask[:, None] & rmask[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                wt_ptr + (expert * EXPERT_SIZE + r)[:, None] * hidden + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
             if T_PAD == 1:
                 acc += tl.sum(w.to(tl.float32) * tl.trans(h.to(tl.float32)), axis=0)[None, :]
             else:
                 acc += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        tl.store(out_ptr + t[:, None] * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=tmask[:, None] & cmask[None, :])
+        tl.store(
+            out_ptr + t[:, None] * hidden + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=tmask[:, None] & cmask[None, :],
+        )
 
 
 MAX_TOKENS = 8  # the small-batch limit
@@ -109,12 +147,16 @@ def _launch_sizes(tokens: int, expert_size: int) -> dict:
         raise ValueError(f"{tokens} tokens: the Triton kernels take 1 to {MAX_TOKENS}")
     if tokens == 1:
         return {"ES_PAD": triton.next_power_of_2(expert_size), "T_PAD": 1, "BLOCK": BLOCK_H}
-    return {"ES_PAD": max(16, triton.next_power_of_2(expert_size)), "T_PAD": max(16, triton.next_power_of_2(tokens)),
-            "BLOCK": 64}
+    return {
+        "ES_PAD": max(16, triton.next_power_of_2(expert_size)),
+        "T_PAD": max(16, triton.next_power_of_2(tokens)),
+        "BLOCK": 64,
+    }
 
 
-def expert_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int,
-                  offset: int = 0) -> torch.Tensor:
+def expert_matvec(
+    x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int, offset: int = 0
+) -> torch.Tensor:
     """[tokens, num_experts * expert_size] for ``x`` [tokens, hidden] (1 to 8 tokens; [hidden] is
     one): each token's products with the selected experts' rows of ``weight``, selected slots
     first (in ``order``), zeros after them."""
@@ -123,13 +165,25 @@ def expert_matvec(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, co
     tokens, num_experts = x.shape[0], order.numel()
     width = num_experts * expert_size
     y = torch.zeros(tokens, width, dtype=weight.dtype, device=weight.device)
-    _expert_matvec_kernel[(num_experts,)](x, weight, order, count, y, tokens, hidden, offset, width,
-                                          EXPERT_SIZE=expert_size, **_launch_sizes(tokens, expert_size))
+    _expert_matvec_kernel[(num_experts,)](
+        x,
+        weight,
+        order,
+        count,
+        y,
+        tokens,
+        hidden,
+        offset,
+        width,
+        EXPERT_SIZE=expert_size,
+        **_launch_sizes(tokens, expert_size),
+    )
     return y
 
 
-def expert_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor,
-                    expert_size: int) -> torch.Tensor:
+def expert_matvec_t(
+    h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int
+) -> torch.Tensor:
     """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
     :func:`expert_matvec`) times the selected experts' rows of ``weight_t``."""
     hidden = weight_t.shape[1]
@@ -138,6 +192,7 @@ def expert_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor
     tokens = h.shape[0]
     out = torch.empty(tokens, hidden, dtype=weight_t.dtype, device=weight_t.device)
     sizes = _launch_sizes(tokens, expert_size)
-    _expert_matvec_t_kernel[(triton.cdiv(hidden, sizes["BLOCK"]),)](h, weight_t, order, count, out, tokens, hidden, width,
-                                                                    EXPERT_SIZE=expert_size, **sizes)
+    _expert_matvec_t_kernel[(triton.cdiv(hidden, sizes["BLOCK"]),)](
+        h, weight_t, order, count, out, tokens, hidden, width, EXPERT_SIZE=expert_size, **sizes
+    )
     return out

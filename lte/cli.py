@@ -15,13 +15,24 @@ from pathlib import Path
 
 # The argument types (every numeric range of the command line, declared once) live with the flag
 # generator, which the request dataclasses' modules import too.
-from .core.cli_args import (add_dataclass_arguments, finite_float, fraction, from_namespace, name_list,  # noqa: F401
-                       nonnegative_float, nonnegative_int, positive_float, positive_int)
+from .core.cli_args import (  # noqa: F401
+    add_dataclass_arguments,
+    finite_float,
+    fraction,
+    from_namespace,
+    name_list,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from .core.errors import UsageError
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     for noisy in ("datasets", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -118,10 +129,15 @@ def _cmd_compare(args) -> int:
     from .compare.harness import compare
     from .compare.tasks import parse_tasks
 
-    request = from_namespace(request_class("compare"), args, tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {})
+    request = from_namespace(
+        request_class("compare"), args, tasks=parse_tasks(args.tasks, args.task_dir) if args.tasks else {}
+    )
     compare(request)
-    print(f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
-          + (Path(args.out) / "results.md").read_text(), flush=True)
+    print(
+        f"\ncomparison written: {args.out}/results.md, results.json, sparsity_vs_ppl.png\n"
+        + (Path(args.out) / "results.md").read_text(),
+        flush=True,
+    )
     return 0
 
 
@@ -132,8 +148,10 @@ def _cmd_wasserstein(args) -> int:
     print(f"\nWasserstein analysis written: {args.out} (wasserstein.json, distances.npz, wasserstein_histograms.png)")
     print(f"  dense ppl {report['dense_ppl']:.4f}")
     for row in report["experiment"]:
-        print(f"  remove top {100 * row['fraction']:.0f}% by Wasserstein distance: ppl {row['ppl_top_wasserstein_removed']:.4f}"
-              f"   same number at random: {row['ppl_random_removed']:.4f}")
+        print(
+            f"  remove top {100 * row['fraction']:.0f}% by Wasserstein distance: ppl {row['ppl_top_wasserstein_removed']:.4f}"
+            f"   same number at random: {row['ppl_random_removed']:.4f}"
+        )
     return 0
 
 
@@ -142,14 +160,18 @@ def _cmd_generate(args) -> int:
 
     model, tokenizer = load_export(args.model_dir)
     routings = ["hard", "dense"] if args.compare_dense else ["hard"]
-    results = [generate(model, tokenizer, args.prompt, args.max_new_tokens, routing, args.temperature, args.seed)
-               for routing in routings]
+    results = [
+        generate(model, tokenizer, args.prompt, args.max_new_tokens, routing, args.temperature, args.seed)
+        for routing in routings
+    ]
     for result in results:
         print(describe(result), flush=True)
     if args.compare_dense:
         sparse, dense = results
-        print(f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
-              f"(batch 1; see `lte bench decode` for medians over repeats)")
+        print(
+            f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
+            f"(batch 1; see `lte bench decode` for medians over repeats)"
+        )
     return 0
 
 
@@ -181,13 +203,17 @@ def _cmd_bench_decode(args) -> int:
     from .tools.generate import load_export
 
     if args.device != "cpu":
-        raise UsageError("--device cuda: decoding with a static cache and CUDA graphs is not built yet; use --device cpu")
+        raise UsageError(
+            "--device cuda: decoding with a static cache and CUDA graphs is not built yet; use --device cpu"
+        )
     model, tokenizer = load_export(args.model_dir, device="cpu")
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     result = bench_decode(model, prompt, args.new_tokens, args.repeats, name=str(args.model_dir))
-    print(f"{args.model_dir} on {result.device}, {result.dtype}, batch 1, {result.new_tokens} new tokens, median of "
-          f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n  sparse {result.sparse_tokens_per_s:.1f} "
-          f"tokens/s at {100 * result.sparsity:.1f}% FFN sparsity: {result.speedup:.2f}x")
+    print(
+        f"{args.model_dir} on {result.device}, {result.dtype}, batch 1, {result.new_tokens} new tokens, median of "
+        f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n  sparse {result.sparse_tokens_per_s:.1f} "
+        f"tokens/s at {100 * result.sparsity:.1f}% FFN sparsity: {result.speedup:.2f}x"
+    )
     if args.json:
         write_json(asdict(result), args.json)
         print(f"wrote {args.json}")
@@ -215,8 +241,11 @@ class _PrintText(argparse.Action):
 
 
 # Commands whose flags are a request dataclass's fields (lte.core.cli_args): command words -> (module, class).
-REQUESTS = {"export": ("lte.export.exporter", "ExportRequest"), "compare": ("lte.compare.harness", "CompareRequest"),
-            "analyze wasserstein": ("lte.compare.wasserstein", "WassersteinRequest")}
+REQUESTS = {
+    "export": ("lte.export.exporter", "ExportRequest"),
+    "compare": ("lte.compare.harness", "CompareRequest"),
+    "analyze wasserstein": ("lte.compare.wasserstein", "WassersteinRequest"),
+}
 
 
 def request_class(command: str):
@@ -239,27 +268,44 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-h", "--help", action=_PrintText, text=TRAIN_HELP)
     p.add_argument("overrides", nargs="*", help="recipe=NAME followed by dotted key=value overrides")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("export", help="tune thresholds to a sparsity and write a checkpoint that loads with from_pretrained")
+    p = sub.add_parser(
+        "export", help="tune thresholds to a sparsity and write a checkpoint that loads with from_pretrained"
+    )
     if _wanted(command, "export"):
         add_dataclass_arguments(p, request_class("export"), required_one_of=("target",))
     p.set_defaults(func=_cmd_export)
-    p = sub.add_parser("compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity")
+    p = sub.add_parser(
+        "compare", help="LTE against GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion and dense at matched sparsity"
+    )
     if _wanted(command, "compare"):
         add_dataclass_arguments(p, request_class("compare"))
         # CompareRequest.tasks, from two flags:
-        p.add_argument("--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)")
-        p.add_argument("--task-dir", help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)")
+        p.add_argument(
+            "--tasks", help="zero-shot multiple-choice tasks: piqa,arc_easy,hellaswag,boolq (NAME or NAME=FILE)"
+        )
+        p.add_argument(
+            "--task-dir",
+            help="directory with piqa/, arc_easy/, hellaswag/, boolq/ (each in the layout it is distributed in)",
+        )
     p.set_defaults(func=_cmd_compare)
-    analyze = sub.add_parser("analyze", help="analyses: lte analyze wasserstein ...").add_subparsers(dest="analysis", required=True)
-    p = analyze.add_parser("wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment")
+    analyze = sub.add_parser("analyze", help="analyses: lte analyze wasserstein ...").add_subparsers(
+        dest="analysis", required=True
+    )
+    p = analyze.add_parser(
+        "wasserstein", help="Wasserstein distance of each FFN neuron from a Gaussian, and the removal experiment"
+    )
     if _wanted(command, "analyze"):
         add_dataclass_arguments(p, request_class("analyze wasserstein"))
     p.set_defaults(func=_cmd_wasserstein)
     p = sub.add_parser("generate", help="generate text with an exported checkpoint; prints speed and sparsity")
     p.add_argument("model_dir", help="an exported checkpoint (from `lte export`)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt text")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64,
-                   help="new tokens; generation stops earlier at the end of the model's context, with a note")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=64,
+        help="new tokens; generation stops earlier at the end of the model's context, with a note",
+    )
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-dense", action="store_true", help="also run every expert and compare text and speed")
@@ -268,7 +314,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = bench.add_parser("kernel", help="time the sparse FFN kernel against the dense FFN, same process")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", help="HIDDENxFFN[,HIDDENxFFN...] (default: 4096x11008,5120x13824, Llama-2-7B and 13B)")
-    p.add_argument("--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)")
+    p.add_argument(
+        "--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--expert-size", type=positive_int, default=32)
@@ -315,7 +363,9 @@ def run_cli(func, *args, interrupted: str = INTERRUPTED["train"]) -> int:
         where = disk_full_path(exc)
         if where is None:
             raise
-        print(f"error: no space left on device at {where}; free some space, then rerun the same command", file=sys.stderr)
+        print(
+            f"error: no space left on device at {where}; free some space, then rerun the same command", file=sys.stderr
+        )
         return 2
 
 

@@ -32,27 +32,61 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
+from .core import run_dir
+from .core.errors import UsageError
+from .core.faults import fault_point, step_callback
+from .core.outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
+from .core.record import (
+    TRAINED,
+    flatten,
+    heldout_settings,
+    plan_rerun,
+    read_record,
+    resolve_paths,
+    stage_status,
+    stages_of,
+    write_record,
+)
+from .model.inject import (
+    LTEModelConfig,
+    check_expert_size,
+    inject_lte,
+    is_lte_checkpoint,
+    load_lte,
+    lte_layers,
+    save_lte,
+    set_lte_routing,
+)
+from .model.layers import ROUTER_PREFIX
+from .model.router_init import init_routers
 from .training.adapters import add_lora, merge_adapter, quantization_config
 from .training.config import ROUTING_OF_STAGE, Recipe, load_run_recipe
 from .training.data import LMData, build_data, check_source
-from .core import run_dir
-from .core.errors import UsageError
+from .training.distributed import (
+    broadcast_object,
+    check_routers_identical,
+    describe_parallelism,
+    every_rank_loads,
+    is_sharded,
+    no_zero3_init,
+    register_zero3_leaves,
+)
 from .training.evaluate import EvalResult, evaluate_lm
-from .training.loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, layout_summary,
-                      load_tokenizer, model_kwargs)
-from .core.faults import fault_point, step_callback
-from .core.outputs import check_apart, check_out, clean_stale, disk_guard, read_marker, remove_dir, run_lock, staged_dir
-from .core.record import (TRAINED, flatten, heldout_settings, plan_rerun, read_record, resolve_paths, stage_status,
-                     stages_of, write_record)
-from .model.inject import LTEModelConfig, check_expert_size, inject_lte, is_lte_checkpoint, load_lte, lte_layers, save_lte, set_lte_routing
-from .training.distributed import (broadcast_object, check_routers_identical, describe_parallelism, every_rank_loads, is_sharded,
-                          no_zero3_init, register_zero3_leaves)
-from .model.layers import ROUTER_PREFIX
-from .model.router_init import init_routers
+from .training.loading import (
+    DTYPES,
+    calibration_batches,
+    collator_for,
+    layout_report,
+    layout_results,
+    layout_summary,
+    load_tokenizer,
+    model_kwargs,
+)
 from .training.preflight import check_attn_implementation, check_model
 from .training.trainer import LTETrainer, TrainingDiverged
 
 logger = logging.getLogger("lte")
+
 
 def preflight(recipe: Recipe) -> None:
     """Check every input and output of the run before any model or data loads or anything is
@@ -67,8 +101,9 @@ def preflight(recipe: Recipe) -> None:
         check_source(recipe.export.calibration, "export.calibration")
     check_output_dir(recipe.output_dir, "output_dir")  # export.out: preflight_outputs (check_out)
     check_report_to(recipe)
-    config = check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code,
-                         recipe.model.revision)
+    config = check_model(
+        recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code, recipe.model.revision
+    )
     skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
 
@@ -82,10 +117,14 @@ def check_output_dir(path: str, key: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{key}={path}: {existing} is a file, so no directory can be made under it; choose another {key}")
+        raise UsageError(
+            f"{key}={path}: {existing} is a file, so no directory can be made under it; choose another {key}"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{key}={path}: {existing} is not writable; set {key} to a directory you can write to "
-                         f"(or fix the permissions of {existing})")
+        raise UsageError(
+            f"{key}={path}: {existing} is not writable; set {key} to a directory you can write to "
+            f"(or fix the permissions of {existing})"
+        )
 
 
 def check_report_to(recipe: Recipe) -> None:
@@ -96,8 +135,10 @@ def check_report_to(recipe: Recipe) -> None:
     for stage in ("stage0", "stage1", "stage2"):
         missing = [r for r in recipe.stage_args(stage, use_cpu=True).report_to or [] if r not in available]
         if missing:
-            raise UsageError(f"train.report_to: {', '.join(missing)} is not installed here; install it (pip install "
-                             f"{' '.join(missing)}) or set train.report_to=[{','.join(available)}] ([] reports nowhere)")
+            raise UsageError(
+                f"train.report_to: {', '.join(missing)} is not installed here; install it (pip install "
+                f"{' '.join(missing)}) or set train.report_to=[{','.join(available)}] ([] reports nowhere)"
+            )
 
 
 def model_skeleton(recipe: Recipe, config):
@@ -132,16 +173,32 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
         with no_zero3_init():
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(state.device)
         lte = recipe.lte
-        inject_lte(model, LTEModelConfig.of(lte), kmeans_iters=lte.kmeans_iters, seed=recipe.seed,
-                   recipe_layout=recipe.model.ffn_layout)
-        agreement = init_routers(model, lte, lambda: calibration_batches(
-            data, tokenizer, lte.router_init_tokens, recipe.train.get("per_device_train_batch_size", 8)))
+        inject_lte(
+            model,
+            LTEModelConfig.of(lte),
+            kmeans_iters=lte.kmeans_iters,
+            seed=recipe.seed,
+            recipe_layout=recipe.model.ffn_layout,
+        )
+        agreement = init_routers(
+            model,
+            lte,
+            lambda: calibration_batches(
+                data, tokenizer, lte.router_init_tokens, recipe.train.get("per_device_train_batch_size", 8)
+            ),
+        )
         if agreement is not None:
-            logger.info("prepare: routers fitted to expert importance (label agreement per layer: %s)",
-                        " ".join(f"{a:.2f}" for a in agreement))
+            logger.info(
+                "prepare: routers fitted to expert importance (label agreement per layer: %s)",
+                " ".join(f"{a:.2f}" for a in agreement),
+            )
         _save_atomically(lambda d: save_lte(model, d, tokenizer), final)
-        logger.info("prepare: %d FFNs grouped into experts of %d neurons, written to %s",
-                    len(lte_layers(model)), lte.expert_size, final)
+        logger.info(
+            "prepare: %d FFNs grouped into experts of %d neurons, written to %s",
+            len(lte_layers(model)),
+            lte.expert_size,
+            final,
+        )
     state.wait_for_everyone()
     return final
 
@@ -152,7 +209,9 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
     kwargs = model_kwargs(recipe)
     if stage == "stage0":
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    quantization = quantization_config(recipe.lora, DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else torch.bfloat16)
+    quantization = quantization_config(
+        recipe.lora, DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else torch.bfloat16
+    )
     model = load_lte(source, **kwargs, **({"quantization_config": quantization} if quantization else {}))
     set_lte_routing(model, ROUTING_OF_STAGE[stage])
     for name, param in model.named_parameters():
@@ -160,12 +219,17 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
             param.requires_grad_(stage == "stage1")
     register_zero3_leaves(model)
     if recipe.lora.enabled:
-        model = add_lora(model, recipe.lora, train_routers=stage == "stage1",
-                         gradient_checkpointing=args.gradient_checkpointing)
+        model = add_lora(
+            model, recipe.lora, train_routers=stage == "stage1", gradient_checkpointing=args.gradient_checkpointing
+        )
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if partitioned:
-        logger.info("%s: model loaded partitioned by ZeRO-3 (%d of %d weights stored on this process)", stage,
-                    sum(p.ds_tensor.numel() for p in partitioned), sum(p.ds_numel for p in partitioned))
+        logger.info(
+            "%s: model loaded partitioned by ZeRO-3 (%d of %d weights stored on this process)",
+            stage,
+            sum(p.ds_tensor.numel() for p in partitioned),
+            sum(p.ds_numel for p in partitioned),
+        )
     return model
 
 
@@ -187,8 +251,12 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     except (OSError, ValueError) as exc:
         return f"trainer_state.json does not parse ({exc})"
     sharded = any(p.is_dir() for p in path.iterdir())  # FSDP's pytorch_model_fsdp_*/, ZeRO's global_step*/
-    if not sharded and not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")) \
-            and not (path / "adapter_model.bin").is_file():
+    if (
+        not sharded
+        and not any(path.glob("*.safetensors"))
+        and not any(path.glob("pytorch_model*.bin"))
+        and not (path / "adapter_model.bin").is_file()
+    ):
         return "it holds no model weights"
     for file in sorted(path.iterdir()):
         if not file.is_file():
@@ -262,16 +330,29 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     if args.distills:
         with every_rank_loads():
             teacher = AutoModelForCausalLM.from_pretrained(teacher_source, **model_kwargs(recipe))
-    trainer = LTETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         data_collator=collator_for(data, tokenizer), processing_class=tokenizer, teacher=teacher)
+    trainer = LTETrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator_for(data, tokenizer),
+        processing_class=tokenizer,
+        teacher=teacher,
+    )
     if (fault := step_callback(stage)) is not None:
         trainer.add_callback(fault)
     last = last_complete_checkpoint(args.output_dir) if state.is_main_process else None
     last = broadcast_object(last)
     if last:
         logger.info("%s: resuming from %s", stage, last)
-    logger.info("%s: training %d steps with %s routing on %d process(es) (%s)", stage, args.max_steps, args.lte_routing,
-                state.num_processes, describe_parallelism(trainer.accelerator))
+    logger.info(
+        "%s: training %d steps with %s routing on %d process(es) (%s)",
+        stage,
+        args.max_steps,
+        args.lte_routing,
+        state.num_processes,
+        describe_parallelism(trainer.accelerator),
+    )
     try:
         trainer.train(resume_from_checkpoint=last)
     except TrainingDiverged as exc:
@@ -286,8 +367,11 @@ def run_stage(stage: str, recipe: Recipe, source: str | Path, data: LMData, toke
     # takes part. Replicated ones (DDP, ZeRO-2) are saved from rank 0's own copy.
     full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_sharded(trainer.accelerator) else None
     if state.is_main_process:
-        save = (lambda d: save_lte(model, d, tokenizer, full_state)) if lte_layers(model) else (
-            lambda d: (model.save_pretrained(d, state_dict=full_state), tokenizer.save_pretrained(d)))
+        save = (
+            (lambda d: save_lte(model, d, tokenizer, full_state))
+            if lte_layers(model)
+            else (lambda d: (model.save_pretrained(d, state_dict=full_state), tokenizer.save_pretrained(d)))
+        )
         _save_atomically(save, final)
     state.wait_for_everyone()
     return final
@@ -310,12 +394,15 @@ def divergence_message(recipe: Recipe, stage: str, exc: TrainingDiverged) -> str
     diverged = run_dir.diverged_file(recipe.output_dir, stage)
     if PartialState().is_main_process:
         diverged.parent.mkdir(parents=True, exist_ok=True)
-        diverged.write_text(json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key,
-                                                      "learning_rate": rate}) + "\n")
-    return (f"{stage} diverged: the loss became {exc.loss} at step {exc.step}; nothing from that step was saved. "
-            f"Lower {key} (now {rate:g}), for example add {key}={rate / 10:g} to the same command, and rerun it: "
-            f"{stage} then restarts from its beginning with the new rate (its checkpoints carry the old rate in their "
-            f"optimizer and scheduler state), and the stages before it are kept")
+        diverged.write_text(
+            json.dumps({"step": exc.step, "loss": str(exc.loss), "key": key, "learning_rate": rate}) + "\n"
+        )
+    return (
+        f"{stage} diverged: the loss became {exc.loss} at step {exc.step}; nothing from that step was saved. "
+        f"Lower {key} (now {rate:g}), for example add {key}={rate / 10:g} to the same command, and rerun it: "
+        f"{stage} then restarts from its beginning with the new rate (its checkpoints carry the old rate in their "
+        f"optimizer and scheduler state), and the stages before it are kept"
+    )
 
 
 def _save_merged(stage: str, recipe: Recipe, source: str | Path, trainer, tokenizer, final: Path) -> None:
@@ -341,7 +428,10 @@ def evaluate_run(recipe: Recipe, data: LMData, tokenizer, stage2: Path) -> dict[
     batch = recipe.train.get("per_device_eval_batch_size", 8)
     dense_models = {"dense": (recipe.model.name_or_path, "the original model")}
     if recipe.lte.stage0_steps > 0:
-        dense_models["stage0"] = (run_dir.stage_model(recipe.output_dir, "stage0"), "the stage-0 (dense fine-tuned) model")
+        dense_models["stage0"] = (
+            run_dir.stage_model(recipe.output_dir, "stage0"),
+            "the stage-0 (dense fine-tuned) model",
+        )
     results = {}
     for name, (source, what) in dense_models.items():
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(recipe)).to(device)
@@ -398,25 +488,38 @@ def write_report(recipe: Recipe, results: dict[str, EvalResult], stage2: Path) -
     }
     save_report(report, out)
     reference = f"stage 0 {stage0.ppl:.3f}" if stage0 else f"dense {dense.ppl:.3f}"
-    plot_per_layer(sparse.per_layer_sparsity, run_dir.plot_file(out),
-                   f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} ({reference})")
+    plot_per_layer(
+        sparse.per_layer_sparsity,
+        run_dir.plot_file(out),
+        f"{recipe.name}: FFN sparsity {100 * sparse.sparsity:.1f}%, held-out ppl {sparse.ppl:.3f} ({reference})",
+    )
     return report
 
 
 def summary(report: dict, out: Path) -> str:
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
-    lines = [f"\nLTE run finished: {out}",
-             (f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
-             f"({100 * report['ppl_increase']:+.2f}%)")]
+    lines = [
+        f"\nLTE run finished: {out}",
+        (
+            f"  held-out perplexity  dense {report['dense_ppl']:.4f} -> sparse {report['sparse_ppl']:.4f} "
+            f"({100 * report['ppl_increase']:+.2f}%)"
+        ),
+    ]
     if report.get("stage0_ppl"):
-        lines.append(f"                       stage 0 (dense fine-tuned) {report['stage0_ppl']:.4f} -> sparse "
-                     f"({100 * report['ppl_increase_vs_stage0']:+.2f}%)")
+        lines.append(
+            f"                       stage 0 (dense fine-tuned) {report['stage0_ppl']:.4f} -> sparse "
+            f"({100 * report['ppl_increase_vs_stage0']:+.2f}%)"
+        )
     if report.get("layouts"):
-        lines += [f"  held-out layouts     sparse: {layout_summary(report['layouts'])}",
-                  f"                       dense:  {layout_summary(report['layouts'], 'dense')}"]
-    lines += [f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token (per layer: {per_layer})",
-              f"  sparse model         {out / report['model_dir']}",
-              f"  report               {run_dir.report_file(out)}, {run_dir.plot_file(out)}\n"]
+        lines += [
+            f"  held-out layouts     sparse: {layout_summary(report['layouts'])}",
+            f"                       dense:  {layout_summary(report['layouts'], 'dense')}",
+        ]
+    lines += [
+        f"  FFN sparsity         {100 * report['sparsity']:.1f}% of neurons skipped per token (per layer: {per_layer})",
+        f"  sparse model         {out / report['model_dir']}",
+        f"  report               {run_dir.report_file(out)}, {run_dir.plot_file(out)}\n",
+    ]
     return "\n".join(lines)
 
 
@@ -435,24 +538,32 @@ def reused_stages(recipe: Recipe) -> list[tuple[Path, Path]]:
         return []
     source, key = Path(recipe.reuse_from), f"reuse_from={recipe.reuse_from}"
     if not run_dir.recipe_file(source).is_file():
-        raise UsageError(f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
-                         f"stage 0 and prepare step have finished, or drop reuse_from")
+        raise UsageError(
+            f"{key}: no `lte train` run there (no recipe.yaml); give the output_dir of a run whose "
+            f"stage 0 and prepare step have finished, or drop reuse_from"
+        )
     recipe = resolve_paths(recipe)  # the record stores absolute paths; compare like with like
     source = Path(recipe.reuse_from)
-    if all(run_dir.is_finished(recipe.output_dir, stage)
-           for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]):
+    if all(
+        run_dir.is_finished(recipe.output_dir, stage)
+        for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]
+    ):
         return []  # linked by an earlier run of this command
     theirs, ours = shared_stage_settings(resolve_paths(load_run_recipe(source))), shared_stage_settings(recipe)
     differ = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
     if differ:
         listed = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])
-        raise UsageError(f"{key}: that run's stage 0 and prepare step were made with other settings ({listed}"
-                         f"{'; ...' if len(differ) > 6 else ''}); set them as that run did, or drop reuse_from")
+        raise UsageError(
+            f"{key}: that run's stage 0 and prepare step were made with other settings ({listed}"
+            f"{'; ...' if len(differ) > 6 else ''}); set them as that run did, or drop reuse_from"
+        )
     pairs = []
     for stage in (["stage0"] if recipe.lte.stage0_steps > 0 else []) + ["prepare"]:
         there = run_dir.stage_model(source, stage)
         if not run_dir.is_finished(source, stage):
-            raise UsageError(f"{key}: {there} is not finished; finish that run first (rerun its command) or drop reuse_from")
+            raise UsageError(
+                f"{key}: {there} is not finished; finish that run first (rerun its command) or drop reuse_from"
+            )
         pairs.append((there, run_dir.stage_model(recipe.output_dir, stage)))
     return pairs
 
@@ -472,7 +583,9 @@ def link_stages(pairs: list[tuple[Path, Path]]) -> None:
         if (here / "config.json").is_file():
             continue
         here.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomically(lambda d, there=there: shutil.copytree(there, d, copy_function=_link_or_copy, dirs_exist_ok=True), here)
+        _save_atomically(
+            lambda d, there=there: shutil.copytree(there, d, copy_function=_link_or_copy, dirs_exist_ok=True), here
+        )
         logger.info("%s: reused %s", here.parent.name, there)
 
 
@@ -480,14 +593,23 @@ def preflight_outputs(recipe: Recipe) -> None:
     """Where the run writes: ``output_dir`` apart from its inputs and writable, and the export's
     directory free or this run's own (checked before any work)."""
     out = Path(recipe.output_dir)
-    inputs = {"model.name_or_path": recipe.model.name_or_path, "data.eval": recipe.data.eval,
-              **{f"data.train ({p})": p for p in recipe.data.train.split(",")}}
+    inputs = {
+        "model.name_or_path": recipe.model.name_or_path,
+        "data.eval": recipe.data.eval,
+        **{f"data.train ({p})": p for p in recipe.data.train.split(",")},
+    }
     check_apart(out, f"output_dir={out}", inputs)  # a file there, or no write access: preflight's check_output_dir
     if recipe.export.enabled:
         target = export_target(recipe)
-        check_out(target, "export", flag="export.out", inputs={"export.calibration": recipe.export.calibration, **inputs},
-                  runs={"this run's output_dir": out}, overwrite=is_own_export(recipe, target),
-                  overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it yourself")
+        check_out(
+            target,
+            "export",
+            flag="export.out",
+            inputs={"export.calibration": recipe.export.calibration, **inputs},
+            runs={"this run's output_dir": out},
+            overwrite=is_own_export(recipe, target),
+            overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it yourself",
+        )
 
 
 def open_record(recipe: Recipe, restart_from: str | None) -> None:
@@ -500,8 +622,12 @@ def open_record(recipe: Recipe, restart_from: str | None) -> None:
     if plan.changed:
         logger.info("recipe changed since the last run in %s: %s", out, plan.describe())
     for stage in plan.discard:
-        logger.warning("%s: discarding %s/ (%s), which the new settings replace", stage, run_dir.stage_dir(out, stage),
-                       "it diverged" if run_dir.diverged_file(out, stage).is_file() else f"restart_from={restart_from}")
+        logger.warning(
+            "%s: discarding %s/ (%s), which the new settings replace",
+            stage,
+            run_dir.stage_dir(out, stage),
+            "it diverged" if run_dir.diverged_file(out, stage).is_file() else f"restart_from={restart_from}",
+        )
         remove_dir(run_dir.stage_dir(out, stage))
     if plan.discard:  # the report described the discarded models
         run_dir.report_file(out).unlink(missing_ok=True)
@@ -543,7 +669,10 @@ def run(recipe: Recipe, restart_from: str | None = None) -> dict | None:
     data = build_data(recipe.data, tokenizer, recipe.seed)  # bad data fails here, before anything is written
     check_export_calibration(recipe, tokenizer, data)
     out = Path(recipe.output_dir)
-    with claimed(recipe, restart_from), disk_guard(out, "then rerun the same command: it resumes from the last checkpoint"):
+    with (
+        claimed(recipe, restart_from),
+        disk_guard(out, "then rerun the same command: it resumes from the last checkpoint"),
+    ):
         return _run_stages(recipe, reused, tokenizer, data)
 
 
@@ -599,16 +728,18 @@ def is_own_export(recipe: Recipe, target: Path) -> bool:
     if marker.get("command") != "export":
         return False
     stage2_id = (read_marker(run_dir.stage_model(out, "stage2")) or {}).get("id")
-    return (target.resolve().is_relative_to(out) or marker.get("source_run") == str(out)
-            or (stage2_id is not None and marker.get("stage2_id") == stage2_id))
+    return (
+        target.resolve().is_relative_to(out)
+        or marker.get("source_run") == str(out)
+        or (stage2_id is not None and marker.get("stage2_id") == stage2_id)
+    )
 
 
 def run_export(recipe: Recipe, report: dict) -> dict:
     """The export stage: ``lte export`` with the recipe's ``export.*``. Skipped when the export there
     was made by this run, from this stage-2 model, with these settings (its marker says so);
     otherwise (re)made, replacing only this run's own earlier export."""
-    from .export.exporter import ExportRequest, export
-    from .export.exporter import summary as export_summary
+    from .export.exporter import ExportRequest, export, summary as export_summary
 
     out = Path(recipe.output_dir)
     target = export_target(recipe)
@@ -617,7 +748,12 @@ def run_export(recipe: Recipe, report: dict) -> dict:
     ours = is_own_export(recipe, target)
     current = (read_marker(run_dir.stage_model(out, "stage2")) or {}).get("id")
     settings = {**request.settings(), **heldout_settings(recipe.to_dict())}
-    if ours and marker.get("settings") == settings and marker.get("stage2_id") == current and run_dir.export_report_file(target).is_file():
+    if (
+        ours
+        and marker.get("settings") == settings
+        and marker.get("stage2_id") == current
+        and run_dir.export_report_file(target).is_file()
+    ):
         logger.info("export: finished export found at %s, skipping", target)
         exported = json.loads(run_dir.export_report_file(target).read_text())
     else:
@@ -625,7 +761,17 @@ def run_export(recipe: Recipe, report: dict) -> dict:
         exported = export(request)
         print(export_summary(exported, target), flush=True)
     report["export_dir"] = os.path.relpath(target, out)
-    report["export"] = {k: exported.get(k) for k in ("target_sparsity", "heldout_sparsity", "per_layer_sparsity", "sparse_ppl",
-                                                     "dense_ppl", "allocation", "layouts")}
+    report["export"] = {
+        k: exported.get(k)
+        for k in (
+            "target_sparsity",
+            "heldout_sparsity",
+            "per_layer_sparsity",
+            "sparse_ppl",
+            "dense_ppl",
+            "allocation",
+            "layouts",
+        )
+    }
     save_report(report, out)
     return report

@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "architectures.md"))
     args = parser.parse_args()
     start = time.perf_counter()
-    outcomes = run_coverage(REPO / "assets" / "stories260K", only=[t for t in args.only.split(",") if t] or None, progress=True)
+    outcomes = run_coverage(
+        REPO / "assets" / "stories260K", only=[t for t in args.only.split(",") if t] or None, progress=True
+    )
     Path(args.out).write_text(render_markdown(outcomes))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(outcomes), indent=1) + "\n")

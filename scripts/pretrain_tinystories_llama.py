@@ -29,8 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "stories260K"
 HELD_OUT = REPO / "assets" / "tinystories" / "eval.txt"
 TRAIN_FILES = ("v1_train_first1000.txt", "v2_gpt4_train_head10k_lines.txt")
-CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0)
+CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
 BLOCK = 256
 
 
@@ -55,15 +64,24 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     train = torch.cat([blocks((Path(args.data_dir) / name).read_text(), tokenizer) for name in TRAIN_FILES])
     held_out = blocks(HELD_OUT.read_text(), tokenizer)[:128]
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **CONFIG)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **CONFIG,
+    )
     model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{params / 1e6:.2f}M parameters; {train.numel() / 1e6:.2f}M training tokens in {len(train)} blocks", flush=True)
+    print(
+        f"{params / 1e6:.2f}M parameters; {train.numel() / 1e6:.2f}M training tokens in {len(train)} blocks", flush=True
+    )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     warmup = 100
 
     def lr_at(step: int) -> float:
@@ -85,16 +103,30 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - start:6.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - start:6.0f}s", flush=True
+            )
     minutes = (time.time() - start) / 60
     ppl = evaluate_batches(model, [{"input_ids": b, "labels": b} for b in held_out.split(32)]).ppl
     out = Path(args.out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    report = {"parameters": params, "config": CONFIG, "vocab_size": tokenizer.vocab_size, "steps": args.steps,
-              "batch": args.batch, "block": BLOCK, "lr": args.lr, "seed": args.seed, "train_tokens": train.numel(),
-              "train_files": list(TRAIN_FILES), "minutes": round(minutes, 1), "held_out": str(HELD_OUT.relative_to(REPO)),
-              "held_out_tokens": held_out.numel(), "held_out_ppl": ppl}
+    report = {
+        "parameters": params,
+        "config": CONFIG,
+        "vocab_size": tokenizer.vocab_size,
+        "steps": args.steps,
+        "batch": args.batch,
+        "block": BLOCK,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_tokens": train.numel(),
+        "train_files": list(TRAIN_FILES),
+        "minutes": round(minutes, 1),
+        "held_out": str(HELD_OUT.relative_to(REPO)),
+        "held_out_tokens": held_out.numel(),
+        "held_out_ppl": ppl,
+    }
     (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"held-out perplexity {ppl:.4f} after {minutes:.1f} min; written {out}", flush=True)
 

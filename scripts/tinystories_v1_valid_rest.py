@@ -22,7 +22,7 @@ def main(source: str, heldout: str, out: str) -> None:
     held = Path(heldout).read_text(encoding="utf-8")
     if not raw.startswith(held):
         sys.exit(f"{heldout} is not the start of {source}")
-    rest = raw[raw.index("\n\nOnce upon a time", len(held)) + 2:]
+    rest = raw[raw.index("\n\nOnce upon a time", len(held)) + 2 :]
     for bad, good in MOJIBAKE:
         rest = rest.replace(bad, good)
     rest = rest[: rest.rstrip().rindex("\n\n")].rstrip() + "\n"

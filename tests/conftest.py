@@ -37,10 +37,22 @@ FAMILY_CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(hidden_size=32, intermediate_size=64, head_dim=8, **ATTN, **SMALL),
     "gemma": lambda: transformers.GemmaConfig(hidden_size=32, intermediate_size=64, head_dim=8, **ATTN, **SMALL),
     "phi3": lambda: transformers.Phi3Config(hidden_size=32, intermediate_size=64, pad_token_id=0, **ATTN, **SMALL),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_inner=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, **SMALL),
-    "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
-                                          bos_token_id=0, eos_token_id=0, pad_token_id=1, **SMALL),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_inner=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, **SMALL
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        **SMALL,
+    ),
 }
 
 
@@ -55,15 +67,31 @@ def tiny_llama():
 
 
 # The main job with a few steps per stage (and the recipe's export stage), run once per session.
-FAST = ["lte.stage1_steps=4", "lte.stage2_steps=4", "data.max_train_tokens=8192", "data.max_eval_tokens=4096",
-        "lte.router_init_tokens=2048", "lte.router_init_steps=20", "train.per_device_train_batch_size=4",
-        "train.save_steps=2", "train.save_total_limit=5", "train.logging_steps=1", "train.report_to=[]", "train.warmup_steps=0",
-        "export.calibration_tokens=4096"]
+FAST = [
+    "lte.stage1_steps=4",
+    "lte.stage2_steps=4",
+    "data.max_train_tokens=8192",
+    "data.max_eval_tokens=4096",
+    "lte.router_init_tokens=2048",
+    "lte.router_init_steps=20",
+    "train.per_device_train_batch_size=4",
+    "train.save_steps=2",
+    "train.save_total_limit=5",
+    "train.logging_steps=1",
+    "train.report_to=[]",
+    "train.warmup_steps=0",
+    "export.calibration_tokens=4096",
+]
 
 
 def run_train(out, *extra, entry=("train.py",)):
-    proc = subprocess.run([sys.executable, *entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -68,17 +68,26 @@ def base_class(directories):
             resaved_dense, resaved_sparse = again(ids).logits, reloaded(ids).logits
         resaved_config = json.loads(Path(f"{resaved}/config.json").read_text())
         out[directory] = {
-            "resaved_vs_base": rel(resaved_dense, base_logits), "resaved_sparse": rel(resaved_sparse, sparse_logits),
-            "resaved_architectures": resaved_config["architectures"], "resaved_model_type": resaved_config["model_type"],
-            "base_class": type(base).__name__, "auto_class": type(auto).__name__, "sparse_class": type(sparse).__name__,
-            "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+            "resaved_vs_base": rel(resaved_dense, base_logits),
+            "resaved_sparse": rel(resaved_sparse, sparse_logits),
+            "resaved_architectures": resaved_config["architectures"],
+            "resaved_model_type": resaved_config["model_type"],
+            "base_class": type(base).__name__,
+            "auto_class": type(auto).__name__,
+            "sparse_class": type(sparse).__name__,
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": sorted(info["unexpected_keys"]),
             "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
-            "base_vs_dense": rel(base_logits, dense_logits), "auto_vs_dense": rel(auto_logits, dense_logits),
-            "base_vs_original": rel(base_logits, d["dense"]), "sparse_vs_base": rel(sparse_logits, base_logits),
+            "base_vs_dense": rel(base_logits, dense_logits),
+            "auto_vs_dense": rel(auto_logits, dense_logits),
+            "base_vs_original": rel(base_logits, d["dense"]),
+            "sparse_vs_base": rel(sparse_logits, base_logits),
             "sparse_vs_trained": rel(sparse_logits, d["sparse"]),
-            "model_type": config["model_type"], "use_cache": config.get("use_cache"),
+            "model_type": config["model_type"],
+            "use_cache": config.get("use_cache"),
             "base_use_cache": getattr(base.config, "use_cache", None),
-            "tokenizer_class": type(tokenizer).__name__, "tokenizer_keys": sorted(tokenizer_config),
+            "tokenizer_class": type(tokenizer).__name__,
+            "tokenizer_keys": sorted(tokenizer_config),
             "tokens": tokenizer("Once upon a time")["input_ids"],
         }
     return out
@@ -95,9 +104,12 @@ def peft_lora(directories):
         ids = d["ids"]
         model = load_sparse(directory)
         routers = {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n}
-        peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4, lora_alpha=8, lora_dropout=0.0,
-                                                      init_lora_weights=True))
-        adapted = sorted({n.rsplit(".lora_A", 1)[0].split(".")[-1] for n, _ in peft_model.named_parameters() if ".lora_A." in n})
+        peft_model = get_peft_model(
+            model, LoraConfig(target_modules="all-linear", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=True)
+        )
+        adapted = sorted(
+            {n.rsplit(".lora_A", 1)[0].split(".")[-1] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+        )
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
         grad_norms = {}
         peft_model.train()
@@ -123,14 +135,25 @@ def peft_lora(directories):
             dense = merged_model(ids).logits
             merged_model.config.lte_routing = "hard"
         modeling = sys.modules[type(merged_model).__module__]
-        routed = [type(m).__name__ for m in merged_model.modules() if isinstance(m, (modeling.RoutedFirst, modeling.RoutedDown))]
+        routed = [
+            type(m).__name__
+            for m in merged_model.modules()
+            if isinstance(m, (modeling.RoutedFirst, modeling.RoutedDown))
+        ]
         out[directory] = {
-            "adapted": adapted, "grad_norms": grad_norms,
-            "routers_unchanged": all(torch.equal(routers[n], p) for n, p in merged_model.named_parameters() if n in routers)
+            "adapted": adapted,
+            "grad_norms": grad_norms,
+            "routers_unchanged": all(
+                torch.equal(routers[n], p) for n, p in merged_model.named_parameters() if n in routers
+            )
             and len(routers) > 0,
-            "merged_vs_unmerged": rel(merged, unmerged), "merged_vs_dense": rel(merged, dense),
-            "token_vs_masked": rel(token, masked), "sparsity": sparsity, "routed": sorted(set(routed)),
-            "routed_count": len(routed), "trained_vs_original": rel(merged, d["sparse"]),
+            "merged_vs_unmerged": rel(merged, unmerged),
+            "merged_vs_dense": rel(merged, dense),
+            "token_vs_masked": rel(token, masked),
+            "sparsity": sparsity,
+            "routed": sorted(set(routed)),
+            "routed_count": len(routed),
+            "trained_vs_original": rel(merged, d["sparse"]),
         }
     return out
 
@@ -159,14 +182,21 @@ def gradients(directories):
                     modeling.MAX_UNION_TOKENS = saved
                 grads.append({n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()})
             got, want = grads
-            ffn = [n for n in want if any(s in n for s in ("mlp", "ffn")) and ".router." not in n and want[n] is not None]
-            worst = max(rel(got[n], want[n]) if got[n] is not None else float("inf")
-                        for n in want if want[n] is not None)
+            ffn = [
+                n for n in want if any(s in n for s in ("mlp", "ffn")) and ".router." not in n and want[n] is not None
+            ]
+            worst = max(
+                rel(got[n], want[n]) if got[n] is not None else float("inf") for n in want if want[n] is not None
+            )
             with torch.no_grad():
                 fast = model(x).logits  # no autograd: the kernel path
-            rows[tokens] = {"worst": worst, "ffn_params": len(ffn), "ffn_grad_norm": sum(float(want[n].norm()) for n in ffn),
-                            "none_mismatch": sorted(n for n in want if (got[n] is None) != (want[n] is None)),
-                            "no_grad_vs_grad": rel(fast, logits.detach())}
+            rows[tokens] = {
+                "worst": worst,
+                "ffn_params": len(ffn),
+                "ffn_grad_norm": sum(float(want[n].norm()) for n in ffn),
+                "none_mismatch": sorted(n for n in want if (got[n] is None) != (want[n] is None)),
+                "no_grad_vs_grad": rel(fast, logits.detach()),
+            }
         # frozen weights and an input that needs no gradient: nothing to differentiate, the kernels run
         calls = []
         kernel = modeling._cpu_matvec_t
@@ -174,9 +204,13 @@ def gradients(directories):
         model.requires_grad_(False)
         frozen = model(ids[:1][None]).logits
         modeling._cpu_matvec_t = kernel
-        out[directory] = {"cpu_kernel": bool(modeling._cpu_kernel_available and modeling._cpu_kernel_available()),
-                          "rows": rows, "frozen_kernel_calls": len(calls), "frozen_grad_enabled": torch.is_grad_enabled(),
-                          "frozen_requires_grad": frozen.requires_grad}
+        out[directory] = {
+            "cpu_kernel": bool(modeling._cpu_kernel_available and modeling._cpu_kernel_available()),
+            "rows": rows,
+            "frozen_kernel_calls": len(calls),
+            "frozen_grad_enabled": torch.is_grad_enabled(),
+            "frozen_requires_grad": frozen.requires_grad,
+        }
     return out
 
 
@@ -196,8 +230,14 @@ def compiled(directories):
 
             eager = step(ids[:, -1:], copy.deepcopy(past))
             explained = torch._dynamo.explain(step)(ids[:, -1:], copy.deepcopy(past))
-            ops = sorted({line.split("torch.ops.")[1].split("(")[0].split(".", 1)[1]
-                          for graph in explained.graphs for line in graph.code.splitlines() if "torch.ops.lte_" in line})
+            ops = sorted(
+                {
+                    line.split("torch.ops.")[1].split("(")[0].split(".", 1)[1]
+                    for graph in explained.graphs
+                    for line in graph.code.splitlines()
+                    if "torch.ops.lte_" in line
+                }
+            )
             torch._dynamo.reset()
             fn = torch.compile(step, fullgraph=True, backend="aot_eager")  # fake implementations, functionalisation
             compiled_logits = fn(ids[:, -1:], copy.deepcopy(past))
@@ -207,9 +247,14 @@ def compiled(directories):
             exported = torch.export.export(host, (x,))
             export_ops = sorted({str(n.target) for n in exported.graph.nodes if "lte_" in str(n.target)})
             export_error = rel(exported.module()(x), host(x))
-        out[directory] = {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count, "ops": ops,
-                          "compiled_vs_eager": rel(compiled_logits, eager), "export_ops": export_ops,
-                          "export_error": export_error}
+        out[directory] = {
+            "graph_breaks": explained.graph_break_count,
+            "graphs": explained.graph_count,
+            "ops": ops,
+            "compiled_vs_eager": rel(compiled_logits, eager),
+            "export_ops": export_ops,
+            "export_error": export_error,
+        }
     return out
 
 

@@ -20,8 +20,10 @@ import torch
 from conftest import REPO, STORIES
 from lte.cli import INTERRUPTED, main, train_main
 
-STORY = ("Once upon a time there was a little cat named Tom. Tom liked to play in the garden with his ball. "
-         "One day the ball rolled away and Tom ran after it. ")
+STORY = (
+    "Once upon a time there was a little cat named Tom. Tom liked to play in the garden with his ball. "
+    "One day the ball rolled away and Tom ran after it. "
+)
 LATIN1 = "Le café était fermé. Élodie a mangé une crêpe. ".encode("latin-1") * 40
 # Random bytes with a NUL: what a wrong path (an archive, a model file) looks like.
 GARBAGE = bytes(random.Random(0).randrange(256) for _ in range(4096)) + b"\0"
@@ -71,83 +73,203 @@ CASES = [
     ("data-empty", TRAIN + DATA("empty.txt"), ["empty.txt", "give a file with text"]),
     ("data-whitespace", TRAIN + DATA("blank.txt"), ["blank.txt", "give a file with text"]),
     ("data-binary", TRAIN + DATA("garbage.txt"), ["garbage.txt", "binary", "give a UTF-8 text"]),
-    ("data-invalid-jsonl", TRAIN + DATA("broken.jsonl"), ["broken.jsonl", "not valid JSON", "one JSON object per line"]),
+    (
+        "data-invalid-jsonl",
+        TRAIN + DATA("broken.jsonl"),
+        ["broken.jsonl", "not valid JSON", "one JSON object per line"],
+    ),
     ("data-invalid-json", TRAIN + DATA("broken.json"), ["broken.json", "not valid JSON", "fix the file"]),
     ("data-not-utf8", TRAIN + DATA("latin1.txt"), ["latin1.txt", "not UTF-8", "convert it to UTF-8"]),
-    ("data-not-a-string", TRAIN + DATA("numbers.jsonl"), ["numbers.jsonl", "'text'", "int64", "make every 'text' a string"]),
-    ("data-one-document", [*TRAIN, "data.train={tmp}/one_story.txt", "data.eval=null"],
-     ["data.train=", "one_story.txt", "set data.eval="]),
-    ("data-too-short", [*TRAIN, "data.train={tmp}/short.txt", "data.eval={tmp}/short.txt"],
-     ["fewer than one block", "data.block_size"]),
-    ("data-eval-not-utf8", [*TRAIN, "data.train={tmp}/ok.txt", "data.eval={tmp}/latin1.txt"], ["latin1.txt", "convert it to UTF-8"]),
+    (
+        "data-not-a-string",
+        TRAIN + DATA("numbers.jsonl"),
+        ["numbers.jsonl", "'text'", "int64", "make every 'text' a string"],
+    ),
+    (
+        "data-one-document",
+        [*TRAIN, "data.train={tmp}/one_story.txt", "data.eval=null"],
+        ["data.train=", "one_story.txt", "set data.eval="],
+    ),
+    (
+        "data-too-short",
+        [*TRAIN, "data.train={tmp}/short.txt", "data.eval={tmp}/short.txt"],
+        ["fewer than one block", "data.block_size"],
+    ),
+    (
+        "data-eval-not-utf8",
+        [*TRAIN, "data.train={tmp}/ok.txt", "data.eval={tmp}/latin1.txt"],
+        ["latin1.txt", "convert it to UTF-8"],
+    ),
     # models
-    ("model-truncated-weights", [*TRAIN, "model.name_or_path={tmp}/truncated"],
-     ["model.name_or_path", "truncated/model.safetensors", "damaged", "re-download"]),
-    ("model-no-weights", [*TRAIN, "model.name_or_path={tmp}/no_weights"],
-     ["model.name_or_path", "no weights", "complete model directory"]),
-    ("model-no-tokenizer", [*TRAIN, "model.name_or_path={tmp}/no_tokenizer"],
-     ["model.name_or_path", "tokenizer does not load", "tokenizer files"]),
-    ("model-attn-bogus", [*TRAIN, "model.attn_implementation=bogus"],
-     ["model.attn_implementation='bogus'", "choose one of eager"]),
+    (
+        "model-truncated-weights",
+        [*TRAIN, "model.name_or_path={tmp}/truncated"],
+        ["model.name_or_path", "truncated/model.safetensors", "damaged", "re-download"],
+    ),
+    (
+        "model-no-weights",
+        [*TRAIN, "model.name_or_path={tmp}/no_weights"],
+        ["model.name_or_path", "no weights", "complete model directory"],
+    ),
+    (
+        "model-no-tokenizer",
+        [*TRAIN, "model.name_or_path={tmp}/no_tokenizer"],
+        ["model.name_or_path", "tokenizer does not load", "tokenizer files"],
+    ),
+    (
+        "model-attn-bogus",
+        [*TRAIN, "model.attn_implementation=bogus"],
+        ["model.attn_implementation='bogus'", "choose one of eager"],
+    ),
     # recipes
-    ("recipe-malformed-yaml", ["recipe={tmp}/malformed.yaml", "output_dir={out}"],
-     ["malformed.yaml", "not valid YAML", "fix the file"]),
+    (
+        "recipe-malformed-yaml",
+        ["recipe={tmp}/malformed.yaml", "output_dir={out}"],
+        ["malformed.yaml", "not valid YAML", "fix the file"],
+    ),
     ("recipe-list-yaml", ["recipe={tmp}/list.yaml", "output_dir={out}"], ["list.yaml", "must be a YAML mapping"]),
     ("recipe-group-not-mapping", [*TRAIN, "lte=5"], ["'lte' must be a mapping", "lte.KEY=VALUE"]),
-    ("recipe-stage-not-mapping", [*TRAIN, "train.stage1=5"], ["train.stage1 must be a mapping", "train.stage1.learning_rate="]),
+    (
+        "recipe-stage-not-mapping",
+        [*TRAIN, "train.stage1=5"],
+        ["train.stage1 must be a mapping", "train.stage1.learning_rate="],
+    ),
     ("recipe-seed-not-int", [*TRAIN, "seed=abc"], ["seed='abc' must be an integer", "seed=42"]),
     ("train-lr-not-number", [*TRAIN, "train.learning_rate=abc"], ["train.learning_rate='abc'", "a number", "e.g."]),
-    ("train-stage-lr-not-number", [*TRAIN, "train.stage2.learning_rate=abc"], ["train.stage2.learning_rate='abc'", "e.g."]),
-    ("train-grad-accum-0", [*TRAIN, "train.gradient_accumulation_steps=0"],
-     ["train.gradient_accumulation_steps=0 must be >= 1", "e.g."]),
+    (
+        "train-stage-lr-not-number",
+        [*TRAIN, "train.stage2.learning_rate=abc"],
+        ["train.stage2.learning_rate='abc'", "e.g."],
+    ),
+    (
+        "train-grad-accum-0",
+        [*TRAIN, "train.gradient_accumulation_steps=0"],
+        ["train.gradient_accumulation_steps=0 must be >= 1", "e.g."],
+    ),
     ("train-batch-0", [*TRAIN, "train.per_device_train_batch_size=0"], ["train.per_device_train_batch_size=0", ">= 1"]),
     ("train-save-steps-0", [*TRAIN, "train.save_steps=0"], ["train.save_steps=0 must be > 0", "e.g."]),
-    ("train-report-to-missing", [*TRAIN, "train.report_to=[no_such_tracker]"],
-     ["train.report_to", "no_such_tracker", "is not installed", "pip install"]),
-    ("export-calibration-tokens", TRAIN + DATA("ok.txt") + ["export.calibration_tokens=100000000"],
-     ["export.calibration_tokens 100000000", "give more text", "fewer tokens"]),
-    ("export-calibration-missing", [*TRAIN, "export.calibration={tmp}/missing.txt"],
-     ["export.calibration=", "missing.txt", "file not found"]),
-    ("export-calibration-not-utf8", TRAIN + DATA("ok.txt") + ["export.calibration={tmp}/latin1.txt"],
-     ["latin1.txt", "convert it to UTF-8"]),
+    (
+        "train-report-to-missing",
+        [*TRAIN, "train.report_to=[no_such_tracker]"],
+        ["train.report_to", "no_such_tracker", "is not installed", "pip install"],
+    ),
+    (
+        "export-calibration-tokens",
+        TRAIN + DATA("ok.txt") + ["export.calibration_tokens=100000000"],
+        ["export.calibration_tokens 100000000", "give more text", "fewer tokens"],
+    ),
+    (
+        "export-calibration-missing",
+        [*TRAIN, "export.calibration={tmp}/missing.txt"],
+        ["export.calibration=", "missing.txt", "file not found"],
+    ),
+    (
+        "export-calibration-not-utf8",
+        TRAIN + DATA("ok.txt") + ["export.calibration={tmp}/latin1.txt"],
+        ["latin1.txt", "convert it to UTF-8"],
+    ),
     # output_dir
-    ("output-dir-is-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt"], ["output_dir=", "existing file", "choose another"]),
-    ("output-dir-under-a-file", ["recipe=tiny", "output_dir={tmp}/ok.txt/run"], ["output_dir=", "is a file", "choose another"]),
-    ("export-out-is-a-file", [*TRAIN, "export.out={tmp}/ok.txt"], ["export.out=", "existing file", "choose another export.out"]),
+    (
+        "output-dir-is-a-file",
+        ["recipe=tiny", "output_dir={tmp}/ok.txt"],
+        ["output_dir=", "existing file", "choose another"],
+    ),
+    (
+        "output-dir-under-a-file",
+        ["recipe=tiny", "output_dir={tmp}/ok.txt/run"],
+        ["output_dir=", "is a file", "choose another"],
+    ),
+    (
+        "export-out-is-a-file",
+        [*TRAIN, "export.out={tmp}/ok.txt"],
+        ["export.out=", "existing file", "choose another export.out"],
+    ),
     # command-line ranges
-    ("compare-batch-size-0", ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--batch-size", "0"],
-     ["--batch-size", "'0'", "give an integer >= 1"]),
-    ("compare-device-tpu", ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--device", "tpu"],
-     ["--device", "'tpu'", "choose from"]),
-    ("compare-methods-empty", ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--methods", ","],
-     ["--methods", "names nothing", "dense,lte"]),
-    ("compare-data-not-utf8", ["compare", "--model", str(STORIES), "--data", "{tmp}/latin1.txt", "--out", "{out}"],
-     ["--data", "latin1.txt", "convert it to UTF-8"]),
-    ("compare-data-empty", ["compare", "--model", str(STORIES), "--data", "{tmp}/blank.txt", "--out", "{out}"],
-     ["--data", "blank.txt", "give a file with text"]),
-    ("compare-model-truncated", ["compare", "--model", "{tmp}/truncated", "--data", "{tmp}/ok.txt", "--out", "{out}"],
-     ["--model", "truncated/model.safetensors", "damaged", "re-download"]),
-    ("compare-model-no-tokenizer", ["compare", "--model", "{tmp}/no_tokenizer", "--data", "{tmp}/ok.txt", "--out", "{out}"],
-     ["--model", "tokenizer does not load", "tokenizer files"]),
-    ("analyze-model-no-weights", ["analyze", "wasserstein", "{tmp}/no_weights", "--data", "{tmp}/ok.txt", "--out", "{out}"],
-     ["no_weights", "no weights", "complete model directory"]),
-    ("analyze-tokens-0", ["analyze", "wasserstein", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--tokens", "0"],
-     ["--tokens", "give an integer >= 1"]),
-    ("analyze-data-binary", ["analyze", "wasserstein", str(STORIES), "--data", "{tmp}/garbage.txt", "--out", "{out}"],
-     ["--data", "garbage.txt", "binary"]),
-    ("bench-repeats-0", ["bench", "kernel", "--repeats", "0", "--json", "{out}/k.json"], ["--repeats", "give an integer >= 1"]),
-    ("bench-expert-size-0", ["bench", "kernel", "--expert-size", "0", "--json", "{out}/k.json"],
-     ["--expert-size", "give an integer >= 1"]),
-    ("generate-temperature-negative", ["generate", "{tmp}/export", "--temperature", "-1"],
-     ["--temperature", "'-1'", "give a finite number >= 0"]),
-    ("generate-temperature-nan", ["generate", "{tmp}/export", "--temperature", "nan"],
-     ["--temperature", "'nan'", "give a finite number >= 0"]),
-    ("generate-max-new-tokens-0", ["generate", "{tmp}/export", "--max-new-tokens", "0"],
-     ["--max-new-tokens", "give an integer >= 1"]),
-    ("export-calibration-tokens-0", ["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}",
-                                     "--calibration-tokens", "0"], ["--calibration-tokens", "give an integer >= 1"]),
-    ("export-target-nan", ["export", "{tmp}/run", "--target-sparsity", "nan", "--out", "{out}"],
-     ["--target-sparsity", "give a number in [0, 1)"]),
+    (
+        "compare-batch-size-0",
+        ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--batch-size", "0"],
+        ["--batch-size", "'0'", "give an integer >= 1"],
+    ),
+    (
+        "compare-device-tpu",
+        ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--device", "tpu"],
+        ["--device", "'tpu'", "choose from"],
+    ),
+    (
+        "compare-methods-empty",
+        ["compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--methods", ","],
+        ["--methods", "names nothing", "dense,lte"],
+    ),
+    (
+        "compare-data-not-utf8",
+        ["compare", "--model", str(STORIES), "--data", "{tmp}/latin1.txt", "--out", "{out}"],
+        ["--data", "latin1.txt", "convert it to UTF-8"],
+    ),
+    (
+        "compare-data-empty",
+        ["compare", "--model", str(STORIES), "--data", "{tmp}/blank.txt", "--out", "{out}"],
+        ["--data", "blank.txt", "give a file with text"],
+    ),
+    (
+        "compare-model-truncated",
+        ["compare", "--model", "{tmp}/truncated", "--data", "{tmp}/ok.txt", "--out", "{out}"],
+        ["--model", "truncated/model.safetensors", "damaged", "re-download"],
+    ),
+    (
+        "compare-model-no-tokenizer",
+        ["compare", "--model", "{tmp}/no_tokenizer", "--data", "{tmp}/ok.txt", "--out", "{out}"],
+        ["--model", "tokenizer does not load", "tokenizer files"],
+    ),
+    (
+        "analyze-model-no-weights",
+        ["analyze", "wasserstein", "{tmp}/no_weights", "--data", "{tmp}/ok.txt", "--out", "{out}"],
+        ["no_weights", "no weights", "complete model directory"],
+    ),
+    (
+        "analyze-tokens-0",
+        ["analyze", "wasserstein", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}", "--tokens", "0"],
+        ["--tokens", "give an integer >= 1"],
+    ),
+    (
+        "analyze-data-binary",
+        ["analyze", "wasserstein", str(STORIES), "--data", "{tmp}/garbage.txt", "--out", "{out}"],
+        ["--data", "garbage.txt", "binary"],
+    ),
+    (
+        "bench-repeats-0",
+        ["bench", "kernel", "--repeats", "0", "--json", "{out}/k.json"],
+        ["--repeats", "give an integer >= 1"],
+    ),
+    (
+        "bench-expert-size-0",
+        ["bench", "kernel", "--expert-size", "0", "--json", "{out}/k.json"],
+        ["--expert-size", "give an integer >= 1"],
+    ),
+    (
+        "generate-temperature-negative",
+        ["generate", "{tmp}/export", "--temperature", "-1"],
+        ["--temperature", "'-1'", "give a finite number >= 0"],
+    ),
+    (
+        "generate-temperature-nan",
+        ["generate", "{tmp}/export", "--temperature", "nan"],
+        ["--temperature", "'nan'", "give a finite number >= 0"],
+    ),
+    (
+        "generate-max-new-tokens-0",
+        ["generate", "{tmp}/export", "--max-new-tokens", "0"],
+        ["--max-new-tokens", "give an integer >= 1"],
+    ),
+    (
+        "export-calibration-tokens-0",
+        ["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}", "--calibration-tokens", "0"],
+        ["--calibration-tokens", "give an integer >= 1"],
+    ),
+    (
+        "export-target-nan",
+        ["export", "{tmp}/run", "--target-sparsity", "nan", "--out", "{out}"],
+        ["--target-sparsity", "give a number in [0, 1)"],
+    ),
 ]
 
 
@@ -188,12 +310,17 @@ def test_output_dir_under_a_read_only_directory(inputs, capsys, monkeypatch):
         import lte.pipeline
 
         real = os.access
-        monkeypatch.setattr(lte.pipeline.os, "access",
-                            lambda path, mode: False if Path(path) == locked and mode & os.W_OK else real(path, mode))
+        monkeypatch.setattr(
+            lte.pipeline.os,
+            "access",
+            lambda path, mode: False if Path(path) == locked and mode & os.W_OK else real(path, mode),
+        )
     try:
         assert train_main(["recipe=tiny", f"output_dir={locked}/run"]) == 2
-        _assert_one_clear_line(capsys.readouterr().err,
-                               ["output_dir=", "locked", "is not writable", "set output_dir to a directory you can write to"])
+        _assert_one_clear_line(
+            capsys.readouterr().err,
+            ["output_dir=", "locked", "is not writable", "set output_dir to a directory you can write to"],
+        )
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
@@ -202,16 +329,29 @@ def test_output_dir_under_a_read_only_directory(inputs, capsys, monkeypatch):
 # Ctrl-C in each command: (argv, the function the command runs, which raises KeyboardInterrupt there)
 INTERRUPTS = [
     (["recipe=tiny", "output_dir={out}"], "lte.pipeline.run", INTERRUPTED["train"]),
-    (["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}"], "lte.export.exporter.export", INTERRUPTED["export"]),
-    (["compare", "--model", "m", "--data", "d", "--out", "{out}"], "lte.compare.harness.compare", INTERRUPTED["compare"]),
-    (["analyze", "wasserstein", "m", "--data", "d", "--out", "{out}"], "lte.compare.wasserstein.analyze", INTERRUPTED["analyze"]),
+    (
+        ["export", "{tmp}/run", "--target-sparsity", "0.5", "--out", "{out}"],
+        "lte.export.exporter.export",
+        INTERRUPTED["export"],
+    ),
+    (
+        ["compare", "--model", "m", "--data", "d", "--out", "{out}"],
+        "lte.compare.harness.compare",
+        INTERRUPTED["compare"],
+    ),
+    (
+        ["analyze", "wasserstein", "m", "--data", "d", "--out", "{out}"],
+        "lte.compare.wasserstein.analyze",
+        INTERRUPTED["analyze"],
+    ),
     (["generate", "{tmp}/export"], "lte.tools.generate.load_export", INTERRUPTED["generate"]),
     (["bench", "kernel"], "lte.tools.bench.bench_kernel", INTERRUPTED["bench"]),
 ]
 
 
-@pytest.mark.parametrize(("argv", "target", "message"), INTERRUPTS, ids=[m[0] if m[0] in INTERRUPTED else "train"
-                                                                  for m, _, _ in INTERRUPTS])
+@pytest.mark.parametrize(
+    ("argv", "target", "message"), INTERRUPTS, ids=[m[0] if m[0] in INTERRUPTED else "train" for m, _, _ in INTERRUPTS]
+)
 def test_ctrl_c_is_one_line_in_the_command_s_terms(argv, target, message, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -231,12 +371,31 @@ def test_the_interrupt_messages_differ_by_command():
 
 # The real scripts, in fresh interpreters: no traceback reaches the terminal, whatever was imported.
 SUBPROCESS = [
-    ([sys.executable, "train.py", "recipe=tiny", "output_dir={out}", "data.train={tmp}/latin1.txt"],
-     ["latin1.txt", "convert it to UTF-8"]),
-    ([sys.executable, "train.py", "recipe=tiny", "output_dir={out}", "model.name_or_path={tmp}/truncated"],
-     ["truncated/model.safetensors", "re-download"]),
-    ([sys.executable, "-m", "lte", "compare", "--model", str(STORIES), "--data", "{tmp}/ok.txt", "--out", "{out}",
-      "--batch-size", "0"], ["--batch-size", "give an integer >= 1"]),
+    (
+        [sys.executable, "train.py", "recipe=tiny", "output_dir={out}", "data.train={tmp}/latin1.txt"],
+        ["latin1.txt", "convert it to UTF-8"],
+    ),
+    (
+        [sys.executable, "train.py", "recipe=tiny", "output_dir={out}", "model.name_or_path={tmp}/truncated"],
+        ["truncated/model.safetensors", "re-download"],
+    ),
+    (
+        [
+            sys.executable,
+            "-m",
+            "lte",
+            "compare",
+            "--model",
+            str(STORIES),
+            "--data",
+            "{tmp}/ok.txt",
+            "--out",
+            "{out}",
+            "--batch-size",
+            "0",
+        ],
+        ["--batch-size", "give an integer >= 1"],
+    ),
 ]
 
 
@@ -244,8 +403,14 @@ SUBPROCESS = [
 def test_bad_input_from_the_command_line_has_no_traceback(argv, phrases, inputs):
     out = inputs / "out"
     before = _tree(inputs)
-    proc = subprocess.run([a.format(tmp=inputs, out=out) for a in argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [a.format(tmp=inputs, out=out) for a in argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     _assert_one_clear_line(proc.stderr, phrases)
     assert _tree(inputs) == before
@@ -261,8 +426,15 @@ def _tiny_export(out: Path, context: int) -> None:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     inject_lte(model, LTEModelConfig(expert_size=8, router_init="centroid"), progress=False)
     set_lte_routing(model, "hard")
@@ -280,16 +452,23 @@ def test_generate_stops_at_the_model_s_context_with_a_note(tmp_path, capsys):
     from transformers import AutoTokenizer
 
     prompt_tokens = len(AutoTokenizer.from_pretrained(export)(prompt)["input_ids"])
-    assert main(["generate", str(export), "--prompt", prompt, "--max-new-tokens", "100000", "--temperature", "0.7"]) == 0
+    assert (
+        main(["generate", str(export), "--prompt", prompt, "--max-new-tokens", "100000", "--temperature", "0.7"]) == 0
+    )
     printed = capsys.readouterr().out
     room = 24 - prompt_tokens
     assert f"[{room} new tokens in" in printed  # seeded: the same tokens every run, no EOS among them
-    assert f"note: --max-new-tokens 100000 runs past the model's context of 24 tokens; stopped after {room} new tokens" in printed
+    assert (
+        f"note: --max-new-tokens 100000 runs past the model's context of 24 tokens; stopped after {room} new tokens"
+        in printed
+    )
     assert main(["generate", str(export), "--prompt", prompt, "--max-new-tokens", "3"]) == 0
     printed = capsys.readouterr().out
     assert "[3 new tokens in" in printed and "note:" not in printed
     assert main(["generate", str(export), "--prompt", prompt * 10]) == 2  # a prompt that fills the whole context
-    _assert_one_clear_line(capsys.readouterr().err, ["--prompt is", "the model's whole context of 24", "shorter prompt"])
+    _assert_one_clear_line(
+        capsys.readouterr().err, ["--prompt is", "the model's whole context of 24", "shorter prompt"]
+    )
 
 
 def test_sigint_during_training_is_one_line_and_exit_130(tmp_path):
@@ -297,12 +476,27 @@ def test_sigint_during_training_is_one_line_and_exit_130(tmp_path):
     data = tmp_path / "stories.txt"
     data.write_text(STORY * 300)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", "recipe=tiny", f"output_dir={out}", f"data.train={data}",
-                             f"data.eval={data}", "lte.stage1_steps=100000", "lte.router_init_tokens=1024",
-                             "lte.router_init_steps=5", "train.per_device_train_batch_size=2", "train.report_to=[]",
-                             "export.calibration_tokens=1024"],
-                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "recipe=tiny",
+            f"output_dir={out}",
+            f"data.train={data}",
+            f"data.eval={data}",
+            "lte.stage1_steps=100000",
+            "lte.router_init_tokens=1024",
+            "lte.router_init_steps=5",
+            "train.per_device_train_batch_size=2",
+            "train.report_to=[]",
+            "export.calibration_tokens=1024",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     err = []
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # the logger's lines, as the run goes

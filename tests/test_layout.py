@@ -48,8 +48,9 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
                 target = node.module or ""
             found.append((target, node.lineno))
             # ``from . import x`` / ``from lte.pkg import submodule``: the submodule is imported too
-            found += [(f"{target}.{alias.name}", node.lineno) for alias in node.names
-                      if is_module(f"{target}.{alias.name}")]
+            found += [
+                (f"{target}.{alias.name}", node.lineno) for alias in node.names if is_module(f"{target}.{alias.name}")
+            ]
     return [(name, line) for name, line in found if name == "lte" or name.startswith("lte.")]
 
 
@@ -78,10 +79,13 @@ def test_imports_go_one_way():
         name, _ = module_name(path)
         for target, line in imports_of(path):
             if rank[layer_of(target)] > rank[layer_of(name)]:
-                upward.append(f"{path.relative_to(REPO)}:{line} ({layer_of(name)}) imports {target} "
-                              f"({layer_of(target)})")
-    assert not upward, ("imports that reach a higher layer (order: " + " < ".join(LAYERS) + "); move the "
-                        "function down to where both can use it:\n  " + "\n  ".join(upward))
+                upward.append(
+                    f"{path.relative_to(REPO)}:{line} ({layer_of(name)}) imports {target} ({layer_of(target)})"
+                )
+    assert not upward, (
+        "imports that reach a higher layer (order: " + " < ".join(LAYERS) + "); move the "
+        "function down to where both can use it:\n  " + "\n  ".join(upward)
+    )
 
 
 def test_the_graph_reader_sees_lazy_and_relative_imports(tmp_path):
@@ -112,12 +116,12 @@ print("FAILED " + json.dumps(failed))
 
 def test_every_module_imports_on_its_own():
     """Each module imports first, with no other ``lte`` module loaded: no cycle, no hidden order."""
-    names = [module_name(p)[0] for p in package_modules()
-             if "task_configs" not in p.parts and p.name != "__main__.py"]
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    names = [module_name(p)[0] for p in package_modules() if "task_configs" not in p.parts and p.name != "__main__.py"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")), None)
     assert line is not None, proc.stderr[-3000:]
-    failed = json.loads(line[len("FAILED "):])
+    failed = json.loads(line[len("FAILED ") :])
     listed = "\n  ".join(f"{name}: {error}" for name, error in failed.items())
     assert not failed, f"modules that fail to import on their own:\n  {listed}"

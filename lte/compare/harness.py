@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
 from ..core.cli_args import count_or_all, fraction, name_list, number_list, positive_int
 from ..core.errors import UsageError
 from ..core.outputs import check_out, disk_guard, staged_dir
 from ..core.run_dir import export_report_file, lte_config_file, stage2_model, stage_model
-from .tasks import HEADLINE, check_lm_eval, prepare_tasks
 from ..export.thresholds import ALLOCATIONS
+from .baselines import METHODS, Sparsified, dense_ffn_flops_per_token, ffn_sites
+from .tasks import HEADLINE, check_lm_eval, prepare_tasks
 
 logger = logging.getLogger("lte")
 
@@ -67,19 +67,31 @@ class CompareRequest:
     model: str = _field(help="The dense base model directory (the reference).")
     data: str = _field(help="Held-out text file.")
     out: str = _field(help="Output directory.")
-    methods: list[str] = _field(["dense", LTE, "griffin", "teal", "cats", "moefication", "sparse_expansion"],
-                                "Comma-separated: " + ", ".join(ALL_METHODS) + ".", type=name_list)
+    methods: list[str] = _field(
+        ["dense", LTE, "griffin", "teal", "cats", "moefication", "sparse_expansion"],
+        "Comma-separated: " + ", ".join(ALL_METHODS) + ".",
+        type=name_list,
+    )
     sparsity: list[float] = _field([0.5, 0.7, 0.9], "Comma-separated target FFN sparsities.", type=number_list)
-    lte: str | None = _field(None, "An `lte train` run directory, or an export directory (uses the run it names), for every "
-                             "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest).")
+    lte: str | None = _field(
+        None,
+        "An `lte train` run directory, or an export directory (uses the run it names), for every "
+        "target; or one run per target: 0.5=RUN_A,0.7=RUN_B,0.9=RUN_C (a run without a target serves the rest).",
+    )
     calibration: str | None = _field(None, "Calibration text file (default: the first --calibration-tokens of --data).")
     calibration_tokens: int = _field(16384, "Calibration tokens every method is fitted on.", type=positive_int)
     block_size: int = _field(256, "Tokens per evaluation block.", type=positive_int)
-    max_eval_tokens: int = _field(65536, "Most tokens of --data scored per method (after the calibration blocks "
-                                 "when --calibration is not given).", type=positive_int)
-    prompt_fraction: float = _field(0.5, "Leading share of each block that is the prompt (GRIFFIN selects from it; "
-                                    "not scored).", type=fraction)
-    expert_size: int | None = _field(None, "MoEfication expert size (default: the LTE run's, else 32).", type=positive_int)
+    max_eval_tokens: int = _field(
+        65536,
+        "Most tokens of --data scored per method (after the calibration blocks when --calibration is not given).",
+        type=positive_int,
+    )
+    prompt_fraction: float = _field(
+        0.5, "Leading share of each block that is the prompt (GRIFFIN selects from it; not scored).", type=fraction
+    )
+    expert_size: int | None = _field(
+        None, "MoEfication expert size (default: the LTE run's, else 32).", type=positive_int
+    )
     allocation: str = _field("tuned", "LTE's per-layer threshold tuning.", choices=list(ALLOCATIONS))
     batch_size: int = _field(8, "Evaluation batch size.", type=positive_int)
     device: str | None = _field(None, "cpu or cuda (default: cuda when available).", choices=["cpu", "cuda"])
@@ -87,9 +99,14 @@ class CompareRequest:
     # name -> file (lte.compare.tasks); the command builds it from --tasks and --task-dir
     tasks: dict[str, Path] = dataclasses.field(default_factory=dict, metadata={"cli": False})
     task_limit: int | None = _field(200, "Examples per task (0: all).", type=count_or_all)
-    extra_data: dict[str, Path] = dataclasses.field(default_factory=dict, metadata={  # name -> held-out text file
-        "help": "More held-out text every method is also scored on (ppl, KL, sparsity per source).",
-        "type": lambda spec: parse_extra_data(spec), "metavar": "NAME=FILE[,NAME=FILE]"})
+    extra_data: dict[str, Path] = dataclasses.field(
+        default_factory=dict,
+        metadata={  # name -> held-out text file
+            "help": "More held-out text every method is also scored on (ppl, KL, sparsity per source).",
+            "type": lambda spec: parse_extra_data(spec),
+            "metavar": "NAME=FILE[,NAME=FILE]",
+        },
+    )
 
     def lte_runs(self) -> dict[float, Path]:
         """The LTE run of each target (``{}`` without ``--lte``)."""
@@ -110,26 +127,45 @@ class CompareRequest:
         if self.block_size < 4:
             raise UsageError(f"--block-size {self.block_size} must be >= 4")
         if not 1 <= int(self.block_size * self.prompt_fraction) <= self.block_size - 2:
-            raise UsageError(f"--prompt-fraction {self.prompt_fraction} must leave at least one prompt token and two "
-                             f"scored positions in a block of {self.block_size}")
+            raise UsageError(
+                f"--prompt-fraction {self.prompt_fraction} must leave at least one prompt token and two "
+                f"scored positions in a block of {self.block_size}"
+            )
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation {self.allocation} must be one of {', '.join(ALLOCATIONS)}")
         for name, path in self.extra_data.items():
             if name == MAIN_SOURCE:
                 raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")
             if not Path(path).is_file():
-                raise UsageError(f"--extra-data {name}={path}: file not found; give NAME=FILE with a held-out text file")
+                raise UsageError(
+                    f"--extra-data {name}={path}: file not found; give NAME=FILE with a held-out text file"
+                )
         runs = self.lte_runs()
-        if self.expert_size is None and "moefication" in self.methods and LTE in self.methods and len(expert_sizes(runs)) > 1:
-            raise UsageError(f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
-                             f"--expert-size for MoEfication")
+        if (
+            self.expert_size is None
+            and "moefication" in self.methods
+            and LTE in self.methods
+            and len(expert_sizes(runs)) > 1
+        ):
+            raise UsageError(
+                f"the --lte runs have expert sizes {', '.join(map(str, expert_sizes(runs)))}; give "
+                f"--expert-size for MoEfication"
+            )
         if self.tasks:
             check_lm_eval()
-        check_out(self.out, "compare", overwrite=self.overwrite,
-                  runs={f"the --lte run {run}": run for run in sorted(set(runs.values()))},
-                  inputs={"--model": self.model, "--data": self.data, "--calibration": self.calibration,
-                          **{f"--extra-data {name}": path for name, path in self.extra_data.items()},
-                          **{f"--tasks {name}": path for name, path in self.tasks.items()}})
+        check_out(
+            self.out,
+            "compare",
+            overwrite=self.overwrite,
+            runs={f"the --lte run {run}": run for run in sorted(set(runs.values()))},
+            inputs={
+                "--model": self.model,
+                "--data": self.data,
+                "--calibration": self.calibration,
+                **{f"--extra-data {name}": path for name, path in self.extra_data.items()},
+                **{f"--tasks {name}": path for name, path in self.tasks.items()},
+            },
+        )
 
 
 def token_blocks(text: str, tokenizer, block_size: int, what: str = "the text") -> torch.Tensor:
@@ -170,7 +206,9 @@ def parse_lte_runs(spec: str | None, targets: list[float]) -> dict[float, Path]:
             continue
         if "=" not in item:
             if default is not None:
-                raise UsageError(f"--lte {spec}: two runs without a target ({default}, {item}); write TARGET=RUN_DIR, {example}")
+                raise UsageError(
+                    f"--lte {spec}: two runs without a target ({default}, {item}); write TARGET=RUN_DIR, {example}"
+                )
             default = item
             continue
         key, path = (part.strip() for part in item.split("=", 1))
@@ -182,15 +220,19 @@ def parse_lte_runs(spec: str | None, targets: list[float]) -> dict[float, Path]:
             raise UsageError(f"--lte {item!r}: expected TARGET=RUN_DIR with TARGET one of --sparsity, {example}")
         match = [t for t in targets if math.isclose(t, target, abs_tol=1e-9)]
         if not match:
-            raise UsageError(f"--lte {item}: {key} is not a target of --sparsity {','.join(f'{t:g}' for t in targets)}; "
-                             f"add it to --sparsity or drop the pair")
+            raise UsageError(
+                f"--lte {item}: {key} is not a target of --sparsity {','.join(f'{t:g}' for t in targets)}; "
+                f"add it to --sparsity or drop the pair"
+            )
         if match[0] in named:
             raise UsageError(f"--lte names target {key} twice; give one run per target, {example}")
         named[match[0]] = path
     missing = [f"{t:g}" for t in targets if t not in named]
     if missing and default is None:
-        raise UsageError(f"--lte has no run for target {', '.join(missing)} of --sparsity; add TARGET=RUN_DIR for it, "
-                         f"or one RUN_DIR without a target for the targets not named")
+        raise UsageError(
+            f"--lte has no run for target {', '.join(missing)} of --sparsity; add TARGET=RUN_DIR for it, "
+            f"or one RUN_DIR without a target for the targets not named"
+        )
     runs = {}
     for target in targets:
         given = named.get(target, default)
@@ -204,8 +246,9 @@ def parse_lte_runs(spec: str | None, targets: list[float]) -> dict[float, Path]:
 
 def expert_sizes(runs: dict[float, Path]) -> list[int]:
     """The distinct expert sizes of the LTE runs."""
-    return sorted({json.loads(lte_config_file(stage_model(run, "stage2")).read_text())["expert_size"]
-                   for run in runs.values()})
+    return sorted(
+        {json.loads(lte_config_file(stage_model(run, "stage2")).read_text())["expert_size"] for run in runs.values()}
+    )
 
 
 def parse_extra_data(spec: str) -> dict[str, Path]:
@@ -214,7 +257,9 @@ def parse_extra_data(spec: str) -> dict[str, Path]:
     for item in (i.strip() for i in spec.split(",")):
         name, sep, path = (part.strip() for part in item.partition("="))
         if not (sep and name and path):
-            raise UsageError(f"--extra-data {item!r}: expected NAME=FILE[,NAME=FILE], e.g. --extra-data wikitext=wiki.txt")
+            raise UsageError(
+                f"--extra-data {item!r}: expected NAME=FILE[,NAME=FILE], e.g. --extra-data wikitext=wiki.txt"
+            )
         if name in sources:
             raise UsageError(f"--extra-data names {name} twice; give each source its own name")
         sources[name] = Path(path)
@@ -236,9 +281,9 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
     """The run's stage-2 model with an observer, and a function that sets thresholds per target
     (an export's thresholds at its own target: ``exported`` holds the run's ``lte_export.json``s)."""
     from ..export.exporter import below_trained_sparsity
+    from ..export.thresholds import choose_thresholds, sensitivity, set_thresholds
     from ..model.inject import load_lte, lte_layers
     from ..training.loading import load_report
-    from ..export.thresholds import choose_thresholds, sensitivity, set_thresholds
 
     model = load_lte(stage2_model(run)).to(device).eval()
     handle = Sparsified(LTE, model)
@@ -284,31 +329,53 @@ def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int
         with handle.disabled():
             ref = torch.log_softmax(reference(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
-        targets = ids[:, prefix + 1:]
+        targets = ids[:, prefix + 1 :]
         nll += float(-logp.gather(-1, targets[..., None]).sum())
         kl += float((ref.exp() * (ref - logp)).sum())
         tokens += targets.numel()
     per_layer = handle.per_layer_sparsity()
-    return {"ppl": math.exp(nll / tokens), "kl": kl / tokens, "realized_sparsity": sum(per_layer) / len(per_layer),
-            "per_layer_sparsity": per_layer, "ffn_flops_per_token": handle.ffn_flops_per_token(), "scored_tokens": tokens}
+    return {
+        "ppl": math.exp(nll / tokens),
+        "kl": kl / tokens,
+        "realized_sparsity": sum(per_layer) / len(per_layer),
+        "per_layer_sparsity": per_layer,
+        "ffn_flops_per_token": handle.ffn_flops_per_token(),
+        "scored_tokens": tokens,
+    }
 
 
 def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
     tasks = list(dict.fromkeys(name for row in rows for name in row.get("tasks", {})))
     extra = list(dict.fromkeys(name for row in rows for name in row.get("extra_data", {})))
     runs = any("run" in row for row in rows)  # the LTE run each row came from
-    header = ["method", "target", *(["run"] if runs else []), "realized sparsity", "ppl", "KL to dense", "FFN FLOPs/token",
-              "FFN FLOPs vs dense", *(f"ppl {name}" for name in extra), *(f"{t} {HEADLINE[t]}" for t in tasks)]
+    header = [
+        "method",
+        "target",
+        *(["run"] if runs else []),
+        "realized sparsity",
+        "ppl",
+        "KL to dense",
+        "FFN FLOPs/token",
+        "FFN FLOPs vs dense",
+        *(f"ppl {name}" for name in extra),
+        *(f"{t} {HEADLINE[t]}" for t in tasks),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         lead = [row["method"], f"{row['target_sparsity']:.2f}", *([row.get("run", "")] if runs else [])]
         if row.get("skipped"):
             cells = [*lead, f"skipped: {row['skipped']}"] + [""] * (len(header) - len(lead) - 1)
         else:
-            cells = [*lead, f"{row['realized_sparsity']:.3f}", f"{row['ppl']:.4f}", f"{row['kl']:.4f}",
-                     f"{row['ffn_flops_per_token']:.4g}", f"{row['ffn_flops_per_token'] / dense_flops:.3f}x",
-                     *(f"{row['extra_data'][name]['ppl']:.4f}" for name in extra),
-                     *(f"{row['tasks'][t][HEADLINE[t]]:.3f}" for t in tasks)]
+            cells = [
+                *lead,
+                f"{row['realized_sparsity']:.3f}",
+                f"{row['ppl']:.4f}",
+                f"{row['kl']:.4f}",
+                f"{row['ffn_flops_per_token']:.4g}",
+                f"{row['ffn_flops_per_token'] / dense_flops:.3f}x",
+                *(f"{row['extra_data'][name]['ppl']:.4f}" for name in extra),
+                *(f"{row['tasks'][t][HEADLINE[t]]:.3f}" for t in tasks),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -326,29 +393,50 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     dense = [r for r in rows if r["method"] == "dense" and not r.get("skipped")]
     dense_flops = dense[0]["ffn_flops_per_token"] if dense else None
     for method in methods:
-        done = sorted((r for r in rows if r["method"] == method and not r.get("skipped")),
-                      key=lambda r: r["realized_sparsity"])
+        done = sorted(
+            (r for r in rows if r["method"] == method and not r.get("skipped")), key=lambda r: r["realized_sparsity"]
+        )
         if not done:
             continue
-        line, = by_sparsity.plot([100 * r["realized_sparsity"] for r in done], [r["ppl"] for r in done], marker="o",
-                                 label=method)
+        (line,) = by_sparsity.plot(
+            [100 * r["realized_sparsity"] for r in done], [r["ppl"] for r in done], marker="o", label=method
+        )
         if dense_flops:
-            by_flops.plot([r["ffn_flops_per_token"] / dense_flops for r in done], [r["ppl"] for r in done], marker="o",
-                          color=line.get_color(), label=method)
+            by_flops.plot(
+                [r["ffn_flops_per_token"] / dense_flops for r in done],
+                [r["ppl"] for r in done],
+                marker="o",
+                color=line.get_color(),
+                label=method,
+            )
         if len({r.get("run") for r in done}) > 1:  # one run per target: name each point's run
             for r in done:
                 name = Path(r["run"]).name
-                by_sparsity.annotate(name, (100 * r["realized_sparsity"], r["ppl"]), fontsize=7, xytext=(3, 3),
-                                     textcoords="offset points", color=line.get_color())
+                by_sparsity.annotate(
+                    name,
+                    (100 * r["realized_sparsity"], r["ppl"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                    color=line.get_color(),
+                )
                 if dense_flops:
-                    by_flops.annotate(name, (r["ffn_flops_per_token"] / dense_flops, r["ppl"]), fontsize=7,
-                                      xytext=(3, 3), textcoords="offset points", color=line.get_color())
+                    by_flops.annotate(
+                        name,
+                        (r["ffn_flops_per_token"] / dense_flops, r["ppl"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                        color=line.get_color(),
+                    )
     for ax in (by_sparsity, by_flops):
         if dense:
             ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
         ax.grid(alpha=0.3)
-    by_sparsity.set(xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
-                    ylabel="perplexity (scored tokens)")
+    by_sparsity.set(
+        xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
+        ylabel="perplexity (scored tokens)",
+    )
     by_sparsity.set_yscale("log")
     by_flops.set(xlabel="FFN FLOPs per token, relative to dense\n(including routers, predictors and CATS's full gate)")
     by_flops.invert_xaxis()  # cheaper to the right, as sparser is on the left panel
@@ -385,8 +473,10 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     else:  # the first blocks of --data calibrate; the evaluation starts after them
         n = max(1, -(-request.calibration_tokens // request.block_size))
         if n >= len(blocks):
-            raise UsageError(f"--data has {len(blocks)} blocks of {request.block_size} tokens: too few to hold out "
-                             f"{n} for calibration; give --calibration FILE or more text")
+            raise UsageError(
+                f"--data has {len(blocks)} blocks of {request.block_size} tokens: too few to hold out "
+                f"{n} for calibration; give --calibration FILE or more text"
+            )
         calibration_blocks, blocks = blocks[:n], blocks[n:]
     calibration_blocks = calibration_blocks[: max(1, -(-request.calibration_tokens // request.block_size))]
     blocks = blocks[: max(1, request.max_eval_tokens // request.block_size)]
@@ -394,8 +484,9 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     evaluation = batches_of(blocks, request.batch_size)
     sources = {MAIN_SOURCE: evaluation}  # every method is scored on each, the same way
     for name, path in request.extra_data.items():
-        extra = token_blocks(read_text_file(path, f"--extra-data {name}"), tokenizer, request.block_size,
-                             f"--extra-data {name}={path}")
+        extra = token_blocks(
+            read_text_file(path, f"--extra-data {name}"), tokenizer, request.block_size, f"--extra-data {name}={path}"
+        )
         sources[name] = batches_of(extra[: max(1, request.max_eval_tokens // request.block_size)], request.batch_size)
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)
@@ -417,10 +508,17 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             loaded.clear()
             loaded[run] = lte_method(run, calibration, request.allocation, device, exported.get(run))
         return loaded[run]
+
     task_dir = tempfile.TemporaryDirectory(prefix="lte-tasks-")  # lm-eval's configs over the task files
     task_run = prepare_tasks(request.tasks, Path(task_dir.name), request.task_limit) if request.tasks else None
-    logger.info("compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
-                len(blocks), request.block_size, prefix, len(calibration_blocks), device)
+    logger.info(
+        "compare: %d evaluation blocks of %d tokens (first %d = prompt), %d calibration blocks, on %s",
+        len(blocks),
+        request.block_size,
+        prefix,
+        len(calibration_blocks),
+        device,
+    )
 
     rows = []
     caches: dict[str, dict] = {}
@@ -434,8 +532,13 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             row["run"] = str(runs[target])
             scored_model, handle, set_target = lte_for(runs[target])
             if scored_model.config.vocab_size != model.config.vocab_size:
-                rows.append({**row, "skipped": f"its vocabulary ({scored_model.config.vocab_size}) differs from "
-                                               f"--model's ({model.config.vocab_size})"})
+                rows.append(
+                    {
+                        **row,
+                        "skipped": f"its vocabulary ({scored_model.config.vocab_size}) differs from "
+                        f"--model's ({model.config.vocab_size})",
+                    }
+                )
                 continue
             row.update(set_target(target))
         else:
@@ -451,17 +554,26 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             result = scores.pop(MAIN_SOURCE)
             result["ffn_flops_vs_dense"] = result["ffn_flops_per_token"] / dense_flops
             if scores:
-                result["extra_data"] = {name: {key: s[key] for key in ("ppl", "kl", "realized_sparsity", "scored_tokens")}
-                                        for name, s in scores.items()}
+                result["extra_data"] = {
+                    name: {key: s[key] for key in ("ppl", "kl", "realized_sparsity", "scored_tokens")}
+                    for name, s in scores.items()
+                }
             if task_run:
                 result["tasks"] = task_run.score(scored_model, tokenizer, request.batch_size, handle)
         finally:
             if method != LTE:
                 handle.remove()
         rows.append({**row, **result})
-        logger.info("compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx%s", method, target,
-                    result["realized_sparsity"], result["ppl"], result["kl"], result["ffn_flops_vs_dense"],
-                    f"  ({row['run']})" if "run" in row else "")
+        logger.info(
+            "compare: %-11s target %.2f  realized %.3f  ppl %.4f  KL %.4f  FFN FLOPs %.3fx%s",
+            method,
+            target,
+            result["realized_sparsity"],
+            result["ppl"],
+            result["kl"],
+            result["ffn_flops_vs_dense"],
+            f"  ({row['run']})" if "run" in row else "",
+        )
     task_dir.cleanup()
     write_results(request, rows, dense_flops)
     return rows
@@ -469,12 +581,19 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
 
 def write_results(request: CompareRequest, rows: list[dict], dense_flops: float) -> None:
     with disk_guard(request.out), staged_dir(request.out, "compare", overwrite=request.overwrite) as tmp:
-        meta = {"model": request.model, "data": request.data, "lte": request.lte, "block_size": request.block_size,
-                "tasks": {name: str(path) for name, path in request.tasks.items()}, "task_limit": request.task_limit,
-                "prompt_fraction": request.prompt_fraction, "dense_ffn_flops_per_token": dense_flops,
-                "lte_runs": {f"{t:g}": str(run) for t, run in request.lte_runs().items()},
-                "extra_data": {name: str(path) for name, path in request.extra_data.items()},
-                "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data"}
+        meta = {
+            "model": request.model,
+            "data": request.data,
+            "lte": request.lte,
+            "block_size": request.block_size,
+            "tasks": {name: str(path) for name, path in request.tasks.items()},
+            "task_limit": request.task_limit,
+            "prompt_fraction": request.prompt_fraction,
+            "dense_ffn_flops_per_token": dense_flops,
+            "lte_runs": {f"{t:g}": str(run) for t, run in request.lte_runs().items()},
+            "extra_data": {name: str(path) for name, path in request.extra_data.items()},
+            "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data",
+        }
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
         write_markdown(rows, dense_flops, tmp / "results.md")
         plot(rows, tmp / "sparsity_vs_ppl.png", f"{request.model} on {request.data}")

@@ -27,8 +27,12 @@ from ..core.errors import UsageError
 
 TASKS = ("piqa", "arc_easy", "hellaswag", "boolq")
 HEADLINE = {"piqa": "acc", "arc_easy": "acc", "hellaswag": "acc_norm", "boolq": "acc"}  # what lm-eval reports
-DEFAULT_FILES = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc_easy/validation.json",
-                 "hellaswag": "hellaswag/hellaswag.json", "boolq": "boolq/validation.jsonl"}
+DEFAULT_FILES = {
+    "piqa": "piqa/valid.jsonl",
+    "arc_easy": "arc_easy/validation.json",
+    "hellaswag": "hellaswag/hellaswag.json",
+    "boolq": "boolq/validation.jsonl",
+}
 CONFIG_DIR = Path(__file__).resolve().parent / "task_configs"
 PREFIX = "lte_"  # lm-eval task names: lte_piqa ... (lm-eval's own `piqa` reads the hub)
 
@@ -88,8 +92,10 @@ def check_lm_eval() -> None:
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
-        raise UsageError("--tasks scores through lm-evaluation-harness, which is not installed: pip install 'lte[eval]' "
-                         "(or pip install lm-eval)")
+        raise UsageError(
+            "--tasks scores through lm-evaluation-harness, which is not installed: pip install 'lte[eval]' "
+            "(or pip install lm-eval)"
+        )
 
 
 def parse_tasks(spec: str, task_dir: str | None) -> dict[str, Path]:
@@ -101,7 +107,9 @@ def parse_tasks(spec: str, task_dir: str | None) -> dict[str, Path]:
             raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
         if not path:
             if task_dir is None:
-                raise UsageError(f"task {name}: give {name}=PATH or --task-dir DIR (a directory with {DEFAULT_FILES[name]})")
+                raise UsageError(
+                    f"task {name}: give {name}=PATH or --task-dir DIR (a directory with {DEFAULT_FILES[name]})"
+                )
             path = str(Path(task_dir) / DEFAULT_FILES[name])
         if not Path(path).is_file():
             raise UsageError(f"task {name}: {path} not found")
@@ -130,8 +138,11 @@ def write_task_configs(tasks: dict[str, Path], directory: Path, limit: int | Non
         data = directory / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in read_task(name, path, limit)))
         config = (CONFIG_DIR / f"{PREFIX}{name}.yaml").read_text()
-        config, found = re.subn(r"data_files: \{validation: [^}]*\}", f"data_files: {{validation: {json.dumps(str(data.resolve()))}}}",
-                                config)
+        config, found = re.subn(
+            r"data_files: \{validation: [^}]*\}",
+            f"data_files: {{validation: {json.dumps(str(data.resolve()))}}}",
+            config,
+        )
         if found != 1:
             raise RuntimeError(f"{PREFIX}{name}.yaml lost its one-line data_files; cannot point it at {data}")
         (directory / f"{PREFIX}{name}.yaml").write_text(config)
@@ -166,6 +177,7 @@ def _prompt_aware_lm():
 @dataclass
 class TaskRun:
     """lm-eval's task configs for one comparison, written once and scored for every method."""
+
     names: list[str]
     include_path: Path
     _manager: object = None
@@ -189,8 +201,14 @@ class TaskRun:
             lm = _prompt_aware_lm()(pretrained=model, tokenizer=tokenizer, batch_size=1, handle=handle)
         else:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=lm, tasks=self.names, task_manager=self.manager,
-                                          bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=self.names,
+            task_manager=self.manager,
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="WARNING",
+        )
         return parse_results(results)
 
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .baselines.sites import Sparsified, ffn_sites, run_batches
 from ..core.cli_args import number_list, positive_int
 from ..core.errors import UsageError
-from ..training.evaluate import evaluate_batches
 from ..core.outputs import check_out, disk_guard, staged_dir
+from ..training.evaluate import evaluate_batches
+from .baselines.sites import Sparsified, ffn_sites, run_batches
 
 RANDOM_DRAWS = 3
 
@@ -60,7 +60,9 @@ def neuron_distances(model, batches, tokens: int) -> list[np.ndarray]:
 
         handles.append(projection.register_forward_hook(grab))
     run_batches(model, batches, handles, progress="Collecting pre-activations")
-    return [distances(torch.cat(chunks)[:tokens]) for chunks in tqdm(outputs, desc="Wasserstein distances", leave=False)]
+    return [
+        distances(torch.cat(chunks)[:tokens]) for chunks in tqdm(outputs, desc="Wasserstein distances", leave=False)
+    ]
 
 
 @torch.no_grad()
@@ -111,9 +113,13 @@ class WassersteinRequest:
     data: str = field(metadata={"help": "Text file: calibration tokens first, then evaluation tokens."})
     out: str = field(metadata={"help": "Output directory."})
     tokens: int = field(default=8192, metadata={"help": "Calibration tokens for the distances.", "type": positive_int})
-    eval_tokens: int = field(default=32768, metadata={"help": "Tokens for the perplexity experiment.", "type": positive_int})
-    top: list[float] = field(default_factory=lambda: [0.03, 0.1], metadata={
-        "help": "Fractions of neurons per FFN to remove, comma-separated.", "type": number_list})
+    eval_tokens: int = field(
+        default=32768, metadata={"help": "Tokens for the perplexity experiment.", "type": positive_int}
+    )
+    top: list[float] = field(
+        default_factory=lambda: [0.03, 0.1],
+        metadata={"help": "Fractions of neurons per FFN to remove, comma-separated.", "type": number_list},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace --out if it exists."})
     block_size: int = field(default=256, metadata={"cli": False})
     seed: int = field(default=0, metadata={"cli": False})
@@ -121,8 +127,16 @@ class WassersteinRequest:
 
 def analyze(request: WassersteinRequest) -> dict:
     model_dir, data, out, tokens, eval_tokens, block_size, top, overwrite, seed = (
-        request.model, request.data, request.out, request.tokens, request.eval_tokens, request.block_size, request.top,
-        request.overwrite, request.seed)
+        request.model,
+        request.data,
+        request.out,
+        request.tokens,
+        request.eval_tokens,
+        request.block_size,
+        request.top,
+        request.overwrite,
+        request.seed,
+    )
     if not (Path(model_dir) / "config.json").is_file():
         raise UsageError(f"{model_dir}: no model there (expected a directory with config.json)")
     if not Path(data).is_file():
@@ -132,9 +146,9 @@ def analyze(request: WassersteinRequest) -> dict:
         raise UsageError(f"--top {','.join(map(str, top))}: fractions must lie in (0, 1)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .harness import batches_of, token_blocks
     from ..training.data import read_text_file
     from ..training.preflight import check_model
+    from .harness import batches_of, token_blocks
 
     check_model(model_dir, "model")  # a damaged model or bad file fails before any work
     text = read_text_file(data, "--data")
@@ -143,7 +157,9 @@ def analyze(request: WassersteinRequest) -> dict:
     blocks = token_blocks(text, tokenizer, block_size)
     n_calib = max(1, -(-tokens // block_size))
     if n_calib >= len(blocks):
-        raise UsageError(f"--data has {len(blocks)} blocks of {block_size} tokens: too few for {tokens} calibration tokens")
+        raise UsageError(
+            f"--data has {len(blocks)} blocks of {block_size} tokens: too few for {tokens} calibration tokens"
+        )
     calibration = batches_of(blocks[:n_calib], 8)
     evaluation = batches_of(blocks[n_calib:][: max(1, eval_tokens // block_size)], 8)
     per_layer = neuron_distances(model, calibration, tokens)
@@ -153,18 +169,47 @@ def analyze(request: WassersteinRequest) -> dict:
     for fraction in tqdm(top, desc="Removing neurons", leave=False):
         counts = [max(1, round(fraction * len(d))) for d in per_layer]
         highest = [np.argsort(-d)[:k] for d, k in zip(per_layer, counts, strict=True)]
-        random_ppl = [perplexity_without(model, evaluation, [generator.choice(len(d), k, replace=False)
-                                                              for d, k in zip(per_layer, counts, strict=True)])
-                      for _ in range(RANDOM_DRAWS)]
-        experiment.append({"fraction": fraction, "neurons_per_layer": counts,
-                           "ppl_top_wasserstein_removed": perplexity_without(model, evaluation, highest),
-                           "ppl_random_removed": float(np.mean(random_ppl)), "ppl_random_draws": random_ppl})
-    report = {"model": model_dir, "data": data, "calibration_tokens": tokens, "eval_tokens": sum(b["input_ids"].numel() for b in evaluation),
-              "dense_ppl": base, "experiment": experiment,
-              "layers": [{"layer": i, "mean": float(d.mean()), "median": float(np.median(d)), "max": float(d.max()),
-                          "top_neurons": np.argsort(-d)[:16].tolist()} for i, d in enumerate(per_layer)]}
+        random_ppl = [
+            perplexity_without(
+                model,
+                evaluation,
+                [generator.choice(len(d), k, replace=False) for d, k in zip(per_layer, counts, strict=True)],
+            )
+            for _ in range(RANDOM_DRAWS)
+        ]
+        experiment.append(
+            {
+                "fraction": fraction,
+                "neurons_per_layer": counts,
+                "ppl_top_wasserstein_removed": perplexity_without(model, evaluation, highest),
+                "ppl_random_removed": float(np.mean(random_ppl)),
+                "ppl_random_draws": random_ppl,
+            }
+        )
+    report = {
+        "model": model_dir,
+        "data": data,
+        "calibration_tokens": tokens,
+        "eval_tokens": sum(b["input_ids"].numel() for b in evaluation),
+        "dense_ppl": base,
+        "experiment": experiment,
+        "layers": [
+            {
+                "layer": i,
+                "mean": float(d.mean()),
+                "median": float(np.median(d)),
+                "max": float(d.max()),
+                "top_neurons": np.argsort(-d)[:16].tolist(),
+            }
+            for i, d in enumerate(per_layer)
+        ],
+    }
     with disk_guard(out), staged_dir(out, "analyze wasserstein", overwrite=overwrite) as tmp:
         (tmp / "wasserstein.json").write_text(json.dumps(report, indent=2) + "\n")
         np.savez_compressed(tmp / "distances.npz", **{f"layer_{i:02d}": d for i, d in enumerate(per_layer)})
-        plot_histograms(per_layer, tmp / "wasserstein_histograms.png", f"{Path(model_dir).name}: Wasserstein distance per FFN neuron")
+        plot_histograms(
+            per_layer,
+            tmp / "wasserstein_histograms.png",
+            f"{Path(model_dir).name}: Wasserstein distance per FFN neuron",
+        )
     return report

@@ -35,6 +35,7 @@ def _typed(convert, check, wants: str):
         if value is None or not check(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {wants}; give {wants}")
         return value
+
     parse.__name__ = wants  # argparse names the type in some messages
     return parse
 
@@ -106,7 +107,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, required_one_o
         meta, default = f.metadata, field_default(f)
         kind = _scalar(hints[f.name])
         help_text = meta.get("help", "")
-        shown = default is not dataclasses.MISSING and default is not None and default is not False and default not in ({}, [])
+        shown = (
+            default is not dataclasses.MISSING
+            and default is not None
+            and default is not False
+            and default not in ({}, [])
+        )
         if shown and "default" not in help_text:
             help_text = f"{help_text} (default: {_shown(default)})".strip()
         kwargs: dict = {"help": help_text.replace("%", "%%")}

@@ -74,9 +74,16 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_out(out: str | os.PathLike, command: str, *, flag: str = "--out", inputs: dict[str, str | os.PathLike] | None = None,
-              runs: dict[str, str | os.PathLike] | None = None, overwrite: bool = False,
-              overwrite_hint: str = "pass --overwrite to replace it") -> Path:
+def check_out(
+    out: str | os.PathLike,
+    command: str,
+    *,
+    flag: str = "--out",
+    inputs: dict[str, str | os.PathLike] | None = None,
+    runs: dict[str, str | os.PathLike] | None = None,
+    overwrite: bool = False,
+    overwrite_hint: str = "pass --overwrite to replace it",
+) -> Path:
     """Check an output directory before any work; returns it resolved.
 
     ``inputs``: what the command reads (description -> path); ``out`` may not equal, contain or lie
@@ -93,14 +100,18 @@ def check_out(out: str | os.PathLike, command: str, *, flag: str = "--out", inpu
         if not overwrite:
             raise UsageError(f"{shown} already exists; {overwrite_hint}, or choose another {flag}")
         if not written_by(target, command):
-            raise UsageError(f"{shown} exists and was not written by `lte {command}` (it has no {MARKER}), so it "
-                             f"is not replaced; choose another {flag}, or remove it yourself")
+            raise UsageError(
+                f"{shown} exists and was not written by `lte {command}` (it has no {MARKER}), so it "
+                f"is not replaced; choose another {flag}, or remove it yourself"
+            )
     check_writable(target.parent, shown)
     clean_stale(target.parent)
     return target
 
 
-def check_apart(target: Path, shown: str, inputs: dict | None = None, runs: dict | None = None, command: str = "") -> None:
+def check_apart(
+    target: Path, shown: str, inputs: dict | None = None, runs: dict | None = None, command: str = ""
+) -> None:
     """``target`` may not equal, contain or lie inside an input; nor equal or contain a run, nor lie
     inside one except as a new entry (or one ``command`` wrote)."""
     target = resolve(target)
@@ -110,20 +121,26 @@ def check_apart(target: Path, shown: str, inputs: dict | None = None, runs: dict
         run = resolve(path)
         if target == run or inside(run, target):
             relation = "is" if target == run else "contains"
-            raise UsageError(f"{shown} {relation} {what} ({run}); writing there would destroy it. Choose another directory")
+            raise UsageError(
+                f"{shown} {relation} {what} ({run}); writing there would destroy it. Choose another directory"
+            )
         if inside(target, run):
             top = run / target.relative_to(run).parts[0]
             if top.exists() and not written_by(top, command) and not _is_empty_dir(top):
-                raise UsageError(f"{shown} lies inside {top}, part of {what} ({run}); choose a new directory "
-                                 f"(for example {run / 'export-2'}) or one outside the run")
+                raise UsageError(
+                    f"{shown} lies inside {top}, part of {what} ({run}); choose a new directory "
+                    f"(for example {run / 'export-2'}) or one outside the run"
+                )
     for what, path in (inputs or {}).items():
         if not path or not Path(path).expanduser().exists():
             continue  # a hub name, or a missing file that is reported elsewhere
         source = resolve(path)
         if target == source or inside(source, target) or inside(target, source):
             relation = "is" if target == source else "contains" if inside(source, target) else "lies inside"
-            raise UsageError(f"{shown} {relation} {what} ({source}), which this command reads; writing there could "
-                             f"destroy it. Choose an output directory apart from the inputs")
+            raise UsageError(
+                f"{shown} {relation} {what} ({source}), which this command reads; writing there could "
+                f"destroy it. Choose an output directory apart from the inputs"
+            )
 
 
 def check_writable(directory: Path, shown: str) -> None:
@@ -168,8 +185,10 @@ def write_marker(directory: Path, command: str, meta: dict | None = None) -> Non
     """Write ``directory/.lte-output.json`` as a new file (renamed over any copied or hard-linked one,
     which must not be changed in place)."""
     tmp = directory / f"{MARKER}.{os.getpid()}"
-    tmp.write_text(json.dumps({"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})},
-                              indent=2) + "\n")
+    tmp.write_text(
+        json.dumps({"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}, indent=2)
+        + "\n"
+    )
     os.replace(tmp, directory / MARKER)
 
 
@@ -197,8 +216,10 @@ def replace_dir(new: Path, out: Path, command: str, overwrite: bool) -> None:
     ``command``; checked again here, since it may have appeared while the command worked."""
     if out.exists() and not _is_empty_dir(out):
         if not out.is_dir() or not overwrite or not written_by(out, command):
-            raise UsageError(f"{out} appeared or changed while `lte {command}` ran; it was left as it is. "
-                             f"Choose another output directory")
+            raise UsageError(
+                f"{out} appeared or changed while `lte {command}` ran; it was left as it is. "
+                f"Choose another output directory"
+            )
         old = _temp_name(out, "old")
         os.replace(out, old)
         os.replace(new, out)
@@ -233,8 +254,10 @@ def run_lock(directory: Path, what: str = "training"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise UsageError(f"another process (PID {other}) is {what} into {directory}; wait for it to finish or "
-                             f"stop it, or choose another output_dir") from None
+            raise UsageError(
+                f"another process (PID {other}) is {what} into {directory}; wait for it to finish or "
+                f"stop it, or choose another output_dir"
+            ) from None
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous and previous.isdigit() and int(previous) != os.getpid():
             logger.info("%s: taking over the lock of process %s, which is gone", directory, previous)

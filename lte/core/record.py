@@ -40,17 +40,42 @@ KEY_STAGES: tuple[tuple[str, frozenset[str]], ...] = (
     ("model.ffn_layout", frozenset({"prepare"})),  # read where the experts are grouped
     ("data.max_eval_tokens", frozenset({"report", "export"})),
     ("train.per_device_eval_batch_size", frozenset({"report", "export"})),
-    *((f"train.{key}", _NONE) for key in ("logging_", "report_to", "save_", "disable_tqdm", "dataloader_", "run_name",
-                                          "eval_", "push_to_hub", "hub_")),
+    *(
+        (f"train.{key}", _NONE)
+        for key in (
+            "logging_",
+            "report_to",
+            "save_",
+            "disable_tqdm",
+            "dataloader_",
+            "run_name",
+            "eval_",
+            "push_to_hub",
+            "hub_",
+        )
+    ),
     ("train.stage0.", frozenset({"stage0"})),
     ("train.stage1.", frozenset({"stage1"})),
     ("train.stage2.", frozenset({"stage2"})),
-    ("train.per_device_train_batch_size", frozenset({"stage0", "prepare", "stage1", "stage2"})),  # prepare calibrates with it
+    (
+        "train.per_device_train_batch_size",
+        frozenset({"stage0", "prepare", "stage1", "stage2"}),
+    ),  # prepare calibrates with it
     ("train.", _TRAINING),
     ("lte.stage0_steps", frozenset({"stage0"})),
     ("lte.stage2_steps", frozenset({"stage2"})),
-    *((f"lte.{key}", frozenset({"stage1"})) for key in ("eta", "target_sparsity", "lam", "sep_eps", "efficiency_loss",
-                                                        "router_learning_rate", "stage1_steps")),
+    *(
+        (f"lte.{key}", frozenset({"stage1"}))
+        for key in (
+            "eta",
+            "target_sparsity",
+            "lam",
+            "sep_eps",
+            "efficiency_loss",
+            "router_learning_rate",
+            "stage1_steps",
+        )
+    ),
     ("lte.distill_", frozenset({"stage1", "stage2"})),
     ("lte.", frozenset({"prepare"})),  # expert_size, threshold, router init, k-means: the grouping and routers
     ("lora.", frozenset({"stage1", "stage2"})),
@@ -126,8 +151,10 @@ def _show(value: Any) -> str:
 def enabled_stages(recipe: dict) -> set[str]:
     """The stages a recipe (as a dict) runs."""
     lte, export = recipe.get("lte") or {}, recipe.get("export") or {}
-    optional = {"stage0": bool(lte.get("stage0_steps")),
-                "export": export.get("target_sparsity") is not None or export.get("max_ppl_increase") is not None}
+    optional = {
+        "stage0": bool(lte.get("stage0_steps")),
+        "export": export.get("target_sparsity") is not None or export.get("max_ppl_increase") is not None,
+    }
     return {stage for stage in STAGE_ORDER if optional.get(stage, True)}
 
 
@@ -154,9 +181,12 @@ def plan_rerun(old: dict | None, new: dict, status: dict[str, str], restart_from
             f"{', '.join(f'{k} ({_show(a)} -> {_show(b)})' for k, (a, b) in changed.items() if stages_of(k))}. "
             f"They change {', '.join(blocking)}, which {'is' if len(blocking) == 1 else 'are'} already trained there, so "
             f"the run is left as it is. Either give a new output_dir=..., or add restart_from={first} to discard "
-            f"{first} and every stage after it and train them with the new settings")
+            f"{first} and every stage after it and train them with the new settings"
+        )
     discard += [s for s in stale if s not in discard]  # diverged stages restart with the new settings
-    return RerunPlan(changed=changed, discard=sorted(discard, key=order.get), update_record=old is None or bool(changed))
+    return RerunPlan(
+        changed=changed, discard=sorted(discard, key=order.get), update_record=old is None or bool(changed)
+    )
 
 
 def resolve_local(value: str | None) -> str | None:
@@ -170,14 +200,26 @@ def resolve_local(value: str | None) -> str | None:
 def resolve_paths(recipe):
     """The recipe with every local path absolute (against the current directory), so the run's
     record works from any directory."""
-    data = dataclasses.replace(recipe.data, train=",".join(resolve_local(p.strip()) for p in recipe.data.train.split(",")),
-                               eval=resolve_local(recipe.data.eval))
+    data = dataclasses.replace(
+        recipe.data,
+        train=",".join(resolve_local(p.strip()) for p in recipe.data.train.split(",")),
+        eval=resolve_local(recipe.data.eval),
+    )
     model = dataclasses.replace(recipe.model, name_or_path=resolve_local(recipe.model.name_or_path))
-    export = dataclasses.replace(recipe.export, calibration=resolve_local(recipe.export.calibration),
-                                 out=str(Path(recipe.export.out).expanduser().resolve()) if recipe.export.out else None)
+    export = dataclasses.replace(
+        recipe.export,
+        calibration=resolve_local(recipe.export.calibration),
+        out=str(Path(recipe.export.out).expanduser().resolve()) if recipe.export.out else None,
+    )
     reuse = str(Path(recipe.reuse_from).expanduser().resolve()) if recipe.reuse_from else None
-    return dataclasses.replace(recipe, data=data, model=model, export=export, reuse_from=reuse,
-                               output_dir=str(Path(recipe.output_dir).expanduser().resolve()))
+    return dataclasses.replace(
+        recipe,
+        data=data,
+        model=model,
+        export=export,
+        reuse_from=reuse,
+        output_dir=str(Path(recipe.output_dir).expanduser().resolve()),
+    )
 
 
 def read_record(output_dir: Path) -> dict | None:

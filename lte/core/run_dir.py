@@ -96,6 +96,8 @@ def stage2_model(run: PathLike) -> Path:
     if not Path(run).is_dir():
         raise UsageError(f"{run}: no such run directory; give the output_dir of an `lte train` run")
     if not is_lte_checkpoint(path):
-        raise UsageError(f"{run} has no stage-2 model ({path} is missing or incomplete); "
-                         f"finish training first: rerun `python train.py recipe=... output_dir={run}`")
+        raise UsageError(
+            f"{run} has no stage-2 model ({path} is missing or incomplete); "
+            f"finish training first: rerun `python train.py recipe=... output_dir={run}`"
+        )
     return path

@@ -32,12 +32,12 @@ import torch
 import transformers
 
 from ..core.errors import UsageError
-from ..training.config import ExportArgs
+from ..core.faults import fault_point
+from ..core.outputs import disk_guard, read_marker, staged_dir
 from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
-from ..core.faults import fault_point
 from ..model.inject import load_lte, lte_layers, unload_lte
-from ..core.outputs import disk_guard, read_marker, staged_dir
+from ..training.config import ExportArgs
 from .thresholds import ALLOCATIONS, KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
@@ -55,8 +55,9 @@ class ExportRequest(ExportArgs):
     """``lte export``: the recipe's export settings (:class:`~lte.config.ExportArgs`, the same fields
     and defaults) applied to one run; its fields are the command's flags (:mod:`lte.core.cli_args`)."""
 
-    run_dir: str = dataclasses.field(metadata={"help": "output_dir of an `lte train` run (uses RUN_DIR/stage2/model)",
-                                               "positional": True})
+    run_dir: str = dataclasses.field(
+        metadata={"help": "output_dir of an `lte train` run (uses RUN_DIR/stage2/model)", "positional": True}
+    )
     out: str = dataclasses.field(metadata={"help": "Directory to write the exported checkpoint to."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Replace --out if it exists."})
 
@@ -70,7 +71,9 @@ class ExportRequest(ExportArgs):
         if (self.target_sparsity is None) == (self.max_ppl_increase is None):
             raise UsageError("give exactly one of --target-sparsity S or --max-ppl-increase P")
         if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
-            raise UsageError(f"--target-sparsity {self.target_sparsity} must lie in [0, 1) (0.5 skips half the FFN neurons)")
+            raise UsageError(
+                f"--target-sparsity {self.target_sparsity} must lie in [0, 1) (0.5 skips half the FFN neurons)"
+            )
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise UsageError(f"--max-ppl-increase {self.max_ppl_increase} must be a positive percentage (5 means +5%)")
         if self.calibration_tokens < 1:
@@ -78,24 +81,39 @@ class ExportRequest(ExportArgs):
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
         if self.calibration is not None and not Path(self.calibration).is_file():
-            raise UsageError(f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file")
+            raise UsageError(
+                f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file"
+            )
         model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
-        from ..training.config import load_run_recipe
         from ..core.outputs import check_out
+        from ..training.config import load_run_recipe
 
         recipe = load_run_recipe(self.run_dir)
-        check_out(self.out, "export", overwrite=self.overwrite, runs={"the run": self.run_dir},
-                  inputs={"the run's stage-2 model": model, "--calibration": self.calibration,
-                          "the run's model (its tokenizer)": recipe.model.name_or_path, "the run's data.eval": recipe.data.eval,
-                          **{f"the run's data.train ({p})": p for p in recipe.data.train.split(",")}})
+        check_out(
+            self.out,
+            "export",
+            overwrite=self.overwrite,
+            runs={"the run": self.run_dir},
+            inputs={
+                "the run's stage-2 model": model,
+                "--calibration": self.calibration,
+                "the run's model (its tokenizer)": recipe.model.name_or_path,
+                "the run's data.eval": recipe.data.eval,
+                **{f"the run's data.train ({p})": p for p in recipe.data.train.split(",")},
+            },
+        )
 
     def settings(self) -> dict:
         """What the export's thresholds depend on, besides the run's stage-2 model (kept in its marker)."""
         from ..core.record import resolve_local
 
-        return {"target_sparsity": self.target_sparsity, "max_ppl_increase": self.max_ppl_increase,
-                "allocation": self.allocation, "calibration": resolve_local(self.calibration),
-                "calibration_tokens": self.calibration_tokens}
+        return {
+            "target_sparsity": self.target_sparsity,
+            "max_ppl_increase": self.max_ppl_increase,
+            "allocation": self.allocation,
+            "calibration": resolve_local(self.calibration),
+            "calibration_tokens": self.calibration_tokens,
+        }
 
 
 class ExportRefused(UsageError, RuntimeError):
@@ -112,13 +130,16 @@ def below_trained_sparsity(trained: float | None, target: float, margin: float =
     "A second, larger model")."""
     if trained is None or target >= trained - margin:
         return None
-    return (f"trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch experts back "
-            f"on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. For a sparsity "
-            f"well below it, train a run that reaches it.")
+    return (
+        f"trained at {100 * trained:.1f}% FFN sparsity; at {100 * target:.1f}% the thresholds switch experts back "
+        f"on that stage 2 adapted the model to skip, which can be worse than the trained sparsity. For a sparsity "
+        f"well below it, train a run that reaches it."
+    )
 
 
-def calibration_data(request: ExportRequest, recipe, tokenizer, data,
-                     keys: tuple[str, str] = ("--calibration", "--calibration-tokens")):
+def calibration_data(
+    request: ExportRequest, recipe, tokenizer, data, keys: tuple[str, str] = ("--calibration", "--calibration-tokens")
+):
     """The calibration blocks: the first ``calibration_tokens`` tokens of the run's training
     data (``data.train``), or of ``--calibration FILE``; ``keys`` name the two settings in messages
     (the recipe's ``export.calibration``/``export.calibration_tokens`` when the pipeline checks them)."""
@@ -136,16 +157,20 @@ def calibration_data(request: ExportRequest, recipe, tokenizer, data,
             blocks = []
     available = sum(len(row["input_ids"]) for row in blocks)
     if available < request.calibration_tokens:
-        raise UsageError(f"{source} has only {available} tokens (in blocks of {recipe.data.block_size}), fewer than "
-                         f"{keys[1]} {request.calibration_tokens}; give more text ({keys[0]}) or fewer tokens")
+        raise UsageError(
+            f"{source} has only {available} tokens (in blocks of {recipe.data.block_size}), fewer than "
+            f"{keys[1]} {request.calibration_tokens}; give more text ({keys[0]}) or fewer tokens"
+        )
     return blocks
 
 
 def base_architecture(model) -> str:
     name = type(model).__name__
     if getattr(transformers, name, None) is not type(model):
-        raise UsageError(f"cannot export {name}: the exported code subclasses the model class, so it must ship with "
-                         f"transformers (remote-code base models are not supported yet)")
+        raise UsageError(
+            f"cannot export {name}: the exported code subclasses the model class, so it must ship with "
+            f"transformers (remote-code base models are not supported yet)"
+        )
     return name
 
 
@@ -159,8 +184,15 @@ def to_routed(model, thresholds: list[float]):
 
     layers = lte_layers(model)
     paths = {id(module): name for name, module in model.named_modules()}
-    hosts = [{"path": paths[id(layer)], "first": list(layer.spec.first), "down": layer.spec.down,
-              "fused_chunks": layer.spec.fused_chunks} for layer in layers]
+    hosts = [
+        {
+            "path": paths[id(layer)],
+            "first": list(layer.spec.first),
+            "down": layer.spec.down,
+            "fused_chunks": layer.spec.fused_chunks,
+        }
+        for layer in layers
+    ]
     if len({layer.expert_size for layer in layers}) != 1:
         raise UsageError("cannot export a model whose FFN layers have different expert sizes")
     routers = [layer.lte_router for layer in layers]
@@ -178,8 +210,21 @@ def to_routed(model, thresholds: list[float]):
 
 
 # Loader arguments that tokenizers keep in ``init_kwargs`` and ``save_pretrained`` writes back.
-TOKENIZER_LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
-                         "subfolder", "trust_remote_code", "use_auth_token", "resume_download", "_commit_hash", "_from_auto")
+TOKENIZER_LOADER_KEYS = (
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "use_auth_token",
+    "resume_download",
+    "_commit_hash",
+    "_from_auto",
+)
 
 
 def base_use_cache(config) -> bool:
@@ -217,7 +262,9 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     source = (REMOTE_DIR / "configuration_lte.py").read_text()
     if BASE_LINE not in source:
         raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")
-    (directory / "configuration_lte.py").write_text(source.replace(BASE_LINE, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`'))
+    (directory / "configuration_lte.py").write_text(
+        source.replace(BASE_LINE, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`')
+    )
 
 
 def validation_inputs(batches) -> list[dict]:
@@ -244,26 +291,35 @@ def validate_export(directory: Path, inputs: list[dict], expected: list[torch.Te
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype).to(device).eval()
-    broken = [name for name, tensor in exported.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = [
+        name
+        for name, tensor in exported.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if broken:
-        raise ExportRefused(f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
-                           f"{', ...' if len(broken) > 3 else ''}); the trained model is broken, nothing was written. "
-                           f"Export an earlier checkpoint or retrain with a lower learning rate")
+        raise ExportRefused(
+            f"export validation failed: {len(broken)} weight(s) hold NaN or inf ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}); the trained model is broken, nothing was written. "
+            f"Export an earlier checkpoint or retrain with a lower learning rate"
+        )
     worst = 0.0
     for index, (x, want) in enumerate(zip(inputs, expected, strict=True)):
         got = exported(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu()
         for name, logits in (("exported", got), ("trained", want)):
             if not torch.isfinite(logits).all():
-                raise ExportRefused(f"export validation failed: the {name} model's logits on validation input {index} "
-                                   f"hold NaN or inf; nothing was written. Check the run's dtype (fp16 overflows; "
-                                   f"use bf16 or fp32) and its training loss")
+                raise ExportRefused(
+                    f"export validation failed: the {name} model's logits on validation input {index} "
+                    f"hold NaN or inf; nothing was written. Check the run's dtype (fp16 overflows; "
+                    f"use bf16 or fp32) and its training loss"
+                )
         error = float((got - want).norm() / want.norm().clamp_min(1e-12))
         worst = max(worst, error)
     tolerance = VALIDATION_TOLERANCE.get(dtype, 3e-2)
     if not worst <= tolerance:
-        raise ExportRefused(f"export validation failed: the exported model's logits differ from the trained model's "
-                           f"by {worst:.2e} (relative), above {tolerance:.0e}; nothing was written")
+        raise ExportRefused(
+            f"export validation failed: the exported model's logits differ from the trained model's "
+            f"by {worst:.2e} (relative), above {tolerance:.0e}; nothing was written"
+        )
     del exported
     return worst
 
@@ -276,14 +332,26 @@ def plot_export(report: dict, path: Path) -> None:
 
     layers = range(len(report["per_layer_sparsity"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 3.4))
-    ax.bar([i - 0.2 for i in layers], [100 * s for s in report["per_layer_sparsity"]], width=0.4,
-           label=f"{report['allocation']} (held-out)")
-    ax.bar([i + 0.2 for i in layers], [100 * s for s in report["uniform_per_layer_sparsity"]], width=0.4,
-           color="tab:gray", label="uniform (held-out)")
+    ax.bar(
+        [i - 0.2 for i in layers],
+        [100 * s for s in report["per_layer_sparsity"]],
+        width=0.4,
+        label=f"{report['allocation']} (held-out)",
+    )
+    ax.bar(
+        [i + 0.2 for i in layers],
+        [100 * s for s in report["uniform_per_layer_sparsity"]],
+        width=0.4,
+        color="tab:gray",
+        label="uniform (held-out)",
+    )
     ax.axhline(100 * report["target_sparsity"], color="tab:red", linestyle="--", label="target")
     ax.set(xlabel="layer", ylabel="FFN neurons skipped (%)", ylim=(0, 100))
-    ax.set_title(f"held-out ppl {report['sparse_ppl']:.3f} ({report['allocation']}) vs {report['uniform_ppl']:.3f} "
-                 f"(uniform); dense {report['dense_ppl']:.3f}", fontsize=9)
+    ax.set_title(
+        f"held-out ppl {report['sparse_ppl']:.3f} ({report['allocation']}) vs {report['uniform_ppl']:.3f} "
+        f"(uniform); dense {report['dense_ppl']:.3f}",
+        fontsize=9,
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -295,8 +363,16 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     from ..training.config import load_run_recipe
     from ..training.data import LMData, build_data
     from ..training.evaluate import evaluate_lm
-    from ..training.loading import (DTYPES, calibration_batches, collator_for, layout_report, layout_results, load_report,
-                          load_tokenizer, model_kwargs)
+    from ..training.loading import (
+        DTYPES,
+        calibration_batches,
+        collator_for,
+        layout_report,
+        layout_results,
+        load_report,
+        load_tokenizer,
+        model_kwargs,
+    )
 
     request.validate()
     run_dir = Path(request.run_dir)
@@ -307,7 +383,9 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     data = build_data(recipe.data, tokenizer, recipe.seed)
     blocks = calibration_data(request, recipe, tokenizer, data)
     batch_size = recipe.train.get("per_device_eval_batch_size", 8)
-    batches = calibration_batches(LMData(blocks, data.eval, data.padded), tokenizer, request.calibration_tokens, batch_size)
+    batches = calibration_batches(
+        LMData(blocks, data.eval, data.padded), tokenizer, request.calibration_tokens, batch_size
+    )
     dtype = DTYPES[recipe.model.dtype]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
@@ -317,21 +395,34 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     if request.target_sparsity is not None:
         if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):
             logger.warning("export: %s %s", run_dir, warning)
-        logger.info("export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
-                    100 * request.target_sparsity, request.calibration_tokens, request.allocation)
+        logger.info(
+            "export: tuning thresholds for %.1f%% FFN sparsity on %d calibration tokens (%s allocation)",
+            100 * request.target_sparsity,
+            request.calibration_tokens,
+            request.allocation,
+        )
         calib_dense_ppl = math.exp(dense_nll(model, batches))
         fault_point("export:tuning")  # test-only
-        chosen, uniform = choose_thresholds(model, batches, request.target_sparsity, request.allocation, progress=progress)
+        chosen, uniform = choose_thresholds(
+            model, batches, request.target_sparsity, request.allocation, progress=progress
+        )
         target = request.target_sparsity
     else:
-        logger.info("export: searching the highest sparsity within +%.1f%% calibration perplexity", request.max_ppl_increase)
+        logger.info(
+            "export: searching the highest sparsity within +%.1f%% calibration perplexity", request.max_ppl_increase
+        )
         fault_point("export:tuning")  # test-only
-        chosen, calib_dense_ppl = max_sparsity_within(model, batches, request.max_ppl_increase / 100, request.allocation,
-                                                      progress=progress)
+        chosen, calib_dense_ppl = max_sparsity_within(
+            model, batches, request.max_ppl_increase / 100, request.allocation, progress=progress
+        )
         target = round(chosen.sparsity, 4)
         _, uniform = choose_thresholds(model, batches, target, "uniform", progress=progress)
-        logger.info("export: %.1f%% sparsity keeps calibration ppl at %.4f (dense routing %.4f)", 100 * target, chosen.ppl,
-                    calib_dense_ppl)
+        logger.info(
+            "export: %.1f%% sparsity keeps calibration ppl at %.4f (dense routing %.4f)",
+            100 * target,
+            chosen.ppl,
+            calib_dense_ppl,
+        )
 
     # Held-out: the run's eval split, which calibration never reads.
     collator = collator_for(data, tokenizer)
@@ -345,8 +436,11 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     layouts |= layout_results("sparse", model, data, tokenizer, batch_size)
     original_ppl = run_report.get("dense_ppl")
 
-    marker = {"source_run": str(run_dir.resolve()), "settings": {**request.settings(), **heldout_settings(recipe.to_dict())},
-              "stage2_id": (read_marker(source) or {}).get("id")}
+    marker = {
+        "source_run": str(run_dir.resolve()),
+        "settings": {**request.settings(), **heldout_settings(recipe.to_dict())},
+        "stage2_id": (read_marker(source) or {}).get("id"),
+    }
     with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])
         expected = reference_logits(model, inputs)
@@ -396,13 +490,18 @@ def summary(report: dict, out: str | os.PathLike) -> str:
 
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
     original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""
-    return (f"\nLTE export written: {out}\n"
-            f"  FFN sparsity  target {100 * report['target_sparsity']:.1f}%, calibration "
-            f"{100 * report['calibration_sparsity']:.1f}%, held-out {100 * report['heldout_sparsity']:.1f}% "
-            f"({report['allocation']} allocation; per layer: {per_layer})\n"
-            f"  held-out ppl  sparse {report['sparse_ppl']:.4f} vs all experts {report['dense_ppl']:.4f} "
-            f"({100 * report['ppl_increase']:+.2f}%){original}; uniform allocation {report['uniform_ppl']:.4f}\n"
-            + (f"  layouts       sparse: {layout_summary(report['layouts'])}\n"
-               f"                all experts: {layout_summary(report['layouts'], 'dense')}\n" if report.get("layouts") else "")
-            + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
-
+    return (
+        f"\nLTE export written: {out}\n"
+        f"  FFN sparsity  target {100 * report['target_sparsity']:.1f}%, calibration "
+        f"{100 * report['calibration_sparsity']:.1f}%, held-out {100 * report['heldout_sparsity']:.1f}% "
+        f"({report['allocation']} allocation; per layer: {per_layer})\n"
+        f"  held-out ppl  sparse {report['sparse_ppl']:.4f} vs all experts {report['dense_ppl']:.4f} "
+        f"({100 * report['ppl_increase']:+.2f}%){original}; uniform allocation {report['uniform_ppl']:.4f}\n"
+        + (
+            f"  layouts       sparse: {layout_summary(report['layouts'])}\n"
+            f"                all experts: {layout_summary(report['layouts'], 'dense')}\n"
+            if report.get("layouts")
+            else ""
+        )
+        + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+    )

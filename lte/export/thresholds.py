@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..training.evaluate import EvalResult, evaluate_batches
 from ..core.errors import warn_deprecated
-from ..training.config import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
 from ..model.inject import lte_layers, set_lte_routing
 from ..model.layers import collect_router_scores
+from ..training.config import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
+from ..training.evaluate import EvalResult, evaluate_batches
 
 logger = logging.getLogger("lte")
 
@@ -216,8 +216,9 @@ def evaluate_allocation(model, batches, allocation: str, targets: list[float], p
     return Thresholds(result.nll, result.tokens, result.per_layer_sparsity, allocation, targets, thresholds)
 
 
-def choose_thresholds(model, batches, target: float, allocation: str = "tuned", sens: Sensitivity | None = None,
-                      progress: bool = True) -> tuple[Thresholds, Thresholds | None]:
+def choose_thresholds(
+    model, batches, target: float, allocation: str = "tuned", sens: Sensitivity | None = None, progress: bool = True
+) -> tuple[Thresholds, Thresholds | None]:
     """Thresholds for ``target`` sparsity; returns (chosen, the uniform allocation's result).
 
     ``tuned`` is kept only when its joint calibration loss is no worse than uniform's.
@@ -232,14 +233,18 @@ def choose_thresholds(model, batches, target: float, allocation: str = "tuned", 
     tuned = evaluate_allocation(model, batches, "tuned", allocate(sens, target), progress)
     chosen = tuned if tuned.nll <= uniform.nll else uniform
     if chosen is uniform:
-        logger.info("tuned allocation (calibration ppl %.4f) is not better than uniform (%.4f): keeping uniform",
-                    tuned.ppl, uniform.ppl)
+        logger.info(
+            "tuned allocation (calibration ppl %.4f) is not better than uniform (%.4f): keeping uniform",
+            tuned.ppl,
+            uniform.ppl,
+        )
     set_thresholds(model, chosen.thresholds)
     return chosen, uniform
 
 
-def max_sparsity_within(model, batches, max_ppl_increase: float, allocation: str = "tuned", resolution: float = 0.01,
-                        progress: bool = True) -> tuple[Thresholds, float]:
+def max_sparsity_within(
+    model, batches, max_ppl_increase: float, allocation: str = "tuned", resolution: float = 0.01, progress: bool = True
+) -> tuple[Thresholds, float]:
     """The highest sparsity whose calibration perplexity stays within ``max_ppl_increase``
     (a fraction, 0.05 = 5%) of the dense-routing model's; returns (thresholds, dense ppl)."""
     n = len(lte_layers(model))

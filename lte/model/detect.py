@@ -34,9 +34,11 @@ from .registry import FFNSpec, base_projection, in_out, layout_from_list, spec_f
 
 logger = logging.getLogger("lte")
 
-RECIPE_HINT = ("if it is not an FFN, or to name the FFN yourself, set the recipe key model.ffn_layout (then only the "
-               "modules it names are FFNs), e.g. model.ffn_layout='{first: [gate_proj, up_proj], down: down_proj, "
-               "cluster_on: gate_proj}' (or one such entry per host class name: '{MyMLP: {first: [...], down: ...}}')")
+RECIPE_HINT = (
+    "if it is not an FFN, or to name the FFN yourself, set the recipe key model.ffn_layout (then only the "
+    "modules it names are FFNs), e.g. model.ffn_layout='{first: [gate_proj, up_proj], down: down_proj, "
+    "cluster_on: gate_proj}' (or one such entry per host class name: '{MyMLP: {first: [...], down: ...}}')"
+)
 TRACE_TOKENS = 8
 
 
@@ -122,10 +124,12 @@ def _check_shapes(path: str, module: nn.Module, spec: FFNSpec) -> None:
     width, d_model = in_out(module.get_submodule(spec.down))
     shapes = {n: in_out(module.get_submodule(n)) for n in spec.first}
     if any(shape != (d_model, spec.fused_chunks * width) for shape in shapes.values()):
-        raise UsageError(f"the FFN layout given for {path} ({type(module).__name__}) does not fit its weights: {spec.down} "
-                         f"maps {width} -> {d_model}, so each of {list(spec.first)} must map {d_model} -> "
-                         f"{spec.fused_chunks * width} (fused_chunks={spec.fused_chunks}), but they map "
-                         f"{ {n: f'{i} -> {o}' for n, (i, o) in shapes.items()} }")
+        raise UsageError(
+            f"the FFN layout given for {path} ({type(module).__name__}) does not fit its weights: {spec.down} "
+            f"maps {width} -> {d_model}, so each of {list(spec.first)} must map {d_model} -> "
+            f"{spec.fused_chunks * width} (fused_chunks={spec.fused_chunks}), but they map "
+            f"{ {n: f'{i} -> {o}' for n, (i, o) in shapes.items()} }"
+        )
 
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -167,22 +171,34 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
     paths = [c.path for c in found]
     found = [c for c in found if not any(p != c.path and (not c.path or p.startswith(c.path + ".")) for p in paths)]
     if (reason := moe_reason(model, found)) is not None:
-        raise UsageError(f"MoE models are not supported yet: {type(model).__name__} is a mixture of experts ({reason}). "
-                         f"LTE groups the neurons of a dense FFN into experts behind one router; inside an MoE layer the "
-                         f"model's own router already picks experts, and routing within each routed expert (with its fused "
-                         f"expert tensors) is not built. Use a dense model.")
+        raise UsageError(
+            f"MoE models are not supported yet: {type(model).__name__} is a mixture of experts ({reason}). "
+            f"LTE groups the neurons of a dense FFN into experts behind one router; inside an MoE layer the "
+            f"model's own router already picks experts, and routing within each routed expert (with its fused "
+            f"expert tensors) is not built. Use a dense model."
+        )
     if not found:
-        names = sorted({type(m).__name__ for n, m in model.named_modules()
-                        if n and _projections(m, 1) and not isinstance(m, nn.ModuleList)})
-        raise UsageError(f"no FFN found in {type(model).__name__}: no module has one projection F -> d and one or two "
-                         f"d -> F (modules with projections: [{', '.join(names) or 'none'}]); {RECIPE_HINT}")
+        names = sorted(
+            {
+                type(m).__name__
+                for n, m in model.named_modules()
+                if n and _projections(m, 1) and not isinstance(m, nn.ModuleList)
+            }
+        )
+        raise UsageError(
+            f"no FFN found in {type(model).__name__}: no module has one projection F -> d and one or two "
+            f"d -> F (modules with projections: [{', '.join(names) or 'none'}]); {RECIPE_HINT}"
+        )
     return found
 
 
 def ffn_widths(model: nn.Module, recipe_layout: dict | None = None, saved: list[dict] | None = None) -> dict[str, int]:
     """Each FFN's width (its neuron count), from a saved layout or the module tree; works on meta."""
     if saved:
-        return {path: in_out(model.get_submodule(f"{path}.{spec.down}"))[0] for path, spec in layout_from_list(saved).items()}
+        return {
+            path: in_out(model.get_submodule(f"{path}.{spec.down}"))[0]
+            for path, spec in layout_from_list(saved).items()
+        }
     return {c.path: in_out(c.host.get_submodule(c.down))[0] for c in candidates(model, recipe_layout)}
 
 
@@ -230,6 +246,7 @@ def _trace(model: nn.Module, found: list[Candidate], inputs: dict) -> tuple[_Tra
 
         handles.append(c.host.register_forward_pre_hook(on_host, with_kwargs=True))
         for name in (*c.first, c.down):
+
             def on_projection(module, args, path=c.path, name=name):
                 if name not in trace.inputs[path]:
                     trace.order[path].append(name)
@@ -273,7 +290,7 @@ def _capture_down(c: Candidate, call: tuple, scale: tuple[str, int] | None = Non
                 return -output
             width = output.shape[-1] // c.fused_chunks
             out = output.clone()
-            out[..., chunk * width:(chunk + 1) * width] *= -1
+            out[..., chunk * width : (chunk + 1) * width] *= -1
             return out
 
         hooks.append((c.host.get_submodule(name), "post", scaled))
@@ -300,12 +317,16 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
     nonlinear = [probe for probe, lin in zip(probes, linear, strict=True) if not lin]
     if len(nonlinear) != 1:
         what = f"projections {list(c.first)}" if c.fused_chunks == 1 else f"{c.fused_chunks} blocks of {c.first[0]}"
-        raise UsageError(f"cannot tell the gate of the FFN candidate {c.path or 'the model'} ({type(c.host).__name__}): "
-                         f"{len(nonlinear)} of its {what} act non-linearly; {RECIPE_HINT}")
+        raise UsageError(
+            f"cannot tell the gate of the FFN candidate {c.path or 'the model'} ({type(c.host).__name__}): "
+            f"{len(nonlinear)} of its {what} act non-linearly; {RECIPE_HINT}"
+        )
     name, chunk = nonlinear[0]
     if chunk > 0:
-        raise UsageError(f"the fused projection {c.path}.{name} stacks the gate in block {chunk}, not first; LTE needs the "
-                         f"gate block first. Not supported yet for {type(c.host).__name__}.")
+        raise UsageError(
+            f"the fused projection {c.path}.{name} stacks the gate in block {chunk}, not first; LTE needs the "
+            f"gate block first. Not supported yet for {type(c.host).__name__}."
+        )
     return name
 
 
@@ -314,17 +335,23 @@ def _order(c: Candidate, trace: _Trace) -> tuple[str, ...]:
     where = f"{c.path} ({type(c.host).__name__})"
     missing = [n for n in (*c.first, c.down) if n not in order]
     if missing:
-        raise UsageError(f"the FFN candidate {where} did not call {missing} in a traced forward (first={list(c.first)}, "
-                         f"down={c.down}); {RECIPE_HINT}")
+        raise UsageError(
+            f"the FFN candidate {where} did not call {missing} in a traced forward (first={list(c.first)}, "
+            f"down={c.down}); {RECIPE_HINT}"
+        )
     if order[-1] != c.down:
-        raise UsageError(f"the FFN candidate {where} calls {order[-1]} after its down projection {c.down} "
-                         f"(call order {order}); {RECIPE_HINT}")
+        raise UsageError(
+            f"the FFN candidate {where} calls {order[-1]} after its down projection {c.down} "
+            f"(call order {order}); {RECIPE_HINT}"
+        )
     first = tuple(n for n in order if n != c.down)
     x = trace.inputs[c.path][first[0]]
     for name in first[1:]:
         if not torch.equal(trace.inputs[c.path][name], x):
-            raise UsageError(f"the projections {list(first)} of {where} read different inputs, so none of them is the FFN "
-                             f"input a router can read; {RECIPE_HINT}")
+            raise UsageError(
+                f"the projections {list(first)} of {where} read different inputs, so none of them is the FFN "
+                f"input a router can read; {RECIPE_HINT}"
+            )
     return first
 
 
@@ -348,14 +375,23 @@ def _check_neurons_independent(path: str, host: nn.Module, spec: FFNSpec, call: 
     base, bumped = seen[0], seen[-1]
     outside = (bumped - base)[..., size:]
     if float(outside.norm()) > 1e-6 * float(base.norm().clamp_min(1e-12)):
-        raise UsageError(f"the FFN at {path} ({type(host).__name__}) mixes its neurons between {spec.first[0]} and "
-                         f"{spec.down} (changing {size} neurons changed others, e.g. a norm over the intermediate "
-                         f"activations), so skipped experts could not be left uncomputed; LTE does not support this FFN")
+        raise UsageError(
+            f"the FFN at {path} ({type(host).__name__}) mixes its neurons between {spec.first[0]} and "
+            f"{spec.down} (changing {size} neurons changed others, e.g. a norm over the intermediate "
+            f"activations), so skipped experts could not be left uncomputed; LTE does not support this FFN"
+        )
 
 
 @torch.no_grad()
-def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: torch.Tensor, inputs: dict,
-           group: int, tolerance: float) -> None:
+def _prove(
+    model: nn.Module,
+    layout: dict[str, FFNSpec],
+    trace: _Trace,
+    logits: torch.Tensor,
+    inputs: dict,
+    group: int,
+    tolerance: float,
+) -> None:
     from .grouping import permute_neurons
 
     for path, spec in layout.items():
@@ -371,8 +407,10 @@ def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: 
 
         masked = _replay(host, call, [(host.get_submodule(spec.down), "pre", mask)])
         if _close(masked.float(), base.float(), 0.0):
-            raise UsageError(f"masking FFN neurons at the input of {path}.{spec.down} does not change the output of "
-                             f"{path} ({type(host).__name__}), so it is not that FFN's down projection; {RECIPE_HINT}")
+            raise UsageError(
+                f"masking FFN neurons at the input of {path}.{spec.down} does not change the output of "
+                f"{path} ({type(host).__name__}), so it is not that FFN's down projection; {RECIPE_HINT}"
+            )
         _check_neurons_independent(path, host, spec, call, size)
     generator = torch.Generator().manual_seed(0)
     orders = {}
@@ -387,9 +425,11 @@ def _prove(model: nn.Module, layout: dict[str, FFNSpec], trace: _Trace, logits: 
             permute_neurons(model.get_submodule(path), spec, torch.argsort(orders[path]))
     if not _close(permuted, logits, tolerance):
         err = float((permuted - logits).norm() / logits.norm().clamp_min(1e-12))
-        raise UsageError(f"permuting the neurons of the detected FFNs changes {type(model).__name__}'s logits "
-                         f"(relative error {err:.1e}), so the layout is wrong for some of "
-                         f"{sorted({type(model.get_submodule(p)).__name__ for p in layout})}; {RECIPE_HINT}")
+        raise UsageError(
+            f"permuting the neurons of the detected FFNs changes {type(model).__name__}'s logits "
+            f"(relative error {err:.1e}), so the layout is wrong for some of "
+            f"{sorted({type(model.get_submodule(p)).__name__ for p in layout})}; {RECIPE_HINT}"
+        )
 
 
 @torch.no_grad()
@@ -401,9 +441,11 @@ def detect_layout(model: nn.Module, recipe_layout: dict | None = None, group: in
     """
     found = candidates(model, recipe_layout)
     if any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters()):
-        raise UsageError("FFN detection needs the model's full weights (it traces one forward); this model is on the "
-                         "meta device or partitioned by ZeRO-3. Detection runs in the prepare step, which saves the "
-                         "layout in lte_config.json (ffn_hosts); a run written before that must be prepared again.")
+        raise UsageError(
+            "FFN detection needs the model's full weights (it traces one forward); this model is on the "
+            "meta device or partitioned by ZeRO-3. Detection runs in the prepare step, which saves the "
+            "layout in lte_config.json (ffn_hosts); a run written before that must be prepared again."
+        )
     was_training = model.training
     model.eval()
     inputs = _model_inputs(model)
@@ -413,15 +455,21 @@ def detect_layout(model: nn.Module, recipe_layout: dict | None = None, group: in
         layout = {}
         for c in found:
             if c.path not in trace.host_call:
-                logger.warning("FFN detection: %s (%s) is never called by a forward; left dense", c.path, type(c.host).__name__)
+                logger.warning(
+                    "FFN detection: %s (%s) is never called by a forward; left dense", c.path, type(c.host).__name__
+                )
                 continue
             called = trace.order[c.path]
             c = next((r for r in [c, *(c.alternatives or [])] if called and called[-1] == r.down), c)
             first = _order(c, trace)
             if c.spec is not None:
-                layout[c.path] = FFNSpec(first=first, down=c.down, cluster_on=c.spec.cluster_on, fused_chunks=c.fused_chunks)
+                layout[c.path] = FFNSpec(
+                    first=first, down=c.down, cluster_on=c.spec.cluster_on, fused_chunks=c.fused_chunks
+                )
                 continue
-            cluster_on = _gate(Candidate(c.path, c.host, first, c.down, c.fused_chunks), trace.host_call[c.path], tolerance)
+            cluster_on = _gate(
+                Candidate(c.path, c.host, first, c.down, c.fused_chunks), trace.host_call[c.path], tolerance
+            )
             layout[c.path] = FFNSpec(first=first, down=c.down, cluster_on=cluster_on, fused_chunks=c.fused_chunks)
         if not layout:
             raise UsageError(f"no FFN of {type(model).__name__} runs in a forward; {RECIPE_HINT}")
@@ -436,7 +484,9 @@ def describe(layout: dict[str, FFNSpec]) -> str:
     groups: dict[FFNSpec, int] = {}
     for spec in layout.values():
         groups[spec] = groups.get(spec, 0) + 1
-    return "; ".join(f"first={list(s.first)} down={s.down} cluster_on={s.cluster_on}"
-                     + (f" fused_chunks={s.fused_chunks}" if s.fused_chunks > 1 else "") + f" ({n} FFNs)"
-                     for s, n in groups.items())
-
+    return "; ".join(
+        f"first={list(s.first)} down={s.down} cluster_on={s.cluster_on}"
+        + (f" fused_chunks={s.fused_chunks}" if s.fused_chunks > 1 else "")
+        + f" ({n} FFNs)"
+        for s, n in groups.items()
+    )

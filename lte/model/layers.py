@@ -66,9 +66,17 @@ def collect_router_scores():
 class LTEMLP(nn.Module):
     """Wraps one FFN host module; see the module docstring for the routings."""
 
-    def __init__(self, base_layer: nn.Module, spec: FFNSpec, expert_size: int, layer_index: int,
-                 threshold: float = 0.5, router_bias: bool = False, detach_router_input: bool = False,
-                 tau: float | None = None):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        spec: FFNSpec,
+        expert_size: int,
+        layer_index: int,
+        threshold: float = 0.5,
+        router_bias: bool = False,
+        detach_router_input: bool = False,
+        tau: float | None = None,
+    ):
         super().__init__()
         first = base_layer.get_submodule(spec.first[0])
         down = base_layer.get_submodule(spec.down)
@@ -144,8 +152,11 @@ class LTEMLP(nn.Module):
         self._scores = scores
         records = _collector.get()
         if records is not None:
-            records.append(RouterRecord(self.layer_index, scores.reshape(-1, self.num_experts), self.trained_threshold,
-                                         self.threshold))
+            records.append(
+                RouterRecord(
+                    self.layer_index, scores.reshape(-1, self.num_experts), self.trained_threshold, self.threshold
+                )
+            )
         return None
 
     def _mask(self, module, args):
@@ -172,8 +183,10 @@ class LTEMLP(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, expert_size={self.expert_size}, "
-                f"trained_threshold={self.trained_threshold}, threshold={self.threshold}, routing={self.routing}")
+        return (
+            f"experts={self.num_experts}, expert_size={self.expert_size}, "
+            f"trained_threshold={self.trained_threshold}, threshold={self.threshold}, routing={self.routing}"
+        )
 
     @property
     def mode(self) -> str:

@@ -53,8 +53,12 @@ class FFNSpec:
         unknown = set(data) - {"first", "down", "cluster_on", "fused_chunks", "path"}
         if unknown:
             raise ValueError(f"unknown FFN layout keys {sorted(unknown)}; valid: first, down, cluster_on, fused_chunks")
-        return cls(first=first, down=str(data["down"]), cluster_on=str(data.get("cluster_on") or first[0]),
-                   fused_chunks=int(data.get("fused_chunks", 1)))
+        return cls(
+            first=first,
+            down=str(data["down"]),
+            cluster_on=str(data.get("cluster_on") or first[0]),
+            fused_chunks=int(data.get("fused_chunks", 1)),
+        )
 
 
 # Overrides: host module class name -> spec. Empty by default: every architecture goes through

@@ -78,8 +78,10 @@ def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.T
     device = next(model.parameters()).device
     try:
         for batch in tqdm(batches, desc="Calibrating routers", leave=False):
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None)
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -89,8 +91,9 @@ def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.T
     return {i: (torch.cat(inputs[i]), torch.cat(importance[i])) for i in inputs}
 
 
-def fit_router(router: nn.Linear, x: torch.Tensor, importance: torch.Tensor, sparsity: float, steps: int = 200,
-               lr: float = 1e-2) -> float:
+def fit_router(
+    router: nn.Linear, x: torch.Tensor, importance: torch.Tensor, sparsity: float, steps: int = 200, lr: float = 1e-2
+) -> float:
     """Logistic regression of "expert needed" (importance above the ``sparsity`` quantile) on x.
 
     Returns the fitted router's agreement with the labels.
@@ -115,7 +118,9 @@ def fit_router(router: nn.Linear, x: torch.Tensor, importance: torch.Tensor, spa
         return ((logits > 0).float() == labels).float().mean().item()
 
 
-def calibrate_routers(model: nn.Module, batches, sparsity: float = 0.5, steps: int = 200, lr: float = 1e-2) -> list[float]:
+def calibrate_routers(
+    model: nn.Module, batches, sparsity: float = 0.5, steps: int = 200, lr: float = 1e-2
+) -> list[float]:
     """Fit every router to its layer's expert importance; returns per-layer label agreement."""
     targets = collect_router_targets(model, batches)
     agreement = []

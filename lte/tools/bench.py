@@ -88,14 +88,24 @@ def run_counting_skips(model, fn):
 
 
 @torch.no_grad()
-def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, expert_size: int = 32, repeats: int = 20,
-                 device: str = "cpu", progress: bool = True) -> list[KernelRow]:
+def bench_kernel(
+    shapes,
+    sparsities,
+    dtype: str = "float32",
+    batch: int = 1,
+    expert_size: int = 32,
+    repeats: int = 20,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[KernelRow]:
     from tqdm.auto import tqdm
 
     if device != "cpu":
         raise UsageError("--device cuda: the GPU (Triton) kernel is not built yet; use --device cpu")
     if not 1 <= batch <= 8:
-        raise UsageError(f"--batch {batch}: the CPU kernel covers 1 to 8 tokens (larger batches run the dense masked path)")
+        raise UsageError(
+            f"--batch {batch}: the CPU kernel covers 1 to 8 tokens (larger batches run the dense masked path)"
+        )
     import lte_kernels.cpu as cpu_kernel
 
     if not cpu_kernel.available():
@@ -143,21 +153,40 @@ def bench_kernel(shapes, sparsities, dtype: str = "float32", batch: int = 1, exp
         on = torch.sigmoid(F.linear(x.float(), router)) > threshold
         assert int(on.sum()) == on.numel() - skip, (int(on.sum()), on.numel(), skip)
         union = float(on.any(dim=0).float().mean())
-        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * median_seconds(fn, repeats) for fn in (dense, sparse, kernel_dense))
+        dense_ms, sparse_ms, kernel_dense_ms = (
+            1e3 * median_seconds(fn, repeats) for fn in (dense, sparse, kernel_dense)
+        )
         ideal = 1.0 / union if union > 0 else float("inf")  # bytes read: the union of the experts
         speedup = dense_ms / sparse_ms
-        rows.append(KernelRow(shape, batch, dtype, sparsity, dense_ms, sparse_ms, speedup, ideal, speedup / ideal,
-                              kernel_dense_ms, union))
+        rows.append(
+            KernelRow(
+                shape,
+                batch,
+                dtype,
+                sparsity,
+                dense_ms,
+                sparse_ms,
+                speedup,
+                ideal,
+                speedup / ideal,
+                kernel_dense_ms,
+                union,
+            )
+        )
     return rows
 
 
 def kernel_table(rows: list[KernelRow]) -> str:
-    lines = ["| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal | kernel, all experts ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal | kernel, all experts ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.shape} | {r.batch} | {r.dtype} | {r.sparsity:.2f} | {100 * r.union:.0f}% | {r.dense_ms:.2f} | "
-                     f"{r.sparse_ms:.2f} | {r.speedup:.2f}x | {r.ideal_speedup:.2f}x | {100 * r.fraction_of_ideal:.0f}% | "
-                     f"{r.kernel_dense_ms:.2f} |")
+        lines.append(
+            f"| {r.shape} | {r.batch} | {r.dtype} | {r.sparsity:.2f} | {100 * r.union:.0f}% | {r.dense_ms:.2f} | "
+            f"{r.sparse_ms:.2f} | {r.speedup:.2f}x | {r.ideal_speedup:.2f}x | {100 * r.fraction_of_ideal:.0f}% | "
+            f"{r.kernel_dense_ms:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -202,8 +231,12 @@ def set_export_routing(config, routing: str) -> str:
 @torch.no_grad()
 def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 5, name: str = "") -> DecodeResult:
     """Median greedy-decoding speed of ``model`` (an exported LTE model) sparse and dense."""
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": model.config.pad_token_id or 0}
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": model.config.pad_token_id or 0,
+    }
 
     def decode():
         model.generate(prompt_ids, **kwargs)
@@ -215,6 +248,15 @@ def bench_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int 
         speed[key] = new_tokens / median_seconds(decode, repeats, device)
     set_export_routing(model.config, "hard")
     _, per_layer = run_counting_skips(model, decode)
-    return DecodeResult(name, machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
-                        str(next(model.parameters()).dtype).replace("torch.", ""), prompt_ids.shape[1], new_tokens, repeats,
-                        speed["dense"], speed["sparse"], speed["sparse"] / speed["dense"], sum(per_layer) / len(per_layer))
+    return DecodeResult(
+        name,
+        machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        str(next(model.parameters()).dtype).replace("torch.", ""),
+        prompt_ids.shape[1],
+        new_tokens,
+        repeats,
+        speed["dense"],
+        speed["sparse"],
+        speed["sparse"] / speed["dense"],
+        sum(per_layer) / len(per_layer),
+    )

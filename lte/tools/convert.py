@@ -190,11 +190,7 @@ def rope_rows_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """
     out_features, in_features = weight.shape
     head_dim = out_features // n_heads
-    return (
-        weight.reshape(n_heads, head_dim // 2, 2, in_features)
-        .transpose(1, 2)
-        .reshape(out_features, in_features)
-    )
+    return weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
 def hf_state_dict(header: Llama2cHeader, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,22 +35,76 @@ MAX_PARAMETERS = 5_000_000
 
 # Size attributes shrunk when a config has them (aliases through attribute_map included).
 SIZES = {
-    "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 256,
-    "ffn_dim": 128, "n_inner": 128, "d_ff": 128, "ffn_hidden_size": 128, "intermediate_dim": 128,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 4, "num_local_experts": 4,
-    "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
-    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "rotary_dim": 8, "partial_rotary_factor": None, "sliding_window": 64, "attention_chunk_size": 64,
-    "num_global_key_value_heads": 2, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 1,
-    "mamba_expand": 2, "ssm_state_size": 16, "state_size": 16, "mamba_chunk_size": 16, "chunk_size": 16,
-    "time_step_rank": 8, "d_inner": 128, "n_groups": 1, "d_model": 64, "dim_model": 64, "dim_ff": 128, "dff": 128,
-    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2, "num_layers": 2,
-    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_heads": 4, "n_head": 4, "n_embd": 64,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "ffn_dim": 128,
+    "n_inner": 128,
+    "d_ff": 128,
+    "ffn_hidden_size": 128,
+    "intermediate_dim": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "rotary_dim": 8,
+    "partial_rotary_factor": None,
+    "sliding_window": 64,
+    "attention_chunk_size": 64,
+    "num_global_key_value_heads": 2,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "mamba_n_heads": 4,
+    "mamba_d_head": 16,
+    "mamba_d_state": 16,
+    "mamba_n_groups": 1,
+    "mamba_expand": 2,
+    "ssm_state_size": 16,
+    "state_size": 16,
+    "mamba_chunk_size": 16,
+    "chunk_size": 16,
+    "time_step_rank": 8,
+    "d_inner": 128,
+    "n_groups": 1,
+    "d_model": 64,
+    "dim_model": 64,
+    "dim_ff": 128,
+    "dff": 128,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "num_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_heads": 4,
+    "n_head": 4,
+    "n_embd": 64,
 }
-SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
-                  "unk_token_id", "mask_token_id")
+SPECIAL_TOKENS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "unk_token_id",
+    "mask_token_id",
+)
 
 
 @dataclass
@@ -75,7 +129,11 @@ def tiny_config(model_type: str):
     base = AutoConfig.for_model(model_type)
     kwargs = {}
     for key, value in SIZES.items():
-        if key == "partial_rotary_factor" or not hasattr(base, key) or isinstance(getattr(type(base), key, None), property):
+        if (
+            key == "partial_rotary_factor"
+            or not hasattr(base, key)
+            or isinstance(getattr(type(base), key, None), property)
+        ):
             continue
         current = getattr(base, key)
         if (isinstance(current, (int, float)) and not isinstance(current, bool)) or current is None:
@@ -183,8 +241,8 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
 
     from ..core.errors import UsageError
     from ..export.exporter import base_architecture, to_routed, write_checkpoint
-    from ..model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
     from ..model.detect import candidates, ffn_widths
+    from ..model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 
     out = Outcome(model_type, model_class)
     try:
@@ -193,10 +251,14 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
         size = sum(p.numel() for p in skeleton.parameters())
         if size > MAX_PARAMETERS:
-            raise ValueError(f"the shrunk config still has {size / 1e6:.1f}M parameters (size attributes not recognised)")
+            raise ValueError(
+                f"the shrunk config still has {size / 1e6:.1f}M parameters (size attributes not recognised)"
+            )
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        ids = _inputs(config.vocab_size if isinstance(getattr(config, "vocab_size", None), int) else SIZES["vocab_size"])
+        ids = _inputs(
+            config.vocab_size if isinstance(getattr(config, "vocab_size", None), int) else SIZES["vocab_size"]
+        )
         with torch.no_grad():
             reference = _logits(model, ids)
             model.generate(ids[:1, :4], attention_mask=torch.ones_like(ids[:1, :4]), max_new_tokens=2, do_sample=False)
@@ -224,8 +286,12 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
         if not out.dense_error <= DENSE_TOLERANCE:
             out.reason = f"dense-routing logits differ by {out.dense_error:.1e} after grouping"
             return out
-        train_ids = _inputs(model.config.vocab_size if isinstance(getattr(model.config, "vocab_size", None), int)
-                            else SIZES["vocab_size"], seed=1)
+        train_ids = _inputs(
+            model.config.vocab_size
+            if isinstance(getattr(model.config, "vocab_size", None), int)
+            else SIZES["vocab_size"],
+            seed=1,
+        )
         out.stages["soft"] = _train(model, train_ids, "soft", steps)
         out.stages["hard"] = _train(model, train_ids, "hard", steps)
         set_lte_routing(model, "hard")
@@ -240,13 +306,16 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
         out.export_dir = str(directory)
         out.status = "exported"
     except Exception as exc:
-        out.status, out.reason = FAILED, _first_line(exc) + " | " + traceback.format_exc().strip().splitlines()[-3][:200]
+        out.status, out.reason = (
+            FAILED,
+            _first_line(exc) + " | " + traceback.format_exc().strip().splitlines()[-3][:200],
+        )
     return out
 
 
 # Runs in a clean interpreter (python -I, cwd outside the repository): proves the export
 # needs only torch + transformers.
-_RELOAD = r'''
+_RELOAD = r"""
 import importlib.util, json, math, sys
 repos = json.loads(sys.argv[2])
 sys.path[:] = [p for p in sys.path if p and p not in repos]  # the checkout itself; its .venv's packages stay
@@ -271,7 +340,7 @@ for name, directory in json.loads(sys.argv[1]).items():
         text = str(exc).strip().splitlines()
         results[name] = {"exception": f"{type(exc).__name__}: {text[0] if text else ''}"[:300]}
 print("RESULTS " + json.dumps(results))
-'''
+"""
 
 
 def reload_exports(outcomes: list[Outcome], workdir: Path) -> None:
@@ -282,12 +351,17 @@ def reload_exports(outcomes: list[Outcome], workdir: Path) -> None:
     repos = sorted({str(Path(__file__).resolve().parents[2])} | {str(Path(p).resolve().parent) for p in _lte_paths()})
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-I", "-c", _RELOAD, json.dumps(exported), json.dumps(repos)],
-                          cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", _RELOAD, json.dumps(exported), json.dumps(repos)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     if line is None:
         raise RuntimeError(f"the reload subprocess failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    results = json.loads(line[len("RESULTS "):])
+    results = json.loads(line[len("RESULTS ") :])
     for o in outcomes:
         if o.status != "exported":
             continue
@@ -318,8 +392,13 @@ def architectures() -> dict[str, str]:
     return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
 
 
-def run_coverage(tokenizer_dir: str | os.PathLike, workdir: str | os.PathLike | None = None, only: list[str] | None = None,
-                 steps: int = 2, progress: bool = False) -> list[Outcome]:
+def run_coverage(
+    tokenizer_dir: str | os.PathLike,
+    workdir: str | os.PathLike | None = None,
+    only: list[str] | None = None,
+    steps: int = 2,
+    progress: bool = False,
+) -> list[Outcome]:
     """Check every architecture (or ``only`` these model types); returns one outcome each."""
     import transformers
 
@@ -361,8 +440,10 @@ def render_markdown(outcomes: list[Outcome]) -> str:
         "in a process that cannot import `lte` (logits against the trained model's, `generate`, no NaN).",
         "`tests/model/test_architectures.py` reruns it and fails when this file is out of date.",
         "",
-        (f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
-        f"here, {counts[FAILED]} failed** (of {len(outcomes)})."),
+        (
+            f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
+            f"here, {counts[FAILED]} failed** (of {len(outcomes)})."
+        ),
         "",
         "| model type | class | result | FFN layout found / reason |",
         "| --- | --- | --- | --- |",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import run_counting_skips, set_export_routing, synchronize
 from ..core.errors import UsageError
+from .bench import run_counting_skips, set_export_routing, synchronize
 
 
 @dataclass
@@ -36,19 +36,24 @@ def load_export(directory: str | Path, dtype: str = "auto", device: str | None =
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        raise UsageError(f"{directory}: no exported model there (no config.json); export one with `lte export RUN_DIR ...`")
+        raise UsageError(
+            f"{directory}: no exported model there (no config.json); export one with `lte export RUN_DIR ...`"
+        )
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
     if not hasattr(model, "lte_sparsity"):
-        raise UsageError(f"{directory} is not an LTE export (model class {type(model).__name__}); "
-                         f"export a trained run with `lte export RUN_DIR --target-sparsity S --out DIR`")
+        raise UsageError(
+            f"{directory} is not an LTE export (model class {type(model).__name__}); "
+            f"export a trained run with `lte export RUN_DIR --target-sparsity S --out DIR`"
+        )
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval(), tokenizer
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = "hard", temperature: float = 0.0,
-             seed: int = 0) -> Generation:
+def generate(
+    model, tokenizer, prompt: str, max_new_tokens: int, routing: str = "hard", temperature: float = 0.0, seed: int = 0
+) -> Generation:
     """Generate with every layer routed ``routing`` ("hard" or "dense"); counts the skipped neurons."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
@@ -56,7 +61,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = 
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
     previous = set_export_routing(model.config, routing)
-    model.generate(**inputs, **{**kwargs, "max_new_tokens": min(2, max_new_tokens)})  # warm-up: first-call allocations are not speed
+    model.generate(
+        **inputs, **{**kwargs, "max_new_tokens": min(2, max_new_tokens)}
+    )  # warm-up: first-call allocations are not speed
     torch.manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
@@ -64,8 +71,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = 
     synchronize(device)
     seconds = time.perf_counter() - start
     set_export_routing(model.config, previous)
-    new = output[0, inputs["input_ids"].shape[1]:]
-    return Generation(routing, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    return Generation(
+        routing, tokenizer.decode(output[0], skip_special_tokens=True), len(new), seconds, per_layer, note
+    )
 
 
 def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
@@ -75,18 +84,24 @@ def fit_to_context(config, prompt_tokens: int, max_new_tokens: int) -> tuple[int
     if not context:
         return max_new_tokens, ""
     if prompt_tokens >= context:
-        raise UsageError(f"--prompt is {prompt_tokens} tokens, the model's whole context of {context}; give a shorter prompt")
+        raise UsageError(
+            f"--prompt is {prompt_tokens} tokens, the model's whole context of {context}; give a shorter prompt"
+        )
     room = context - prompt_tokens
     if max_new_tokens <= room:
         return max_new_tokens, ""
-    return room, (f"note: --max-new-tokens {max_new_tokens} runs past the model's context of {context} tokens; "
-                  f"stopped after {room} new tokens (prompt {prompt_tokens} + {room} = {context})")
+    return room, (
+        f"note: --max-new-tokens {max_new_tokens} runs past the model's context of {context} tokens; "
+        f"stopped after {room} new tokens (prompt {prompt_tokens} + {room} = {context})"
+    )
 
 
 def describe(result: Generation) -> str:
     mean = sum(result.per_layer_sparsity) / max(len(result.per_layer_sparsity), 1)
     per_layer = " ".join(f"{100 * s:.0f}%" for s in result.per_layer_sparsity)
     label = "LTE (sparse)" if result.routing == "hard" else "dense (every expert)"
-    return (f"--- {label} ---\n{result.text}\n"
-            f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
-            f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else ""))
+    return (
+        f"--- {label} ---\n{result.text}\n"
+        f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
+        f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else "")
+    )

@@ -59,8 +59,11 @@ def yaml_value(value) -> str:
 
 def _cell(text: str) -> str:
     """One table cell: one line, pipes escaped, Sphinx roles as markdown (:class:`~a.B` -> `B`)."""
-    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).rsplit('.', 1)[-1] if '~' in m.group(0) else m.group(1)}`",
-                  str(text)).replace("``", "`")
+    text = re.sub(
+        r":\w+:`~?([^`]+)`",
+        lambda m: f"`{m.group(1).rsplit('.', 1)[-1] if '~' in m.group(0) else m.group(1)}`",
+        str(text),
+    ).replace("``", "`")
     return " ".join(text.split()).replace("|", "\\|")
 
 
@@ -72,14 +75,16 @@ def field_rows(cls, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.name not in skip:
-            rows.append(f"| `{prefix}{f.name}` | `{_cell(type_name(hints[f.name]))}` | "
-                        f"`{_cell(yaml_value(field_default(f)))}` | {_cell(f.metadata.get('help', ''))} |")
+            rows.append(
+                f"| `{prefix}{f.name}` | `{_cell(type_name(hints[f.name]))}` | "
+                f"`{_cell(yaml_value(field_default(f)))}` | {_cell(f.metadata.get('help', ''))} |"
+            )
     return rows
 
 
 def render() -> str:
-    from ..training.config import _GROUPS, PIPELINE_OWNED_TRAIN_KEYS, Recipe
     from ..training.arguments import LTEArguments
+    from ..training.config import _GROUPS, PIPELINE_OWNED_TRAIN_KEYS, Recipe
 
     lines = [HEADER, "## Top level", "", *field_rows(Recipe, skip=(*_GROUPS, "train", "name"))]
     for group, cls in _GROUPS.items():
@@ -97,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if "--check" in argv:
         if not DOC.is_file() or DOC.read_text() != text:
-            print(f"{DOC} is out of date with the recipe dataclasses; run `python -m lte.tools.recipe_docs`", file=sys.stderr)
+            print(
+                f"{DOC} is out of date with the recipe dataclasses; run `python -m lte.tools.recipe_docs`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     DOC.write_text(text)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraArgs
 from ..model.inject import load_lte, lte_layers
 from ..model.layers import ROUTER_PREFIX
+from .config import LoraArgs
 
 logger = logging.getLogger("lte")
 
@@ -29,9 +29,13 @@ def quantization_config(lora: LoraArgs, compute_dtype: torch.dtype):
         return None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=lora.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=lora.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=lora.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
 
 
 def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing: bool = False):
@@ -43,19 +47,35 @@ def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing:
         layer.lte_router.float()
     if lora.load_in_4bit:
         # Freezes the base, upcasts the non-quantized weights (norms, routers) to float32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     targets = lora.target_modules[0] if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        exclude_modules=[ROUTER_PREFIX], modules_to_save=[ROUTER_PREFIX] if train_routers else None,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        exclude_modules=[ROUTER_PREFIX],
+        modules_to_save=[ROUTER_PREFIX] if train_routers else None,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     for layer in lte_layers(model):
         layer.attach_hooks()  # onto the LoRA layers now at the gate/down paths
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d on %s%s: %d of %d parameters trainable (%.2f%%), routers %s", lora.r,
-                targets, " over a 4-bit base" if lora.load_in_4bit else "", trainable, total, 100 * trainable / total,
-                "trained in full" if train_routers else "frozen")
+    logger.info(
+        "LoRA r=%d on %s%s: %d of %d parameters trainable (%.2f%%), routers %s",
+        lora.r,
+        targets,
+        " over a 4-bit base" if lora.load_in_4bit else "",
+        trainable,
+        total,
+        100 * trainable / total,
+        "trained in full" if train_routers else "frozen",
+    )
     return model
 
 

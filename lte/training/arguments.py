@@ -24,32 +24,74 @@ class LTEArguments(LTELayerSettings):
     """LTE's own settings (the recipe's ``lte.*`` group): the layers' (inherited from
     :class:`~lte.model.inject.LTELayerSettings`, which ``lte_config.json`` saves) and training's."""
 
-    eta: float = field(default=1.0, metadata={"help": "Weight of the efficiency loss: the sparsity knob (>= 0); "
-                       "the starting value when target_sparsity is set."})
-    target_sparsity: float | None = field(default=None, metadata={"help": "Stage 1 steers eta so that the FFN sparsity "
-                                          "under hard routing settles at this value (None: eta stays fixed, the paper's setting)."})
-    eta_step: float = field(default=1.0, metadata={"help": "How fast eta follows target_sparsity: after every optimizer "
-                            "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."})
+    eta: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the efficiency loss: the sparsity knob (>= 0); "
+            "the starting value when target_sparsity is set."
+        },
+    )
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 1 steers eta so that the FFN sparsity "
+            "under hard routing settles at this value (None: eta stays fixed, the paper's setting)."
+        },
+    )
+    eta_step: float = field(
+        default=1.0,
+        metadata={
+            "help": "How fast eta follows target_sparsity: after every optimizer "
+            "step, eta += eta_step * (target_sparsity - measured sparsity); eta may turn negative."
+        },
+    )
     lam: float = field(default=0.5, metadata={"help": "Weight of the separability loss (lambda in the paper, >= 0)."})
-    sep_eps: float = field(default=1e-2, metadata={"help": "eps in 1/((G - threshold)^2 + eps); keeps L_sep finite at G = threshold."})
-    efficiency_loss: str = field(default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."})
-    router_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the routers (default: the model's)."})
-    router_init_tokens: int = field(default=16384, metadata={"help": "Training tokens used by the calibrated router init."})
-    router_init_sparsity: float = field(default=0.5, metadata={"help": "Share of (token, expert) pairs the calibrated init labels as not needed."})
-    router_init_steps: int = field(default=200, metadata={"help": "Logistic-regression steps of the calibrated router init."})
-    distill_weight: float = field(default=0.0, metadata={"help": "alpha in (1 - alpha) * task + alpha * KL(original || "
-                                  "LTE model) over next-token distributions, in stages 1 and 2 (0: the paper's task loss only)."})
-    distill_hidden_weight: float = field(default=0.0, metadata={"help": "beta: adds beta * the mean over decoder "
-                                         "layers of ||h - h_original||^2 / ||h_original||^2 (every layer's output against the "
-                                         "original model's), in stages 1 and 2: a target for every layer, not only the logits."})
+    sep_eps: float = field(
+        default=1e-2, metadata={"help": "eps in 1/((G - threshold)^2 + eps); keeps L_sep finite at G = threshold."}
+    )
+    efficiency_loss: str = field(
+        default="l2", metadata={"help": "'l2': mean(G^2) as in the paper's Eq. 4; 'l1': mean(G)."}
+    )
+    router_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the routers (default: the model's)."}
+    )
+    router_init_tokens: int = field(
+        default=16384, metadata={"help": "Training tokens used by the calibrated router init."}
+    )
+    router_init_sparsity: float = field(
+        default=0.5, metadata={"help": "Share of (token, expert) pairs the calibrated init labels as not needed."}
+    )
+    router_init_steps: int = field(
+        default=200, metadata={"help": "Logistic-regression steps of the calibrated router init."}
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "alpha in (1 - alpha) * task + alpha * KL(original || "
+            "LTE model) over next-token distributions, in stages 1 and 2 (0: the paper's task loss only)."
+        },
+    )
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "beta: adds beta * the mean over decoder "
+            "layers of ||h - h_original||^2 / ||h_original||^2 (every layer's output against the "
+            "original model's), in stages 1 and 2: a target for every layer, not only the logits."
+        },
+    )
     kmeans_iters: int = field(default=10, metadata={"help": "Balanced k-means iterations for expert grouping."})
-    stage0_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."})
+    stage0_steps: int = field(
+        default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."}
+    )
     stage1_steps: int = field(default=100, metadata={"help": "Stage 1 steps (soft routing + regularisers)."})
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 steps (hard routing, routers frozen)."})
 
     def validate(self) -> None:
-        problems = [f"lte.{name}={value} must be a finite number" for name, value in vars(self).items()
-                    if isinstance(value, float) and not math.isfinite(value)]
+        problems = [
+            f"lte.{name}={value} must be a finite number"
+            for name, value in vars(self).items()
+            if isinstance(value, float) and not math.isfinite(value)
+        ]
         if self.eta < 0:
             problems.append(f"lte.eta={self.eta} must be >= 0 (it weighs the efficiency loss)")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
@@ -98,8 +140,9 @@ class LTETrainingArguments(TrainingArguments, LTEArguments):
     """``TrainingArguments`` plus the LTE fields, plus the routing this stage trains with."""
 
     lte_routing: str = field(default="soft", metadata={"help": "dense (stage 0), soft (stage 1) or hard (stage 2)."})
-    restore_callback_states_from_checkpoint: bool = field(default=True, metadata={
-        "help": "Resume callbacks' state too (on here: the eta controller's eta lives there)."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "Resume callbacks' state too (on here: the eta controller's eta lives there)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

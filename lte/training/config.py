@@ -26,9 +26,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..core.cli_args import fraction, positive_float, positive_int
 from ..core.errors import UsageError, rename_deprecated_keys, warn_deprecated
 from ..core.run_dir import recipe_file, stage_dir
-from ..core.cli_args import fraction, positive_float, positive_int
 from .arguments import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -38,7 +38,12 @@ ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
 # How the export spreads its target sparsity over the layers (lte.export.thresholds implements them).
 ALLOCATIONS = ("tuned", "uniform")
 # Set per stage by the pipeline; a recipe may not set them.
-PIPELINE_OWNED_TRAIN_KEYS = ("output_dir", "lte_routing", "max_steps", *(f.name for f in dataclasses.fields(LTEArguments)))
+PIPELINE_OWNED_TRAIN_KEYS = (
+    "output_dir",
+    "lte_routing",
+    "max_steps",
+    *(f.name for f in dataclasses.fields(LTEArguments)),
+)
 
 
 @dataclass
@@ -47,13 +52,23 @@ class ModelArgs:
 
     name_or_path: str = field(default="", metadata={"help": "Local directory or hub name of a causal LM."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ...; "
-                                            "default (null): what transformers picks for the architecture."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Let transformers run the model's own code from its repository."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager, sdpa, flash_attention_2, ...; default (null): what transformers picks for the architecture."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let transformers run the model's own code from its repository."}
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
-    ffn_layout: dict[str, Any] | None = field(default=None, metadata={
-        "help": "The FFN layout where detection cannot settle it: {first: [gate_proj, up_proj], down: down_proj, "
-                "cluster_on: gate_proj, fused_chunks: 1}, or one such entry per host class name."})
+    ffn_layout: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "The FFN layout where detection cannot settle it: {first: [gate_proj, up_proj], down: down_proj, "
+            "cluster_on: gate_proj, fused_chunks: 1}, or one such entry per host class name."
+        },
+    )
 
     def validate(self) -> None:
         if not self.name_or_path:
@@ -71,37 +86,75 @@ class ModelArgs:
                         raise ValueError(f"expected a mapping with first/down, got {entry!r}")
                     FFNSpec.from_dict(entry)
             except (ValueError, TypeError) as exc:
-                raise UsageError(f"model.ffn_layout: {exc}; example: model.ffn_layout='{{first: [gate_proj, up_proj], "
-                                 f"down: down_proj, cluster_on: gate_proj}}' (or {{MyMLP: {{first: [...], down: ...}}}})") from None
+                raise UsageError(
+                    f"model.ffn_layout: {exc}; example: model.ffn_layout='{{first: [gate_proj, up_proj], "
+                    f"down: down_proj, cluster_on: gate_proj}}' (or {{MyMLP: {{first: [...], down: ...}}}})"
+                ) from None
 
 
 @dataclass
 class DataArgs:
     """The training and held-out text, and how it is cut into blocks."""
 
-    train: str = field(default="", metadata={"help": "Training data: a .txt/.json/.jsonl/.csv/.parquet file or a hub "
-                                                   "dataset name; several, separated by commas, are concatenated."})
-    eval: str | None = field(default=None, metadata={"help": "Held-out data (file or hub name); default: eval_fraction of train."})
+    train: str = field(
+        default="",
+        metadata={
+            "help": "Training data: a .txt/.json/.jsonl/.csv/.parquet file or a hub "
+            "dataset name; several, separated by commas, are concatenated."
+        },
+    )
+    eval: str | None = field(
+        default=None, metadata={"help": "Held-out data (file or hub name); default: eval_fraction of train."}
+    )
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split of a hub dataset to train on."})
-    eval_split: str = field(default="validation", metadata={"help": "Split of a hub dataset held out (when `eval` names one)."})
+    eval_split: str = field(
+        default="validation", metadata={"help": "Split of a hub dataset held out (when `eval` names one)."}
+    )
     format: str = field(default="text", metadata={"help": "text (causal-LM packing) or instruction (alpaca-style)."})
-    text_field: str = field(default="text", metadata={"help": "Column holding the text (json/jsonl/csv/parquet/hub data)."})
-    sample_by: str = field(default="paragraph", metadata={"help": "How a .txt file splits into documents: line, paragraph, document."})
-    instruction_field: str = field(default="instruction", metadata={"help": "Instruction column (format: instruction)."})
+    text_field: str = field(
+        default="text", metadata={"help": "Column holding the text (json/jsonl/csv/parquet/hub data)."}
+    )
+    sample_by: str = field(
+        default="paragraph", metadata={"help": "How a .txt file splits into documents: line, paragraph, document."}
+    )
+    instruction_field: str = field(
+        default="instruction", metadata={"help": "Instruction column (format: instruction)."}
+    )
     input_field: str = field(default="input", metadata={"help": "Optional input column (format: instruction)."})
-    response_field: str = field(default="output", metadata={"help": "Response column, the only tokens trained on (format: instruction)."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block (text) or max length (instruction)."})
-    eval_block_size: int | None = field(default=None, metadata={"help": "Tokens per held-out block (default: block_size): "
-                                        "evaluate at the context you serve, train on shorter blocks where attention dominates a step."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."})
+    response_field: str = field(
+        default="output", metadata={"help": "Response column, the only tokens trained on (format: instruction)."}
+    )
+    block_size: int = field(
+        default=512, metadata={"help": "Tokens per packed training block (text) or max length (instruction)."}
+    )
+    eval_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per held-out block (default: block_size): "
+            "evaluate at the context you serve, train on shorter blocks where attention dominates a step."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of train documents held out when `eval` is not given."}
+    )
     max_train_tokens: int | None = field(default=None, metadata={"help": "Cap on training tokens (null: all)."})
     max_eval_tokens: int | None = field(default=None, metadata={"help": "Cap on held-out tokens (null: all)."})
-    unmarked_fraction: float = field(default=0.0, metadata={"help": "Share of training documents packed without "
-                                   "their opening marker (BOS), so the model and its routers also learn text that follows "
-                                   "an EOS directly (the `</s> doc` layout); chosen per document by a hash of its text."})
-    layout_sample_by: str | None = field(default=None, metadata={"help": "How the held-out layouts (<s> doc, </s> doc, "
-                                         "packed) split a .txt `eval` file into documents (default: sample_by)."})
+    unmarked_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training documents packed without "
+            "their opening marker (BOS), so the model and its routers also learn text that follows "
+            "an EOS directly (the `</s> doc` layout); chosen per document by a hash of its text."
+        },
+    )
+    layout_sample_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the held-out layouts (<s> doc, </s> doc, "
+            "packed) split a .txt `eval` file into documents (default: sample_by)."
+        },
+    )
 
     def validate(self) -> None:
         if not self.train:
@@ -113,7 +166,9 @@ class DataArgs:
         if not 0 <= self.unmarked_fraction <= 1:
             raise UsageError(f"data.unmarked_fraction={self.unmarked_fraction} must lie in [0, 1]")
         if self.layout_sample_by not in (None, "line", "paragraph", "document"):
-            raise UsageError(f"data.layout_sample_by={self.layout_sample_by!r} must be line, paragraph, document or null")
+            raise UsageError(
+                f"data.layout_sample_by={self.layout_sample_by!r} must be line, paragraph, document or null"
+            )
         if self.block_size < 2:
             raise UsageError(f"data.block_size={self.block_size} must be >= 2")
         if self.eval_block_size is not None and self.eval_block_size < 2:
@@ -143,11 +198,17 @@ class LoraArgs:
     r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (the paper's setting)."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
-                                      metadata={"help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (bitsandbytes)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (bitsandbytes)."}
+    )
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants too."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "QLoRA: quantize the quantization constants too."}
+    )
 
     @property
     def enabled(self) -> bool:
@@ -157,13 +218,17 @@ class LoraArgs:
         if self.r < 0:
             raise UsageError(f"lora.r={self.r} must be >= 0 (0 turns LoRA off)")
         if self.load_in_4bit and not self.enabled:
-            raise UsageError("lora.load_in_4bit=true needs lora.r > 0: a 4-bit base model is trained through LoRA adapters")
+            raise UsageError(
+                "lora.load_in_4bit=true needs lora.r > 0: a 4-bit base model is trained through LoRA adapters"
+            )
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise UsageError(f"lora.bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} must be 'nf4' or 'fp4'")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"lora.dropout={self.dropout} must lie in [0, 1)")
         if not self.target_modules:
-            raise UsageError("lora.target_modules is empty; use [all-linear] or module name suffixes such as [q_proj, v_proj]")
+            raise UsageError(
+                "lora.target_modules is empty; use [all-linear] or module name suffixes such as [q_proj, v_proj]"
+            )
 
 
 @dataclass
@@ -172,16 +237,33 @@ class ExportArgs:
     unless ``target_sparsity`` or ``max_ppl_increase`` is set), and, with the run and ``--overwrite``,
     ``lte export``'s request (:class:`lte.export.ExportRequest`, whose flags are these fields)."""
 
-    target_sparsity: float | None = field(default=None, metadata={
-        "help": "Fraction of FFN neurons to skip per token, in [0, 1): the sparsity the thresholds are tuned to.",
-        "type": fraction, "one_of": "target"})
-    max_ppl_increase: float | None = field(default=None, metadata={
-        "help": "Or: export the highest sparsity whose calibration ppl stays within P% of all experts'.",
-        "type": positive_float, "metavar": "P", "one_of": "target"})
-    allocation: str = field(default="tuned", metadata={
-        "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
-        "choices": list(ALLOCATIONS)})
-    calibration: str | None = field(default=None, metadata={"help": "Calibration text file (default: the run's training data)."})
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of FFN neurons to skip per token, in [0, 1): the sparsity the thresholds are tuned to.",
+            "type": fraction,
+            "one_of": "target",
+        },
+    )
+    max_ppl_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "Or: export the highest sparsity whose calibration ppl stays within P% of all experts'.",
+            "type": positive_float,
+            "metavar": "P",
+            "one_of": "target",
+        },
+    )
+    allocation: str = field(
+        default="tuned",
+        metadata={
+            "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
+            "choices": list(ALLOCATIONS),
+        },
+    )
+    calibration: str | None = field(
+        default=None, metadata={"help": "Calibration text file (default: the run's training data)."}
+    )
     calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
     out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
 
@@ -197,7 +279,9 @@ class ExportArgs:
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise UsageError(f"export.max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
         if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"export.allocation={self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}")
+            raise UsageError(
+                f"export.allocation={self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}"
+            )
         if self.calibration_tokens < 1:
             raise UsageError(f"export.calibration_tokens={self.calibration_tokens} must be positive")
 
@@ -209,17 +293,31 @@ class Recipe:
     lte: LTEArguments
     train: dict[str, Any]
     export: ExportArgs
-    output_dir: str = field(metadata={"help": "Where the run is written (stage0/, prepare/, stage1/, stage2/, export/, "
-                                          "the report); rerunning with the same output_dir resumes."})
+    output_dir: str = field(
+        metadata={
+            "help": "Where the run is written (stage0/, prepare/, stage1/, stage2/, export/, "
+            "the report); rerunning with the same output_dir resumes."
+        }
+    )
     lora: LoraArgs = field(default_factory=LoraArgs)
     seed: int = field(default=42, metadata={"help": "Random seed (data order, expert grouping, routers)."})
     name: str = ""
     # One key for a run trained for a sparsity: fills lte.target_sparsity and export.target_sparsity (see SHORTHANDS).
-    target_sparsity: float | None = field(default=None, metadata={"help": "Train and export for this FFN sparsity, in "
-                                          "(0, 1): sets lte.target_sparsity and export.target_sparsity where they are not set."})
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train and export for this FFN sparsity, in "
+            "(0, 1): sets lte.target_sparsity and export.target_sparsity where they are not set."
+        },
+    )
     # A finished run whose stage0/ and prepare/ this run takes (hard links) when the settings they depend on agree.
-    reuse_from: str | None = field(default=None, metadata={"help": "A finished run whose stage 0 and expert grouping "
-                                   "(prepare/) this run takes, when the settings they depend on agree."})
+    reuse_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A finished run whose stage 0 and expert grouping "
+            "(prepare/) this run takes, when the settings they depend on agree."
+        },
+    )
 
     def stage_args(self, stage: str, **extra) -> LTETrainingArguments:
         """The ``TrainingArguments`` of one stage: ``train.*`` merged with ``train.<stage>.*``."""
@@ -228,16 +326,29 @@ class Recipe:
         values.update(dataclasses.asdict(self.lte))
         if stage == "stage0":  # the dense fine-tune: no routers, and the teacher would be the model itself
             values.update(distill_weight=0.0, distill_hidden_weight=0.0)
-        values.update(output_dir=str(stage_dir(self.output_dir, stage)), lte_routing=ROUTING_OF_STAGE[stage],
-                      max_steps=getattr(self.lte, f"{stage}_steps"), seed=self.seed, **extra)
+        values.update(
+            output_dir=str(stage_dir(self.output_dir, stage)),
+            lte_routing=ROUTING_OF_STAGE[stage],
+            max_steps=getattr(self.lte, f"{stage}_steps"),
+            seed=self.seed,
+            **extra,
+        )
         return LTETrainingArguments(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "output_dir": self.output_dir, "seed": self.seed,
-                "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "lte": dataclasses.asdict(self.lte), "lora": dataclasses.asdict(self.lora), "train": self.train,
-                "export": dataclasses.asdict(self.export), "target_sparsity": self.target_sparsity,
-                "reuse_from": self.reuse_from}
+        return {
+            "name": self.name,
+            "output_dir": self.output_dir,
+            "seed": self.seed,
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "lte": dataclasses.asdict(self.lte),
+            "lora": dataclasses.asdict(self.lora),
+            "train": self.train,
+            "export": dataclasses.asdict(self.export),
+            "target_sparsity": self.target_sparsity,
+            "reuse_from": self.reuse_from,
+        }
 
 
 _GROUPS = {"model": ModelArgs, "data": DataArgs, "lte": LTEArguments, "lora": LoraArgs, "export": ExportArgs}
@@ -274,8 +385,10 @@ def find_recipe(name: str) -> Path:
         path = directory / f"{name}.yaml"
         if path.is_file():
             return path
-    raise UsageError(f"unknown recipe {name!r}; available recipes: {', '.join(available_recipes()) or 'none'} "
-                     f"(or pass recipe=path/to/file.yaml)")
+    raise UsageError(
+        f"unknown recipe {name!r}; available recipes: {', '.join(available_recipes()) or 'none'} "
+        f"(or pass recipe=path/to/file.yaml)"
+    )
 
 
 def _closest(key: str, valid) -> str:
@@ -287,13 +400,17 @@ def _check_shapes(cfg: DictConfig) -> None:
     """Groups are mappings, ``train.stageN`` too: ``lte: 5`` or ``train.stage1=5`` names the key."""
     for group in (*_GROUPS, "train"):
         if cfg.get(group) is not None and not isinstance(cfg.get(group), DictConfig):
-            raise UsageError(f"recipe key '{group}' must be a mapping of {group}.* settings, got {cfg.get(group)!r}; "
-                             f"write e.g. {group}.KEY=VALUE")
+            raise UsageError(
+                f"recipe key '{group}' must be a mapping of {group}.* settings, got {cfg.get(group)!r}; "
+                f"write e.g. {group}.KEY=VALUE"
+            )
     train = cfg.get("train") or {}
     for stage in STAGES:
         if train.get(stage) is not None and not isinstance(train.get(stage), DictConfig):
-            raise UsageError(f"train.{stage} must be a mapping of that stage's TrainingArguments, got {train.get(stage)!r}; "
-                             f"write e.g. train.{stage}.learning_rate=1e-4")
+            raise UsageError(
+                f"train.{stage} must be a mapping of that stage's TrainingArguments, got {train.get(stage)!r}; "
+                f"write e.g. train.{stage}.learning_rate=1e-4"
+            )
     seed, output_dir = cfg.get("seed"), cfg.get("output_dir")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise UsageError(f"seed={seed!r} must be an integer; write e.g. seed=42")
@@ -304,11 +421,20 @@ def _check_shapes(cfg: DictConfig) -> None:
 # Ranges of TrainingArguments values that the Trainer would only trip over mid-run (or never: no
 # checkpoint at save_steps=0). Types come from the dataclass annotations (:func:`_check_train_value`).
 TRAIN_RANGES: dict[str, tuple[str, float, str]] = {  # key: (comparison, bound, an example of a good value)
-    "per_device_train_batch_size": (">=", 1, "8"), "per_device_eval_batch_size": (">=", 1, "8"),
-    "gradient_accumulation_steps": (">=", 1, "1"), "learning_rate": (">=", 0, "1e-4"), "weight_decay": (">=", 0, "0.0"),
-    "warmup_steps": (">=", 0, "0"), "warmup_ratio": (">=", 0, "0.0"), "max_grad_norm": (">=", 0, "1.0"),
-    "num_train_epochs": (">", 0, "1"), "save_steps": (">", 0, "100"), "logging_steps": (">", 0, "10"),
-    "eval_steps": (">", 0, "100"), "save_total_limit": (">=", 1, "2"), "adam_epsilon": (">", 0, "1e-8"),
+    "per_device_train_batch_size": (">=", 1, "8"),
+    "per_device_eval_batch_size": (">=", 1, "8"),
+    "gradient_accumulation_steps": (">=", 1, "1"),
+    "learning_rate": (">=", 0, "1e-4"),
+    "weight_decay": (">=", 0, "0.0"),
+    "warmup_steps": (">=", 0, "0"),
+    "warmup_ratio": (">=", 0, "0.0"),
+    "max_grad_norm": (">=", 0, "1.0"),
+    "num_train_epochs": (">", 0, "1"),
+    "save_steps": (">", 0, "100"),
+    "logging_steps": (">", 0, "10"),
+    "eval_steps": (">", 0, "100"),
+    "save_total_limit": (">=", 1, "2"),
+    "adam_epsilon": (">", 0, "1e-8"),
     "dataloader_num_workers": (">=", 0, "0"),
 }
 _TRAIN_HINTS = typing.get_type_hints(LTETrainingArguments)
@@ -317,7 +443,11 @@ _TRAIN_HINTS = typing.get_type_hints(LTETrainingArguments)
 def _scalar_types(annotation) -> set[type] | None:
     """The scalar types an annotation admits (``float | None`` -> {float, NoneType}); None when it
     admits anything else too (enums, lists, dicts), which TrainingArguments then checks itself."""
-    parts = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    parts = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
     admitted = set()
     for part in parts:
         if part in (int, float, bool, str, type(None)):
@@ -333,8 +463,11 @@ def _check_train_value(full: str, key: str, value) -> None:
     if admitted is not None:
         names = " or ".join(_TYPE_NAMES[t] for t in admitted)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = (type(value) in admitted or (number and isinstance(value, int) and float in admitted)
-              or (number and str in admitted))  # run_name=123 is a name; the YAML made it a number
+        ok = (
+            type(value) in admitted
+            or (number and isinstance(value, int) and float in admitted)
+            or (number and str in admitted)
+        )  # run_name=123 is a name; the YAML made it a number
         if not ok:
             raise UsageError(f"{full}={value!r} must be {names}; fix the value (e.g. {full}={_example(admitted)})")
     bound = TRAIN_RANGES.get(key)
@@ -360,7 +493,9 @@ def _check_keys(cfg: DictConfig) -> None:
         valid = {f.name for f in dataclasses.fields(schema)}
         for key in cfg.get(group) or {}:
             if key not in valid:
-                raise UsageError(f"unknown key '{group}.{key}'" + _closest(f"{group}.{key}", {f"{group}.{v}" for v in valid}))
+                raise UsageError(
+                    f"unknown key '{group}.{key}'" + _closest(f"{group}.{key}", {f"{group}.{v}" for v in valid})
+                )
     train = cfg.get("train") or {}
     for key in train:
         scope = [train[key]] if key in STAGES else []
@@ -375,13 +510,23 @@ def _check_keys(cfg: DictConfig) -> None:
 
 def _check_train_key(full: str, key: str) -> None:
     if key in PIPELINE_OWNED_TRAIN_KEYS:
-        where = "the top-level output_dir" if key == "output_dir" else (
-            "lte.stage0_steps / lte.stage1_steps / lte.stage2_steps" if key == "max_steps" else
-            "the lte group" if key != "lte_routing" else "the stage (it is fixed per stage)")
+        where = (
+            "the top-level output_dir"
+            if key == "output_dir"
+            else (
+                "lte.stage0_steps / lte.stage1_steps / lte.stage2_steps"
+                if key == "max_steps"
+                else "the lte group"
+                if key != "lte_routing"
+                else "the stage (it is fixed per stage)"
+            )
+        )
         raise UsageError(f"{full} is set by the pipeline; use {where} instead")
     if key not in _TRAIN_KEYS:
-        raise UsageError(f"unknown key '{full}' (not a TrainingArguments field)"
-                         + _closest(f"train.{key}", {f"train.{k}" for k in _TRAIN_KEYS}))
+        raise UsageError(
+            f"unknown key '{full}' (not a TrainingArguments field)"
+            + _closest(f"train.{key}", {f"train.{k}" for k in _TRAIN_KEYS})
+        )
 
 
 def expand_shorthands(layer: DictConfig) -> DictConfig:
@@ -426,11 +571,15 @@ def load_recipe(args: list[str], check_hardware: bool = True) -> Recipe:
     path = find_recipe(name)
     base = read_recipe_file(path)
     try:
-        cfg = OmegaConf.merge(expand_shorthands(rename_deprecated_keys(base)),
-                              expand_shorthands(rename_deprecated_keys(OmegaConf.from_dotlist(overrides))))
+        cfg = OmegaConf.merge(
+            expand_shorthands(rename_deprecated_keys(base)),
+            expand_shorthands(rename_deprecated_keys(OmegaConf.from_dotlist(overrides))),
+        )
     except OmegaConfBaseException as exc:
-        raise UsageError(f"could not apply the overrides {' '.join(overrides)} to recipe {path}: "
-                         f"{str(exc).splitlines()[0]}; write them as dotted key=value") from None
+        raise UsageError(
+            f"could not apply the overrides {' '.join(overrides)} to recipe {path}: "
+            f"{str(exc).splitlines()[0]}; write them as dotted key=value"
+        ) from None
     return build_recipe(cfg, path.stem, check_hardware)
 
 
@@ -440,12 +589,16 @@ def read_recipe_file(path: Path) -> DictConfig:
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"recipe {path} is not valid YAML ({first}); fix the file (compare recipes/tiny.yaml)") from None
+        raise UsageError(
+            f"recipe {path} is not valid YAML ({first}); fix the file (compare recipes/tiny.yaml)"
+        ) from None
     except OSError as exc:
         raise UsageError(f"cannot read recipe {path}: {exc.strerror}; check the path and its permissions") from None
     if isinstance(cfg, ListConfig) or not isinstance(cfg, DictConfig):
-        raise UsageError(f"recipe {path} must be a YAML mapping (key: value lines such as output_dir: runs/NAME), "
-                         f"not a list; fix the file (compare recipes/tiny.yaml)")
+        raise UsageError(
+            f"recipe {path} must be a YAML mapping (key: value lines such as output_dir: runs/NAME), "
+            f"not a list; fix the file (compare recipes/tiny.yaml)"
+        )
     return cfg
 
 
@@ -466,10 +619,13 @@ def _top_level_extras(cfg: DictConfig) -> dict[str, Any]:
         try:
             target = float(target)
         except (TypeError, ValueError):
-            raise UsageError(f"target_sparsity={target!r} must be a number in (0, 1), e.g. target_sparsity=0.7") from None
+            raise UsageError(
+                f"target_sparsity={target!r} must be a number in (0, 1), e.g. target_sparsity=0.7"
+            ) from None
         if not 0 < target < 1:
-            raise UsageError(f"target_sparsity={target} must lie in (0, 1): it sets lte.target_sparsity and "
-                             f"export.target_sparsity")
+            raise UsageError(
+                f"target_sparsity={target} must lie in (0, 1): it sets lte.target_sparsity and export.target_sparsity"
+            )
     return {"target_sparsity": target, "reuse_from": str(reuse) if reuse else None}
 
 
@@ -491,16 +647,27 @@ def build_recipe(cfg: DictConfig, name: str, check_hardware: bool = True) -> Rec
     if "output_dir" not in cfg or not cfg.output_dir:
         raise UsageError("output_dir is not set: add output_dir=runs/NAME")
     train = OmegaConf.to_container(cfg.get("train") or OmegaConf.create({}), resolve=True)
-    recipe = Recipe(model=groups["model"], data=groups["data"], lte=groups["lte"], train=train,
-                    export=groups["export"], output_dir=str(cfg.output_dir), seed=int(cfg.get("seed", 42)), name=name,
-                    lora=groups["lora"], **extras)
+    recipe = Recipe(
+        model=groups["model"],
+        data=groups["data"],
+        lte=groups["lte"],
+        train=train,
+        export=groups["export"],
+        output_dir=str(cfg.output_dir),
+        seed=int(cfg.get("seed", 42)),
+        name=name,
+        lora=groups["lora"],
+        **extras,
+    )
     if recipe.reuse_from and Path(recipe.reuse_from).resolve() == Path(recipe.output_dir).resolve():
         raise UsageError(f"reuse_from={recipe.reuse_from} is this run's own output_dir; give another run's output_dir")
     for part in (recipe.model, recipe.data, recipe.lte, recipe.lora, recipe.export):
         part.validate()
     if recipe.lora.enabled and recipe.lte.stage0_steps > 0:
-        raise UsageError("lte.stage0_steps > 0 with lora.r > 0 is not supported: run the dense fine-tune without LoRA "
-                         "first and point model.name_or_path at its output, or set lte.stage0_steps=0")
+        raise UsageError(
+            "lte.stage0_steps > 0 with lora.r > 0 is not supported: run the dense fine-tune without LoRA "
+            "first and point model.name_or_path at its output, or set lte.stage0_steps=0"
+        )
     for stage in STAGES:
         try:
             recipe.stage_args(stage, **({} if check_hardware else {"use_cpu": True, "bf16": False, "fp16": False}))

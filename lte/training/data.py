@@ -24,8 +24,8 @@ from pathlib import Path
 
 from datasets import Dataset, Value, concatenate_datasets, load_dataset
 
-from .config import DataArgs
 from ..core.errors import UsageError
+from .config import DataArgs
 
 logger = logging.getLogger("lte")
 
@@ -80,8 +80,10 @@ def unreadable_data(source: str, exc: BaseException, what: str = "data") -> Usag
     root = _root_cause(exc)
     detail = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
     if isinstance(root, UnicodeDecodeError):
-        return UsageError(f"{source} is not UTF-8 text (byte {root.start}: {root.reason}); convert it to UTF-8 "
-                          f"(e.g. iconv -f latin1 -t utf-8 {source} > fixed{Path(source).suffix}) or give another file")
+        return UsageError(
+            f"{source} is not UTF-8 text (byte {root.start}: {root.reason}); convert it to UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8 {source} > fixed{Path(source).suffix}) or give another file"
+        )
     if isinstance(root, OSError):
         return UsageError(f"cannot read {source}: {root.strerror or detail}; check the path and its permissions")
     if Path(source).suffix.lower() in (".json", ".jsonl"):
@@ -159,15 +161,21 @@ def _require_strings(dataset: Dataset, fields, source: str) -> None:
     """Each of ``fields`` is a string column (a number or a list where text belongs is the user's to fix)."""
     for name in fields:
         feature = dataset.features.get(name)
-        if name in dataset.column_names and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        if name in dataset.column_names and not (
+            isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+        ):
             kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
-            raise UsageError(f"{source}: column {name!r} holds {kind} values, not text; make every {name!r} a string "
-                             f"(or point the data.*_field setting at the text column)")
+            raise UsageError(
+                f"{source}: column {name!r} holds {kind} values, not text; make every {name!r} a string "
+                f"(or point the data.*_field setting at the text column)"
+            )
 
 
 def _text_column(dataset: Dataset, field_name: str, source: str) -> Dataset:
     if field_name not in dataset.column_names:
-        raise UsageError(f"{source} has no {field_name!r} column (columns: {dataset.column_names}); set data.text_field")
+        raise UsageError(
+            f"{source} has no {field_name!r} column (columns: {dataset.column_names}); set data.text_field"
+        )
     _require_strings(dataset, [field_name], source)
     texts = dataset.filter(lambda row: bool(row[field_name] and row[field_name].strip()))
     if len(texts) == 0:
@@ -185,8 +193,8 @@ def document_markers(tokenizer) -> tuple[list[int], list[int]]:
     """
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    at = next((i for i in range(len(probe) - len(bare) + 1) if probe[i:i + len(bare)] == bare), len(probe))
-    start, added_end = probe[:at], probe[at + len(bare):]
+    at = next((i for i in range(len(probe) - len(bare) + 1) if probe[i : i + len(bare)] == bare), len(probe))
+    start, added_end = probe[:at], probe[at + len(bare) :]
     eos = tokenizer.eos_token_id
     end = added_end or ([] if eos is None or start == [eos] else [eos])
     return start, end
@@ -199,32 +207,47 @@ def document_ids(tokenizer, texts: list[str], unmarked: float = 0.0) -> list[lis
     directly, as text does when a client feeds one document after another without BOS."""
     start, end = document_markers(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [(start if zlib.crc32(text.encode()) % 10_000 >= unmarked * 10_000 else []) + tokens + end
-            for text, tokens in zip(texts, ids, strict=True)]
+    return [
+        (start if zlib.crc32(text.encode()) % 10_000 >= unmarked * 10_000 else []) + tokens + end
+        for text, tokens in zip(texts, ids, strict=True)
+    ]
 
 
-def pack(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, block: int | None = None,
-         source: str | None = None, unmarked: float = 0.0) -> Dataset:
+def pack(
+    dataset: Dataset,
+    tokenizer,
+    args: DataArgs,
+    max_tokens: int | None,
+    block: int | None = None,
+    source: str | None = None,
+    unmarked: float = 0.0,
+) -> Dataset:
     """Tokenise documents, each with its start and end markers (:func:`document_markers`), and cut
     the concatenation into blocks of ``block`` tokens (default ``block_size``); ``source`` names the
     data in messages (default ``data.train``)."""
     field_name = args.text_field
     dataset = _text_column(dataset, field_name, source or args.train)
-    tokens = dataset.map(lambda batch: {"ids": document_ids(tokenizer, batch[field_name], unmarked)}, batched=True,
-                         remove_columns=dataset.column_names, desc="Tokenizing")
+    tokens = dataset.map(
+        lambda batch: {"ids": document_ids(tokenizer, batch[field_name], unmarked)},
+        batched=True,
+        remove_columns=dataset.column_names,
+        desc="Tokenizing",
+    )
     block = block or args.block_size
     limit = None if max_tokens is None else max_tokens // block
 
     def group(batch):
         flat = [t for seq in batch["ids"] for t in seq]
         n = len(flat) // block
-        blocks = [flat[i * block:(i + 1) * block] for i in range(n)]
+        blocks = [flat[i * block : (i + 1) * block] for i in range(n)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
     packed = tokens.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Packing")
     if len(packed) == 0:
-        raise UsageError(f"the data has fewer than one block ({block} tokens); give more text or smaller blocks "
-                         f"(data.block_size; data.eval_block_size for held-out text)")
+        raise UsageError(
+            f"the data has fewer than one block ({block} tokens); give more text or smaller blocks "
+            f"(data.block_size; data.eval_block_size for held-out text)"
+        )
     if limit is not None:
         packed = packed.select(range(min(limit, len(packed))))
     return packed
@@ -277,7 +300,9 @@ def layout_datasets(docs: Dataset, tokenizer, args: DataArgs, max_tokens: int | 
             total += len(bare[keep])
             keep += 1
         bare = bare[:keep]
-    return {layout: Dataset.from_list(layout_rows(bare, layout, tokenizer, args.held_out_block_size)) for layout in LAYOUTS}
+    return {
+        layout: Dataset.from_list(layout_rows(bare, layout, tokenizer, args.held_out_block_size)) for layout in LAYOUTS
+    }
 
 
 def to_conversation(record: dict, args: DataArgs) -> dict:
@@ -285,8 +310,10 @@ def to_conversation(record: dict, args: DataArgs) -> dict:
     instruction = record[args.instruction_field]
     context = (record.get(args.input_field) or "").strip()
     user = instruction if not context else f"{instruction}\n\n{context}"
-    return {"prompt": [{"role": "user", "content": user}],
-            "completion": [{"role": "assistant", "content": record[args.response_field]}]}
+    return {
+        "prompt": [{"role": "user", "content": user}],
+        "completion": [{"role": "assistant", "content": record[args.response_field]}],
+    }
 
 
 def ensure_chat_template(tokenizer) -> None:
@@ -312,26 +339,38 @@ def encode_conversation(example: dict, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def instruction_examples(dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None,
-                         max_length: int | None = None) -> Dataset:
+def instruction_examples(
+    dataset: Dataset, tokenizer, args: DataArgs, max_tokens: int | None, max_length: int | None = None
+) -> Dataset:
     """Chat-formatted examples of at most ``max_length`` tokens (default ``block_size``), loss on responses."""
     max_length = max_length or args.block_size
     for key in (args.instruction_field, args.response_field):
         if key not in dataset.column_names:
-            raise UsageError(f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
-                             f"set data.instruction_field / data.response_field")
+            raise UsageError(
+                f"instruction data needs a {key!r} column (columns: {dataset.column_names}); "
+                f"set data.instruction_field / data.response_field"
+            )
     _require_strings(dataset, [args.instruction_field, args.input_field, args.response_field], "instruction data")
     ensure_chat_template(tokenizer)
-    examples = dataset.map(lambda record: encode_conversation(to_conversation(record, args), tokenizer, max_length),
-                           remove_columns=dataset.column_names, desc="Tokenizing")
+    examples = dataset.map(
+        lambda record: encode_conversation(to_conversation(record, args), tokenizer, max_length),
+        remove_columns=dataset.column_names,
+        desc="Tokenizing",
+    )
     kept = examples.filter(lambda r: any(label != -100 for label in r["labels"]))
     if len(kept) == 0:
-        raise UsageError(f"every one of the {len(examples)} instruction examples has a prompt that fills all {max_length} "
-                         "tokens: raise data.block_size (data.eval_block_size for held-out examples)")
+        raise UsageError(
+            f"every one of the {len(examples)} instruction examples has a prompt that fills all {max_length} "
+            "tokens: raise data.block_size (data.eval_block_size for held-out examples)"
+        )
     if len(kept) < len(examples):
-        logger.warning("%d of %d instruction examples dropped: their prompt fills all %d tokens "
-                       "(data.block_size; data.eval_block_size for held-out examples)",
-                       len(examples) - len(kept), len(examples), max_length)
+        logger.warning(
+            "%d of %d instruction examples dropped: their prompt fills all %d tokens "
+            "(data.block_size; data.eval_block_size for held-out examples)",
+            len(examples) - len(kept),
+            len(examples),
+            max_length,
+        )
     examples = kept
     if max_tokens is not None:
         lengths = [len(x) for x in examples["input_ids"]]
@@ -360,18 +399,31 @@ def build_data(args: DataArgs, tokenizer, seed: int) -> LMData:
         try:
             split = train_docs.train_test_split(test_size=args.eval_fraction, seed=seed)
         except ValueError:  # too few documents to hold any out and keep any
-            raise UsageError(f"data.train={args.train} has {len(train_docs)} document(s): too few to hold out "
-                             f"data.eval_fraction={args.eval_fraction} of them; set data.eval=FILE (held-out text), "
-                             f"or give more documents (data.sample_by=paragraph splits a .txt at blank lines)") from None
+            raise UsageError(
+                f"data.train={args.train} has {len(train_docs)} document(s): too few to hold out "
+                f"data.eval_fraction={args.eval_fraction} of them; set data.eval=FILE (held-out text), "
+                f"or give more documents (data.sample_by=paragraph splits a .txt at blank lines)"
+            ) from None
         train_docs, eval_docs = split["train"], split["test"]
     if args.format == "text":
         layout_docs = eval_docs
         if args.eval and args.layout_sample_by and args.layout_sample_by != args.sample_by:
             layout_docs = load_documents(args.eval, args.eval_split, replace(args, sample_by=args.layout_sample_by))
-        return LMData(pack(train_docs, tokenizer, args, args.max_train_tokens, unmarked=args.unmarked_fraction),
-                      pack(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size,
-                           source=args.eval or f"the held-out share of {args.train}"), padded=False,
-                      layouts=layout_datasets(layout_docs, tokenizer, args, args.max_eval_tokens))
-    return LMData(instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
-                  instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size),
-                  padded=True)
+        return LMData(
+            pack(train_docs, tokenizer, args, args.max_train_tokens, unmarked=args.unmarked_fraction),
+            pack(
+                eval_docs,
+                tokenizer,
+                args,
+                args.max_eval_tokens,
+                args.held_out_block_size,
+                source=args.eval or f"the held-out share of {args.train}",
+            ),
+            padded=False,
+            layouts=layout_datasets(layout_docs, tokenizer, args, args.max_eval_tokens),
+        )
+    return LMData(
+        instruction_examples(train_docs, tokenizer, args, args.max_train_tokens),
+        instruction_examples(eval_docs, tokenizer, args, args.max_eval_tokens, args.held_out_block_size),
+        padded=True,
+    )

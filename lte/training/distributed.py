@@ -129,8 +129,13 @@ def check_routers_identical(model: nn.Module, stage: str) -> None:
         raise RuntimeError(f"{stage}: router weights differ across processes (max difference {worst:.3e})")
     # Under FSDP2 / ZeRO-3 every rank gathers the same shards, so this mostly checks the gather;
     # that the trained routers reach the saved checkpoint is tested separately.
-    logger.info("%s: routers identical on all %d processes (%d router parameters, %d stored on this process)",
-                stage, world, flat.numel(), local)
+    logger.info(
+        "%s: routers identical on all %d processes (%d router parameters, %d stored on this process)",
+        stage,
+        world,
+        flat.numel(),
+        local,
+    )
 
 
 def is_sharded(accelerator) -> bool:
@@ -139,7 +144,9 @@ def is_sharded(accelerator) -> bool:
 
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
 
 
 def describe_parallelism(accelerator) -> str:

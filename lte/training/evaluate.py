@@ -40,7 +40,9 @@ def pad_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def evaluate_layouts(model, layouts: dict, pad_token_id: int, batch_size: int = 8, what: str = "") -> dict[str, EvalResult]:
+def evaluate_layouts(
+    model, layouts: dict, pad_token_id: int, batch_size: int = 8, what: str = ""
+) -> dict[str, EvalResult]:
     """:func:`evaluate_lm` on the held-out documents in each layout (:func:`lte.training.data.layout_rows`):
     the same tokens scored after BOS, after EOS and packed. Rows are batched by length."""
     results = {}
@@ -48,7 +50,7 @@ def evaluate_layouts(model, layouts: dict, pad_token_id: int, batch_size: int = 
         rows = list(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         rows = [rows[i] for i in order]
-        batches = [pad_rows(rows[i:i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+        batches = [pad_rows(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
         results[layout] = evaluate_batches(model, batches, desc=f"Held-out layout {layout} {what}".rstrip())
     return results
 
@@ -72,8 +74,9 @@ def evaluate_batches(model, batches, desc: str | None = None) -> EvalResult:
         with collect_router_scores() as records:
             logits = model(**batch).logits.float()
         targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total_nll += nll.item()
         total_tokens += int((targets != -100).sum())
         if records:

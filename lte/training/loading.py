@@ -31,8 +31,9 @@ def model_kwargs(recipe: Recipe) -> dict:
 
 
 def load_tokenizer(recipe: Recipe):
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code,
-                                              revision=recipe.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
     if tokenizer.pad_token is None:
         # Padding is masked out of the loss and the router statistics, so any token will do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -56,7 +57,7 @@ def calibration_batches(data: LMData, tokenizer, tokens: int, batch_size: int) -
         rows.append(row)
         total += len(row["input_ids"])
     collate = collator_for(data, tokenizer)
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def layout_results(name: str, model, data: LMData, tokenizer, batch_size: int) -> dict[str, EvalResult]:
@@ -85,8 +86,11 @@ def layout_summary(layouts: dict, name: str = "sparse") -> str:
     if not layouts:
         return ""
     base = next(iter(layouts.values()))[f"{name}_ppl"]
-    cells = [f"{LAYOUTS.get(k, k)} {v[f'{name}_ppl']:.4f}" + ("" if i == 0 else f" ({100 * (v[f'{name}_ppl'] / base - 1):+.1f}%)")
-             for i, (k, v) in enumerate(layouts.items())]
+    cells = [
+        f"{LAYOUTS.get(k, k)} {v[f'{name}_ppl']:.4f}"
+        + ("" if i == 0 else f" ({100 * (v[f'{name}_ppl'] / base - 1):+.1f}%)")
+        for i, (k, v) in enumerate(layouts.items())
+    ]
     return ", ".join(cells)
 
 

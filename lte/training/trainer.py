@@ -112,7 +112,9 @@ class LTETrainer(Trainer):
         if distill_hidden:
             inputs = {**inputs, "output_hidden_states": True}
         with collect_router_scores() as records:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         split = "train" if model.training else "eval"
         metrics = self._metrics[split]
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
@@ -157,7 +159,10 @@ class LTETrainer(Trainer):
                 f"the loss became {value} at step {step} of the {self.args.lte_routing}-routing stage "
                 f"({self.args.output_dir}); nothing was saved from this step. Lower the learning rate "
                 f"(now {self.args.learning_rate:g}) and train this stage again from its start: its checkpoints "
-                f"carry the old rate in their optimizer and scheduler state", step=step, loss=value)
+                f"carry the old rate in their optimizer and scheduler state",
+                step=step,
+                loss=value,
+            )
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -222,9 +227,9 @@ class LTETrainer(Trainer):
                 moved += [(p, group["weight_decay"]) for p in group["params"] if id(p) in router_params]
                 group["params"] = keep
             for decay in sorted({wd for _, wd in moved}):
-                optimizer.add_param_group({"params": [p for p, wd in moved if wd == decay], "weight_decay": decay,
-                                           "lr": router_lr})
+                optimizer.add_param_group(
+                    {"params": [p for p, wd in moved if wd == decay], "weight_decay": decay, "lr": router_lr}
+                )
             optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         self._routers_regrouped = True
         return optimizer
-

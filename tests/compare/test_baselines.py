@@ -141,17 +141,42 @@ def test_flops_accounting():
 
 
 def lte_compare(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "lte", "compare", "--model", str(STORIES), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lte", "compare", "--model", str(STORIES), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_compare_end_to_end_with_lte_and_every_baseline(tiny_run, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "cmp"
-    proc = lte_compare("--lte", str(run), "--data", str(REPO / "assets" / "tinystories" / "eval.txt"),
-                       "--methods", "dense,lte,griffin,teal,teal_all,cats,moefication,sparse_expansion", "--sparsity", "0.5,0.7",
-                       "--calibration-tokens", "2048", "--max-eval-tokens", "4096", "--allocation", "uniform",
-                       "--tasks", "piqa,boolq", "--task-dir", str(REPO / "tests" / "data" / "tasks" / "layouts"), "--task-limit", "6", "--out", str(out))
+    proc = lte_compare(
+        "--lte",
+        str(run),
+        "--data",
+        str(REPO / "assets" / "tinystories" / "eval.txt"),
+        "--methods",
+        "dense,lte,griffin,teal,teal_all,cats,moefication,sparse_expansion",
+        "--sparsity",
+        "0.5,0.7",
+        "--calibration-tokens",
+        "2048",
+        "--max-eval-tokens",
+        "4096",
+        "--allocation",
+        "uniform",
+        "--tasks",
+        "piqa,boolq",
+        "--task-dir",
+        str(REPO / "tests" / "data" / "tasks" / "layouts"),
+        "--task-limit",
+        "6",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = {(r["method"], r["target_sparsity"]): r for r in results["rows"]}
@@ -179,17 +204,31 @@ def test_compare_end_to_end_with_lte_and_every_baseline(tiny_run, tmp_path):
 def test_compare_reports_skipped_methods_and_rejects_bad_input(tmp_path):
     data = str(REPO / "assets" / "tinystories" / "eval.txt")
     out = tmp_path / "cmp"
-    proc = lte_compare("--data", data, "--methods", "dense,lte,griffin", "--sparsity", "0.5", "--calibration-tokens",
-                       "1024", "--max-eval-tokens", "2048", "--out", str(out))
+    proc = lte_compare(
+        "--data",
+        data,
+        "--methods",
+        "dense,lte,griffin",
+        "--sparsity",
+        "0.5",
+        "--calibration-tokens",
+        "1024",
+        "--max-eval-tokens",
+        "2048",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "lte", "griffin"]
     assert rows[1]["skipped"] == "no --lte RUN_OR_EXPORT_DIR given" and "ppl" not in rows[1]
     before = (out / "results.json").read_bytes()
-    for args, message in ((["--methods", "dense,deja_vu"], "unknown method(s) deja_vu"),
-                          (["--sparsity", "1.5"], "--sparsity 1.5 must lie in [0, 1)"),
-                          ([], "exists; pass --overwrite"),
-                          (["--sparsity", "half"], "expected comma-separated numbers")):
+    for args, message in (
+        (["--methods", "dense,deja_vu"], "unknown method(s) deja_vu"),
+        (["--sparsity", "1.5"], "--sparsity 1.5 must lie in [0, 1)"),
+        ([], "exists; pass --overwrite"),
+        (["--sparsity", "half"], "expected comma-separated numbers"),
+    ):
         bad = lte_compare("--data", data, "--out", str(out), *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert (out / "results.json").read_bytes() == before  # a rejected run leaves the old results alone

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from conftest import FAST, REPO, STORIES, run_train
 from lte.cli import main
 from lte.compare.harness import CompareRequest, compare
-from lte.training.config import load_recipe
 from lte.core.errors import UsageError
 from lte.pipeline import reused_stages
+from lte.training.config import load_recipe
 
 DATA = REPO / "assets" / "tinystories" / "eval.txt"
 
@@ -44,8 +44,10 @@ def test_target_sparsity_sets_the_controller_and_the_export_where_they_are_not_s
     assert targets(f"recipe={path}") == (0.6, 0.6)
     assert targets(f"recipe={path}", "export.target_sparsity=0.5") == (0.6, 0.5)
     assert targets(f"recipe={path}", "target_sparsity=0.8") == (0.8, 0.8)
-    for bad, message in (("target_sparsity=1.5", "target_sparsity=1.5 must lie in (0, 1)"),
-                         ("target_sparsity=most", "target_sparsity='most' must be a number")):
+    for bad, message in (
+        ("target_sparsity=1.5", "target_sparsity=1.5 must lie in (0, 1)"),
+        ("target_sparsity=most", "target_sparsity='most' must be a number"),
+    ):
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
             targets("recipe=tiny", bad)
 
@@ -61,8 +63,9 @@ def test_a_run_trained_for_a_target_takes_the_prepare_step_of_another(tiny_run, 
     assert report["recipe"]["lte"]["target_sparsity"] == report["recipe"]["export"]["target_sparsity"] == 0.7
     assert report["export"]["target_sparsity"] == 0.7
     assert report["export"]["heldout_sparsity"] == pytest.approx(0.7, abs=0.03)
-    assert (second / "stage1" / "model" / "lte_routers.safetensors").read_bytes() != \
-        (first / "stage1" / "model" / "lte_routers.safetensors").read_bytes()  # stage 1 trained on its own
+    assert (second / "stage1" / "model" / "lte_routers.safetensors").read_bytes() != (
+        first / "stage1" / "model" / "lte_routers.safetensors"
+    ).read_bytes()  # stage 1 trained on its own
 
 
 def test_reuse_refuses_a_run_made_with_other_settings_before_writing_anything(tiny_run, tmp_path, capsys):
@@ -88,9 +91,19 @@ def test_reuse_refuses_a_run_made_with_other_settings_before_writing_anything(ti
 
 
 def run_compare(out, lte, data=DATA, **kwargs):
-    request = CompareRequest(model=str(STORIES), data=str(data), calibration=str(DATA), out=str(out),
-                             methods=["dense", "lte"], sparsity=[0.5, 0.7], lte=lte, calibration_tokens=1024,
-                             max_eval_tokens=2048, allocation="uniform", **kwargs)
+    request = CompareRequest(
+        model=str(STORIES),
+        data=str(data),
+        calibration=str(DATA),
+        out=str(out),
+        methods=["dense", "lte"],
+        sparsity=[0.5, 0.7],
+        lte=lte,
+        calibration_tokens=1024,
+        max_eval_tokens=2048,
+        allocation="uniform",
+        **kwargs,
+    )
     return {(r["method"], r["target_sparsity"]): r for r in compare(request, progress=False)}
 
 
@@ -120,29 +133,44 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     assert extra["kl"] == pytest.approx(only_first[("lte", 0.5)]["kl"], rel=1e-6) and extra["kl"] > 0
     assert extra["scored_tokens"] == dense["scored_tokens"] > 0 and extra["ppl"] != rows[("lte", 0.5)]["ppl"]
     results = json.loads((tmp_path / "multi" / "results.json").read_text())["settings"]
-    assert results["lte_runs"] == {"0.5": str(first), "0.7": str(second)} and results["extra_data"] == {"other": str(other)}
+    assert results["lte_runs"] == {"0.5": str(first), "0.7": str(second)} and results["extra_data"] == {
+        "other": str(other)
+    }
     table = (tmp_path / "multi" / "results.md").read_text()
-    assert ("| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense "
-            "| ppl other |") in table
+    assert (
+        "| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense "
+        "| ppl other |"
+    ) in table
     assert f"| lte | 0.50 | {first} |" in table and f"| lte | 0.70 | {second} |" in table
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--lte", "0.5=RUN_A,0.6=RUN_B"], "--lte 0.6=RUN_B: 0.6 is not a target of --sparsity 0.5,0.7; add it to --sparsity"),
-    (["--lte", "0.5=RUN_A,0.7=missing"], "--lte 0.7=missing: missing: no such run directory"),
-    (["--lte", "0.5=RUN_A,half=RUN_B"], "--lte 'half=RUN_B': expected TARGET=RUN_DIR"),
-    (["--lte", "0.5=RUN_A"], "--lte has no run for target 0.7 of --sparsity; add TARGET=RUN_DIR"),
-    (["--lte", "RUN_A,RUN_B"], "two runs without a target"),
-    (["--lte", "0.5=RUN_A,0.5=RUN_B"], "--lte names target 0.5 twice"),
-    (["--lte", "RUN_A", "--extra-data", "other"], "--extra-data 'other': expected NAME=FILE"),
-    (["--lte", "RUN_A", "--extra-data", "other=missing.txt"], "--extra-data other=missing.txt: file not found"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--lte", "0.5=RUN_A,0.6=RUN_B"],
+            "--lte 0.6=RUN_B: 0.6 is not a target of --sparsity 0.5,0.7; add it to --sparsity",
+        ),
+        (["--lte", "0.5=RUN_A,0.7=missing"], "--lte 0.7=missing: missing: no such run directory"),
+        (["--lte", "0.5=RUN_A,half=RUN_B"], "--lte 'half=RUN_B': expected TARGET=RUN_DIR"),
+        (["--lte", "0.5=RUN_A"], "--lte has no run for target 0.7 of --sparsity; add TARGET=RUN_DIR"),
+        (["--lte", "RUN_A,RUN_B"], "two runs without a target"),
+        (["--lte", "0.5=RUN_A,0.5=RUN_B"], "--lte names target 0.5 twice"),
+        (["--lte", "RUN_A", "--extra-data", "other"], "--extra-data 'other': expected NAME=FILE"),
+        (["--lte", "RUN_A", "--extra-data", "other=missing.txt"], "--extra-data other=missing.txt: file not found"),
+    ],
+)
 def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_path, capsys, args, message):
     first, _ = tiny_run
     args = [a.replace("RUN_A", str(first)).replace("RUN_B", str(first)) for a in args]
     message = message.replace("RUN_A", str(first)).replace("RUN_B", str(first))
     out = tmp_path / "cmp"
-    assert main(["compare", "--model", str(STORIES), "--data", str(DATA), "--sparsity", "0.5,0.7", "--out", str(out), *args]) == 2
+    assert (
+        main(
+            ["compare", "--model", str(STORIES), "--data", str(DATA), "--sparsity", "0.5,0.7", "--out", str(out), *args]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()
@@ -159,7 +187,13 @@ def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_sett
     (source / "recipe.yaml").write_text(yaml.safe_dump(load_recipe([*args, f"output_dir={source}"]).to_dict()))
     (source / "prepare" / "model" / "config.json").write_text("{}")
     here = tmp_path / "here"
-    ours = [*args, f"output_dir={here}", f"reuse_from={source}", "target_sparsity=0.9", "train.stage1.learning_rate=1e-3"]
+    ours = [
+        *args,
+        f"output_dir={here}",
+        f"reuse_from={source}",
+        "target_sparsity=0.9",
+        "train.stage1.learning_rate=1e-3",
+    ]
     with pytest.raises(UsageError, match="stage0/model is not finished"):
         reused_stages(load_recipe(ours))
     (source / "stage0" / "model").mkdir(parents=True)

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, STORIES
-from lte.core.errors import UsageError
 from lte.compare.tasks import CONFIG_DIR, TASKS, parse_results, parse_tasks, prepare_tasks, read_task
+from lte.core.errors import UsageError
 
 TASK_DATA = REPO / "tests" / "data" / "tasks"
 LAYOUTS = TASK_DATA / "layouts"  # the first records of each file in the layout it is distributed in
@@ -22,13 +22,18 @@ def test_distributed_layouts_read_as_the_configs_records():
     for name, path in tasks.items():
         shipped = [json.loads(line) for line in (TASK_DATA / f"{name}.jsonl").read_text().splitlines()]
         assert read_task(name, path) == shipped[:6], name
-        assert read_task(name, TASK_DATA / f"{name}.jsonl", limit=5) == shipped[:5]  # the configs' own layout reads as is
+        assert (
+            read_task(name, TASK_DATA / f"{name}.jsonl", limit=5) == shipped[:5]
+        )  # the configs' own layout reads as is
     piqa_labels = [int(x) for x in (LAYOUTS / "piqa" / "valid-labels.lst").read_text().split()]
     assert [r["label"] for r in read_task("piqa", tasks["piqa"])] == piqa_labels
     raw = json.loads((LAYOUTS / "hellaswag" / "hellaswag.json").read_text())["test"]
     assert [r["label"] for r in read_task("hellaswag", tasks["hellaswag"])] == ["ABCD".index(r["answer"]) for r in raw]
     for name in TASKS:  # each shipped config reads the shipped records when lm_eval runs in the repository
-        assert f"data_files: {{validation: tests/data/tasks/{name}.jsonl}}" in (CONFIG_DIR / f"lte_{name}.yaml").read_text()
+        assert (
+            f"data_files: {{validation: tests/data/tasks/{name}.jsonl}}"
+            in (CONFIG_DIR / f"lte_{name}.yaml").read_text()
+        )
 
 
 def test_bad_task_arguments_are_usage_errors(tmp_path):
@@ -49,7 +54,7 @@ def choice_logprob(model, tokenizer, context: str, choice: str, prefix_handle=No
     """log p(" choice" | context), tokenised as lm-eval does: the whole string, the context's tokens split off."""
     whole = tokenizer(context + " " + choice)["input_ids"]
     ctx = tokenizer(context)["input_ids"]
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if prefix_handle is not None:
         prefix_handle.prefix = len(ctx) - 1
     with torch.no_grad():
@@ -71,7 +76,11 @@ def expected_accuracy(model, tokenizer, name: str, records: list[dict], handle=N
         elif name == "hellaswag":
             context, choices, gold = preprocess(r["ctx"]), [preprocess(e) for e in r["endings"]], r["label"]
         else:
-            context, choices, gold = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"])
+            context, choices, gold = (
+                f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",
+                ["no", "yes"],
+                int(r["answer"]),
+            )
         scores = [choice_logprob(model, tokenizer, context, c, handle) for c in choices]
         normed = [s / len(c) for s, c in zip(scores, choices, strict=True)]
         acc += int(max(range(len(scores)), key=scores.__getitem__) == gold)
@@ -81,7 +90,9 @@ def expected_accuracy(model, tokenizer, name: str, records: list[dict], handle=N
 
 def test_lm_eval_scores_the_model_object_with_each_tasks_prompt(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()  # the real model: a random one scores all choices alike
+    model = AutoModelForCausalLM.from_pretrained(
+        STORIES
+    ).eval()  # the real model: a random one scores all choices alike
     tasks = {name: TASK_DATA / f"{name}.jsonl" for name in TASKS}
     run = prepare_tasks(tasks, tmp_path / "configs", limit=8)
     got = run.score(model, tokenizer, batch_size=4)
@@ -107,7 +118,9 @@ def test_griffin_selects_from_each_prompt_under_lm_eval(tmp_path):
     finally:
         handle.remove()
     dense = expected_accuracy(model, tokenizer, "arc_easy", records)
-    assert got["acc"] == pytest.approx(want["acc"], abs=1e-9) and got["acc_norm"] == pytest.approx(want["acc_norm"], abs=1e-9)
+    assert got["acc"] == pytest.approx(want["acc"], abs=1e-9) and got["acc_norm"] == pytest.approx(
+        want["acc_norm"], abs=1e-9
+    )
     assert (want["acc"], want["acc_norm"]) != (dense["acc"], dense["acc_norm"])  # 90% sparsity changes some answers
 
 
@@ -118,20 +131,68 @@ def test_lm_eval_cli_on_the_export_gives_lte_compares_numbers(tiny_run, tmp_path
     export = run / "export"
     target = json.loads((export / "lte_export.json").read_text())["target_sparsity"]
     names = ",".join(f"lte_{t}" for t in TASKS)
-    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                          f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", names,
-                          "--include_path", str(CONFIG_DIR), "--device", "cpu", "--batch_size", "4",
-                          "--output_path", str(tmp_path / "lm_eval")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={export},trust_remote_code=True,dtype=float32",
+            "--tasks",
+            names,
+            "--include_path",
+            str(CONFIG_DIR),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "lm_eval"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     [results_file] = (tmp_path / "lm_eval").rglob("results_*.json")
     by_cli = parse_results(json.loads(results_file.read_text()))
 
     out = tmp_path / "cmp"
-    cmp = subprocess.run([sys.executable, "-m", "lte", "compare", "--model", str(STORIES), "--lte", str(export),
-                          "--data", str(REPO / "assets" / "tinystories" / "eval.txt"), "--methods", "lte",
-                          "--sparsity", str(target), "--calibration-tokens", "1024", "--max-eval-tokens", "2048",
-                          "--tasks", ",".join(f"{t}=tests/data/tasks/{t}.jsonl" for t in TASKS), "--task-limit", "0",
-                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    cmp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lte",
+            "compare",
+            "--model",
+            str(STORIES),
+            "--lte",
+            str(export),
+            "--data",
+            str(REPO / "assets" / "tinystories" / "eval.txt"),
+            "--methods",
+            "lte",
+            "--sparsity",
+            str(target),
+            "--calibration-tokens",
+            "1024",
+            "--max-eval-tokens",
+            "2048",
+            "--tasks",
+            ",".join(f"{t}=tests/data/tasks/{t}.jsonl" for t in TASKS),
+            "--task-limit",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     [row] = json.loads((out / "results.json").read_text())["rows"]
     assert set(by_cli) == set(row["tasks"]) == set(TASKS)

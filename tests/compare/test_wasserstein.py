@@ -27,9 +27,30 @@ def test_distance_is_small_for_gaussian_neurons_and_large_for_skewed_ones():
 
 def test_analyze_wasserstein_end_to_end(tmp_path):
     out = tmp_path / "ws"
-    proc = subprocess.run([sys.executable, "-m", "lte", "analyze", "wasserstein", str(STORIES), "--data",
-                           str(REPO / "assets" / "tinystories" / "eval.txt"), "--tokens", "2048", "--eval-tokens", "4096",
-                           "--top", "0.1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lte",
+            "analyze",
+            "wasserstein",
+            str(STORIES),
+            "--data",
+            str(REPO / "assets" / "tinystories" / "eval.txt"),
+            "--tokens",
+            "2048",
+            "--eval-tokens",
+            "4096",
+            "--top",
+            "0.1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "wasserstein.json").read_text())
     assert len(report["layers"]) == 5 and report["eval_tokens"] == 4096
@@ -42,7 +63,22 @@ def test_analyze_wasserstein_end_to_end(tmp_path):
     assert row["neurons_per_layer"] == [17] * 5 and len(row["ppl_random_draws"]) == 3
     assert row["ppl_top_wasserstein_removed"] > report["dense_ppl"] and row["ppl_random_removed"] > report["dense_ppl"]
     assert (out / "wasserstein_histograms.png").stat().st_size > 10_000
-    again = subprocess.run([sys.executable, "-m", "lte", "analyze", "wasserstein", str(STORIES), "--data",
-                            str(REPO / "assets" / "tinystories" / "eval.txt"), "--out", str(out)],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lte",
+            "analyze",
+            "wasserstein",
+            str(STORIES),
+            "--data",
+            str(REPO / "assets" / "tinystories" / "eval.txt"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -43,8 +43,13 @@ def test_export_out_equal_to_inside_or_above_the_run_is_refused_and_the_run_is_u
     run, _ = tiny_run
     before = tree_hash(run.parent)
     export = ["export", run, "--target-sparsity", "0.5", "--calibration-tokens", "4096", "--out"]
-    for out, says in ((run, "is the run"), (run / "stage2", "part of the run"), (run / "stage2" / "model" / "x", "part of the run"),
-                      (run / "stage1", "part of the run"), (run.parent, "contains the run")):
+    for out, says in (
+        (run, "is the run"),
+        (run / "stage2", "part of the run"),
+        (run / "stage2" / "model" / "x", "part of the run"),
+        (run / "stage1", "part of the run"),
+        (run.parent, "contains the run"),
+    ):
         for flags in ([], ["--overwrite"]):
             fails(capsys, [*export, out, *flags], says)
     assert tree_hash(run.parent) == before
@@ -52,13 +57,26 @@ def test_export_out_equal_to_inside_or_above_the_run_is_refused_and_the_run_is_u
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(REPO / "assets" / "tinystories" / "eval.txt", data / "eval.txt")
-    fails(capsys, ["analyze", "wasserstein", STORIES, "--data", data / "eval.txt", "--out", data, "--overwrite"],
-          "contains --data")
-    fails(capsys, ["analyze", "wasserstein", STORIES, "--data", data / "eval.txt", "--out", STORIES / "w"],
-          "lies inside the model")
-    fails(capsys, ["compare", "--model", STORIES, "--data", data / "eval.txt", "--out", STORIES, "--overwrite"], "is --model")
-    fails(capsys, ["compare", "--model", STORIES, "--data", data / "eval.txt", "--lte", run, "--out", run / "stage2"],
-          "part of the --lte run")
+    fails(
+        capsys,
+        ["analyze", "wasserstein", STORIES, "--data", data / "eval.txt", "--out", data, "--overwrite"],
+        "contains --data",
+    )
+    fails(
+        capsys,
+        ["analyze", "wasserstein", STORIES, "--data", data / "eval.txt", "--out", STORIES / "w"],
+        "lies inside the model",
+    )
+    fails(
+        capsys,
+        ["compare", "--model", STORIES, "--data", data / "eval.txt", "--out", STORIES, "--overwrite"],
+        "is --model",
+    )
+    fails(
+        capsys,
+        ["compare", "--model", STORIES, "--data", data / "eval.txt", "--lte", run, "--out", run / "stage2"],
+        "part of the --lte run",
+    )
     assert tree_hash(run.parent) == before
 
 
@@ -139,13 +157,25 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_
 
 
 def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from lte.core.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
-                               "    print('held', flush=True); time.sleep(120)", str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from lte.core.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UsageError, match=f"another process \\(PID {holder.pid}\\) is training into"), run_lock(tmp_path):
+        with (
+            pytest.raises(UsageError, match=f"another process \\(PID {holder.pid}\\) is training into"),
+            run_lock(tmp_path),
+        ):
             pass
     finally:
         os.kill(holder.pid, signal.SIGKILL)
@@ -169,11 +199,15 @@ class FullDisk(io.RawIOBase):
 def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatch):
     import lte.core.outputs
 
-    with pytest.raises(UsageError, match=r"no space left on device at /mnt/full/optimizer\.pt; free some space"), disk_guard(tmp_path):
+    with (
+        pytest.raises(UsageError, match=r"no space left on device at /mnt/full/optimizer\.pt; free some space"),
+        disk_guard(tmp_path),
+    ):
         torch.save({"w": torch.zeros(4096)}, FullDisk())
     # torch writing to a path reports the failure from C++ without an errno; the free space decides
-    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+    torch_error = RuntimeError(
+        "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
     with pytest.raises(RuntimeError, match="file write failed"), disk_guard(tmp_path):
         raise torch_error  # space is left here: not called a full disk
     monkeypatch.setattr(lte.core.outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
@@ -186,4 +220,7 @@ def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "stage1" / "optimizer.pt"))
 
     assert run_cli(full) == 2
-    assert capsys.readouterr().err == f"error: no space left on device at {tmp_path / 'stage1' / 'optimizer.pt'}; free some space, then rerun the same command\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: no space left on device at {tmp_path / 'stage1' / 'optimizer.pt'}; free some space, then rerun the same command\n"
+    )

@@ -62,8 +62,9 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tiny_run, tmp_path)
     # 1. stopped in the middle of stage 1; meanwhile a second run on the same output_dir is turned away
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
-        first = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, FAULT: "pause@stage1:step3"}, stdout=sink,
-                                 stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            cmd, cwd=REPO, env={**os.environ, FAULT: "pause@stage1:step3"}, stdout=sink, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + 600
         while "paused at stage1:step3" not in log.read_text():
@@ -103,8 +104,19 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tiny_run, tmp_path)
 def test_killed_export_resumes_to_the_uninterrupted_result_from_any_directory(tiny_run, tmp_path):
     base, _ = tiny_run
     out = tmp_path / "exported"
-    cmd = [sys.executable, "-m", "lte", "export", str(base), "--target-sparsity", "0.5", "--calibration-tokens", "4096",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lte",
+        "export",
+        str(base),
+        "--target-sparsity",
+        "0.5",
+        "--calibration-tokens",
+        "4096",
+        "--out",
+        str(out),
+    ]
     for point in ("export:tuning", "export:written"):
         proc = run(cmd, point, cwd=tmp_path)  # not the directory the run was trained from
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -127,9 +139,25 @@ def test_a_changed_recipe_on_a_finished_run_is_refused_with_the_keys(tiny_run, m
     lock = base / ".lte-lock"  # the run's own lock file: the refusing process writes its PID there
     before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file() and p != lock}
     digest = tree_hash(base / "stage2")
-    assert main(["train", "recipe=tiny", f"output_dir={base}", *FAST, "lte.expert_size=2", "train.stage2.learning_rate=1e-3"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "recipe=tiny",
+                f"output_dir={base}",
+                *FAST,
+                "lte.expert_size=2",
+                "train.stage2.learning_rate=1e-3",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "lte.expert_size (4 -> 2)" in err and "train.stage2.learning_rate (0.002 -> 0.001)" in err
+    assert (
+        err.startswith("error: ")
+        and "lte.expert_size (4 -> 2)" in err
+        and "train.stage2.learning_rate (0.002 -> 0.001)" in err
+    )
     assert "new output_dir" in err and "restart_from=prepare" in err
     assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file() and p != lock} == before
     assert tree_hash(base / "stage2") == digest
@@ -156,8 +184,8 @@ def test_following_the_divergence_message_finishes_the_run(tmp_path):
 
 
 def test_the_divergence_message_names_each_stages_learning_rate_key():
-    from lte.training.config import load_recipe
     from lte.pipeline import learning_rate_key
+    from lte.training.config import load_recipe
 
     recipe = load_recipe(["recipe=tiny", "output_dir=/tmp/x"], check_hardware=False)
     assert learning_rate_key(recipe, "stage1") == "train.learning_rate"
@@ -167,7 +195,9 @@ def test_the_divergence_message_names_each_stages_learning_rate_key():
     assert learning_rate_key(recipe, "stage1") == "train.stage1.learning_rate"  # train.learning_rate would redo stage 0
 
 
-@pytest.mark.parametrize("damage", ["truncated model.safetensors", "truncated optimizer.pt", "empty trainer_state.json"])
+@pytest.mark.parametrize(
+    "damage", ["truncated model.safetensors", "truncated optimizer.pt", "empty trainer_state.json"]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_path, damage, caplog):
     from lte.pipeline import last_complete_checkpoint
 
@@ -186,10 +216,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tm
     assert "no intact checkpoint left; the stage restarts" in caplog.text
 
 
-OLD = {"output_dir": "/runs/a", "seed": 42, "model": {"name_or_path": "/m"}, "data": {"train": "/d.txt"},
-       "lte": {"expert_size": 4, "eta": 1.0, "stage0_steps": 0}, "lora": {"r": 0},
-       "train": {"learning_rate": 1e-4, "logging_steps": 1, "stage2": {"learning_rate": 2e-3}},
-       "export": {"target_sparsity": 0.5}}
+OLD = {
+    "output_dir": "/runs/a",
+    "seed": 42,
+    "model": {"name_or_path": "/m"},
+    "data": {"train": "/d.txt"},
+    "lte": {"expert_size": 4, "eta": 1.0, "stage0_steps": 0},
+    "lora": {"r": 0},
+    "train": {"learning_rate": 1e-4, "logging_steps": 1, "stage2": {"learning_rate": 2e-3}},
+    "export": {"target_sparsity": 0.5},
+}
 DONE = {"prepare": "finished", "stage1": "finished", "stage2": "finished"}
 
 
@@ -204,29 +240,38 @@ def changed(**keys):
     return new
 
 
-@pytest.mark.parametrize(("new", "status", "restart", "discard", "update"), [
-    (OLD, DONE, None, [], False),  # the same recipe: resume, record untouched
-    (changed(export__target_sparsity=0.4), DONE, None, [], True),  # export only: rerun it, update the record
-    (changed(train__logging_steps=5), DONE, None, [], True),  # no effect on any result
-    (changed(output_dir="/runs/b"), DONE, None, [], True),  # the run was moved
-    (OLD, DONE, "stage2", ["stage2"], False),
-    (changed(lte__expert_size=2), DONE, "prepare", ["prepare", "stage1", "stage2"], True),
-    (changed(train__stage2__learning_rate=1e-3), {**DONE, "stage2": "diverged"}, None, ["stage2"], True),
-    (changed(train__learning_rate=1e-5), {"prepare": "finished", "stage1": "diverged"}, None, ["stage1"], True),
-    (changed(lte__eta=2.0), {"prepare": "finished", "stage1": "finished"}, "stage1", ["stage1"], True),
-])
+@pytest.mark.parametrize(
+    ("new", "status", "restart", "discard", "update"),
+    [
+        (OLD, DONE, None, [], False),  # the same recipe: resume, record untouched
+        (changed(export__target_sparsity=0.4), DONE, None, [], True),  # export only: rerun it, update the record
+        (changed(train__logging_steps=5), DONE, None, [], True),  # no effect on any result
+        (changed(output_dir="/runs/b"), DONE, None, [], True),  # the run was moved
+        (OLD, DONE, "stage2", ["stage2"], False),
+        (changed(lte__expert_size=2), DONE, "prepare", ["prepare", "stage1", "stage2"], True),
+        (changed(train__stage2__learning_rate=1e-3), {**DONE, "stage2": "diverged"}, None, ["stage2"], True),
+        (changed(train__learning_rate=1e-5), {"prepare": "finished", "stage1": "diverged"}, None, ["stage1"], True),
+        (changed(lte__eta=2.0), {"prepare": "finished", "stage1": "finished"}, "stage1", ["stage1"], True),
+    ],
+)
 def test_rerun_plans(new, status, restart, discard, update):
     plan = plan_rerun(OLD, new, status, restart)
     assert plan.discard == discard and plan.update_record == update
 
 
-@pytest.mark.parametrize(("new", "status", "names"), [
-    (changed(lte__expert_size=2), DONE, ["lte.expert_size (4 -> 2)", "restart_from=prepare"]),
-    (changed(train__stage2__learning_rate=1e-3), {**DONE, "stage2": "partial"}, ["restart_from=stage2"]),
-    (changed(seed=1), {"prepare": "finished"}, ["seed (42 -> 1)", "restart_from=prepare"]),
-    (changed(train__learning_rate=1e-5, lte__stage0_steps=2), {"stage0": "finished", "stage1": "diverged"},
-     ["train.learning_rate (0.0001 -> 1e-05)", "restart_from=stage0"]),
-])
+@pytest.mark.parametrize(
+    ("new", "status", "names"),
+    [
+        (changed(lte__expert_size=2), DONE, ["lte.expert_size (4 -> 2)", "restart_from=prepare"]),
+        (changed(train__stage2__learning_rate=1e-3), {**DONE, "stage2": "partial"}, ["restart_from=stage2"]),
+        (changed(seed=1), {"prepare": "finished"}, ["seed (42 -> 1)", "restart_from=prepare"]),
+        (
+            changed(train__learning_rate=1e-5, lte__stage0_steps=2),
+            {"stage0": "finished", "stage1": "diverged"},
+            ["train.learning_rate (0.0001 -> 1e-05)", "restart_from=stage0"],
+        ),
+    ],
+)
 def test_rerun_plans_that_would_leave_a_lying_record_are_refused(new, status, names):
     with pytest.raises(UsageError) as refused:
         plan_rerun(OLD, new, status, None)

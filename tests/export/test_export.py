@@ -13,10 +13,10 @@ import torch
 
 from conftest import REPO, tiny_model
 from lte.cli import main
-from lte.training.evaluate import evaluate_batches
 from lte.export.exporter import ExportRequest, base_architecture, export, to_routed, write_checkpoint
-from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte.export.thresholds import KEEP_ALL, Sensitivity, allocate, calibrate, evaluate_allocation, sensitivity
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
+from lte.training.evaluate import evaluate_batches
 
 # Runs in a fresh interpreter where `lte` cannot be imported: what a user of the export has.
 LOAD_AS_A_USER = r"""
@@ -72,6 +72,7 @@ loss = model(**batch, labels=batch["input_ids"]).loss.item()
 print("RESULT", json.dumps({"text": text, "loss": loss}))
 """
 
+
 def _result(stdout: str):
     return json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
 
@@ -96,8 +97,10 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
     model.config.use_cache = False  # as the Trainer leaves it; the export restores the base default
     out.mkdir()
     write_checkpoint(model, tokenizer, out, base)
-    torch.save({"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},
-               out / "expected.pt")
+    torch.save(
+        {"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},
+        out / "expected.pt",
+    )
 
 
 def test_export_round_trip_in_a_process_without_the_project(tmp_path):
@@ -130,8 +133,14 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
 
 
 def _load_as_a_user(dirs, cwd, **env):
-    proc = subprocess.run([sys.executable, "-c", LOAD_AS_A_USER, *dirs], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": "", **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AS_A_USER, *dirs],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": "", **env},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _result(proc.stdout)
 
@@ -196,7 +205,10 @@ def test_a_few_tokens_run_the_union_of_their_experts_through_the_cpu_kernel(monk
             calls.clear()
             got = model(ids).logits
         # one kernel call per layer for all 4 tokens, over a non-empty union of experts that is not all of them
-        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and 0 < count < 8 for shape, count in calls), (family, calls)
+        assert len(calls) == 2 and all(shape[:-1].numel() == 4 and 0 < count < 8 for shape, count in calls), (
+            family,
+            calls,
+        )
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -221,9 +233,9 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_run):
     """The smoke run's stage-2 model, its calibration batches and its held-out data."""
+    from lte.model.inject import load_lte
     from lte.training.config import load_run_recipe
     from lte.training.data import build_data
-    from lte.model.inject import load_lte
     from lte.training.loading import calibration_batches, collator_for, load_tokenizer
 
     out, _ = tiny_run
@@ -269,7 +281,9 @@ def test_tuned_allocation_is_no_worse_than_uniform_on_calibration(stage2):
     model, batches, _, _ = stage2
     sens = sensitivity(model, batches, progress=False)
     assert sens.costs.shape == (5, len(sens.grid)) and (sens.costs[:, -1] > 0.05).all()  # 95% sparse: a clear loss
-    assert sens.trained == pytest.approx(evaluate_batches(model, batches).per_layer_sparsity)  # thresholds restored afterwards
+    assert sens.trained == pytest.approx(
+        evaluate_batches(model, batches).per_layer_sparsity
+    )  # thresholds restored afterwards
     for target in (0.5, 0.7):
         n = len(lte_layers(model))
         uniform = evaluate_allocation(model, batches, "uniform", [target] * n, progress=False)
@@ -306,8 +320,16 @@ def test_allocate_spends_the_budget_where_it_is_cheap():
 def test_the_main_job_ends_with_an_export(tiny_run):
     out, proc = tiny_run
     report = json.loads((out / "export" / "lte_export.json").read_text())
-    for key in ("target_sparsity", "calibration_sparsity", "heldout_sparsity", "thresholds", "per_layer_sparsity",
-                "dense_ppl", "sparse_ppl", "source_run"):
+    for key in (
+        "target_sparsity",
+        "calibration_sparsity",
+        "heldout_sparsity",
+        "thresholds",
+        "per_layer_sparsity",
+        "dense_ppl",
+        "sparse_ppl",
+        "source_run",
+    ):
         assert key in report
     assert report["target_sparsity"] == 0.5
     assert report["calibration_sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -321,8 +343,15 @@ def test_the_main_job_ends_with_an_export(tiny_run):
 
 def test_the_export_works_with_pipeline_and_labels_without_the_project(tiny_run, tmp_path):
     out, _ = tiny_run
-    proc = subprocess.run([sys.executable, "-c", PIPELINE_AS_A_USER, str(out / "export")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""}, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-c", PIPELINE_AS_A_USER, str(out / "export")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[y/N]" not in proc.stdout + proc.stderr  # nothing asks the user to confirm remote code
     result = _result(proc.stdout)
@@ -332,8 +361,20 @@ def test_the_export_works_with_pipeline_and_labels_without_the_project(tiny_run,
 
 def test_generate_prints_text_speed_and_sparsity(tiny_run, capsys):
     out, _ = tiny_run
-    assert main(["generate", str(out / "export"), "--prompt", "Once upon a time", "--max-new-tokens", "12",
-                 "--compare-dense"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(out / "export"),
+                "--prompt",
+                "Once upon a time",
+                "--max-new-tokens",
+                "12",
+                "--compare-dense",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count("Once upon a time") == 2
     assert "tokens/s" in printed and "FFN sparsity" in printed and "x the dense model's tokens/s" in printed
@@ -342,7 +383,10 @@ def test_generate_prints_text_speed_and_sparsity(tiny_run, capsys):
 def test_bench_decode_times_sparse_against_dense(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     result = tmp_path / "decode.json"
-    assert main(["bench", "decode", str(out / "export"), "--new-tokens", "6", "--repeats", "1", "--json", str(result)]) == 0
+    assert (
+        main(["bench", "decode", str(out / "export"), "--new-tokens", "6", "--repeats", "1", "--json", str(result)])
+        == 0
+    )
     assert "tokens/s" in capsys.readouterr().out
     row = json.loads(result.read_text())
     assert row["new_tokens"] == 6 and row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0
@@ -361,15 +405,33 @@ def _fails_with(capsys, argv, *phrases):
 def test_bad_input_gets_one_clear_message(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     run = str(out)
-    _fails_with(capsys, ["export", str(tmp_path), "--target-sparsity", "0.5", "--out", str(tmp_path / "x")],
-                "has no stage-2 model")
+    _fails_with(
+        capsys,
+        ["export", str(tmp_path), "--target-sparsity", "0.5", "--out", str(tmp_path / "x")],
+        "has no stage-2 model",
+    )
     _fails_with(capsys, ["export", run, "--target-sparsity", "1.5", "--out", str(tmp_path / "x")], "[0, 1)")
-    _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--calibration", str(tmp_path / "missing.txt"),
-                         "--out", str(tmp_path / "x")], "file not found")
+    _fails_with(
+        capsys,
+        [
+            "export",
+            run,
+            "--target-sparsity",
+            "0.5",
+            "--calibration",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        "file not found",
+    )
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat. " * 40)
-    _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--calibration", str(short), "--out",
-                         str(tmp_path / "x")], "fewer than --calibration-tokens")
+    _fails_with(
+        capsys,
+        ["export", run, "--target-sparsity", "0.5", "--calibration", str(short), "--out", str(tmp_path / "x")],
+        "fewer than --calibration-tokens",
+    )
     _fails_with(capsys, ["export", run, "--target-sparsity", "0.5", "--out", str(out / "export")], "--overwrite")
     _fails_with(capsys, ["generate", str(tmp_path / "nothing")], "no exported model")
     assert not (tmp_path / "x").exists()
@@ -379,8 +441,13 @@ def test_max_ppl_increase_exports_the_highest_sparsity_within_the_budget(tiny_ru
     from lte.export.thresholds import choose_thresholds
 
     out, _ = tiny_run
-    request = ExportRequest(run_dir=str(out), out=str(tmp_path / "budget"), max_ppl_increase=10.0, calibration_tokens=4096,
-                            allocation="uniform")
+    request = ExportRequest(
+        run_dir=str(out),
+        out=str(tmp_path / "budget"),
+        max_ppl_increase=10.0,
+        calibration_tokens=4096,
+        allocation="uniform",
+    )
     report = export(request, progress=False)
     limit = report["calibration_dense_ppl"] * 1.10
     assert report["calibration_ppl"] <= limit
@@ -394,9 +461,9 @@ def test_max_ppl_increase_exports_the_highest_sparsity_within_the_budget(tiny_ru
 
 
 def _stage2_with_calibration(out, tokens):
+    from lte.model.inject import load_lte
     from lte.training.config import load_run_recipe
     from lte.training.data import build_data
-    from lte.model.inject import load_lte
     from lte.training.loading import calibration_batches, load_tokenizer
 
     recipe = load_run_recipe(out)
@@ -418,8 +485,14 @@ def test_a_failed_export_leaves_the_previous_one_untouched(tiny_run, tmp_path, m
         raise RuntimeError("export validation failed (simulated)")
 
     monkeypatch.setattr(lte.export.exporter, "validate_export", broken)
-    request = ExportRequest(run_dir=str(out), out=str(target), target_sparsity=0.4, calibration_tokens=2048,
-                            allocation="uniform", overwrite=True)
+    request = ExportRequest(
+        run_dir=str(out),
+        out=str(target),
+        target_sparsity=0.4,
+        calibration_tokens=2048,
+        allocation="uniform",
+        overwrite=True,
+    )
     with pytest.raises(RuntimeError, match="simulated"):
         export(request, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary directory left behind
@@ -449,27 +522,54 @@ def test_the_export_initialises_non_persistent_buffers_as_the_base_class_does(tm
     from lte.export.remote.modeling_lte import install_routed_ffns
 
     config = transformers.FalconH1Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
-        mamba_d_state=8, mamba_chunk_size=16, mamba_expand=1, ssm_multipliers=[0.5, 2.0, 3.0, 0.25, 1.5])
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_chunk_size=16,
+        mamba_expand=1,
+        ssm_multipliers=[0.5, 2.0, 3.0, 0.25, 1.5],
+    )
     torch.manual_seed(0)
     model = transformers.FalconH1ForCausalLM(config).eval()
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-    config.lte_ffn = {"expert_size": 8, "router_bias": False, "hosts": [
-        {"path": f"model.layers.{i}.feed_forward", "first": ["up_proj", "gate_proj"], "down": "down_proj", "fused_chunks": 1}
-        for i in range(2)]}
+    config.lte_ffn = {
+        "expert_size": 8,
+        "router_bias": False,
+        "hosts": [
+            {
+                "path": f"model.layers.{i}.feed_forward",
+                "first": ["up_proj", "gate_proj"],
+                "down": "down_proj",
+                "fused_chunks": 1,
+            }
+            for i in range(2)
+        ],
+    }
     config.lte_thresholds, config.lte_routing, config.lte_track_sparsity = [0.5, 0.5], "hard", False
     install_routed_ffns(model, config)
-    write_checkpoint(model, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"), tmp_path, "FalconH1ForCausalLM")
+    write_checkpoint(
+        model, AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"), tmp_path, "FalconH1ForCausalLM"
+    )
     base = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     buffers = dict(exported.named_buffers())
     assert {n for n, _ in base.named_buffers()} == set(buffers)
     for name, buffer in base.named_buffers():
         torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
-    assert not torch.equal(buffers["model.layers.0.mamba.mup_vector"], torch.ones_like(buffers["model.layers.0.mamba.mup_vector"]))
+    assert not torch.equal(
+        buffers["model.layers.0.mamba.mup_vector"], torch.ones_like(buffers["model.layers.0.mamba.mup_vector"])
+    )
     exported.config.lte_routing = "dense"
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, want, atol=1e-5, rtol=1e-5)

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from test_export import _export_tiny
 from transformers import AutoTokenizer
 
 from conftest import REPO
-from test_export import _export_tiny
 
 CLIENTS = REPO / "tests" / "export_clients.py"
 ROUTER_SUFFIX = ".router.weight"
@@ -23,7 +23,9 @@ def exports(tmp_path_factory):
     """Tiny exports (thresholds that skip experts) of a SwiGLU Llama, GPT-2 (Conv1D, biases) and Qwen2."""
     root = tmp_path_factory.mktemp("exports")
     # loaded as the pipeline loads it: these arguments end up in tokenizer_config.json unless removed
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K", local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(
+        REPO / "assets" / "stories260K", local_files_only=True, trust_remote_code=False
+    )
     assert {"is_local", "local_files_only"} <= set(tokenizer.init_kwargs)
     for family in ("llama", "gpt2", "qwen2"):
         _export_tiny(family, root / family, tokenizer)
@@ -31,9 +33,15 @@ def exports(tmp_path_factory):
 
 
 def run_client(check, *directories, cwd):
-    proc = subprocess.run([sys.executable, "-I", str(CLIENTS), check, *map(str, directories)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-I", str(CLIENTS), check, *map(str, directories)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[y/N]" not in proc.stdout + proc.stderr  # nothing asked to confirm remote code
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
@@ -101,6 +109,8 @@ def test_a_decode_step_compiles_into_one_graph_and_exports(exports, tmp_path):
     for family in ("llama", "gpt2"):
         r = results[str(exports / family)]
         assert r["graph_breaks"] == 0 and r["graphs"] == 1, (family, r)
-        assert {op.split(".")[0] for op in r["ops"]} == {"slot_matvec", "slot_matvec_t"}, r  # the kernel is in the graph
+        assert {op.split(".")[0] for op in r["ops"]} == {"slot_matvec", "slot_matvec_t"}, (
+            r
+        )  # the kernel is in the graph
         assert r["compiled_vs_eager"] < 1e-6, (family, r)
         assert len(r["export_ops"]) == 2 and r["export_error"] < 1e-6, (family, r)

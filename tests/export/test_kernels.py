@@ -15,7 +15,9 @@ SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32)]  # (hidden, neurons, expe
 
 
 def test_the_kernel_builds_here():
-    assert cpu_kernel.available()  # a C++ compiler and ninja are part of the set-up; a silent fallback would hide a slow path
+    assert (
+        cpu_kernel.available()
+    )  # a C++ compiler and ninja are part of the set-up; a silent fallback would hide a slow path
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -34,12 +36,16 @@ def test_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
     y = cpu_kernel.expert_matvec(x, weight, experts, size).reshape(-1)
     want = weight.float()[rows] @ x.float()
     assert y.dtype == dtype and y.shape == (rows.numel(),)
-    torch.testing.assert_close(y.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
+    torch.testing.assert_close(
+        y.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol
+    )
     h = torch.randn(rows.numel(), generator=g).to(dtype)
     out = cpu_kernel.expert_matvec_t(h, weight_t, experts, size).reshape(-1)
     want = h.float() @ weight_t.float()[rows]
     assert out.shape == (hidden,)
-    torch.testing.assert_close(out.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol)
+    torch.testing.assert_close(
+        out.float(), want, atol=tol * (1 + want.abs().amax().item() if want.numel() else 1), rtol=tol
+    )
     assert torch.equal(cpu_kernel.expert_matvec_t(h, weight_t, experts, size).reshape(-1), out)  # deterministic
 
 
@@ -55,7 +61,9 @@ def test_a_few_tokens_share_one_pass_over_their_union(tokens):
     torch.testing.assert_close(y, x @ weight[rows].T, atol=1e-4, rtol=1e-5)
     h = torch.randn(tokens, rows.numel(), generator=g)
     h[0, :size] = 0  # token 0 did not select the first union expert
-    torch.testing.assert_close(cpu_kernel.expert_matvec_t(h, weight_t, union, size), h @ weight_t[rows], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        cpu_kernel.expert_matvec_t(h, weight_t, union, size), h @ weight_t[rows], atol=1e-4, rtol=1e-5
+    )
 
 
 def test_offset_selects_the_second_chunk_of_a_fused_projection():
@@ -63,7 +71,9 @@ def test_offset_selects_the_second_chunk_of_a_fused_projection():
     experts = torch.tensor([1, 3])
     rows = (experts[:, None] * 16 + torch.arange(16)).reshape(-1)
     x = torch.randn(32)
-    torch.testing.assert_close(cpu_kernel.expert_matvec(x, weight, experts, 16, offset=64).reshape(-1), weight[64 + rows] @ x)
+    torch.testing.assert_close(
+        cpu_kernel.expert_matvec(x, weight, experts, 16, offset=64).reshape(-1), weight[64 + rows] @ x
+    )
 
 
 def test_the_package_does_not_shadow_hugging_face_kernels(tmp_path):
@@ -73,8 +83,14 @@ def test_the_package_does_not_shadow_hugging_face_kernels(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("ORIGIN = 'huggingface'\n")
     code = "import kernels, lte_kernels.cpu; print(kernels.ORIGIN)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "huggingface"
 
@@ -83,23 +99,31 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     from lte.cli import main
 
     out = tmp_path / "rows.json"
-    assert main(["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--repeats", "2", "--json", str(out)]) == 0
+    assert (
+        main(["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--repeats", "2", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| 256x512 | 1 | float32 | 0.50 | 50% |" in printed
     rows = json.loads(out.read_text())
     assert [r["sparsity"] for r in rows] == [0.0, 0.5]
     for r in rows:
         assert {"shape", "batch", "dtype", "sparsity", "dense_ms", "sparse_ms", "speedup"} <= set(r)
-        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        assert (
+            r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        )
 
 
-@pytest.mark.parametrize(("argv", "phrase"), [
-    (["--sparsity", "1.5"], "[0, 1)"),
-    (["--shape", "4096by11008"], "HIDDENxFFN"),
-    (["--device", "cuda"], "not built yet"),
-    (["--shape", "64x100"], "does not divide"),
-    (["--batch", "9"], "1 to 8 tokens"),
-])
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["--sparsity", "1.5"], "[0, 1)"),
+        (["--shape", "4096by11008"], "HIDDENxFFN"),
+        (["--device", "cuda"], "not built yet"),
+        (["--shape", "64x100"], "does not divide"),
+        (["--batch", "9"], "1 to 8 tokens"),
+    ],
+)
 def test_bench_kernel_bad_input(argv, phrase, capsys):
     from lte.cli import main
 
@@ -115,7 +139,10 @@ def test_slot_kernels_match_the_reference(sparsity, dtype, tol, tokens):
     # The selection as the Triton kernels take it: (order, count) tensors, a slot per expert.
     hidden, neurons, size = 100, 96, 16
     g = torch.Generator().manual_seed(4)
-    weight, weight_t = torch.randn(neurons, hidden, generator=g).to(dtype), torch.randn(neurons, hidden, generator=g).to(dtype)
+    weight, weight_t = (
+        torch.randn(neurons, hidden, generator=g).to(dtype),
+        torch.randn(neurons, hidden, generator=g).to(dtype),
+    )
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
     on = torch.rand(tokens, neurons // size, generator=g) >= sparsity
     order, count = cpu_kernel.select_experts(on)
@@ -127,7 +154,7 @@ def test_slot_kernels_match_the_reference(sparsity, dtype, tol, tokens):
     want = x.float() @ weight.float()[rows].T
     scale = 1 + (want.abs().amax().item() if want.numel() else 0)
     torch.testing.assert_close(y[:, : rows.numel()].float(), want, atol=tol * scale, rtol=tol)
-    assert not y[:, rows.numel():].any()  # unselected slots stay zero
+    assert not y[:, rows.numel() :].any()  # unselected slots stay zero
     out = cpu_kernel.slot_matvec_t(y, weight_t, order, count, size)
     want = y[:, : rows.numel()].float() @ weight_t.float()[rows]
     scale = 1 + (want.abs().amax().item() if want.numel() else 0)
@@ -137,19 +164,28 @@ def test_slot_kernels_match_the_reference(sparsity, dtype, tol, tokens):
 
 def test_the_kernels_are_custom_ops_that_compilers_trace():
     g = torch.Generator().manual_seed(5)
-    weight, weight_t, x = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g), torch.randn(2, 32, generator=g)
+    weight, weight_t, x = (
+        torch.randn(64, 32, generator=g),
+        torch.randn(64, 32, generator=g),
+        torch.randn(2, 32, generator=g),
+    )
     experts = torch.tensor([1, 3, 6])
     order, count = cpu_kernel.select_experts(torch.tensor([[0, 1, 0, 1, 0, 0, 1, 0]], dtype=torch.bool))
     h = torch.randn(2, 24, generator=g)
-    cases = [(cpu_kernel._op_matvec, (x, weight, experts, 8, 0)), (cpu_kernel._op_matvec_t, (h, weight_t, experts, 8)),
-             (cpu_kernel._op_slot, (x, weight, order, count, 8, 0)),
-             (cpu_kernel._op_slot_t, (torch.randn(2, 64, generator=g), weight_t, order, count, 8))]
+    cases = [
+        (cpu_kernel._op_matvec, (x, weight, experts, 8, 0)),
+        (cpu_kernel._op_matvec_t, (h, weight_t, experts, 8)),
+        (cpu_kernel._op_slot, (x, weight, order, count, 8, 0)),
+        (cpu_kernel._op_slot_t, (torch.randn(2, 64, generator=g), weight_t, order, count, 8)),
+    ]
     for op, args in cases:  # schema, fake (meta) implementation against the real one, AOT dispatch
         torch.library.opcheck(op, args)
     assert str(cpu_kernel._op_slot._qualname) == f"lte_{cpu_kernel._HASH}::slot_matvec"
 
     def step(x):
-        return cpu_kernel.slot_matvec_t(torch.relu(cpu_kernel.slot_matvec(x, weight, order, count, 8)), weight_t, order, count, 8)
+        return cpu_kernel.slot_matvec_t(
+            torch.relu(cpu_kernel.slot_matvec(x, weight, order, count, 8)), weight_t, order, count, 8
+        )
 
     explained = torch._dynamo.explain(step)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
@@ -174,8 +210,9 @@ def test_the_extension_name_hashes_the_source_and_the_torch_version(tmp_path):
     changed.write_text(source.replace("#include <vector>\n", "#include <vector>\n// another kernel\n", 1))
 
     def name(path, version=""):
-        proc = subprocess.run([sys.executable, "-c", _NAME_OF_A_COPY, str(path), version], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", _NAME_OF_A_COPY, str(path), version], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 

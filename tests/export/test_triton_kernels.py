@@ -18,7 +18,11 @@ def _case(shape, sparsity, dtype, seed=0, tokens=1):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(neurons, hidden, generator=g).to(dtype)
     weight_t = torch.randn(neurons, hidden, generator=g).to(dtype)
-    x = torch.randn(hidden, generator=g).to(dtype) if tokens == 1 else torch.randn(tokens, hidden, generator=g).to(dtype)
+    x = (
+        torch.randn(hidden, generator=g).to(dtype)
+        if tokens == 1
+        else torch.randn(tokens, hidden, generator=g).to(dtype)
+    )
     on = torch.rand(neurons // size, generator=g) >= sparsity
     return weight, weight_t, x, on
 
@@ -56,7 +60,7 @@ def test_triton_expert_matvecs_match_the_reference(shape, sparsity, dtype, tol):
     y = y.reshape(-1)
     scale = 1 + (want.abs().amax().item() if want.numel() else 0)
     torch.testing.assert_close(y[: rows.numel()].float(), want, atol=tol * scale, rtol=tol)
-    assert not y[rows.numel():].any()  # unselected slots stay zero
+    assert not y[rows.numel() :].any()  # unselected slots stay zero
     y = y.reshape(-1)
     out = triton_ffn.expert_matvec_t(y, weight_t, order, count, size).reshape(-1)
     want = y[: rows.numel()].float() @ weight_t.float()[rows]

@@ -8,17 +8,43 @@ process that cannot import ``lte``. docs/architectures.md is this run's table.
 import math
 
 import pytest
-from conftest import REPO, STORIES
 
+from conftest import REPO, STORIES
 from lte.tools.coverage import FAILED, NOT_BUILT, REFUSED, WORKS, architectures, render_markdown, run_coverage
 
 # Dense decoders that the hand-written registry refused (the list of issue 16), the nine
 # families it knew, and MoE models: detection must handle all without registration.
-FORMERLY_REFUSED = ["olmo", "olmo2", "olmo3", "granite", "stablelm", "falcon", "gptj", "bloom", "phi", "starcoder2",
-                    "cohere", "smollm3", "gpt_bigcode", "codegen", "exaone4", "gpt_neo", "glm4", "nemotron", "arcee",
-                    "ministral", "helium", "seed_oss", "mpt", "gemma2", "gemma3_text"]
+FORMERLY_REFUSED = [
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "granite",
+    "stablelm",
+    "falcon",
+    "gptj",
+    "bloom",
+    "phi",
+    "starcoder2",
+    "cohere",
+    "smollm3",
+    "gpt_bigcode",
+    "codegen",
+    "exaone4",
+    "gpt_neo",
+    "glm4",
+    "nemotron",
+    "arcee",
+    "ministral",
+    "helium",
+    "seed_oss",
+    "mpt",
+    "gemma2",
+    "gemma3_text",
+]
 FORMER_NINE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
 # Exports whose reload is broken outside this branch's files: FalconH1's non-persistent buffer
 # `mup_vector` is left uninitialised by the exported class (lte/export/remote/modeling_lte.py, branch
 # exportfmt). The detected call order (up_proj before gate_proj) is right. Remove once merged.
@@ -43,7 +69,9 @@ def test_every_architecture_works_or_is_refused_with_a_reason(coverage):
 
 
 def test_dense_decoders_work_without_registration(coverage):
-    assert {t: coverage[t].status for t in FORMERLY_REFUSED + FORMER_NINE} == dict.fromkeys(FORMERLY_REFUSED + FORMER_NINE, WORKS)
+    assert {t: coverage[t].status for t in FORMERLY_REFUSED + FORMER_NINE} == dict.fromkeys(
+        FORMERLY_REFUSED + FORMER_NINE, WORKS
+    )
 
 
 def test_moe_models_are_refused_as_moe(coverage):
@@ -54,5 +82,6 @@ def test_moe_models_are_refused_as_moe(coverage):
 
 def test_the_architecture_table_is_up_to_date(coverage):
     expected = render_markdown(list(coverage.values()))
-    assert (REPO / "docs" / "architectures.md").read_text() == expected, \
+    assert (REPO / "docs" / "architectures.md").read_text() == expected, (
         "docs/architectures.md is out of date: run `python scripts/architectures.py`"
+    )

@@ -7,18 +7,22 @@ import types
 import pytest
 import torch
 import transformers
-from conftest import FAMILY_CONFIGS, REPO, tiny_model
 
-from lte.model.detect import candidates, detect_layout
+from conftest import FAMILY_CONFIGS, REPO, tiny_model
 from lte.core.errors import UsageError
+from lte.model.detect import candidates, detect_layout
 from lte.model.inject import LTEModelConfig, check_expert_size, inject_lte, load_lte, save_lte, set_lte_routing
-from lte.training.preflight import check_attn_implementation
 from lte.model.registry import FFNSpec, layout_to_list
+from lte.training.preflight import check_attn_implementation
 
 GATED = FFNSpec(first=("gate_proj", "up_proj"), down="down_proj", cluster_on="gate_proj")
 # The layouts the hand-written registry held before detection; detection must find the same.
 FORMER_REGISTRY = {
-    "llama": GATED, "mistral": GATED, "qwen2": GATED, "qwen3": GATED, "gemma": GATED,
+    "llama": GATED,
+    "mistral": GATED,
+    "qwen2": GATED,
+    "qwen3": GATED,
+    "gemma": GATED,
     "phi3": FFNSpec(first=("gate_up_proj",), down="down_proj", cluster_on="gate_up_proj", fused_chunks=2),
     "gpt2": FFNSpec(first=("c_fc",), down="c_proj", cluster_on="c_fc"),
     "gpt_neox": FFNSpec(first=("dense_h_to_4h",), down="dense_4h_to_h", cluster_on="dense_h_to_4h"),
@@ -54,8 +58,9 @@ def test_first_is_in_call_order_and_the_gate_is_found_by_its_nonlinearity():
 def test_call_order_reaches_the_export_schema(tmp_path):
     from lte.export.exporter import to_routed
 
-    model = inject_lte(_up_before_gate(tiny_model("llama")), LTEModelConfig(expert_size=8, router_init="centroid"),
-                       progress=False)
+    model = inject_lte(
+        _up_before_gate(tiny_model("llama")), LTEModelConfig(expert_size=8, router_init="centroid"), progress=False
+    )
     set_lte_routing(model, "hard")
     x = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
@@ -63,7 +68,9 @@ def test_call_order_reaches_the_export_schema(tmp_path):
     to_routed(model, [0.5, 0.5])
     hosts = model.config.lte_ffn["hosts"]
     assert [h["path"] for h in hosts] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert all(h["first"] == ["up_proj", "gate_proj"] and h["down"] == "down_proj" and h["fused_chunks"] == 1 for h in hosts)
+    assert all(
+        h["first"] == ["up_proj", "gate_proj"] and h["down"] == "down_proj" and h["fused_chunks"] == 1 for h in hosts
+    )
     assert model.model.layers[0].mlp.up_proj.router is not None and model.model.layers[0].mlp.gate_proj.router is None
     with torch.no_grad():
         got = model(x).logits  # the routed model, in the base class's own forward
@@ -88,19 +95,35 @@ def test_ambiguous_gate_is_refused_with_the_candidates_and_the_recipe_key():
 def test_a_wrong_override_fails_the_permutation_proof():
     model = tiny_model("gpt2")
     mlp = {"first": ["c_fc"], "down": "c_proj"}
-    with pytest.raises(UsageError, match=r"does not fit its weights: c_proj maps 32 -> 32, so each of \['c_attn'\] must map 32 -> 32"):
+    with pytest.raises(
+        UsageError, match=r"does not fit its weights: c_proj maps 32 -> 32, so each of \['c_attn'\] must map 32 -> 32"
+    ):
         detect_layout(model, {"GPT2Attention": {"first": ["c_attn"], "down": "c_proj"}, "GPT2MLP": mlp})
-    with pytest.raises(UsageError, match=r"transformer\.h\.0\.attn \(GPT2Attention\) mixes its neurons between c_attn and c_proj"):
+    with pytest.raises(
+        UsageError, match=r"transformer\.h\.0\.attn \(GPT2Attention\) mixes its neurons between c_attn and c_proj"
+    ):
         # the attention's c_attn (q, k, v stacked) and c_proj declared as an FFN: the shapes fit, the function does not
-        detect_layout(model, {"GPT2Attention": {"first": ["c_attn"], "down": "c_proj", "fused_chunks": 3}, "GPT2MLP": mlp})
-    with pytest.raises(UsageError, match="permuting the neurons of the detected FFNs changes LlamaForCausalLM's logits"):
+        detect_layout(
+            model, {"GPT2Attention": {"first": ["c_attn"], "down": "c_proj", "fused_chunks": 3}, "GPT2MLP": mlp}
+        )
+    with pytest.raises(
+        UsageError, match="permuting the neurons of the detected FFNs changes LlamaForCausalLM's logits"
+    ):
         # up_proj left out: permuting gate rows and down columns alone breaks the product
         detect_layout(tiny_model("llama"), {"first": ["gate_proj"], "down": "down_proj"})
 
 
 def test_moe_models_are_refused_with_the_reason():
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_hidden_layers=2)
+    config = transformers.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        num_hidden_layers=2,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UsageError, match=r"MoE models are not supported yet: MixtralForCausalLM .*3-D tensor") as info:
         inject_lte(model, LTEModelConfig(expert_size=8), progress=False)
@@ -127,8 +150,9 @@ def test_layout_is_saved_with_the_run_and_reused_without_detecting(tmp_path, mon
 
 
 def test_unregistered_architecture_checks_on_a_meta_model():
-    config = transformers.Olmo2Config(hidden_size=32, intermediate_size=96, num_attention_heads=4, vocab_size=64,
-                                      num_hidden_layers=2)
+    config = transformers.Olmo2Config(
+        hidden_size=32, intermediate_size=96, num_attention_heads=4, vocab_size=64, num_hidden_layers=2
+    )
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
     assert [c.path for c in candidates(skeleton)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -142,17 +166,27 @@ def test_unregistered_architecture_checks_on_a_meta_model():
 def test_unsupported_attn_implementation_names_the_supported_ones():
     check_attn_implementation(transformers.Gemma2ForCausalLM, None)
     check_attn_implementation(transformers.Gemma2ForCausalLM, "eager")
-    with pytest.raises(UsageError, match=r"attn_implementation='sdpa' is not supported by Gemma2ForCausalLM; "
-                                         r"choose one of eager, flash_attention_2"):
+    with pytest.raises(
+        UsageError,
+        match=r"attn_implementation='sdpa' is not supported by Gemma2ForCausalLM; "
+        r"choose one of eager, flash_attention_2",
+    ):
         check_attn_implementation(transformers.Gemma2ForCausalLM, "sdpa")
 
 
 def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatch):
-    from lte.training.config import load_recipe
     from lte.pipeline import preflight
+    from lte.training.config import load_recipe
 
-    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                       head_dim=8, vocab_size=512, num_hidden_layers=2)
+    config = transformers.Gemma2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=512,
+        num_hidden_layers=2,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     monkeypatch.chdir(REPO)
     args = ["recipe=tiny", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'gemma2'}"]
@@ -167,8 +201,9 @@ def test_recipe_layout_key_is_checked():
 
     with pytest.raises(UsageError, match=r"model\.ffn_layout: an FFN layout needs 'first'"):
         load_recipe(["recipe=tiny", "output_dir=x", "model.ffn_layout={down: w2}"], check_hardware=False)
-    recipe = load_recipe(["recipe=tiny", "output_dir=x", "model.ffn_layout={MyMLP: {first: [w1, w3], down: w2}}"],
-                         check_hardware=False)
+    recipe = load_recipe(
+        ["recipe=tiny", "output_dir=x", "model.ffn_layout={MyMLP: {first: [w1, w3], down: w2}}"], check_hardware=False
+    )
     assert recipe.model.ffn_layout == {"MyMLP": {"first": ["w1", "w3"], "down": "w2"}}
     assert recipe.model.attn_implementation is None
 
@@ -186,9 +221,18 @@ def test_an_unregistered_architecture_trains_and_exports_with_the_recipe_default
     export: detected in prepare, saved with every stage, read back by the export."""
     from conftest import STORIES, run_train
 
-    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                       head_dim=8, vocab_size=512, num_hidden_layers=2, bos_token_id=1, eos_token_id=2,
-                                       pad_token_id=0)
+    config = transformers.Gemma2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=512,
+        num_hidden_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(tmp_path / "gemma2")
@@ -209,7 +253,6 @@ def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_
     go through `train.py recipe=tiny` (a few steps per stage) and its export, with no registration and no
     recipe key; the export's reload check passes and it lands near its target."""
     from conftest import STORIES, run_train
-
     from lte.tools.coverage import tiny_config
 
     torch.manual_seed(0)

@@ -6,8 +6,17 @@ from torch import nn
 
 from conftest import FAMILY_CONFIGS, tiny_model
 from lte import UsageError
-from lte.model.inject import (LTEModelConfig, base_state_dict, inject_lte, load_lte, lte_layers, router_state_dict, save_lte,
-                        set_lte_routing, unload_lte)
+from lte.model.inject import (
+    LTEModelConfig,
+    base_state_dict,
+    inject_lte,
+    load_lte,
+    lte_layers,
+    router_state_dict,
+    save_lte,
+    set_lte_routing,
+    unload_lte,
+)
 from lte.model.layers import collect_router_scores
 from lte.model.registry import feature_axes
 
@@ -145,8 +154,11 @@ def test_the_old_routing_names_still_work_with_a_warning(tiny_llama):
     import lte.model.layers
     import lte.training.config
 
-    for module, old, new in ((lte.model.layers, "MODES", "ROUTINGS"), (lte.training.config, "MODE_OF_STAGE", "ROUTING_OF_STAGE"),
-                             (lte.export.thresholds, "DENSE", "KEEP_ALL")):
+    for module, old, new in (
+        (lte.model.layers, "MODES", "ROUTINGS"),
+        (lte.training.config, "MODE_OF_STAGE", "ROUTING_OF_STAGE"),
+        (lte.export.thresholds, "DENSE", "KEEP_ALL"),
+    ):
         with pytest.warns(DeprecationWarning, match=f"{old} is deprecated, use {new}"):
             assert getattr(module, old) == getattr(module, new)
 

@@ -10,7 +10,14 @@ import dataclasses
 import pytest
 
 from lte.cli import REQUESTS, Parser, build_parser, main, request_class, train_main
-from lte.core.cli_args import add_dataclass_arguments, cli_fields, field_default, flag_name, from_namespace, positive_int
+from lte.core.cli_args import (
+    add_dataclass_arguments,
+    cli_fields,
+    field_default,
+    flag_name,
+    from_namespace,
+    positive_int,
+)
 from lte.core.errors import UsageError
 
 
@@ -53,7 +60,9 @@ def test_every_field_help_shows_in_help(command, capsys):
         if not f.metadata.get("positional"):
             assert flag_name(f.name) in shown, f.name
         assert "".join(f.metadata["help"].split()) in squeezed, f.name
-    assert {"export": "(default: 32768)", "compare": "(default: 16384)", "analyze wasserstein": "(default: 8192)"}[command] in shown
+    assert {"export": "(default: 32768)", "compare": "(default: 16384)", "analyze wasserstein": "(default: 8192)"}[
+        command
+    ] in shown
 
 
 @dataclasses.dataclass
@@ -81,13 +90,19 @@ def test_generated_arguments_parse_into_the_dataclass():
     assert from_namespace(_Toy, _toy_parser().parse_args(["p", "--name", "n", "--rate", "0.5"])).rate == 0.5
 
 
-@pytest.mark.parametrize("argv,phrase", [
-    (["p", "--name", "n", "--rate", "1", "--size", "0"], "argument --size: '0' is not an integer >= 1; give an integer >= 1"),
-    (["p", "--name", "n"], "one of the arguments --rate --count is required"),
-    (["p", "--name", "n", "--rate", "1", "--count", "2"], "not allowed with argument"),
-    (["p", "--rate", "1"], "the following arguments are required: --name"),
-    (["p", "--name", "n", "--rate", "1", "--mode", "c"], "invalid choice: 'c'"),
-])
+@pytest.mark.parametrize(
+    "argv,phrase",
+    [
+        (
+            ["p", "--name", "n", "--rate", "1", "--size", "0"],
+            "argument --size: '0' is not an integer >= 1; give an integer >= 1",
+        ),
+        (["p", "--name", "n"], "one of the arguments --rate --count is required"),
+        (["p", "--name", "n", "--rate", "1", "--count", "2"], "not allowed with argument"),
+        (["p", "--rate", "1"], "the following arguments are required: --name"),
+        (["p", "--name", "n", "--rate", "1", "--mode", "c"], "invalid choice: 'c'"),
+    ],
+)
 def test_generated_arguments_reject_bad_input_in_one_line(argv, phrase):
     with pytest.raises(UsageError) as error:
         _toy_parser().parse_args(argv)
@@ -119,16 +134,22 @@ def test_recipe_reference_matches_the_dataclasses():
 
 
 def test_export_request_is_the_recipe_export_section_plus_the_run():
-    from lte.training.config import ExportArgs, load_recipe
     from lte.export.exporter import ExportRequest
+    from lte.training.config import ExportArgs, load_recipe
 
     shared = {f.name: field_default(f) for f in dataclasses.fields(ExportArgs) if f.name != "out"}
     assert {f.name: field_default(f) for f in dataclasses.fields(ExportRequest) if f.name in shared} == shared
-    recipe = load_recipe(["recipe=tiny", "output_dir=runs/x", "export.calibration_tokens=1234",
-                          "export.allocation=uniform"], check_hardware=False)
+    recipe = load_recipe(
+        ["recipe=tiny", "output_dir=runs/x", "export.calibration_tokens=1234", "export.allocation=uniform"],
+        check_hardware=False,
+    )
     request = ExportRequest.of_recipe(recipe, out="somewhere")
-    assert (request.run_dir, request.out, request.calibration_tokens, request.allocation) == \
-        ("runs/x", "somewhere", 1234, "uniform")
+    assert (request.run_dir, request.out, request.calibration_tokens, request.allocation) == (
+        "runs/x",
+        "somewhere",
+        1234,
+        "uniform",
+    )
     assert request.target_sparsity == recipe.export.target_sparsity
 
 

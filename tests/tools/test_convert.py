@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STORIES as ASSET
-from conftest import TEST_DATA
+from conftest import STORIES as ASSET, TEST_DATA
+from lte.core.errors import UsageError
 from lte.tools import convert as convert_module
 from lte.tools.convert import convert_llama2c
-from lte.core.errors import UsageError
 
 ORIGINAL = TEST_DATA / "stories260K"
 MODEL_BIN = ORIGINAL / "stories260K.bin"

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_train, tiny_model
+from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_routing
 from lte.training.adapters import add_lora, merge_adapter, quantization_config
 from lte.training.config import LoraArgs
-from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_routing
 
 LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
 
@@ -125,8 +125,11 @@ def test_lora_recipe_end_to_end_exports_a_plain_lte_model(tmp_path, variant):
     merged = load_file(str(out / "stage2" / "model" / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(base[key], merged[key])  # the adapters were merged into the weights
-    losses = [h["loss"] for h in json.loads((out / "stage1" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-              if "task_loss" in h]
+    losses = [
+        h["loss"]
+        for h in json.loads((out / "stage1" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        if "task_loss" in h
+    ]
     assert losses[-1] < losses[0]
     exported = json.loads((out / "export" / "lte_export.json").read_text())
     assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4

@@ -7,9 +7,16 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import STORIES, TEST_DATA
-from lte.training.config import DataArgs
-from lte.training.data import ALPACA_CHAT_TEMPLATE, build_data, check_source, encode_conversation, load_documents, to_conversation
 from lte.core.errors import UsageError
+from lte.training.config import DataArgs
+from lte.training.data import (
+    ALPACA_CHAT_TEMPLATE,
+    build_data,
+    check_source,
+    encode_conversation,
+    load_documents,
+    to_conversation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,9 @@ def write_stories(path, n=40):
 
 def test_jsonl_is_packed_into_full_blocks_with_labels(tmp_path, tokenizer):
     write_stories(tmp_path / "train.jsonl")
-    data = build_data(DataArgs(train=str(tmp_path / "train.jsonl"), block_size=32, eval_fraction=0.25), tokenizer, seed=0)
+    data = build_data(
+        DataArgs(train=str(tmp_path / "train.jsonl"), block_size=32, eval_fraction=0.25), tokenizer, seed=0
+    )
     assert not data.padded
     assert len(data.train) > 0 and len(data.eval) > 0
     for row in data.train:
@@ -71,8 +80,9 @@ def test_alpaca_records_train_on_the_response_only(tokenizer):
     path = TEST_DATA / "alpaca"
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
     assert files, f"no alpaca records in {path}"
-    data = build_data(DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096),
-                      tokenizer, seed=0)
+    data = build_data(
+        DataArgs(train=str(files[0]), format="instruction", block_size=256, max_train_tokens=4096), tokenizer, seed=0
+    )
     assert data.padded and tokenizer.chat_template == ALPACA_CHAT_TEMPLATE
     short = 0
     for row in data.train:
@@ -97,9 +107,13 @@ def test_instruction_blocks_too_short_for_any_prompt_are_a_usage_error():
 
 def test_conversations_are_tokenized_as_trl_does_with_the_tokenizers_own_template(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    example = to_conversation({"instruction": "Name a color.", "input": "Pick one.", "output": "Blue."}, DataArgs(train="x"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    example = to_conversation(
+        {"instruction": "Name a color.", "input": "Pick one.", "output": "Blue."}, DataArgs(train="x")
+    )
     assert example["prompt"] == [{"role": "user", "content": "Name a color.\n\nPick one."}]
     row = encode_conversation(example, tokenizer, max_length=512)
     start = row["labels"].count(-100)
@@ -113,15 +127,22 @@ def test_conversations_are_tokenized_as_trl_does_with_the_tokenizers_own_templat
 def test_missing_column_is_a_usage_error(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
     with pytest.raises(UsageError, match="no 'text' column"):
-        build_data(DataArgs(train=str(tmp_path / "d.jsonl"), eval=str(tmp_path / "d.jsonl"), block_size=4), tokenizer, 0)
+        build_data(
+            DataArgs(train=str(tmp_path / "d.jsonl"), eval=str(tmp_path / "d.jsonl"), block_size=4), tokenizer, 0
+        )
 
 
 def test_several_sources_separated_by_commas_are_concatenated(tmp_path, tokenizer):
     write_stories(tmp_path / "a.jsonl", n=20)
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"A dog named Rex {i}.", "id": i}) for i in range(30)))
+    (tmp_path / "b.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"A dog named Rex {i}.", "id": i}) for i in range(30))
+    )
     (tmp_path / "c.txt").write_text("A bird sang.\n\nThe end.\n\n" * 10)
-    both = DataArgs(train=f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'},{tmp_path / 'c.txt'}",
-                    eval=str(tmp_path / "a.jsonl"), block_size=16)
+    both = DataArgs(
+        train=f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'},{tmp_path / 'c.txt'}",
+        eval=str(tmp_path / "a.jsonl"),
+        block_size=16,
+    )
     one = DataArgs(train=str(tmp_path / "a.jsonl"), eval=str(tmp_path / "a.jsonl"), block_size=16)
     docs = load_documents(both.train, "train", both)
     assert len(docs) == 20 + 30 + 20 and docs.column_names == ["text"]  # the extra "id" column is dropped
@@ -140,16 +161,26 @@ def word_tokenizer(template: str | None, bos: str, eos: str):
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     if template:
-        core.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+        core.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token="[UNK]")
 
 
-@pytest.mark.parametrize(("template", "bos", "eos", "packed"), [
-    ("<s> $A", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),           # Llama, Mistral, Gemma: BOS added, EOS appended
-    (None, "<eot>", "<eot>", "a b <eot> c <eot> d <eot>"),                      # GPT-2, Qwen: nothing added, EOS separates
-    ("</s> $A", "</s>", "</s>", "</s> a b </s> c </s> d"),                      # OPT: its opening marker is EOS already
-    ("<s> $A </s>", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),     # a tokenizer that adds both itself
-])
+@pytest.mark.parametrize(
+    ("template", "bos", "eos", "packed"),
+    [
+        (
+            "<s> $A",
+            "<s>",
+            "</s>",
+            "<s> a b </s> <s> c </s> <s> d </s>",
+        ),  # Llama, Mistral, Gemma: BOS added, EOS appended
+        (None, "<eot>", "<eot>", "a b <eot> c <eot> d <eot>"),  # GPT-2, Qwen: nothing added, EOS separates
+        ("</s> $A", "</s>", "</s>", "</s> a b </s> c </s> d"),  # OPT: its opening marker is EOS already
+        ("<s> $A </s>", "<s>", "</s>", "<s> a b </s> <s> c </s> <s> d </s>"),  # a tokenizer that adds both itself
+    ],
+)
 def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, template, bos, eos, packed):
     tok = word_tokenizer(template, bos, eos)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["a b", "c", "d"]) + "\n")
@@ -164,8 +195,14 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
 
     stories = write_stories(tmp_path / "e.jsonl", n=12)
     (tmp_path / "e.txt").write_text("\n\n".join(stories))
-    args = DataArgs(train=str(tmp_path / "e.jsonl"), eval=str(tmp_path / "e.txt"), sample_by="document",
-                    layout_sample_by="paragraph", block_size=16, eval_block_size=96)
+    args = DataArgs(
+        train=str(tmp_path / "e.jsonl"),
+        eval=str(tmp_path / "e.txt"),
+        sample_by="document",
+        layout_sample_by="paragraph",
+        block_size=16,
+        eval_block_size=96,
+    )
     data = build_data(args, tokenizer, 0)
     whole = tokenizer("\n\n".join(stories))["input_ids"] + [tokenizer.eos_token_id]  # the file is one document
     assert [t for row in data.eval for t in row["input_ids"]] == whole[: len(whole) // 96 * 96]
@@ -185,8 +222,15 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     assert {r.tokens for r in results.values()} == {sum(len(d) for d in docs)}
     # padded, length-sorted batches give each document's own perplexity; the layouts differ by context only
     with torch.no_grad():
-        nll = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([[marker, *d]])).logits[0, :-1], torch.tensor(d),
-                                                          reduction="sum")) for d in docs for marker in [eos])
+        nll = sum(
+            float(
+                torch.nn.functional.cross_entropy(
+                    model(torch.tensor([[marker, *d]])).logits[0, :-1], torch.tensor(d), reduction="sum"
+                )
+            )
+            for d in docs
+            for marker in [eos]
+        )
     assert results["eos"].nll == pytest.approx(nll / results["eos"].tokens, rel=1e-5)
     assert results["bos"].nll != pytest.approx(results["eos"].nll, rel=1e-6)
     assert pad_rows([{"input_ids": [5, 6], "labels": [-100, 6]}], 0)["attention_mask"].tolist() == [[1, 1]]
@@ -206,5 +250,6 @@ def test_unmarked_share_of_documents_follows_an_eos_without_bos():
     assert 0.2 < share < 0.3
     assert mixed == document_ids(tokenizer, texts, 0.25)
     assert all(d[-1] == tokenizer.eos_token_id for d in mixed)
-    assert [d[1:] if d[0] == tokenizer.bos_token_id else d for d in marked] == \
-           [d[1:] if d[0] == tokenizer.bos_token_id else d for d in mixed]
+    assert [d[1:] if d[0] == tokenizer.bos_token_id else d for d in marked] == [
+        d[1:] if d[0] == tokenizer.bos_token_id else d for d in mixed
+    ]

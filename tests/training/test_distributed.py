@@ -33,9 +33,25 @@ SHARDED = ("fsdp2", "zero3")  # parameters (so routers) split across the process
 
 def launch_command(config, out, port, *extra):
     file, flags, entry, _ = CONFIGS[config]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / file),
-            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port), *flags,
-            entry, "recipe=tiny", f"output_dir={out}", *FAST, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / file),
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        *flags,
+        entry,
+        "recipe=tiny",
+        f"output_dir={out}",
+        *FAST,
+        *extra,
+    ]
 
 
 def logged_losses(out, stage, step):
@@ -57,7 +73,9 @@ def _process(pid):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = subprocess.run(launch_command("ddp", out, 29533, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        launch_command("ddp", out, 29533, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stderr
 
@@ -80,14 +98,21 @@ def test_sharded_two_process_runs_train_both_stages_and_export(config, tmp_path)
     """Each stage trains on both ranks under the named config, the routers end identical (gathered
     whole from the shards), the finished stages are gathered into one checkpoint, and the export loads."""
     out = tmp_path / "run"
-    proc = subprocess.run(launch_command(config, out, 29560 + list(CONFIGS).index(config), "export.allocation=uniform"),
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        launch_command(config, out, 29560 + list(CONFIGS).index(config), "export.allocation=uniform"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = proc.stderr
     assert proc.returncode == 0, log[-4000:]
     name = CONFIGS[config][3]
     for stage in ("stage1", "stage2"):
         assert log.count(f"{stage}: training 4 steps") == 2 and f"on 2 process(es) ({name})" in log
-        identical = re.findall(rf"{stage}: routers identical on all 2 processes \((\d+) router parameters, (\d+) stored", log)
+        identical = re.findall(
+            rf"{stage}: routers identical on all 2 processes \((\d+) router parameters, (\d+) stored", log
+        )
         assert len(identical) == 2, identical  # checked on both ranks
         total, local = map(int, identical[0])
         assert total == 5 * 43 * 64  # stories260K: 5 layers x 43 experts x d_model 64
@@ -124,8 +149,9 @@ def test_sharded_two_process_runs_train_both_stages_and_export(config, tmp_path)
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_path):
     reference, _ = ddp_run
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_command("ddp", out, 29544, *STEPS), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        launch_command("ddp", out, 29544, *STEPS), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     marker = out / "stage1" / "checkpoint-2" / "trainer_state.json"
     while not marker.is_file() and proc.poll() is None and time.time() < deadline:
@@ -138,15 +164,18 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_pat
     proc.wait()
     psutil.wait_procs([p for p in map(_process, tree) if p is not None], timeout=30)
     assert not (out / "stage1" / "model").exists()  # really interrupted inside stage 1
-    done = sorted(int(p.name.split("-")[1]) for p in (out / "stage1").glob("checkpoint-*")
-                  if (p / "trainer_state.json").is_file())
+    done = sorted(
+        int(p.name.split("-")[1]) for p in (out / "stage1").glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+    )
     assert done and done[-1] < 8
     # a checkpoint the run was writing when it died: no trainer_state.json; it must not be resumed from
     partial = out / "stage1" / "checkpoint-7"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
 
-    rerun = subprocess.run(launch_command("ddp", out, 29555, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        launch_command("ddp", out, 29555, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert f"stage1: resuming from {out / 'stage1' / f'checkpoint-{done[-1]}'}" in rerun.stderr
     assert "removing" in rerun.stderr and "checkpoint-7" in rerun.stderr

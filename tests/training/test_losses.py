@@ -32,7 +32,9 @@ def test_separability_loss_formula_and_minimum():
     g = torch.stack([r.scores for r in records()])
     assert sep == pytest.approx((1 / ((g - 0.5) ** 2 + 1e-3)).mean().item(), rel=1e-6)
     saturated = [RouterRecord(0, torch.tensor([[0.0, 1.0]]), 0.5, 0.5)]
-    assert separability_loss(saturated, eps=0.0).item() == pytest.approx(4.0)  # the paper's floor at threshold (tau) = 0.5
+    assert separability_loss(saturated, eps=0.0).item() == pytest.approx(
+        4.0
+    )  # the paper's floor at threshold (tau) = 0.5
 
 
 def test_layer_sparsity_counts_experts_at_or_below_the_threshold():

@@ -25,7 +25,10 @@ def test_report_has_the_promised_keys_and_sane_values(tiny_run):
     assert (out / "per_layer_sparsity.png").stat().st_size > 1000
     assert "LTE run finished" in proc.stdout and "FFN sparsity" in proc.stdout
     # the held-out documents (paragraphs) after BOS, after EOS and packed: the same tokens, each model's perplexity
-    for layouts, models in ((report["layouts"], ("dense", "sparse")), (report["export"]["layouts"], ("dense", "sparse"))):
+    for layouts, models in (
+        (report["layouts"], ("dense", "sparse")),
+        (report["export"]["layouts"], ("dense", "sparse")),
+    ):
         assert list(layouts) == ["bos", "eos", "packed"] and len({v["tokens"] for v in layouts.values()}) == 1
         assert all(1.0 < v[f"{m}_ppl"] < 1e3 for v in layouts.values() for m in models)
     assert 0.2 < report["layouts"]["eos"]["sparse_sparsity"] < 0.8

@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import FAMILY_CONFIGS, REPO, STORIES, TEST_DATA
-from lte.cli import train_main
 from lte import UsageError
+from lte.cli import train_main
 from lte.training.config import STAGES, available_recipes, load_recipe, load_run_recipe
 from lte.training.data import ALPACA_CHAT_TEMPLATE
 
@@ -38,7 +38,8 @@ def test_every_recipe_validates_and_says_how_to_run_it(name):
         assert stage_args.output_dir.endswith(stage)
         assert stage_args.max_steps == getattr(recipe.lte, f"{stage}_steps")
     assert (
-        recipe.stage_args("stage1", **cpu).lte_routing == "soft" and recipe.stage_args("stage2", **cpu).lte_routing == "hard"
+        recipe.stage_args("stage1", **cpu).lte_routing == "soft"
+        and recipe.stage_args("stage2", **cpu).lte_routing == "hard"
     )
     assert recipe.stage_args("stage0", **cpu).distill_weight == 0.0  # stage 0 is the dense fine-tune: no teacher
 

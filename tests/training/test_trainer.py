@@ -25,18 +25,33 @@ def lte_model(expert_size=8):
 
 
 def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant",
-                use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, eta=1.0, lam=0.5,
-                dataloader_drop_last=True, seed=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        learning_rate=1e-2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        eta=1.0,
+        lam=0.5,
+        dataloader_drop_last=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return LTETrainingArguments(**base)
 
 
 def router_after_one_step(tmp_path, batch, accumulation, **kw):
     model = lte_model()
-    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=batch,
-                                                 gradient_accumulation_steps=accumulation, **kw),
-                         train_dataset=packed_dataset())
+    trainer = LTETrainer(
+        model=model,
+        args=args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **kw),
+        train_dataset=packed_dataset(),
+    )
     before = lte_layers(model)[0].lte_router.weight.detach().clone()
     trainer.train()
     return lte_layers(model)[0].lte_router.weight.detach() - before
@@ -62,8 +77,11 @@ def test_router_scores_are_recorded_once_under_activation_checkpointing(tmp_path
 
 
 def test_metrics_are_logged_and_stage1_regularisers_change_the_loss(tmp_path):
-    trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                         train_dataset=packed_dataset())
+    trainer = LTETrainer(
+        model=lte_model(),
+        args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=packed_dataset(),
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "task_loss" in h]
     assert len(logged) == 2
@@ -78,8 +96,11 @@ def test_metrics_are_logged_and_stage1_regularisers_change_the_loss(tmp_path):
 def test_hard_stage_logs_no_regularisers(tmp_path):
     model = lte_model()
     set_lte_routing(model, "hard")
-    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, lte_routing="hard"),
-                         train_dataset=packed_dataset())
+    trainer = LTETrainer(
+        model=model,
+        args=args(tmp_path, per_device_train_batch_size=4, lte_routing="hard"),
+        train_dataset=packed_dataset(),
+    )
     trainer.train()
     entry = next(h for h in trainer.state.log_history if "task_loss" in h)
     assert "efficiency_loss" not in entry and "sparsity" in entry
@@ -102,7 +123,9 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     model = lte_model()
     with torch.no_grad():
         lte_layers(model)[0].lte_router.weight.fill_(math.nan)
-    trainer = LTETrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=packed_dataset())
+    trainer = LTETrainer(
+        model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=packed_dataset()
+    )
     with pytest.raises(TrainingDiverged, match="at step 1 of the soft-routing stage"):
         trainer.train()
 
@@ -113,9 +136,12 @@ def distillation_setup(tmp_path, **distill):
     teacher = tiny_model("llama")
     model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
     set_lte_routing(model, "dense")
-    trainer = LTETrainer(model=model.train(), args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0,
-                                                       lte_routing="dense", **distill),
-                         train_dataset=packed_dataset(), teacher=teacher)
+    trainer = LTETrainer(
+        model=model.train(),
+        args=args(tmp_path, per_device_train_batch_size=4, lam=0.0, eta=0.0, lte_routing="dense", **distill),
+        train_dataset=packed_dataset(),
+        teacher=teacher,
+    )
     return teacher, model, trainer, trainer.data_collator([packed_dataset()[i] for i in range(4)])
 
 
@@ -165,8 +191,11 @@ def test_target_sparsity_steers_eta_and_is_resumed(tmp_path):
 
 
 def test_fixed_eta_without_a_target(tmp_path):
-    trainer = LTETrainer(model=lte_model(), args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                         train_dataset=packed_dataset())
+    trainer = LTETrainer(
+        model=lte_model(),
+        args=args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=packed_dataset(),
+    )
     trainer.train()
     assert trainer.eta_controller is None and trainer.eta == 1.0
     assert not any("eta" in h for h in trainer.state.log_history)
@@ -179,14 +208,18 @@ def test_hidden_state_distillation(tmp_path):
     task = model(**batch).loss.item()
     assert trainer.compute_loss(model, batch).item() == pytest.approx(task, rel=1e-5)
     with torch.no_grad():
-        model.model.layers[1].mlp.base_layer.down_proj.weight.add_(torch.randn_like(model.model.layers[1].mlp.base_layer.down_proj.weight))
+        model.model.layers[1].mlp.base_layer.down_proj.weight.add_(
+            torch.randn_like(model.model.layers[1].mlp.base_layer.down_proj.weight)
+        )
     loss = trainer.compute_loss(model, batch).item()
     hidden = trainer._metrics["train"]["distill_hidden"][-1].item()
     assert hidden > 1e-3
     assert loss == pytest.approx(model(**batch).loss.item() + 2.0 * hidden, rel=1e-4)
     h = model(**batch, output_hidden_states=True).hidden_states
     h_teacher = teacher(**batch, output_hidden_states=True).hidden_states
-    expected = sum(((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:], strict=True)) / (len(h) - 1)
+    expected = sum(
+        ((a - b).square().mean() / b.square().mean()).item() for a, b in zip(h[1:], h_teacher[1:], strict=True)
+    ) / (len(h) - 1)
     assert hidden == pytest.approx(expected, rel=1e-4)
 
 
@@ -195,8 +228,10 @@ def test_the_old_argument_names_still_work_with_a_warning(tmp_path):
     new = args(tmp_path, threshold=0.4, lte_routing="hard")
     with pytest.warns(DeprecationWarning) as caught:
         old = args(tmp_path, tau=0.4, lte_mode="hard")
-    assert {str(w.message) for w in caught} >= {"LTETrainingArguments(tau=...) is deprecated, use threshold=...",
-                                                 "LTETrainingArguments(lte_mode=...) is deprecated, use lte_routing=..."}
+    assert {str(w.message) for w in caught} >= {
+        "LTETrainingArguments(tau=...) is deprecated, use threshold=...",
+        "LTETrainingArguments(lte_mode=...) is deprecated, use lte_routing=...",
+    }
     assert (old.threshold, old.lte_routing) == (new.threshold, new.lte_routing) == (0.4, "hard")
     with pytest.raises(ValueError, match="lte_routing must be one of"):
         args(tmp_path, lte_routing="sparse")

@@ -40,7 +40,9 @@ class MLPRouter(nn.Module):
         return self.outer(torch.tanh(self.inner(x)))
 
 
-def fit_router(router: MLPRouter, x: torch.Tensor, norms: torch.Tensor, steps: int = ROUTER_STEPS, lr: float = 1e-2) -> None:
+def fit_router(
+    router: MLPRouter, x: torch.Tensor, norms: torch.Tensor, steps: int = ROUTER_STEPS, lr: float = 1e-2
+) -> None:
     target = norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     with torch.enable_grad():  # callers may be evaluating under no_grad
@@ -57,12 +59,18 @@ def fit(model: nn.Module, calibration, expert_size: int = 32, seed: int = 0) -> 
     for site in sites:
         if site.width % expert_size:
             raise ValueError(f"expert_size={expert_size} does not divide the FFN width {site.width}")
-    labels = [balanced_kmeans(neuron_rows(site.host, site.spec).float().cpu(), site.width // expert_size, seed=seed + site.index)
-              for site in sites]
+    labels = [
+        balanced_kmeans(
+            neuron_rows(site.host, site.spec).float().cpu(), site.width // expert_size, seed=seed + site.index
+        )
+        for site in sites
+    ]
 
     def expert_norms(site, z):
         label = labels[site.index].to(z.device)
-        return torch.zeros(z.shape[0], site.width // expert_size, device=z.device).index_add_(1, label, z.square()).sqrt()
+        return (
+            torch.zeros(z.shape[0], site.width // expert_size, device=z.device).index_add_(1, label, z.square()).sqrt()
+        )
 
     with torch.no_grad():
         data = collect(model, calibration, {"input": None, "z": expert_norms}, max_tokens=ROUTER_TOKENS)
@@ -82,8 +90,14 @@ def fit(model: nn.Module, calibration, expert_size: int = 32, seed: int = 0) -> 
     return fitted
 
 
-def apply(model: nn.Module, target_sparsity: float, calibration, expert_size: int = 32, seed: int = 0,
-          cache: dict | None = None) -> Sparsified:
+def apply(
+    model: nn.Module,
+    target_sparsity: float,
+    calibration,
+    expert_size: int = 32,
+    seed: int = 0,
+    cache: dict | None = None,
+) -> Sparsified:
     sites = ffn_sites(model)
     routers = cached(cache, f"routers/{expert_size}/{seed}", lambda: fit(model, calibration, expert_size, seed))
     handle = Sparsified("moefication", model, sites)

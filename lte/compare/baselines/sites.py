@@ -66,7 +66,9 @@ def ffn_sites(model: nn.Module) -> list[FFNSite]:
     if not wrapped and not getattr(model, "lte_ffn_hosts", None):
         # detected once, before any method's hooks change the forward; or an LTE run's saved layout (lte compare)
         model.lte_ffn_hosts = layout_to_list(detect_layout(model))
-    found = wrapped or [(name, model.get_submodule(name), spec) for name, spec in layout_from_list(model.lte_ffn_hosts).items()]
+    found = wrapped or [
+        (name, model.get_submodule(name), spec) for name, spec in layout_from_list(model.lte_ffn_hosts).items()
+    ]
     sites = []
     for name, host, spec in found:
         down = host.get_submodule(spec.down)
@@ -147,7 +149,7 @@ class Sparsified:
         self.hook(site.down.register_forward_pre_hook(pre_hook))
 
     def _scored(self, mask: torch.Tensor) -> torch.Tensor:
-        return self.as_tokens(mask)[:, self.prefix:]
+        return self.as_tokens(mask)[:, self.prefix :]
 
     def count(self, layer: int, keep: torch.Tensor) -> None:
         scored = self._scored(keep)
@@ -183,8 +185,10 @@ class Sparsified:
 
     def per_layer_input_sparsity(self) -> list[float]:
         """TEAL: fraction of FFN input entries zeroed per token, per layer (0 for other methods)."""
-        return [1 - float(self._input_kept[i] / self._input_count[i]) if self._input_count[i] else 0.0
-                for i in range(len(self.sites))]
+        return [
+            1 - float(self._input_kept[i] / self._input_count[i]) if self._input_count[i] else 0.0
+            for i in range(len(self.sites))
+        ]
 
     def ffn_flops_per_token(self) -> float:
         """FFN FLOPs per scored token, all layers, including routers and predictors."""
@@ -226,8 +230,14 @@ def dense_ffn_flops_per_token(sites: list[FFNSite]) -> float:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int = 1 << 22,
-            max_tokens: int | None = None, sites: list[FFNSite] | None = None) -> dict[str, list[torch.Tensor]]:
+def collect(
+    model: nn.Module,
+    batches,
+    taps: dict[str, object],
+    max_values: int = 1 << 22,
+    max_tokens: int | None = None,
+    sites: list[FFNSite] | None = None,
+) -> dict[str, list[torch.Tensor]]:
     """Run the dense model on ``batches`` and keep, per tap and per FFN, a [tokens, features]
     float tensor on the CPU. Taps: "input" (the FFN input), "act" (the activation output), "z"
     (the down projection's input); the value is a function applied to the flattened tensor first
@@ -241,6 +251,7 @@ def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int 
     handles = []
     for slot, site in enumerate(sites):
         for tap, transform in taps.items():
+
             def grab(module, args, output=None, site=site, slot=slot, tap=tap, transform=transform):
                 value = output if tap == "act" else args[0]
                 value = value.detach().reshape(-1, value.shape[-1]).float()
@@ -264,7 +275,9 @@ def collect(model: nn.Module, batches, taps: dict[str, object], max_values: int 
     return {tap: [torch.cat(chunks) for chunks in per_site] for tap, per_site in out.items()}
 
 
-def layer_inputs(model: nn.Module, site: FFNSite, calibration, max_tokens: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_inputs(
+    model: nn.Module, site: FFNSite, calibration, max_tokens: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One FFN's inputs and down-projection inputs on the calibration data, as the model now runs
     (with whatever sparsity is already installed in the layers before it): [tokens, features]
     each, the same tokens for both, at most about ``max_tokens`` of them."""

@@ -125,12 +125,20 @@ class ExpandedFFNs(Sparsified):
         return [float(self._zeros[i] / self._tokens[i]) if self._tokens[i] else 0.0 for i in range(len(self.sites))]
 
     def ffn_flops_per_token(self) -> float:
-        return self.router_flops + sum(site.unit_flops * site.matrices * (1 - s)
-                                       for site, s in zip(self.sites, self.per_layer_sparsity(), strict=True))
+        return self.router_flops + sum(
+            site.unit_flops * site.matrices * (1 - s)
+            for site, s in zip(self.sites, self.per_layer_sparsity(), strict=True)
+        )
 
 
-def _install(handle: ExpandedFFNs, site: FFNSite, projection: nn.Module, router: Router, experts: torch.Tensor,
-             zero_fraction: torch.Tensor) -> None:
+def _install(
+    handle: ExpandedFFNs,
+    site: FFNSite,
+    projection: nn.Module,
+    router: Router,
+    experts: torch.Tensor,
+    zero_fraction: torch.Tensor,
+) -> None:
     """Replace ``projection``'s output: each token through the pruned copy of its cluster."""
     bias = getattr(projection, "bias", None)
     share = experts[0].numel() / (site.d_model * site.width * site.matrices)  # of the FFN's weights
@@ -147,14 +155,17 @@ def _install(handle: ExpandedFFNs, site: FFNSite, projection: nn.Module, router:
             out[rows] = (flat[rows].to(experts.dtype) @ experts[k].T).to(output.dtype)
         if bias is not None:
             out = out + bias
-        handle.record(site.index, handle.as_tokens(zero_fraction[labels].reshape(*x.shape[:-1], 1))[:, handle.prefix:], share)
+        handle.record(
+            site.index, handle.as_tokens(zero_fraction[labels].reshape(*x.shape[:-1], 1))[:, handle.prefix :], share
+        )
         return out.reshape(*output.shape)
 
     handle.hook(projection.register_forward_hook(forward_hook))
 
 
-def _expand(x: torch.Tensor, projection: nn.Module, router: Router, labels: torch.Tensor, clusters: int,
-            sparsity: float, n_m) -> tuple[torch.Tensor, torch.Tensor]:
+def _expand(
+    x: torch.Tensor, projection: nn.Module, router: Router, labels: torch.Tensor, clusters: int, sparsity: float, n_m
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K pruned copies [K, out, in] of ``projection`` and the zero fraction of each."""
     weight = _weight_out_in(projection)
     copies, zeros = [], []
@@ -168,8 +179,16 @@ def _expand(x: torch.Tensor, projection: nn.Module, router: Router, labels: torc
     return torch.stack(copies), torch.tensor(zeros)
 
 
-def apply(model: nn.Module, target_sparsity: float, calibration, clusters: int = 16, pca_factor: int = 32,
-          n_m: tuple[int, int] | None = None, seed: int = 0, cache: dict | None = None) -> ExpandedFFNs:
+def apply(
+    model: nn.Module,
+    target_sparsity: float,
+    calibration,
+    clusters: int = 16,
+    pca_factor: int = 32,
+    n_m: tuple[int, int] | None = None,
+    seed: int = 0,
+    cache: dict | None = None,
+) -> ExpandedFFNs:
     """Expand every FFN of ``model`` (see the module docstring). ``cache`` is unused: the experts
     depend on the target."""
     sites = ffn_sites(model)
@@ -183,7 +202,13 @@ def apply(model: nn.Module, target_sparsity: float, calibration, clusters: int =
             handle.router_flops += router.flops
             for projection in projections:
                 experts, zero_fraction = _expand(inputs, projection, router, labels, clusters, target_sparsity, n_m)
-                _install(handle, site, projection, router.to(device), experts.to(device, projection.weight.dtype),
-                         zero_fraction.to(device))
+                _install(
+                    handle,
+                    site,
+                    projection,
+                    router.to(device),
+                    experts.to(device, projection.weight.dtype),
+                    zero_fraction.to(device),
+                )
     handle.reset()  # calibration forwards ran through the hooks already installed
     return handle

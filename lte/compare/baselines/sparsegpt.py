@@ -32,8 +32,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
-          block_size: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+def prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float = 0.5,
+    n_m: tuple[int, int] | None = None,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
     """A pruned copy of ``weight`` [out, in] given ``hessian`` [in, in] (``X^T X``, any scale).
 
     ``sparsity``: unstructured fraction of zeros; or ``n_m=(N, M)``: N zeros in every M inputs.
@@ -65,8 +71,8 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, n_
             mask = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
         for i in range(end - start):
             if n_m is not None and i % n_m[1] == 0:
-                group = W1[:, i:i + m].square() / diag[i:i + m].square()
-                mask[:, i:i + m].scatter_(1, group.topk(n, dim=1, largest=False).indices, True)
+                group = W1[:, i : i + m].square() / diag[i : i + m].square()
+                mask[:, i : i + m].scatter_(1, group.topk(n, dim=1, largest=False).indices, True)
             w = W1[:, i]
             q = w.clone()
             q[mask[:, i]] = 0

@@ -52,15 +52,23 @@ def _threshold_hook(threshold: float, on_keep=None):
 def _projection_inputs(model: nn.Module, projections: list[nn.Module], calibration) -> list[torch.Tensor]:
     """|input| samples of each projection on the calibration data (every 4th token)."""
     inputs: dict[int, list[torch.Tensor]] = {id(p): [] for p in projections}
-    grabs = [p.register_forward_pre_hook(lambda m, a: inputs[id(m)].append(a[0].detach().abs().float()[:, ::4].cpu()))
-             for p in projections]
+    grabs = [
+        p.register_forward_pre_hook(lambda m, a: inputs[id(m)].append(a[0].detach().abs().float()[:, ::4].cpu()))
+        for p in projections
+    ]
     run_batches(model, calibration, grabs)
     return [torch.cat([v.reshape(-1) for v in inputs[id(p)]]) for p in projections]
 
 
 @torch.no_grad()
-def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool = False, sequential: bool = True,
-          cache: dict | None = None) -> Sparsified:
+def apply(
+    model: nn.Module,
+    target_sparsity: float,
+    calibration,
+    attention: bool = False,
+    sequential: bool = True,
+    cache: dict | None = None,
+) -> Sparsified:
     """``sequential`` (the default here): each threshold is the quantile of the activations the
     model produces with the thresholds before it in place (the FFN input of layer l after layers
     < l are sparse; the down input after the FFN input is), so the realised sparsity matches the
@@ -68,7 +76,9 @@ def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool
     model's activations, which overshoots the target once earlier inputs are sparse."""
     sites = ffn_sites(model)
     handle = Sparsified("teal_all" if attention else "teal", model, sites)
-    dense = None if sequential else cached(cache, "acts", lambda: collect(model, calibration, {"input": None, "z": None}))
+    dense = (
+        None if sequential else cached(cache, "acts", lambda: collect(model, calibration, {"input": None, "z": None}))
+    )
     for site in sites:
 
         def count_input(keep, handle=handle, site=site):
@@ -79,7 +89,9 @@ def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool
         t_in = quantile(x.abs(), target_sparsity)
         for i, projection in enumerate(site.first):  # gate and up read the same input: one threshold
             hook = _threshold_hook(t_in, count_input if i == 0 else None)
-            handle.hook(projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None))
+            handle.hook(
+                projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None)
+            )
         z = layer_inputs(model, site, calibration)[1] if sequential else dense["z"][site.index]
         t_z = quantile(z.abs(), target_sparsity)
         handle.mask_neurons(site, lambda site, z, t=t_z: z.abs() > t)
@@ -88,6 +100,8 @@ def apply(model: nn.Module, target_sparsity: float, calibration, attention: bool
         inputs = cached(cache, "attention_inputs", lambda: _projection_inputs(model, projections, calibration))
         for projection, values in zip(projections, inputs, strict=True):
             hook = _threshold_hook(quantile(values, target_sparsity))
-            handle.hook(projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None))
+            handle.hook(
+                projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None)
+            )
     handle.reset()  # calibration forwards ran through the hooks already installed
     return handle

@@ -10,5 +10,10 @@ def preprocess(text: str) -> str:
 
 
 def process_hellaswag(dataset):
-    return dataset.map(lambda doc: {"query": preprocess(doc["ctx"]), "choices": [preprocess(e) for e in doc["endings"]],
-                                    "label": int(doc["label"])})
+    return dataset.map(
+        lambda doc: {
+            "query": preprocess(doc["ctx"]),
+            "choices": [preprocess(e) for e in doc["endings"]],
+            "label": int(doc["label"]),
+        }
+    )

@@ -27,8 +27,9 @@ _ROUTING_OF_OLD_MODE = {"sparse": "hard", "dense": "dense"}  # lte_mode (until 0
 
 
 def _warn_lte_mode():
-    warnings.warn("config.lte_mode is deprecated, use config.lte_routing ('hard' or 'dense')", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        "config.lte_mode is deprecated, use config.lte_routing ('hard' or 'dense')", DeprecationWarning, stacklevel=3
+    )
 
 
 class LTEConfig(_BaseConfig):

@@ -70,8 +70,12 @@ def _use_triton(device: torch.device) -> bool:
 
 
 def _use_cpu_kernel(weight: torch.Tensor) -> bool:
-    return (_cpu_kernel_available is not None and weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel_available())
+    return (
+        _cpu_kernel_available is not None
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and _cpu_kernel_available()
+    )
 
 
 def _kernels(weight: torch.Tensor):
@@ -156,7 +160,9 @@ class RoutingState:
             down.register_forward_pre_hook(self._mask_hook)
             down._lte_masks_input = True
         return down is not self.projections[-1] or any(
-            self.host.get_submodule(name) is not module for name, module in zip(self.first, self.projections[:-1], strict=True))
+            self.host.get_submodule(name) is not module
+            for name, module in zip(self.first, self.projections[:-1], strict=True)
+        )
 
     def _mask_hook(self, module, args):
         if self.mask is None:
@@ -235,16 +241,26 @@ class RoutedFirst:
             _relayout(self, out_is_rows=True)
             rows = _rows(self, out_is_rows=True)
             matvec = state.kernels[1]
-            out = torch.cat([matvec(x, rows, state.order, state.count, size, c * width)
-                             for c in range(self.lte_chunks)], dim=-1).to(x.dtype)
+            out = torch.cat(
+                [matvec(x, rows, state.order, state.count, size, c * width) for c in range(self.lte_chunks)], dim=-1
+            ).to(x.dtype)
             if bias is not None:
                 slots = state.order.long()
-                out = out + torch.cat([bias[c * width:(c + 1) * width].view(-1, size)[slots].reshape(-1)
-                                       for c in range(self.lte_chunks)])
+                out = out + torch.cat(
+                    [
+                        bias[c * width : (c + 1) * width].view(-1, size)[slots].reshape(-1)
+                        for c in range(self.lte_chunks)
+                    ]
+                )
             return out.reshape(*x.shape[:-1], -1)
         segments = state.segments()  # pure torch: one slice of the weights per run of adjacent experts
-        parts = [F.linear(x, rows[c * width + a:c * width + b], None if bias is None else bias[c * width + a:c * width + b])
-                 for c in range(self.lte_chunks) for a, b in segments]
+        parts = [
+            F.linear(
+                x, rows[c * width + a : c * width + b], None if bias is None else bias[c * width + a : c * width + b]
+            )
+            for c in range(self.lte_chunks)
+            for a, b in segments
+        ]
         return torch.cat(parts, dim=-1) if parts else x.new_zeros(*x.shape[:-1], 0)
 
 
@@ -267,7 +283,7 @@ class RoutedDown:
             out = flat.new_zeros(1, weight_t.shape[1])
             offset = 0
             for a, b in state.segments():  # out += h[selected rows] @ weight_t[selected rows], one slice per run
-                out.addmm_(flat[:, offset:offset + b - a], weight_t[a:b])
+                out.addmm_(flat[:, offset : offset + b - a], weight_t[a:b])
                 offset += b - a
             out = out.reshape(*h.shape[:-1], -1)
         else:
@@ -321,10 +337,16 @@ def install_routed_ffns(model: nn.Module, config) -> None:
             router = None
             if position == 0:
                 weight = _rows(module, out_is_rows=True)
-                router = Router(weight.shape[1], state.num_experts, bias=ffn.get("router_bias", False),
-                                device=weight.device, dtype=weight.dtype)
-            _make_routed(module, RoutedFirst, state, router=router, lte_chunks=chunks, lte_config=config,
-                         lte_layer_index=index)
+                router = Router(
+                    weight.shape[1],
+                    state.num_experts,
+                    bias=ffn.get("router_bias", False),
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
+            _make_routed(
+                module, RoutedFirst, state, router=router, lte_chunks=chunks, lte_config=config, lte_layer_index=index
+            )
         _make_routed(host.get_submodule(spec["down"]), RoutedDown, state)
 
 
