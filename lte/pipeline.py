@@ -61,7 +61,7 @@ from .model.layers import ROUTER_PREFIX
 from .model.router_init import init_routers
 from .training.adapters import add_lora, merge_adapter, quantization_config
 from .training.config import ROUTING_OF_STAGE, Recipe, load_run_recipe
-from .training.data import LMData, build_data, check_source
+from .training.data import LMData, build_data, check_source, split_sources
 from .training.distributed import (
     broadcast_object,
     check_routers_identical,
@@ -595,8 +595,8 @@ def preflight_outputs(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     inputs = {
         "model.name_or_path": recipe.model.name_or_path,
-        "data.eval": recipe.data.eval,
-        **{f"data.train ({p})": p for p in recipe.data.train.split(",")},
+        **{f"data.train ({p})": p for p in split_sources(recipe.data.train)},
+        **{f"data.eval ({p})": p for p in split_sources(recipe.data.eval or "")},
     }
     check_apart(out, f"output_dir={out}", inputs)  # a file there, or no write access: preflight's check_output_dir
     if recipe.export.enabled:
@@ -605,7 +605,10 @@ def preflight_outputs(recipe: Recipe) -> None:
             target,
             "export",
             flag="export.out",
-            inputs={"export.calibration": recipe.export.calibration, **inputs},
+            inputs={
+                **{f"export.calibration ({p})": p for p in split_sources(recipe.export.calibration or "")},
+                **inputs,
+            },
             runs={"this run's output_dir": out},
             overwrite=is_own_export(recipe, target),
             overwrite_hint="it is not this run's export, so the export stage will not replace it; remove it yourself",

@@ -197,18 +197,26 @@ def resolve_local(value: str | None) -> str | None:
     return str(path.resolve()) if path.exists() or value.startswith((".", "/", "~")) else value
 
 
+def resolve_sources(spec: str | None) -> str | None:
+    """A comma-separated list of data sources (``data.train``, ``data.eval``, ``export.calibration``)
+    with each local path made absolute."""
+    if not spec:
+        return spec
+    return ",".join(resolve_local(part.strip()) for part in spec.split(",") if part.strip())
+
+
 def resolve_paths(recipe):
     """The recipe with every local path absolute (against the current directory), so the run's
     record works from any directory."""
     data = dataclasses.replace(
         recipe.data,
-        train=",".join(resolve_local(p.strip()) for p in recipe.data.train.split(",")),
-        eval=resolve_local(recipe.data.eval),
+        train=resolve_sources(recipe.data.train),
+        eval=resolve_sources(recipe.data.eval),
     )
     model = dataclasses.replace(recipe.model, name_or_path=resolve_local(recipe.model.name_or_path))
     export = dataclasses.replace(
         recipe.export,
-        calibration=resolve_local(recipe.export.calibration),
+        calibration=resolve_sources(recipe.export.calibration),
         out=str(Path(recipe.export.out).expanduser().resolve()) if recipe.export.out else None,
     )
     reuse = str(Path(recipe.reuse_from).expanduser().resolve()) if recipe.reuse_from else None

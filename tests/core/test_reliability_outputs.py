@@ -224,3 +224,25 @@ def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatc
         capsys.readouterr().err
         == f"error: no space left on device at {tmp_path / 'stage1' / 'optimizer.pt'}; free some space, then rerun the same command\n"
     )
+
+
+def test_every_source_of_a_comma_separated_data_key_is_an_input_and_is_made_absolute(tmp_path, monkeypatch):
+    """data.eval and export.calibration take several sources, as data.train does: each one is guarded
+    from the run's output_dir and recorded as an absolute path (not the whole list as one path)."""
+    from lte.core.record import resolve_paths
+    from lte.pipeline import preflight_outputs
+    from lte.training.config import load_recipe
+
+    (tmp_path / "held").mkdir()
+    for name in ("a.txt", "held/b.txt", "c.txt"):
+        (tmp_path / name).write_text("Once upon a time there was a cat.\n" * 20)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(
+        ["recipe=tiny", "output_dir=held", "data.eval=a.txt, held/b.txt", "export.calibration=c.txt,a.txt"],
+        check_hardware=False,
+    )
+    resolved = resolve_paths(recipe)
+    assert resolved.data.eval == f"{tmp_path / 'a.txt'},{tmp_path / 'held' / 'b.txt'}"
+    assert resolved.export.calibration == f"{tmp_path / 'c.txt'},{tmp_path / 'a.txt'}"
+    with pytest.raises(UsageError, match=r"output_dir=held contains data\.eval \(held/b\.txt\)"):
+        preflight_outputs(recipe)
