@@ -644,14 +644,18 @@ def claimed(recipe: Recipe, restart_from: str | None = None):
     state = PartialState()
     out = Path(recipe.output_dir)
     with contextlib.ExitStack() as stack:
-        problem = None
+        problem, failure = None, None
         if state.is_main_process:
             try:
                 stack.enter_context(run_lock(out))
                 open_record(recipe, restart_from)
             except UsageError as exc:
                 problem = str(exc)
+            except Exception as exc:  # told to the other ranks too, or they would wait for the broadcast forever
+                problem, failure = f"the main process could not open the run: {type(exc).__name__}: {exc}", exc
         problem = broadcast_object(problem)
+        if failure is not None:
+            raise failure
         if problem:
             raise UsageError(problem)
         state.wait_for_everyone()
