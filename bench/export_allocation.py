@@ -89,20 +89,25 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         (
-            f"Held-out ppl of the original model: {original:.4f}; of the stage-2 model with every expert: {dense.ppl:.4f}, "
+            f"Held-out ppl of the original model: {original:.4f}; "
+            f"of the stage-2 model with every expert: {dense.ppl:.4f}, "
             f"at its trained thresholds (lte.threshold): {trained.ppl:.4f} "
             f"at {100 * trained.sparsity:.1f}% sparsity ({dense.tokens} held-out tokens; calibration: "
             f"{args.calibration_tokens} training tokens)."
         ),
         "",
-        "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl | vs original |",
+        (
+            "| target | allocation | per-layer sparsity | calibration ppl | held-out sparsity | held-out ppl "
+            "| vs original |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_layer = " ".join(f"{100 * s:.0f}" for s in r["layer_targets"])
         lines.append(
             f"| {r['target']:.1f} | {r['allocation']} | {per_layer} | {r['calibration_ppl']:.4f} | "
-            f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | {100 * (r['heldout_ppl'] / original - 1):+.1f}% |"
+            f"{100 * r['heldout_sparsity']:.1f}% | {r['heldout_ppl']:.4f} | "
+            f"{100 * (r['heldout_ppl'] / original - 1):+.1f}% |"
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, dense.ppl, (trained.sparsity, trained.ppl), RESULTS / f"{name}.png")

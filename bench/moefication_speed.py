@@ -31,7 +31,8 @@ def main():
         assert torch.bincount(labels).eq(args.expert_size).all()
     per_layer = statistics.median(times)
     print(
-        f"threads={torch.get_num_threads()} shape={args.neurons}x{args.d_model} experts={args.neurons // args.expert_size} "
+        f"threads={torch.get_num_threads()} shape={args.neurons}x{args.d_model} "
+        f"experts={args.neurons // args.expert_size} "
         f"median {per_layer:.2f} s/layer -> {32 * per_layer:.0f} s for 32 layers"
     )
 

@@ -1,6 +1,7 @@
 """How good can routing be on the embedded model before any training?
 
-    python bench/routing_ceiling.py [--model assets/stories260K] [--expert-sizes 1,2,4] [--tokens 32768] [--sparsity 0.5]
+    python bench/routing_ceiling.py [--model assets/stories260K] [--expert-sizes 1,2,4] [--tokens 32768] \
+        [--sparsity 0.5]
 
 Held-out perplexity of a TinyStories model (the first ``--tokens`` tokens of assets/tinystories/eval.txt)
 when half of each FFN's experts are skipped, chosen by:

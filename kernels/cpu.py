@@ -110,20 +110,22 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
 
 static void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name, " must be float32 or bfloat16");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16");
 }
 
-static torch::Tensor rows_times(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& ids, int64_t k,
-                                int64_t size, int64_t offset, int64_t width) {
+static torch::Tensor rows_times(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& ids,
+                                int64_t k, int64_t size, int64_t offset, int64_t width) {
   // [tokens, width] (fp32): the first k * size columns are x times the rows of the first k experts of ids, the rest 0.
   check(weight, "weight");
   const int64_t hidden = weight.size(1);
   auto xf = x.reshape({-1, hidden}).to(torch::kFloat).contiguous();
   const int64_t tokens = xf.size(0);
-  auto y = k * size == width ? torch::empty({tokens, width}, xf.options()) : torch::zeros({tokens, width}, xf.options());
+  auto y = k * size == width ? torch::empty({tokens, width}, xf.options())
+                             : torch::zeros({tokens, width}, xf.options());
   if (weight.scalar_type() == torch::kFloat)
-    matvec_rows(xf.data_ptr<float>(), tokens, weight.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, offset, hidden,
-                y.data_ptr<float>(), width);
+    matvec_rows(xf.data_ptr<float>(), tokens, weight.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, offset,
+                hidden, y.data_ptr<float>(), width);
   else
     matvec_rows(xf.data_ptr<float>(), tokens, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
                 ids.data_ptr<int64_t>(), k, size, offset, hidden, y.data_ptr<float>(), width);
@@ -141,16 +143,18 @@ static torch::Tensor rows_t_times(const torch::Tensor& h, int64_t width, const t
   auto hf = h.reshape({tokens, width}).to(torch::kFloat).contiguous();
   auto out = torch::empty({tokens, hidden}, hf.options());
   if (weight_t.scalar_type() == torch::kFloat)
-    matvec_t_rows(hf.data_ptr<float>(), width, tokens, weight_t.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, hidden,
-                  out.data_ptr<float>());
+    matvec_t_rows(hf.data_ptr<float>(), width, tokens, weight_t.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size,
+                  hidden, out.data_ptr<float>());
   else
-    matvec_t_rows(hf.data_ptr<float>(), width, tokens, reinterpret_cast<const uint16_t*>(weight_t.data_ptr<at::BFloat16>()),
-                  ids.data_ptr<int64_t>(), k, size, hidden, out.data_ptr<float>());
+    matvec_t_rows(hf.data_ptr<float>(), width, tokens,
+                  reinterpret_cast<const uint16_t*>(weight_t.data_ptr<at::BFloat16>()), ids.data_ptr<int64_t>(), k,
+                  size, hidden, out.data_ptr<float>());
   return out;
 }
 
 // x: [tokens, hidden] (or [hidden]); returns [tokens, k * size] in weight's dtype.
-torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor experts, int64_t size, int64_t offset) {
+torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor experts, int64_t size,
+                            int64_t offset) {
   auto ids = experts.to(torch::kLong).contiguous();
   return rows_times(x, weight, ids, ids.numel(), size, offset, ids.numel() * size).to(weight.scalar_type());
 }
@@ -175,7 +179,8 @@ torch::Tensor slot_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor o
 }
 
 // Slots: h [tokens, order.numel() * size] (selected slots first) -> [tokens, hidden].
-torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor order, torch::Tensor count, int64_t size) {
+torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor order, torch::Tensor count,
+                            int64_t size) {
   auto ids = order.to(torch::kLong).contiguous();
   return rows_t_times(h, ids.numel() * size, weight_t, ids, selected(ids, count), size).to(weight_t.scalar_type());
 }

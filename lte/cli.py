@@ -1,5 +1,5 @@
-"""The ``lte`` command: ``lte train``, ``lte export``, ``lte compare``, ``lte analyze``, ``lte generate``, ``lte bench``,
-``lte convert-llama2c``, ``lte recipes``.
+"""The ``lte`` command: ``lte train``, ``lte export``, ``lte compare``, ``lte analyze``, ``lte generate``,
+``lte bench``, ``lte convert-llama2c``, ``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
 (:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
@@ -149,7 +149,8 @@ def _cmd_wasserstein(args) -> int:
     print(f"  dense ppl {report['dense_ppl']:.4f}")
     for row in report["experiment"]:
         print(
-            f"  remove top {100 * row['fraction']:.0f}% by Wasserstein distance: ppl {row['ppl_top_wasserstein_removed']:.4f}"
+            f"  remove top {100 * row['fraction']:.0f}% by Wasserstein distance: "
+            f"ppl {row['ppl_top_wasserstein_removed']:.4f}"
             f"   same number at random: {row['ppl_random_removed']:.4f}"
         )
     return 0
@@ -211,7 +212,8 @@ def _cmd_bench_decode(args) -> int:
     result = bench_decode(model, prompt, args.new_tokens, args.repeats, name=str(args.model_dir))
     print(
         f"{args.model_dir} on {result.device}, {result.dtype}, batch 1, {result.new_tokens} new tokens, median of "
-        f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n  sparse {result.sparse_tokens_per_s:.1f} "
+        f"{result.repeats}:\n  dense  {result.dense_tokens_per_s:.1f} tokens/s\n"
+        f"  sparse {result.sparse_tokens_per_s:.1f} "
         f"tokens/s at {100 * result.sparsity:.1f}% FFN sparsity: {result.speedup:.2f}x"
     )
     if args.json:

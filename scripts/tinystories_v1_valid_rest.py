@@ -1,7 +1,7 @@
 """Write the V1 validation text that follows the held-out text: extra training text from the held-out distribution.
 
-    python scripts/tinystories_v1_valid_rest.py ../shared/data/tinystories/v1_valid_head.txt assets/tinystories/eval.txt \
-        assets/tinystories/train_v1_valid.txt
+    python scripts/tinystories_v1_valid_rest.py ../shared/data/tinystories/v1_valid_head.txt \
+        assets/tinystories/eval.txt assets/tinystories/train_v1_valid.txt
 
 ``eval.txt`` is the first 300,094 characters of the source; this takes the text after it, from the first story
 that starts after the cut ("Once upon a time" paragraph), so no story is shared with the held-out text, drops

@@ -18,9 +18,9 @@ LTE (``--lte RUN_DIR``, or an export directory, which names its run) gets its th
 tuned per target by the export's threshold tuning on the shared calibration tokens. One run can
 serve every target, or each target its own run, trained for it (``--lte 0.5=RUN_A,0.7=RUN_B``; a
 run without a target serves the rest); each LTE row names its ``run`` and its ``thresholds``.
-At an export's own target sparsity an export
-directory runs at the export's thresholds (the exported model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text, another
-layout) through the same code path: ``extra_data[NAME]`` in each row.
+At an export's own target sparsity an export directory runs at the export's thresholds (the exported
+model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text,
+another layout) through the same code path: ``extra_data[NAME]`` in each row.
 With ``--tasks``, lm-evaluation-harness scores each method's model on the task configs of
 :mod:`lte.compare.tasks` (the same numbers lm-eval's CLI gives on that model).
 Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.core.outputs`): ``results.json`` (one row

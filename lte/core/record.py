@@ -179,7 +179,8 @@ def plan_rerun(old: dict | None, new: dict, status: dict[str, str], restart_from
         raise UsageError(
             f"{run} was trained with other settings; changed: "
             f"{', '.join(f'{k} ({_show(a)} -> {_show(b)})' for k, (a, b) in changed.items() if stages_of(k))}. "
-            f"They change {', '.join(blocking)}, which {'is' if len(blocking) == 1 else 'are'} already trained there, so "
+            f"They change {', '.join(blocking)}, "
+            f"which {'is' if len(blocking) == 1 else 'are'} already trained there, so "
             f"the run is left as it is. Either give a new output_dir=..., or add restart_from={first} to discard "
             f"{first} and every stage after it and train them with the new settings"
         )

@@ -144,7 +144,10 @@ def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() == 3 and param.shape[0] in counts:
-                return f"{type(module).__name__} ({name}) stores {param.shape[0]} experts in a 3-D tensor {pname} {tuple(param.shape)}"
+                return (
+                    f"{type(module).__name__} ({name}) stores {param.shape[0]} experts "
+                    f"in a 3-D tensor {pname} {tuple(param.shape)}"
+                )
     hosts = {c.path for c in candidates}
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for name in lists:

@@ -4,8 +4,8 @@
 its host module with :class:`LTEMLP`, and (unless loading a trained checkpoint) first clusters
 and permutes its neurons. The resolved layout is kept in :class:`LTEModelConfig` and saved in
 ``lte_config.json``, so every later load uses it instead of detecting again (also on a
-meta-device or sharded model, where detection cannot trace). The model stays a ``PreTrainedModel``, so ``Trainer`` saves it as
-usual; router parameters all carry the ``lte_router`` prefix, so saving LTE's own state is a
+meta-device or sharded model, where detection cannot trace). The model stays a ``PreTrainedModel``, so
+``Trainer`` saves it as usual; router parameters all carry the ``lte_router`` prefix, so saving LTE's own state is a
 name filter. ``save_lte``/``load_lte`` write a normal Hugging Face checkpoint of the
 (permuted) base model plus ``lte_routers.safetensors`` and ``lte_config.json``.
 """

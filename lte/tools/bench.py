@@ -178,7 +178,10 @@ def bench_kernel(
 
 def kernel_table(rows: list[KernelRow]) -> str:
     lines = [
-        "| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal | kernel, all experts ms |",
+        (
+            "| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal "
+            "| kernel, all experts ms |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -327,7 +327,9 @@ results = {}
 for name, directory in json.loads(sys.argv[1]).items():
     try:
         saved = torch.load(directory + ".expected.pt")
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, trust_remote_code=True, dtype=torch.float32
+        ).eval()
         with torch.no_grad():
             ids = saved["ids"]
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
@@ -441,8 +443,9 @@ def render_markdown(outcomes: list[Outcome]) -> str:
         "`tests/model/test_architectures.py` reruns it and fails when this file is out of date.",
         "",
         (
-            f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, {counts[NOT_BUILT]} could not be built as a tiny model "
-            f"here, {counts[FAILED]} failed** (of {len(outcomes)})."
+            f"**{counts[WORKS]} work, {counts[REFUSED]} are refused, "
+            f"{counts[NOT_BUILT]} could not be built as a tiny model here, {counts[FAILED]} failed** "
+            f"(of {len(outcomes)})."
         ),
         "",
         "| model type | class | result | FFN layout found / reason |",

@@ -161,9 +161,11 @@ def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_ove
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; "
-            "from lte.core.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
-            "    print('held', flush=True); time.sleep(120)",
+            (
+                "import sys, time; from pathlib import Path; "
+                "from lte.core.outputs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                "    print('held', flush=True); time.sleep(120)"
+            ),
             str(tmp_path),
         ],
         stdout=subprocess.PIPE,
@@ -221,8 +223,8 @@ def test_a_full_disk_is_one_message_naming_the_path(tmp_path, capsys, monkeypatc
 
     assert run_cli(full) == 2
     assert (
-        capsys.readouterr().err
-        == f"error: no space left on device at {tmp_path / 'stage1' / 'optimizer.pt'}; free some space, then rerun the same command\n"
+        capsys.readouterr().err == f"error: no space left on device at {tmp_path / 'stage1' / 'optimizer.pt'}; "
+        "free some space, then rerun the same command\n"
     )
 
 

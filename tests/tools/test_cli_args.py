@@ -91,7 +91,7 @@ def test_generated_arguments_parse_into_the_dataclass():
 
 
 @pytest.mark.parametrize(
-    "argv,phrase",
+    ("argv", "phrase"),
     [
         (
             ["p", "--name", "n", "--rate", "1", "--size", "0"],

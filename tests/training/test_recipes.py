@@ -75,9 +75,10 @@ def test_the_old_threshold_key_is_accepted_with_a_warning_for_one_release(tmp_pa
     with pytest.warns(DeprecationWarning, match="lte.tau is deprecated"):
         from_file = load_recipe([f"recipe={old_file}", "output_dir=/tmp/r"], check_hardware=False)
     assert from_file.lte == new.lte
-    with pytest.warns(DeprecationWarning):  # the override, in the new name, wins over the file's old key
+    # the override, in the new name, wins over the file's old key
+    with pytest.warns(DeprecationWarning, match="lte.tau is deprecated, use lte.threshold"):
         assert load_recipe([f"recipe={old_file}", "lte.threshold=0.3"], check_hardware=False).lte.threshold == 0.3
-    with pytest.raises(UsageError, match="lte.tau and lte.threshold are both set; keep only lte.threshold"):
+    with pytest.raises(UsageError, match=r"lte\.tau and lte\.threshold are both set; keep only lte\.threshold"):
         load_recipe(["recipe=tiny", "lte.tau=0.4", "lte.threshold=0.4"], check_hardware=False)
     record = resolve_paths(new).to_dict()
     record["lte"]["tau"] = record["lte"].pop("threshold")

@@ -226,7 +226,7 @@ def test_hidden_state_distillation(tmp_path):
 def test_the_old_argument_names_still_work_with_a_warning(tmp_path):
     """tau= and lte_mode= (before the renames) give the same arguments as threshold= and lte_routing=."""
     new = args(tmp_path, threshold=0.4, lte_routing="hard")
-    with pytest.warns(DeprecationWarning) as caught:
+    with pytest.warns(DeprecationWarning, match=r"\(tau=\.\.\.\) is deprecated, use threshold=") as caught:
         old = args(tmp_path, tau=0.4, lte_mode="hard")
     assert {str(w.message) for w in caught} >= {
         "LTETrainingArguments(tau=...) is deprecated, use threshold=...",

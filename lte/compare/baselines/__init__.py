@@ -1,13 +1,14 @@
-"""The methods LTE is compared with (GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion), as restorable model transforms with one interface:
+"""The methods LTE is compared with (GRIFFIN, TEAL, CATS, MoEfication, Sparse Expansion), as restorable model
+transforms with one interface:
 
     handle = METHODS[name](model, target_sparsity, calibration_batches, cache=cache)  # hooks installed
     ...                                                                    # evaluate the model
     handle.remove()                                                        # the model as it was
 
 ``cache`` (a dict per method and model, optional) keeps what a method measured on the
-calibration data between targets. ``handle`` (:class:`~lte.compare.baselines.sites.Sparsified`) also reports the realised per-layer FFN
-sparsity and FFN FLOPs per token of what ran. ``lte compare`` (:mod:`lte.compare`) runs them
-side by side with LTE and the dense model.
+calibration data between targets. ``handle`` (:class:`~lte.compare.baselines.sites.Sparsified`) also
+reports the realised per-layer FFN sparsity and FFN FLOPs per token of what ran. ``lte compare``
+(:mod:`lte.compare`) runs them side by side with LTE and the dense model.
 """
 
 from __future__ import annotations

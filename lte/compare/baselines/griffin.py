@@ -10,8 +10,8 @@ block's first ``prefix`` positions are the prompt (dense); the experts chosen fr
 every later position, and the harness scores the predictions those positions make, for every
 method. This is what generation does token by token, except that GRIFFIN's first generated token
 comes from the dense prompt forward; here it is predicted sparse too, as in GRIFFIN's own
-classification mode (which sparsifies the last position). One deviation from the released code: the per-token norm is clamped
-at 1e-12, so an all-zero activation row (possible with ReLU) does not give NaN.
+classification mode (which sparsifies the last position). One deviation from the released code: the
+per-token norm is clamped at 1e-12, so an all-zero activation row (possible with ReLU) does not give NaN.
 """
 
 from __future__ import annotations

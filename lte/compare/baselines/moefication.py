@@ -8,8 +8,8 @@ centroids, the second to the identity), trained on calibration tokens to predict
 activation norm: the L2 norm of the expert's down-projection inputs over the token's largest such
 norm, by binary cross-entropy on those soft targets. (MoEfication's ``MLPCenter`` targets the sum
 of an expert's ReLU outputs over the batch maximum; gated FFNs have no ReLU, so the norm of the
-neurons that actually reach the down projection stands in for it.) Each token then runs the ``round(E * (1 - s))`` experts with the highest predicted norm.
-The routers' FLOPs are counted.
+neurons that actually reach the down projection stands in for it.) Each token then runs the
+``round(E * (1 - s))`` experts with the highest predicted norm. The routers' FLOPs are counted.
 """
 
 from __future__ import annotations
