@@ -2,7 +2,7 @@
 ``lte bench``, ``lte convert-llama2c``, ``lte recipes``.
 
 ``train.py``, ``python -m lte train`` and ``lte train`` are one code path. Bad input
-(:class:`~lte.errors.UsageError`) prints one message and exits with code 2, no traceback.
+(:class:`~lte.core.errors.UsageError`) prints one message and exits with code 2, no traceback.
 """
 
 from __future__ import annotations

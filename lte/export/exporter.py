@@ -2,9 +2,9 @@
 
 1. Load the run's stage-2 model and the calibration tokens (the run's training data, or
    ``--calibration FILE``).
-2. Tune per-layer thresholds (:mod:`lte.thresholds`) to the target sparsity, or to the
+2. Tune per-layer thresholds (:mod:`lte.export.thresholds`) to the target sparsity, or to the
    highest sparsity within a perplexity budget.
-3. Make the FFN projections routed (:mod:`lte.remote.modeling_lte`), ``save_pretrained`` the
+3. Make the FFN projections routed (:mod:`lte.export.remote.modeling_lte`), ``save_pretrained`` the
    model (the base model's tensors, names and layouts, plus one router per FFN), and add to
    ``config.json`` an ``auto_map`` to the code files copied beside it (``model_type`` stays the
    base model's: plain loaders get the dense base class, ``trust_remote_code=True`` the sparse one).
@@ -14,7 +14,7 @@
    and two plots.
 
 Everything is written to a temporary directory next to ``--out`` and renamed into place at
-the end (:func:`lte.outputs.staged_dir`), so a failed or interrupted export never leaves a
+the end (:func:`lte.core.outputs.staged_dir`), so a failed or interrupted export never leaves a
 half-written checkpoint; ``--out`` is checked against the run and its inputs before any work.
 """
 
@@ -52,7 +52,7 @@ VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16
 
 @dataclasses.dataclass(kw_only=True)
 class ExportRequest(ExportArgs):
-    """``lte export``: the recipe's export settings (:class:`~lte.config.ExportArgs`, the same fields
+    """``lte export``: the recipe's export settings (:class:`~lte.training.config.ExportArgs`, the same fields
     and defaults) applied to one run; its fields are the command's flags (:mod:`lte.core.cli_args`)."""
 
     run_dir: str = dataclasses.field(
@@ -176,7 +176,7 @@ def base_architecture(model) -> str:
 
 def to_routed(model, thresholds: list[float]):
     """Convert an in-memory LTE model (LTEMLP wrappers) to the exported layout, in place: the
-    base model with routed FFN projections (:mod:`lte.remote.modeling_lte`).
+    base model with routed FFN projections (:mod:`lte.export.remote.modeling_lte`).
 
     ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
     ``first[0]`` owns the router), so layers may differ."""

@@ -54,7 +54,7 @@ class Thresholds(EvalResult):
 
 def __getattr__(name: str):
     if name == "DENSE":  # the old name, for one release
-        warn_deprecated("lte.thresholds.DENSE", "KEEP_ALL (or set_lte_routing(model, 'dense') to run dense)")
+        warn_deprecated("lte.export.thresholds.DENSE", "KEEP_ALL (or set_lte_routing(model, 'dense') to run dense)")
         return KEEP_ALL
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,6 +1,6 @@
 """Put LTE into a Hugging Face model, and take it out again (PEFT's tuner shape).
 
-``inject_lte`` finds every FFN (:mod:`lte.detect`, or the layout saved with a run), wraps
+``inject_lte`` finds every FFN (:mod:`lte.model.detect`, or the layout saved with a run), wraps
 its host module with :class:`LTEMLP`, and (unless loading a trained checkpoint) first clusters
 and permutes its neurons. The resolved layout is kept in :class:`LTEModelConfig` and saved in
 ``lte_config.json``, so every later load uses it instead of detecting again (also on a
@@ -152,7 +152,7 @@ def check_expert_size(
 
 
 def set_lte_routing(model: nn.Module, routing: str) -> None:
-    """How every LTE layer runs its FFN: ``dense``, ``soft`` or ``hard`` (see :mod:`lte.layers`)."""
+    """How every LTE layer runs its FFN: ``dense``, ``soft`` or ``hard`` (see :mod:`lte.model.layers`)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     for layer in lte_layers(model):

@@ -3,7 +3,7 @@
 The router reads the FFN input (the input of its first projection) and scores each expert
 ``G = sigmoid(router(x))``. The expert mask is applied to the input of the down projection,
 where every intermediate neuron is visible, and the model's own forward does the rest.
-Each layer's ``routing`` (set per stage by :func:`lte.inject.set_lte_routing`) is one of:
+Each layer's ``routing`` (set per stage by :func:`lte.model.inject.set_lte_routing`) is one of:
 
 * ``dense``: router unused, output identical to the original model;
 * ``soft`` (stage 1): ``sum_i G_i(x) E_i(x)``, every neuron of expert ``i`` scaled by ``G_i``;
@@ -44,7 +44,7 @@ class RouterRecord:
 
 def __getattr__(name: str):
     if name == "MODES":  # the old name, for one release
-        warn_deprecated("lte.layers.MODES", "ROUTINGS")
+        warn_deprecated("lte.model.layers.MODES", "ROUTINGS")
         return ROUTINGS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -107,7 +107,7 @@ class LTEMLP(nn.Module):
         """Hook the modules now at the first/down paths. Call it again after replacing a
         projection: PEFT puts a LoRA layer there that holds the original as its own
         ``base_layer``, and the mask must apply to the LoRA layer's input, or skipped neurons would
-        still reach the output through the adapter (:func:`lte.adapters.add_lora` does this)."""
+        still reach the output through the adapter (:func:`lte.training.adapters.add_lora` does this)."""
         for hook in self._hooks:
             hook.remove()
         first = self.base_layer.get_submodule(self.spec.first[0])

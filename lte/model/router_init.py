@@ -29,9 +29,9 @@ ROUTER_INITS = {
 
 def init_routers(model: nn.Module, settings, calibration=None) -> list[float] | None:
     """Initialise the freshly grouped model's routers as ``settings.router_init`` says (``settings``:
-    an :class:`~lte.inject.LTEModelConfig` or the recipe's ``lte`` group). ``calibration``: a callable
+    an :class:`~lte.model.inject.LTEModelConfig` or the recipe's ``lte`` group). ``calibration``: a callable
     returning the calibration batches, which only ``calibrated`` needs; without it that init waits
-    (:func:`lte.inject.inject_lte` has no data; the pipeline calls again with it, which repeats the
+    (:func:`lte.model.inject.inject_lte` has no data; the pipeline calls again with it, which repeats the
     deterministic centroid init to the same values). Returns the
     calibrated init's per-layer label agreement, else None."""
     if settings.router_init not in ROUTER_INITS:

@@ -3,7 +3,7 @@
 ``recipe=tiny lte.eta=1.0 train.max_steps=20`` loads ``recipes/tiny.yaml``, merges the
 dotted overrides with OmegaConf, and checks every key before anything runs: an unknown key
 names the closest valid one, a wrong type or an out-of-range value names the key and why.
-Groups: ``model.*``, ``data.*``, ``lte.*`` (:class:`~lte.trainer.LTEArguments`), ``lora.*``, ``train.*``
+Groups: ``model.*``, ``data.*``, ``lte.*`` (:class:`~lte.training.arguments.LTEArguments`), ``lora.*``, ``train.*``
 (any ``TrainingArguments`` field, with per-stage overrides under ``train.stage0/1/2``),
 ``export.*``, and the top-level ``output_dir``, ``seed``, ``target_sparsity`` (sets ``lte.target_sparsity``
 and ``export.target_sparsity``: a run trained and exported for one sparsity) and ``reuse_from`` (another
@@ -33,7 +33,7 @@ from .arguments import LTEArguments, LTETrainingArguments
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 STAGES = ("stage0", "stage1", "stage2")
-# A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.layers.ROUTINGS).
+# A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.model.layers.ROUTINGS).
 ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
 # How the export spreads its target sparsity over the layers (lte.export.thresholds implements them).
 ALLOCATIONS = ("tuned", "uniform")
@@ -363,7 +363,7 @@ _TRAIN_KEYS = {f.name for f in dataclasses.fields(LTETrainingArguments)} - set(P
 
 def __getattr__(name: str):
     if name == "MODE_OF_STAGE":  # the old name, for one release
-        warn_deprecated("lte.config.MODE_OF_STAGE", "ROUTING_OF_STAGE")
+        warn_deprecated("lte.training.config.MODE_OF_STAGE", "ROUTING_OF_STAGE")
         return ROUTING_OF_STAGE
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,6 +1,6 @@
 """``LTETrainer``: a thin ``transformers.Trainer`` that adds LTE's losses and sparsity metrics.
 
-The model is an ordinary causal LM whose FFNs were wrapped by :func:`lte.inject.inject_lte`.
+The model is an ordinary causal LM whose FFNs were wrapped by :func:`lte.model.inject.inject_lte`.
 ``compute_loss`` runs the usual task loss through ``super()`` inside a router-score scope,
 then (with ``soft`` routing) adds ``eta * L_eff + lam * L_sep``. Gradient accumulation: when the
 task loss is normalised over the whole accumulated batch (``num_items_in_batch``), the
