@@ -496,6 +496,9 @@ def test_sigint_during_training_is_one_line_and_exit_130(tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # A shell without job control starts background commands with SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt: give the child the default handler, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = []
     deadline = time.monotonic() + 300
