@@ -43,6 +43,7 @@ from .core.record import (
     plan_rerun,
     read_record,
     resolve_paths,
+    split_sources,
     stage_status,
     stages_of,
     write_record,
@@ -61,7 +62,7 @@ from .model.layers import ROUTER_PREFIX
 from .model.router_init import init_routers
 from .training.adapters import add_lora, merge_adapter, quantization_config
 from .training.config import ROUTING_OF_STAGE, Recipe, load_run_recipe
-from .training.data import LMData, build_data, check_source, split_sources
+from .training.data import LMData, build_data, check_source
 from .training.distributed import (
     broadcast_object,
     check_routers_identical,
@@ -596,7 +597,7 @@ def preflight_outputs(recipe: Recipe) -> None:
     inputs = {
         "model.name_or_path": recipe.model.name_or_path,
         **{f"data.train ({p})": p for p in split_sources(recipe.data.train)},
-        **{f"data.eval ({p})": p for p in split_sources(recipe.data.eval or "")},
+        **{f"data.eval ({p})": p for p in split_sources(recipe.data.eval)},
     }
     check_apart(out, f"output_dir={out}", inputs)  # a file there, or no write access: preflight's check_output_dir
     if recipe.export.enabled:
@@ -606,7 +607,7 @@ def preflight_outputs(recipe: Recipe) -> None:
             "export",
             flag="export.out",
             inputs={
-                **{f"export.calibration ({p})": p for p in split_sources(recipe.export.calibration or "")},
+                **{f"export.calibration ({p})": p for p in split_sources(recipe.export.calibration)},
                 **inputs,
             },
             runs={"this run's output_dir": out},

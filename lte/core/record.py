@@ -198,12 +198,17 @@ def resolve_local(value: str | None) -> str | None:
     return str(path.resolve()) if path.exists() or value.startswith((".", "/", "~")) else value
 
 
+def split_sources(spec: str | None) -> list[str]:
+    """``"a.jsonl, b.jsonl"`` -> two sources (``data.train``, ``data.eval``, ``export.calibration``): several
+    are concatenated, as LLaMA-Factory's dataset lists are."""
+    return [part.strip() for part in (spec or "").split(",") if part.strip()]
+
+
 def resolve_sources(spec: str | None) -> str | None:
-    """A comma-separated list of data sources (``data.train``, ``data.eval``, ``export.calibration``)
-    with each local path made absolute."""
+    """A list of data sources (:func:`split_sources`) with each local path made absolute."""
     if not spec:
         return spec
-    return ",".join(resolve_local(part.strip()) for part in spec.split(",") if part.strip())
+    return ",".join(resolve_local(part) for part in split_sources(spec))
 
 
 def resolve_paths(recipe):
@@ -245,11 +250,14 @@ def read_record(output_dir: Path) -> dict | None:
         return None
     rename_deprecated_keys(record, warn=False)  # a record written before a key was renamed: same settings
     # records written before paths were stored absolute: read them against the current directory
-    for group, key in (("model", "name_or_path"), ("data", "eval"), ("export", "calibration")):
+    for group, key, resolve in (
+        ("model", "name_or_path", resolve_local),
+        ("data", "train", resolve_sources),
+        ("data", "eval", resolve_sources),
+        ("export", "calibration", resolve_sources),
+    ):
         if isinstance(record.get(group), dict) and isinstance(record[group].get(key), str):
-            record[group][key] = resolve_local(record[group][key])
-    if isinstance(record.get("data"), dict) and isinstance(record["data"].get("train"), str):
-        record["data"]["train"] = ",".join(resolve_local(p.strip()) for p in record["data"]["train"].split(","))
+            record[group][key] = resolve(record[group][key])
     return record
 
 

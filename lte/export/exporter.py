@@ -34,10 +34,11 @@ import transformers
 from ..core.errors import UsageError
 from ..core.faults import fault_point
 from ..core.outputs import disk_guard, read_marker, staged_dir
-from ..core.record import heldout_settings
+from ..core.record import heldout_settings, split_sources
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..model.inject import load_lte, lte_layers, unload_lte
 from ..training.config import ExportArgs
+from ..training.data import check_source
 from .thresholds import ALLOCATIONS, KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
@@ -80,10 +81,8 @@ class ExportRequest(ExportArgs):
             raise UsageError(f"--calibration-tokens {self.calibration_tokens} must be positive")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise UsageError(
-                f"--calibration {self.calibration}: file not found; give a text/json/jsonl/csv/parquet file"
-            )
+        if self.calibration is not None:
+            check_source(self.calibration, "--calibration")
         model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
         from ..core.outputs import check_out
         from ..training.config import load_run_recipe
@@ -96,22 +95,22 @@ class ExportRequest(ExportArgs):
             runs={"the run": self.run_dir},
             inputs={
                 "the run's stage-2 model": model,
-                "--calibration": self.calibration,
+                **{f"--calibration ({p})": p for p in split_sources(self.calibration)},
                 "the run's model (its tokenizer)": recipe.model.name_or_path,
-                "the run's data.eval": recipe.data.eval,
-                **{f"the run's data.train ({p})": p for p in recipe.data.train.split(",")},
+                **{f"the run's data.eval ({p})": p for p in split_sources(recipe.data.eval)},
+                **{f"the run's data.train ({p})": p for p in split_sources(recipe.data.train)},
             },
         )
 
     def settings(self) -> dict:
         """What the export's thresholds depend on, besides the run's stage-2 model (kept in its marker)."""
-        from ..core.record import resolve_local
+        from ..core.record import resolve_sources
 
         return {
             "target_sparsity": self.target_sparsity,
             "max_ppl_increase": self.max_ppl_increase,
             "allocation": self.allocation,
-            "calibration": resolve_local(self.calibration),
+            "calibration": resolve_sources(self.calibration),
             "calibration_tokens": self.calibration_tokens,
         }
 

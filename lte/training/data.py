@@ -25,6 +25,7 @@ from pathlib import Path
 from datasets import Dataset, Value, concatenate_datasets, load_dataset
 
 from ..core.errors import UsageError
+from ..core.record import split_sources
 from .config import DataArgs
 
 logger = logging.getLogger("lte")
@@ -45,11 +46,6 @@ ALPACA_CHAT_TEMPLATE = (
 
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS or source.count("/") > 1
-
-
-def split_sources(spec: str) -> list[str]:
-    """``"a.jsonl, b.jsonl"`` -> two sources: several are concatenated (as LLaMA-Factory's dataset lists)."""
-    return [part.strip() for part in spec.split(",") if part.strip()]
 
 
 def check_source(spec: str, key: str) -> None:

@@ -248,3 +248,10 @@ def test_every_source_of_a_comma_separated_data_key_is_an_input_and_is_made_abso
     assert resolved.export.calibration == f"{tmp_path / 'c.txt'},{tmp_path / 'a.txt'}"
     with pytest.raises(UsageError, match=r"output_dir=held contains data\.eval \(held/b\.txt\)"):
         preflight_outputs(recipe)
+    from lte.export.exporter import ExportRequest
+
+    request = ExportRequest(run_dir=str(tmp_path / "no-run"), out="x", target_sparsity=0.5, calibration="c.txt, a.txt")
+    assert request.settings()["calibration"] == resolved.export.calibration
+    with pytest.raises(UsageError) as refused:  # the calibration list passes; the missing run is what stops it
+        request.validate()
+    assert "not found" not in str(refused.value) and "no-run" in str(refused.value)
