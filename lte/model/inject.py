@@ -131,9 +131,9 @@ def inject_lte(
             model.set_submodule(name, wrapper)
     finally:
         torch.random.set_rng_state(generator_state)
+    model.lte_config = cfg
     if moefy_experts:  # fresh experts: the routers start as cfg.router_init says (those that need no data here)
         init_routers(model, cfg)
-    model.lte_config = cfg
     return model
 
 

@@ -39,8 +39,16 @@ def init_routers(model: nn.Module, settings, calibration=None) -> list[float] | 
     if settings.router_init == "centroid":
         for layer in lte_layers(model):
             layer.init_router_from_experts(settings.router_init_scale)
-    elif settings.router_init == "calibrated" and calibration is not None:
-        return calibrate_routers(model, calibration(), settings.router_init_sparsity, settings.router_init_steps)
+    elif settings.router_init == "calibrated":
+        saved = getattr(model, "lte_config", None)  # what lte_config.json will say the routers are
+        if calibration is None:  # they stay as nn.Linear made them until a call with data: say so
+            if saved is not None:
+                saved.router_init = "random"
+            return None
+        agreement = calibrate_routers(model, calibration(), settings.router_init_sparsity, settings.router_init_steps)
+        if saved is not None:
+            saved.router_init = "calibrated"
+        return agreement
     return None
 
 

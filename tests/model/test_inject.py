@@ -181,3 +181,25 @@ def test_unsupported_model_names_the_mlp_class_it_found():
 def test_expert_size_must_divide_width(tiny_llama):
     with pytest.raises(UsageError, match=r"expert_size=5 does not divide the FFN width 64"):
         inject_lte(tiny_llama, LTEModelConfig(expert_size=5), progress=False)
+
+
+def test_the_saved_router_init_says_what_the_routers_are(tmp_path):
+    """``calibrated`` needs training tokens, which ``inject_lte`` has not: until ``init_routers`` runs with
+    them the routers are nn.Linear's and lte_config.json says ``random``; after it, ``calibrated``."""
+    from lte.model.router_init import init_routers
+
+    model = inject_lte(tiny_model("llama"), LTEModelConfig(expert_size=8), progress=False)
+    assert LTEModelConfig(expert_size=8).router_init == "calibrated"
+    assert model.lte_config.router_init == "random"
+    save_lte(model, tmp_path / "before")
+    assert load_lte(tmp_path / "before").lte_config.router_init == "random"
+
+    class Settings:
+        router_init, router_init_sparsity, router_init_steps = "calibrated", 0.5, 5
+
+    routers = [layer.lte_router.weight.clone() for layer in lte_layers(model)]
+    agreement = init_routers(model, Settings(), lambda: [{"input_ids": tokens()}])
+    assert len(agreement) == len(routers) and model.lte_config.router_init == "calibrated"
+    assert any(
+        not torch.equal(old, layer.lte_router.weight) for old, layer in zip(routers, lte_layers(model), strict=True)
+    )
