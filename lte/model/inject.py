@@ -49,7 +49,7 @@ class LTELayerSettings:
     router_init: str = field(
         default="calibrated",
         metadata={
-            "help": "How routers start (lte.router_init.ROUTER_INITS): "
+            "help": "How routers start (lte.model.router_init.ROUTER_INITS): "
             + "; ".join(f"'{k}': {v}" for k, v in ROUTER_INITS.items())
             + "."
         },

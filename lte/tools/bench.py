@@ -77,7 +77,7 @@ def median_seconds(fn, repeats: int, device: torch.device = torch.device("cpu"))
 
 def run_counting_skips(model, fn):
     """Call ``fn`` while an exported model counts the experts each layer skips; returns
-    (fn's result, per-layer fraction skipped; 0 for layers that routed nothing, as in dense mode)."""
+    (fn's result, per-layer fraction skipped; 0 for layers that routed nothing, as with dense routing)."""
     model.config.lte_track_sparsity = True
     model.lte_reset_sparsity()
     try:

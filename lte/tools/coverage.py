@@ -4,7 +4,7 @@ For every entry of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random config is
 (:func:`tiny_config` shrinks the common size attributes generically), and the model goes
 through what a user's run does: FFN detection, grouping (dense-routing logits equal the
 original's), a few optimiser steps of stage 1 (soft routing, LTE losses) and stage 2 (hard
-routing), export through :func:`lte.export.to_routed` + :func:`lte.export.write_checkpoint`,
+routing), export through :func:`lte.export.exporter.to_routed` + :func:`lte.export.exporter.write_checkpoint`,
 then one subprocess that cannot import ``lte`` reloads every export
 (``trust_remote_code=True``), compares its logits with the trained model's, generates, and
 checks for NaN. Each architecture ends as ``works``, ``refused`` (LTE's own message),

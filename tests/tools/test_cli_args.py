@@ -160,7 +160,7 @@ def test_saved_lte_config_takes_the_recipe_s_layer_settings_and_defaults():
     saved = {f.name for f in dataclasses.fields(LTELayerSettings)}
     assert saved <= {f.name for f in dataclasses.fields(LTEArguments)}
     assert LTEModelConfig().router_init == LTEArguments().router_init == "calibrated"
-    args = LTEArguments(expert_size=16, tau=0.4, router_init="centroid", router_init_scale=2.0, router_bias=True)
+    args = LTEArguments(expert_size=16, threshold=0.4, router_init="centroid", router_init_scale=2.0, router_bias=True)
     config = LTEModelConfig.of(args)
     assert {name: getattr(config, name) for name in saved} == {name: getattr(args, name) for name in saved}
     assert config.ffn_hosts == []
