@@ -174,11 +174,9 @@ def test_unsupported_attn_implementation_names_the_supported_ones():
         check_attn_implementation(transformers.Gemma2ForCausalLM, "sdpa")
 
 
-def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatch):
-    from lte.pipeline import preflight
-    from lte.training.config import load_recipe
-
-    config = transformers.Gemma2Config(
+def tiny_gemma2_config(**extra) -> transformers.Gemma2Config:
+    """A two-layer Gemma2 (an FFN twice as wide as the model, 8-dim heads) for the recipe-level tests."""
+    return transformers.Gemma2Config(
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=4,
@@ -186,7 +184,15 @@ def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatc
         head_dim=8,
         vocab_size=512,
         num_hidden_layers=2,
+        **extra,
     )
+
+
+def test_preflight_refuses_unsupported_attn_before_any_data(tmp_path, monkeypatch):
+    from lte.pipeline import preflight
+    from lte.training.config import load_recipe
+
+    config = tiny_gemma2_config()
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     monkeypatch.chdir(REPO)
     args = ["recipe=tiny", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'gemma2'}"]
@@ -221,18 +227,7 @@ def test_an_unregistered_architecture_trains_and_exports_with_the_recipe_default
     export: detected in prepare, saved with every stage, read back by the export."""
     from conftest import STORIES, run_train
 
-    config = transformers.Gemma2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=512,
-        num_hidden_layers=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = tiny_gemma2_config(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(tmp_path / "gemma2")

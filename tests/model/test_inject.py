@@ -97,14 +97,21 @@ def test_unload_restores_plain_modules_and_state_dict_keys(tiny_llama):
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
 
 
-def test_save_and_load_round_trip(tiny_llama, tmp_path):
-    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, threshold=0.4), progress=False)
+def saved_hard_model(model, path):
+    """An LTE model with trained-looking routers at threshold 0.4, saved to ``path`` under hard routing;
+    returns the input and the logits a reload must give."""
+    model = inject_lte(model, LTEModelConfig(expert_size=8, threshold=0.4), progress=False)
     for layer in lte_layers(model):
         nn.init.normal_(layer.lte_router.weight, std=0.5)
     set_lte_routing(model, "hard")
     x = tokens()
     expected = model(x).logits
-    save_lte(model, tmp_path / "ckpt")
+    save_lte(model, path)
+    return x, expected
+
+
+def test_save_and_load_round_trip(tiny_llama, tmp_path):
+    x, expected = saved_hard_model(tiny_llama, tmp_path / "ckpt")
     loaded = load_lte(tmp_path / "ckpt").eval()
     assert [layer.trained_threshold for layer in lte_layers(loaded)] == [0.4, 0.4]
     torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=1e-6)
@@ -114,13 +121,7 @@ def test_a_checkpoint_saved_before_the_threshold_rename_loads(tiny_llama, tmp_pa
     """lte_config.json used to say "tau"; it loads, with a warning, as the same threshold."""
     import json
 
-    model = inject_lte(tiny_llama, LTEModelConfig(expert_size=8, threshold=0.4), progress=False)
-    for layer in lte_layers(model):
-        nn.init.normal_(layer.lte_router.weight, std=0.5)
-    set_lte_routing(model, "hard")
-    x = tokens()
-    expected = model(x).logits
-    save_lte(model, tmp_path / "ckpt")
+    x, expected = saved_hard_model(tiny_llama, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "lte_config.json"
     saved = json.loads(path.read_text())
     saved["tau"] = saved.pop("threshold")
