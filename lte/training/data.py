@@ -252,6 +252,7 @@ def pack(
 # How a client may feed documents: each on its own after BOS, each on its own after an EOS (the
 # turn after an end of sequence), or packed one after another with EOS between them.
 LAYOUTS = {"bos": "<s> doc", "eos": "</s> doc", "packed": "<s> A </s> B ..."}
+MIN_LAYOUT_DOCUMENTS = 16  # fewer, and the layouts' perplexities are a few documents' (a warning says so)
 
 
 def layout_rows(docs: list[list[int]], layout: str, tokenizer, block: int) -> list[dict]:
@@ -296,6 +297,17 @@ def layout_datasets(docs: Dataset, tokenizer, args: DataArgs, max_tokens: int | 
             total += len(bare[keep])
             keep += 1
         bare = bare[:keep]
+    bare = [ids for ids in bare if ids]
+    if len(bare) < MIN_LAYOUT_DOCUMENTS:
+        cut = sum(min(len(ids), args.held_out_block_size - 2) for ids in bare)
+        logger.warning(
+            "the held-out layouts have %d document(s) from %s (%d tokens once each is cut to a block): too few to "
+            "tell the layouts apart; set data.layout_sample_by=paragraph (a document per blank-line-separated "
+            "paragraph) or line",
+            len(bare),
+            args.eval or args.train,
+            cut,
+        )
     return {
         layout: Dataset.from_list(layout_rows(bare, layout, tokenizer, args.held_out_block_size)) for layout in LAYOUTS
     }

@@ -1,6 +1,7 @@
 """Data loading, packing and the instruction format, on local files."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -234,6 +235,27 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
     assert results["eos"].nll == pytest.approx(nll / results["eos"].tokens, rel=1e-5)
     assert results["bos"].nll != pytest.approx(results["eos"].nll, rel=1e-6)
     assert pad_rows([{"input_ids": [5, 6], "labels": [-100, 6]}], 0)["attention_mask"].tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize(("layout_sample_by", "warned"), [(None, True), ("paragraph", False)])
+def test_layouts_of_a_one_document_eval_file_warn(tmp_path, tokenizer, caplog, layout_sample_by, warned):
+    """A .txt eval file read whole is one document: its layouts would score one block's worth of tokens."""
+    stories = write_stories(tmp_path / "e.jsonl", n=20)
+    (tmp_path / "e.txt").write_text("\n\n".join(stories))
+    args = DataArgs(
+        train=str(tmp_path / "e.jsonl"),
+        eval=str(tmp_path / "e.txt"),
+        sample_by="document",
+        layout_sample_by=layout_sample_by,
+        block_size=16,
+    )
+    with caplog.at_level(logging.WARNING, logger="lte"):
+        data = build_data(args, tokenizer, 0)
+    assert len(data.layouts["bos"]) == (20 if layout_sample_by else 1)
+    messages = [r.getMessage() for r in caplog.records if "held-out layouts" in r.getMessage()]
+    assert bool(messages) == warned
+    if warned:
+        assert "1 document(s)" in messages[0] and "data.layout_sample_by=paragraph" in messages[0]
 
 
 def test_unmarked_share_of_documents_follows_an_eos_without_bos():
