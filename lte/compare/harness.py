@@ -19,8 +19,10 @@ tuned per target by the export's threshold tuning on the shared calibration toke
 serve every target, or each target its own run, trained for it (``--lte 0.5=RUN_A,0.7=RUN_B``; a
 run without a target serves the rest); each LTE row names its ``run`` and its ``thresholds``.
 At an export's own target sparsity an export directory runs at the export's thresholds (the exported
-model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text,
-another layout) through the same code path: ``extra_data[NAME]`` in each row.
+model itself). ``--extra-data NAME=FILE`` scores every method on more held-out sources (a second text)
+through the same code path: ``extra_data[NAME]`` in each row; ``--layouts eos`` adds ``--data``'s own
+held-out paragraphs each after an EOS token (``extra_data["eos_doc"]``), the layout of a client that
+sends documents one after another, since a method fitted to one layout can fail on another.
 With ``--tasks``, lm-evaluation-harness scores each method's model on the task configs of
 :mod:`lte.compare.tasks` (the same numbers lm-eval's CLI gives on that model).
 Outputs go to a temporary directory renamed to ``--out`` at the end (:mod:`lte.core.outputs`): ``results.json`` (one row
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -108,6 +111,15 @@ class CompareRequest:
         },
     )
 
+    layouts: list[str] = _field(
+        [],
+        "Also score --data's held-out paragraphs (blank-line separated) laid out as documents after a marker: "
+        "eos (each after the tokenizer's end-of-sequence token, as a client that appends turns sends them) "
+        "and/or bos (each after its begin-of-sequence token); each is a source named LAYOUT_doc.",
+        type=name_list,
+        metavar="eos[,bos]",
+    )
+
     def lte_runs(self) -> dict[float, Path]:
         """The LTE run of each target (``{}`` without ``--lte``)."""
         return parse_lte_runs(self.lte, self.sparsity)
@@ -133,6 +145,12 @@ class CompareRequest:
             )
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation {self.allocation} must be one of {', '.join(ALLOCATIONS)}")
+        unknown = [layout for layout in self.layouts if layout not in DOC_MARKERS]
+        if unknown:
+            raise UsageError(f"--layouts {','.join(unknown)}: choose from {', '.join(DOC_MARKERS)}")
+        for name in map(layout_source, self.layouts):
+            if name in self.extra_data:
+                raise UsageError(f"--extra-data {name} is also the name of a --layouts source; rename it")
         for name, path in self.extra_data.items():
             if name == MAIN_SOURCE:
                 raise UsageError(f"--extra-data {name}={path}: {name} names --data's own rows; choose another name")
@@ -175,6 +193,31 @@ def token_blocks(text: str, tokenizer, block_size: int, what: str = "the text") 
     if n == 0:
         raise UsageError(f"{what} has {len(ids)} tokens, fewer than one block of {block_size}")
     return torch.tensor(ids[: n * block_size]).reshape(n, block_size)
+
+
+DOC_MARKERS = ("eos", "bos")  # --layouts: the token each held-out document follows
+
+
+def layout_source(layout: str) -> str:
+    return f"{layout}_doc"
+
+
+def marked_documents(text: str, tokenizer, layout: str, skip_tokens: int) -> list[int]:
+    """``text``'s paragraphs as one token stream, each after the tokenizer's EOS (``eos``) or BOS
+    (``bos``) token: the layout a client produces when it sends documents one after another. The
+    paragraphs whose tokens fall in the first ``skip_tokens`` of ``text`` (the calibration blocks)
+    are left out, so the same text is scored as in the plain stream."""
+    marker = tokenizer.eos_token_id if layout == "eos" else tokenizer.bos_token_id
+    if marker is None:
+        raise UsageError(f"--layouts {layout}: the tokenizer has no {layout.upper()} token; drop {layout}")
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    ids = tokenizer([p + "\n\n" for p in paragraphs], add_special_tokens=False)["input_ids"]
+    stream, seen = [], 0
+    for paragraph, tokens in zip(paragraphs, ids, strict=True):
+        start, seen = seen, seen + len(tokens)
+        if start >= skip_tokens:
+            stream += [marker, *tokenizer(paragraph.strip("\n"), add_special_tokens=False)["input_ids"]]
+    return stream
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int) -> list[dict]:
@@ -488,6 +531,14 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             read_text_file(path, f"--extra-data {name}"), tokenizer, request.block_size, f"--extra-data {name}={path}"
         )
         sources[name] = batches_of(extra[: max(1, request.max_eval_tokens // request.block_size)], request.batch_size)
+    held = 0 if request.calibration else len(calibration_blocks) * request.block_size  # --data's calibration part
+    for layout in request.layouts:
+        stream = marked_documents(text, tokenizer, layout, held)
+        n = min(len(stream) // request.block_size, max(1, request.max_eval_tokens // request.block_size))
+        if n == 0:
+            raise UsageError(f"--layouts {layout}: --data's held-out paragraphs are fewer than one block")
+        laid = torch.tensor(stream[: n * request.block_size]).reshape(n, request.block_size)
+        sources[layout_source(layout)] = batches_of(laid, request.batch_size)
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)
     dense_flops = dense_ffn_flops_per_token(sites)
@@ -592,6 +643,9 @@ def write_results(request: CompareRequest, rows: list[dict], dense_flops: float)
             "dense_ffn_flops_per_token": dense_flops,
             "lte_runs": {f"{t:g}": str(run) for t, run in request.lte_runs().items()},
             "extra_data": {name: str(path) for name, path in request.extra_data.items()},
+            "layouts": {
+                layout_source(layout): f"--data's paragraphs, each after {layout.upper()}" for layout in request.layouts
+            },
             "calibration": request.calibration or f"first {request.calibration_tokens} tokens of --data",
         }
         (tmp / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")

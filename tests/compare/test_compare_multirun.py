@@ -111,7 +111,7 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     (first, _), (second, _) = tiny_run, second_run
     other = tmp_path / "other.txt"  # a second held-out source: TinyStories V1 validation stories after eval.txt's
     other.write_text((REPO / "assets" / "tinystories" / "train_v1_valid.txt").read_text()[:40_000])
-    rows = run_compare(tmp_path / "multi", f"0.5={first},0.7={second}", extra_data={"other": other})
+    rows = run_compare(tmp_path / "multi", f"0.5={first},0.7={second}", extra_data={"other": other}, layouts=["eos"])
     only_first = run_compare(tmp_path / "first", str(first), data=other)  # same calibration, scored on `other`
     only_second = run_compare(tmp_path / "second", str(second))
 
@@ -132,14 +132,21 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     assert extra["ppl"] == pytest.approx(only_first[("lte", 0.5)]["ppl"], rel=1e-6)
     assert extra["kl"] == pytest.approx(only_first[("lte", 0.5)]["kl"], rel=1e-6) and extra["kl"] > 0
     assert extra["scored_tokens"] == dense["scored_tokens"] > 0 and extra["ppl"] != rows[("lte", 0.5)]["ppl"]
+    # --layouts eos: the same held-out paragraphs, each after EOS; the same method scored the same way
+    eos = rows[("dense", 0.0)]["extra_data"]["eos_doc"]
+    assert eos["kl"] == 0 and 0 < eos["scored_tokens"] <= dense["scored_tokens"]
+    assert eos["ppl"] != pytest.approx(rows[("dense", 0.0)]["ppl"], rel=1e-3)  # another context, another number
+    assert rows[("lte", 0.5)]["extra_data"]["eos_doc"]["kl"] > 0
+    assert rows[("lte", 0.5)]["extra_data"]["eos_doc"]["realized_sparsity"] == pytest.approx(0.5, abs=0.05)
     results = json.loads((tmp_path / "multi" / "results.json").read_text())["settings"]
+    assert results["layouts"] == {"eos_doc": "--data's paragraphs, each after EOS"}
     assert results["lte_runs"] == {"0.5": str(first), "0.7": str(second)} and results["extra_data"] == {
         "other": str(other)
     }
     table = (tmp_path / "multi" / "results.md").read_text()
     assert (
         "| method | target | run | realized sparsity | ppl | KL to dense | FFN FLOPs/token | FFN FLOPs vs dense "
-        "| ppl other |"
+        "| ppl other | ppl eos_doc |"
     ) in table
     assert f"| lte | 0.50 | {first} |" in table and f"| lte | 0.70 | {second} |" in table
 
@@ -158,6 +165,11 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
         (["--lte", "0.5=RUN_A,0.5=RUN_B"], "--lte names target 0.5 twice"),
         (["--lte", "RUN_A", "--extra-data", "other"], "--extra-data 'other': expected NAME=FILE"),
         (["--lte", "RUN_A", "--extra-data", "other=missing.txt"], "--extra-data other=missing.txt: file not found"),
+        (["--lte", "RUN_A", "--layouts", "eos,after"], "--layouts after: choose from eos, bos"),
+        (
+            ["--lte", "RUN_A", "--layouts", "eos", "--extra-data", f"eos_doc={DATA}"],
+            "--extra-data eos_doc is also the name of a --layouts source",
+        ),
     ],
 )
 def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_path, capsys, args, message):
@@ -174,6 +186,24 @@ def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_layout_streams_put_each_held_out_paragraph_after_the_marker_and_skip_the_calibration_part():
+    from transformers import AutoTokenizer
+
+    from lte.compare.harness import marked_documents
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    paragraphs = ["Tom had a red ball.", "Sue saw a big dog.\nIt ran.", "The sun was hot."]
+    text = "\n\n".join(paragraphs) + "\n"
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in paragraphs]
+    eos = tok.eos_token_id
+    assert marked_documents(text, tok, "eos", 0) == [eos, *ids[0], eos, *ids[1], eos, *ids[2]]
+    assert marked_documents(text, tok, "bos", 0)[0] == tok.bos_token_id
+    # the first paragraph's tokens (and the separator after it) were calibration: it is left out
+    first = len(tok(paragraphs[0] + "\n\n", add_special_tokens=False)["input_ids"])
+    assert marked_documents(text, tok, "eos", first) == [eos, *ids[1], eos, *ids[2]]
+    assert marked_documents(text, tok, "eos", first + 1) == [eos, *ids[2]]
 
 
 def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_settings(tmp_path):
