@@ -244,7 +244,7 @@ class _PrintText(argparse.Action):
 
 # Commands whose flags are a request dataclass's fields (lte.core.cli_args): command words -> (module, class).
 REQUESTS = {
-    "export": ("lte.export.exporter", "ExportRequest"),
+    "export": ("lte.export.request", "ExportRequest"),
     "compare": ("lte.compare.harness", "CompareRequest"),
     "analyze wasserstein": ("lte.compare.wasserstein", "WassersteinRequest"),
 }

@@ -2,7 +2,7 @@
 sparse with ``trust_remote_code=True`` (:mod:`~lte.export.exporter`; ``remote/`` holds the code every
 export carries). ``from lte.export import export, ExportRequest`` works: those names load lazily."""
 
-_EXPORTS = {"export": "exporter", "ExportRequest": "exporter", "summary": "exporter"}
+_EXPORTS = {"export": "exporter", "ExportRequest": "request", "summary": "exporter"}
 
 
 def __getattr__(name):

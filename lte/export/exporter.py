@@ -34,12 +34,11 @@ import transformers
 from ..core.errors import UsageError
 from ..core.faults import fault_point
 from ..core.outputs import disk_guard, read_marker, staged_dir
-from ..core.record import heldout_settings, split_sources
+from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..model.inject import load_lte, lte_layers, unload_lte
-from ..training.config import ExportArgs
-from ..training.data import check_source
-from .thresholds import ALLOCATIONS, KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
+from .request import ExportRequest
+from .thresholds import KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
 logger = logging.getLogger("lte")
 
@@ -49,70 +48,6 @@ CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_l
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
-
-
-@dataclasses.dataclass(kw_only=True)
-class ExportRequest(ExportArgs):
-    """``lte export``: the recipe's export settings (:class:`~lte.training.config.ExportArgs`, the same fields
-    and defaults) applied to one run; its fields are the command's flags (:mod:`lte.core.cli_args`)."""
-
-    run_dir: str = dataclasses.field(
-        metadata={"help": "output_dir of an `lte train` run (uses RUN_DIR/stage2/model)", "positional": True}
-    )
-    out: str = dataclasses.field(metadata={"help": "Directory to write the exported checkpoint to."})
-    overwrite: bool = dataclasses.field(default=False, metadata={"help": "Replace --out if it exists."})
-
-    @classmethod
-    def of_recipe(cls, recipe, **fields) -> ExportRequest:
-        """The request of a recipe's export stage (``fields``: ``out``, ``overwrite``)."""
-        settings = {f.name: getattr(recipe.export, f.name) for f in dataclasses.fields(ExportArgs)}
-        return cls(**{**settings, "out": "", "run_dir": str(recipe.output_dir), **fields})
-
-    def validate(self) -> None:
-        if (self.target_sparsity is None) == (self.max_ppl_increase is None):
-            raise UsageError("give exactly one of --target-sparsity S or --max-ppl-increase P")
-        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
-            raise UsageError(
-                f"--target-sparsity {self.target_sparsity} must lie in [0, 1) (0.5 skips half the FFN neurons)"
-            )
-        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
-            raise UsageError(f"--max-ppl-increase {self.max_ppl_increase} must be a positive percentage (5 means +5%)")
-        if self.calibration_tokens < 1:
-            raise UsageError(f"--calibration-tokens {self.calibration_tokens} must be positive")
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
-        if self.calibration is not None:
-            check_source(self.calibration, "--calibration")
-        model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
-        from ..core.outputs import check_out
-        from ..training.config import load_run_recipe
-
-        recipe = load_run_recipe(self.run_dir)
-        check_out(
-            self.out,
-            "export",
-            overwrite=self.overwrite,
-            runs={"the run": self.run_dir},
-            inputs={
-                "the run's stage-2 model": model,
-                **{f"--calibration ({p})": p for p in split_sources(self.calibration)},
-                "the run's model (its tokenizer)": recipe.model.name_or_path,
-                **{f"the run's data.eval ({p})": p for p in split_sources(recipe.data.eval)},
-                **{f"the run's data.train ({p})": p for p in split_sources(recipe.data.train)},
-            },
-        )
-
-    def settings(self) -> dict:
-        """What the export's thresholds depend on, besides the run's stage-2 model (kept in its marker)."""
-        from ..core.record import resolve_sources
-
-        return {
-            "target_sparsity": self.target_sparsity,
-            "max_ppl_increase": self.max_ppl_increase,
-            "allocation": self.allocation,
-            "calibration": resolve_sources(self.calibration),
-            "calibration_tokens": self.calibration_tokens,
-        }
 
 
 class ExportRefused(UsageError, RuntimeError):

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from ..core.errors import warn_deprecated
 from ..model.inject import lte_layers, set_lte_routing
 from ..model.layers import collect_router_scores
-from ..training.config import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
 from ..training.evaluate import EvalResult, evaluate_batches
+from ..training.export_args import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
 
 logger = logging.getLogger("lte")
 

@@ -26,17 +26,15 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..core.cli_args import fraction, positive_float, positive_int
 from ..core.errors import UsageError, rename_deprecated_keys, warn_deprecated
 from ..core.run_dir import recipe_file, stage_dir
 from .arguments import LTEArguments, LTETrainingArguments
+from .export_args import ExportArgs
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 STAGES = ("stage0", "stage1", "stage2")
 # A stage is a training phase; its routing is how the LTE layers run their FFNs in it (lte.model.layers.ROUTINGS).
 ROUTING_OF_STAGE = {"stage0": "dense", "stage1": "soft", "stage2": "hard"}
-# How the export spreads its target sparsity over the layers (lte.export.thresholds implements them).
-ALLOCATIONS = ("tuned", "uniform")
 # Set per stage by the pipeline; a recipe may not set them.
 PIPELINE_OWNED_TRAIN_KEYS = (
     "output_dir",
@@ -229,61 +227,6 @@ class LoraArgs:
             raise UsageError(
                 "lora.target_modules is empty; use [all-linear] or module name suffixes such as [q_proj, v_proj]"
             )
-
-
-@dataclass
-class ExportArgs:
-    """The export settings: the recipe's ``export.*`` group (the export stage after training; off
-    unless ``target_sparsity`` or ``max_ppl_increase`` is set), and, with the run and ``--overwrite``,
-    ``lte export``'s request (:class:`lte.export.ExportRequest`, whose flags are these fields)."""
-
-    target_sparsity: float | None = field(
-        default=None,
-        metadata={
-            "help": "Fraction of FFN neurons to skip per token, in [0, 1): the sparsity the thresholds are tuned to.",
-            "type": fraction,
-            "one_of": "target",
-        },
-    )
-    max_ppl_increase: float | None = field(
-        default=None,
-        metadata={
-            "help": "Or: export the highest sparsity whose calibration ppl stays within P% of all experts'.",
-            "type": positive_float,
-            "metavar": "P",
-            "one_of": "target",
-        },
-    )
-    allocation: str = field(
-        default="tuned",
-        metadata={
-            "help": "Per-layer sparsity: tuned by layer sensitivity, or uniform (the same for every layer).",
-            "choices": list(ALLOCATIONS),
-        },
-    )
-    calibration: str | None = field(
-        default=None, metadata={"help": "Calibration text file (default: the run's training data)."}
-    )
-    calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
-    out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
-
-    @property
-    def enabled(self) -> bool:
-        return self.target_sparsity is not None or self.max_ppl_increase is not None
-
-    def validate(self) -> None:
-        if self.target_sparsity is not None and self.max_ppl_increase is not None:
-            raise UsageError("set only one of export.target_sparsity and export.max_ppl_increase")
-        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
-            raise UsageError(f"export.target_sparsity={self.target_sparsity} must lie in [0, 1)")
-        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
-            raise UsageError(f"export.max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(
-                f"export.allocation={self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}"
-            )
-        if self.calibration_tokens < 1:
-            raise UsageError(f"export.calibration_tokens={self.calibration_tokens} must be positive")
 
 
 @dataclass

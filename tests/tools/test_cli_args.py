@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -134,7 +136,7 @@ def test_recipe_reference_matches_the_dataclasses():
 
 
 def test_export_request_is_the_recipe_export_section_plus_the_run():
-    from lte.export.exporter import ExportRequest
+    from lte.export.request import ExportRequest
     from lte.training.config import ExportArgs, load_recipe
 
     shared = {f.name: field_default(f) for f in dataclasses.fields(ExportArgs) if f.name != "out"}
@@ -151,6 +153,31 @@ def test_export_request_is_the_recipe_export_section_plus_the_run():
         "uniform",
     )
     assert request.target_sparsity == recipe.export.target_sparsity
+
+
+def test_one_validation_names_the_recipe_key_or_the_flag(tmp_path):
+    from lte.export.request import ExportRequest
+    from lte.training.config import ExportArgs
+
+    with pytest.raises(UsageError, match=r"^export.target_sparsity=1.5 must lie in \[0, 1\)"):
+        ExportArgs(target_sparsity=1.5).validate()
+    with pytest.raises(UsageError, match=r"^--target-sparsity 1.5 must lie in \[0, 1\)"):
+        ExportRequest(run_dir=str(tmp_path), out=str(tmp_path / "x"), target_sparsity=1.5).validate()
+    with pytest.raises(UsageError, match=r"^--calibration-tokens 0 must be positive"):
+        ExportRequest(run_dir=str(tmp_path), out="x", target_sparsity=0.5, calibration_tokens=0).validate()
+    with pytest.raises(UsageError, match=r"^give one of --target-sparsity S or --max-ppl-increase P"):
+        ExportRequest(run_dir=str(tmp_path), out="x", target_sparsity=None).validate()
+    ExportArgs(target_sparsity=None).validate()  # a recipe may leave the export out
+
+
+def test_export_flags_load_without_torch_or_transformers():
+    """`lte export --help` and its checks build from a module that imports neither (it took ~10 s)."""
+    code = (
+        "import sys; from lte.cli import build_parser; build_parser('export'); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_saved_lte_config_takes_the_recipe_s_layer_settings_and_defaults():
