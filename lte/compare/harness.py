@@ -54,6 +54,7 @@ logger = logging.getLogger("lte")
 
 LTE = "lte"
 ALL_METHODS = ("dense", LTE, *(m for m in METHODS if m != "dense"))
+PLOT_CEILING = 2.5  # the plot's perplexity axis ends at this multiple of dense's
 MAIN_SOURCE = "--data"  # the held-out source of each row's own ppl/kl; --extra-data adds others
 
 
@@ -426,10 +427,20 @@ def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Perplexity against realized sparsity (left) and against FFN FLOPs per token relative to dense
     (right): methods that compute more than they skip (CATS's full gate, routers) sit further left."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(rows: list[dict], title: str):
+    """:func:`plot`'s figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (by_sparsity, by_flops) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
@@ -472,22 +483,48 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                         textcoords="offset points",
                         color=line.get_color(),
                     )
+    ylabel = "perplexity (scored tokens)"
+    by_sparsity.set_yscale("log")
+    ceiling = PLOT_CEILING * dense[0]["ppl"] if dense else None
+    if ceiling and any(r.get("ppl", 0) > ceiling for r in rows):
+        # the methods that matter sit near dense: cut the axis there, and mark what lies above at the edge
+        low = min(r["ppl"] for r in rows if "ppl" in r)
+        for ax in (by_sparsity, by_flops):
+            ax.set_ylim(low / 1.03, ceiling)
+            stacked: dict[float, int] = {}  # labels at about the same x go one under the other
+            for line in ax.get_lines():
+                for x, y in zip(*line.get_data(), strict=True):
+                    if y > ceiling:
+                        key = round(x / (2.0 if ax is by_sparsity else 0.02))  # 2 points, or 0.02x of FLOPs
+                        below = stacked[key] = stacked.get(key, -1) + 1
+                        ax.plot(x, ceiling, marker="^", color=line.get_color(), clip_on=False)
+                        ax.annotate(
+                            f"{y:.3g}",
+                            (x, ceiling),
+                            fontsize=6,
+                            xytext=(0, -9 - 7 * below),
+                            textcoords="offset points",
+                            ha="center",
+                            color=line.get_color(),
+                        )
+        ylabel += f"\n(above {PLOT_CEILING:g}x dense: at the top edge, value written)"
     for ax in (by_sparsity, by_flops):
         if dense:
             ax.axhline(dense[0]["ppl"], color="black", linestyle="--", label="dense")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     by_sparsity.set(
         xlabel="realized FFN sparsity, % per token\n(neurons skipped; zero weights for sparse_expansion)",
-        ylabel="perplexity (scored tokens)",
+        ylabel=ylabel,
     )
-    by_sparsity.set_yscale("log")
     by_flops.set(xlabel="FFN FLOPs per token, relative to dense\n(including routers, predictors and CATS's full gate)")
     by_flops.invert_xaxis()  # cheaper to the right, as sparser is on the left panel
-    by_sparsity.legend()
+    by_sparsity.legend(fontsize=7, framealpha=0.7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def compare(request: CompareRequest, progress: bool = True) -> list[dict]:

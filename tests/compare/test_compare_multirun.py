@@ -237,3 +237,21 @@ def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_sett
     other = [*args, f"output_dir={tmp_path / 'other'}", f"reuse_from={source}", "train.learning_rate=1e-3"]
     with pytest.raises(UsageError, match=r"train\.learning_rate: 0\.0001 there, 0\.001 here"):
         reused_stages(load_recipe(other))  # stage 0 trains with it
+
+
+def test_the_plot_cuts_its_axis_near_dense_and_writes_the_values_above_it():
+    from lte.compare.harness import PLOT_CEILING, figure
+
+    def row(method, target, ppl, flops, run=None):
+        return {"method": method, "target_sparsity": target, "realized_sparsity": target, "ppl": ppl,
+                "ffn_flops_per_token": flops, **({"run": run} if run else {})}  # fmt: skip
+
+    rows = [row("dense", 0.0, 4.0, 100.0), row("lte", 0.5, 4.2, 58.0, "a"), row("lte", 0.9, 5.0, 18.0, "b")]
+    rows += [row("teal", 0.5, 6.0, 50.0), row("teal", 0.9, 630.0, 10.0)]
+    by_sparsity, by_flops = figure(rows, "t").axes
+    for ax in (by_sparsity, by_flops):
+        assert ax.get_ylim()[1] == pytest.approx(PLOT_CEILING * 4.0)
+        assert [t.get_text() for t in ax.texts if t.get_text() == "630"] == ["630"]  # the point above, written
+    assert {t.get_text() for t in by_sparsity.texts} >= {"a", "b"}  # each LTE point names its run
+    within = figure(rows[:4], "t").axes[0]  # nothing above the ceiling: the axis is not cut
+    assert within.get_ylim()[1] < PLOT_CEILING * 4.0 and not [t for t in within.texts if t.get_text() == "630"]
