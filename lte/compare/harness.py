@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import tempfile
 from pathlib import Path
 
@@ -203,22 +202,44 @@ def layout_source(layout: str) -> str:
     return f"{layout}_doc"
 
 
-def marked_documents(text: str, tokenizer, layout: str, skip_tokens: int) -> list[int]:
-    """``text``'s paragraphs as one token stream, each after the tokenizer's EOS (``eos``) or BOS
-    (``bos``) token: the layout a client produces when it sends documents one after another. The
-    paragraphs whose tokens fall in the first ``skip_tokens`` of ``text`` (the calibration blocks)
-    are left out, so the same text is scored as in the plain stream."""
+def layout_marker(tokenizer, layout: str) -> int:
+    """The token each document follows in ``--layouts LAYOUT`` (checked before the model loads)."""
     marker = tokenizer.eos_token_id if layout == "eos" else tokenizer.bos_token_id
     if marker is None:
         raise UsageError(f"--layouts {layout}: the tokenizer has no {layout.upper()} token; drop {layout}")
-    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-    ids = tokenizer([p + "\n\n" for p in paragraphs], add_special_tokens=False)["input_ids"]
-    stream, seen = [], 0
-    for paragraph, tokens in zip(paragraphs, ids, strict=True):
-        start, seen = seen, seen + len(tokens)
-        if start >= skip_tokens:
-            stream += [marker, *tokenizer(paragraph.strip("\n"), add_special_tokens=False)["input_ids"]]
-    return stream
+    return marker
+
+
+def text_end_of_tokens(text: str, tokenizer, n: int) -> int:
+    """The character offset in ``text`` where its first ``n`` tokens (as :func:`token_blocks` cuts
+    them) end: from the fast tokenizer's offsets, else from the decoded tokens' length."""
+    if n <= 0:
+        return 0
+    if tokenizer.is_fast:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return offsets[min(n, len(offsets)) - 1][1]
+    return len(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n]))
+
+
+def marked_documents(text: str, tokenizer, marker: int, start: int, max_tokens: int) -> tuple[list[int], list[int]]:
+    """``text``'s paragraphs (split at blank lines, as ``data.sample_by=paragraph`` splits a file) that
+    begin at or after character ``start`` (after the calibration part), as one token stream, each after
+    ``marker``: the layout a client produces when it sends documents one after another. Returns the ids
+    and their labels, -100 on the markers (they are context, not text to predict); stops after
+    ``max_tokens``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    offset = 0
+    for paragraph in text.split("\n\n"):
+        begins, offset = offset, offset + len(paragraph) + 2
+        if begins < start or not paragraph.strip():
+            continue
+        tokens = tokenizer(paragraph.strip("\n"), add_special_tokens=False)["input_ids"]
+        ids += [marker, *tokens]
+        labels += [-100, *tokens]
+        if len(ids) >= max_tokens:
+            break
+    return ids, labels
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int) -> list[dict]:
@@ -361,7 +382,8 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
 
 @torch.no_grad()
 def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int) -> dict:
-    """NLL, KL to the reference and FFN statistics over the positions after ``prefix``."""
+    """NLL, KL to the reference and FFN statistics over the positions after ``prefix`` whose next
+    token is a label (not -100: the markers of ``--layouts`` are context, not text)."""
     device = next(model.parameters()).device
     handle.prefix = prefix
     handle.reset()
@@ -373,10 +395,11 @@ def score(model, reference, handle: Sparsified, batches: list[dict], prefix: int
         with handle.disabled():
             ref = torch.log_softmax(reference(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, prefix:-1].float(), dim=-1)
-        targets = ids[:, prefix + 1 :]
-        nll += float(-logp.gather(-1, targets[..., None]).sum())
-        kl += float((ref.exp() * (ref - logp)).sum())
-        tokens += targets.numel()
+        targets = batch["labels"].to(device)[:, prefix + 1 :]
+        scored = targets != -100
+        nll += float(-(logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored).sum())
+        kl += float(((ref.exp() * (ref - logp)).sum(-1) * scored).sum())
+        tokens += int(scored.sum())
     per_layer = handle.per_layer_sparsity()
     return {
         "ppl": math.exp(nll / tokens),
@@ -488,7 +511,7 @@ def figure(rows: list[dict], title: str):
     ceiling = PLOT_CEILING * dense[0]["ppl"] if dense else None
     if ceiling and any(r.get("ppl", 0) > ceiling for r in rows):
         # the methods that matter sit near dense: cut the axis there, and mark what lies above at the edge
-        low = min(r["ppl"] for r in rows if "ppl" in r)
+        low = min(r["ppl"] for r in rows if math.isfinite(r.get("ppl", math.inf)))
         for ax in (by_sparsity, by_flops):
             ax.set_ylim(low / 1.03, ceiling)
             stacked: dict[float, int] = {}  # labels at about the same x go one under the other
@@ -539,6 +562,7 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
     calibration_text = read_text_file(request.calibration, "--calibration") if request.calibration else None
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(request.model)
+    markers = {layout: layout_marker(tokenizer, layout) for layout in request.layouts}
     model = AutoModelForCausalLM.from_pretrained(request.model, dtype=torch.float32).to(device).eval()
     lte_runs = request.lte_runs() if request.lte else {}
     if lte_runs:  # the run's saved FFN layout, where it fits this model (no detection)
@@ -559,7 +583,8 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
             )
         calibration_blocks, blocks = blocks[:n], blocks[n:]
     calibration_blocks = calibration_blocks[: max(1, -(-request.calibration_tokens // request.block_size))]
-    blocks = blocks[: max(1, request.max_eval_tokens // request.block_size)]
+    eval_blocks = max(1, request.max_eval_tokens // request.block_size)  # per source
+    blocks = blocks[:eval_blocks]
     calibration = batches_of(calibration_blocks, request.batch_size)
     evaluation = batches_of(blocks, request.batch_size)
     sources = {MAIN_SOURCE: evaluation}  # every method is scored on each, the same way
@@ -567,15 +592,26 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
         extra = token_blocks(
             read_text_file(path, f"--extra-data {name}"), tokenizer, request.block_size, f"--extra-data {name}={path}"
         )
-        sources[name] = batches_of(extra[: max(1, request.max_eval_tokens // request.block_size)], request.batch_size)
-    held = 0 if request.calibration else len(calibration_blocks) * request.block_size  # --data's calibration part
-    for layout in request.layouts:
-        stream = marked_documents(text, tokenizer, layout, held)
-        n = min(len(stream) // request.block_size, max(1, request.max_eval_tokens // request.block_size))
+        sources[name] = batches_of(extra[:eval_blocks], request.batch_size)
+    # --data's calibration part, in characters: the layouts take the paragraphs after it
+    calibrated = 0 if request.calibration else len(calibration_blocks) * request.block_size
+    held = text_end_of_tokens(text, tokenizer, calibrated) if markers else 0
+    for layout, marker in markers.items():
+        ids, labels = marked_documents(text, tokenizer, marker, held, eval_blocks * request.block_size)
+        n = min(len(ids) // request.block_size, eval_blocks)
         if n == 0:
-            raise UsageError(f"--layouts {layout}: --data's held-out paragraphs are fewer than one block")
-        laid = torch.tensor(stream[: n * request.block_size]).reshape(n, request.block_size)
-        sources[layout_source(layout)] = batches_of(laid, request.batch_size)
+            raise UsageError(
+                f"--layouts {layout}: --data has {len(ids)} tokens of paragraphs (blank-line separated) after its "
+                f"calibration part, fewer than one block of {request.block_size}; give more text or --calibration"
+            )
+        sources[layout_source(layout)] = [
+            {"input_ids": i, "labels": t}
+            for i, t in zip(
+                torch.tensor(ids[: n * request.block_size]).reshape(n, -1).split(request.batch_size),
+                torch.tensor(labels[: n * request.block_size]).reshape(n, -1).split(request.batch_size),
+                strict=True,
+            )
+        ]
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)
     dense_flops = dense_ffn_flops_per_token(sites)

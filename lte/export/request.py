@@ -14,7 +14,7 @@ from ..training.export_args import ExportArgs
 
 @dataclasses.dataclass(kw_only=True)
 class ExportRequest(ExportArgs):
-    """``lte export``: the recipe's export settings (:class:`~lte.training.config.ExportArgs`, the same fields
+    """``lte export``: the recipe's export settings (:class:`~lte.training.export_args.ExportArgs`, the same fields
     and defaults) applied to one run; its fields are the command's flags (:mod:`lte.core.cli_args`)."""
 
     run_dir: str = dataclasses.field(

@@ -35,7 +35,7 @@ from ..core.errors import warn_deprecated
 from ..model.inject import lte_layers, set_lte_routing
 from ..model.layers import collect_router_scores
 from ..training.evaluate import EvalResult, evaluate_batches
-from ..training.export_args import ALLOCATIONS  # noqa: F401  (re-exported: the exporter and compare name it from here)
+from ..training.export_args import ALLOCATIONS  # noqa: F401  (re-exported: compare names it from here)
 
 logger = logging.getLogger("lte")
 

@@ -290,23 +290,28 @@ def layout_datasets(docs: Dataset, tokenizer, args: DataArgs, max_tokens: int | 
     """The held-out documents in every layout of :data:`LAYOUTS` (rows of at most ``held_out_block_size``)."""
     field_name = args.text_field
     docs = _text_column(docs, field_name, args.eval or args.train)
-    bare = tokenizer(list(docs[field_name]), add_special_tokens=False)["input_ids"]
+    bare = [ids for ids in tokenizer(list(docs[field_name]), add_special_tokens=False)["input_ids"] if ids]
+    available = len(bare)
     if max_tokens is not None:
         total, keep = 0, 0
         while keep < len(bare) and total < max_tokens:
             total += len(bare[keep])
             keep += 1
         bare = bare[:keep]
-    bare = [ids for ids in bare if ids]
     if len(bare) < MIN_LAYOUT_DOCUMENTS:
-        cut = sum(min(len(ids), args.held_out_block_size - 2) for ids in bare)
+        if len(bare) < available:
+            fix = "raise data.max_eval_tokens"
+        elif args.eval and (args.layout_sample_by or args.sample_by) == "document":
+            fix = "set data.layout_sample_by=paragraph (a document per blank-line-separated paragraph) or line"
+        else:
+            fix = "give more held-out documents"
         logger.warning(
-            "the held-out layouts have %d document(s) from %s (%d tokens once each is cut to a block): too few to "
-            "tell the layouts apart; set data.layout_sample_by=paragraph (a document per blank-line-separated "
-            "paragraph) or line",
+            "the held-out layouts have %d document(s) from %s (%d tokens once each is cut to a block): too few "
+            "to tell the layouts apart; %s",
             len(bare),
             args.eval or args.train,
-            cut,
+            sum(min(len(ids), args.held_out_block_size - 2) for ids in bare),
+            fix,
         )
     return {
         layout: Dataset.from_list(layout_rows(bare, layout, tokenizer, args.held_out_block_size)) for layout in LAYOUTS

@@ -134,7 +134,9 @@ def test_compare_scores_each_target_with_its_own_run_and_on_every_source(tiny_ru
     assert extra["scored_tokens"] == dense["scored_tokens"] > 0 and extra["ppl"] != rows[("lte", 0.5)]["ppl"]
     # --layouts eos: the same held-out paragraphs, each after EOS; the same method scored the same way
     eos = rows[("dense", 0.0)]["extra_data"]["eos_doc"]
-    assert eos["kl"] == 0 and 0 < eos["scored_tokens"] <= dense["scored_tokens"]
+    # the same number of blocks, minus the markers' positions (one per paragraph, not scored)
+    assert eos["kl"] == 0 and 0.8 * rows[("dense", 0.0)]["scored_tokens"] < eos["scored_tokens"]
+    assert eos["scored_tokens"] < rows[("dense", 0.0)]["scored_tokens"]
     assert eos["ppl"] != pytest.approx(rows[("dense", 0.0)]["ppl"], rel=1e-3)  # another context, another number
     assert rows[("lte", 0.5)]["extra_data"]["eos_doc"]["kl"] > 0
     assert rows[("lte", 0.5)]["extra_data"]["eos_doc"]["realized_sparsity"] == pytest.approx(0.5, abs=0.05)
@@ -191,19 +193,27 @@ def test_compare_rejects_a_bad_lte_or_extra_data_before_any_work(tiny_run, tmp_p
 def test_layout_streams_put_each_held_out_paragraph_after_the_marker_and_skip_the_calibration_part():
     from transformers import AutoTokenizer
 
-    from lte.compare.harness import marked_documents
+    from lte.compare.harness import marked_documents, text_end_of_tokens, token_blocks
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     paragraphs = ["Tom had a red ball.", "Sue saw a big dog.\nIt ran.", "The sun was hot."]
     text = "\n\n".join(paragraphs) + "\n"
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in paragraphs]
-    eos = tok.eos_token_id
-    assert marked_documents(text, tok, "eos", 0) == [eos, *ids[0], eos, *ids[1], eos, *ids[2]]
-    assert marked_documents(text, tok, "bos", 0)[0] == tok.bos_token_id
-    # the first paragraph's tokens (and the separator after it) were calibration: it is left out
-    first = len(tok(paragraphs[0] + "\n\n", add_special_tokens=False)["input_ids"])
-    assert marked_documents(text, tok, "eos", first) == [eos, *ids[1], eos, *ids[2]]
-    assert marked_documents(text, tok, "eos", first + 1) == [eos, *ids[2]]
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    stream, labels = marked_documents(text, tok, eos, 0, 10_000)
+    assert stream == [eos, *ids[0], eos, *ids[1], eos, *ids[2]]
+    assert labels == [-100, *ids[0], -100, *ids[1], -100, *ids[2]]  # markers are context, not scored
+    assert marked_documents(text, tok, bos, 0, 10_000)[0] == [bos, *ids[0], bos, *ids[1], bos, *ids[2]]
+    # a paragraph that begins inside the calibration part is left out, the next one is kept
+    assert marked_documents(text, tok, eos, len(paragraphs[0]) + 2, 10_000)[0] == [eos, *ids[1], eos, *ids[2]]
+    assert marked_documents(text, tok, eos, len(paragraphs[0]) + 3, 10_000)[0] == [eos, *ids[2]]
+    assert marked_documents(text, tok, eos, 0, 3)[0] == [eos, *ids[0]]  # stops once it has enough tokens
+    # the calibration part ends where compare's stream of --data puts its first n tokens
+    whole = DATA.read_text()
+    first = token_blocks(whole, tok, 256)[:4].flatten().tolist()
+    end = text_end_of_tokens(whole, tok, len(first))
+    assert tok(whole[:end], add_special_tokens=False)["input_ids"] == first
+    assert text_end_of_tokens(whole, tok, 0) == 0
 
 
 def test_reuse_takes_stage0_too_when_it_has_steps_and_compares_its_training_settings(tmp_path):
@@ -248,10 +258,15 @@ def test_the_plot_cuts_its_axis_near_dense_and_writes_the_values_above_it():
 
     rows = [row("dense", 0.0, 4.0, 100.0), row("lte", 0.5, 4.2, 58.0, "a"), row("lte", 0.9, 5.0, 18.0, "b")]
     rows += [row("teal", 0.5, 6.0, 50.0), row("teal", 0.9, 630.0, 10.0)]
-    by_sparsity, by_flops = figure(rows, "t").axes
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, "t")
+    by_sparsity, by_flops = fig.axes
     for ax in (by_sparsity, by_flops):
         assert ax.get_ylim()[1] == pytest.approx(PLOT_CEILING * 4.0)
         assert [t.get_text() for t in ax.texts if t.get_text() == "630"] == ["630"]  # the point above, written
     assert {t.get_text() for t in by_sparsity.texts} >= {"a", "b"}  # each LTE point names its run
-    within = figure(rows[:4], "t").axes[0]  # nothing above the ceiling: the axis is not cut
+    small = figure(rows[:4], "t")  # nothing above the ceiling: the axis is not cut
+    within = small.axes[0]
     assert within.get_ylim()[1] < PLOT_CEILING * 4.0 and not [t for t in within.texts if t.get_text() == "630"]
+    plt.close(fig), plt.close(small)
