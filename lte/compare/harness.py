@@ -450,9 +450,9 @@ def write_markdown(rows: list[dict], dense_flops: float, path: Path) -> None:
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Perplexity against realized sparsity (left) and against FFN FLOPs per token relative to dense
     (right): methods that compute more than they skip (CATS's full gate, routers) sit further left."""
+    fig = figure(rows, title)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = figure(rows, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
