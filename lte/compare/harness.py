@@ -242,8 +242,12 @@ def marked_documents(text: str, tokenizer, marker: int, start: int, max_tokens: 
     return ids, labels
 
 
-def batches_of(blocks: torch.Tensor, batch_size: int) -> list[dict]:
-    return [{"input_ids": b, "labels": b.clone()} for b in blocks.split(batch_size)]
+def batches_of(blocks: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None) -> list[dict]:
+    """Batches of ``blocks``; every token is a label unless ``labels`` (same shape, -100: not scored) says."""
+    labels = blocks.clone() if labels is None else labels
+    return [
+        {"input_ids": b, "labels": t} for b, t in zip(blocks.split(batch_size), labels.split(batch_size), strict=True)
+    ]
 
 
 def lte_run_dir(path: str) -> Path:
@@ -604,14 +608,10 @@ def compare(request: CompareRequest, progress: bool = True) -> list[dict]:
                 f"--layouts {layout}: --data has {len(ids)} tokens of paragraphs (blank-line separated) after its "
                 f"calibration part, fewer than one block of {request.block_size}; give more text or --calibration"
             )
-        sources[layout_source(layout)] = [
-            {"input_ids": i, "labels": t}
-            for i, t in zip(
-                torch.tensor(ids[: n * request.block_size]).reshape(n, -1).split(request.batch_size),
-                torch.tensor(labels[: n * request.block_size]).reshape(n, -1).split(request.batch_size),
-                strict=True,
-            )
-        ]
+        cut = n * request.block_size
+        sources[layout_source(layout)] = batches_of(
+            torch.tensor(ids[:cut]).reshape(n, -1), request.batch_size, torch.tensor(labels[:cut]).reshape(n, -1)
+        )
     prefix = int(request.block_size * request.prompt_fraction)
     sites = ffn_sites(model)
     dense_flops = dense_ffn_flops_per_token(sites)

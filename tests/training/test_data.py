@@ -190,20 +190,21 @@ def test_documents_are_packed_with_the_markers_the_tokenizer_defines(tmp_path, t
     assert tok.convert_ids_to_tokens(data.eval[0]["input_ids"]) == packed.split()
 
 
+def stories_eval_file(tmp_path, n: int, **data) -> tuple[list[str], DataArgs]:
+    """``n`` stories as training rows and, blank-line separated, as one .txt eval file read whole."""
+    stories = write_stories(tmp_path / "e.jsonl", n=n)
+    (tmp_path / "e.txt").write_text("\n\n".join(stories))
+    args = DataArgs(
+        train=str(tmp_path / "e.jsonl"), eval=str(tmp_path / "e.txt"), sample_by="document", block_size=16, **data
+    )
+    return stories, args
+
+
 def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(tmp_path, tokenizer):
     from conftest import tiny_model
     from lte.training.evaluate import evaluate_layouts, pad_rows
 
-    stories = write_stories(tmp_path / "e.jsonl", n=12)
-    (tmp_path / "e.txt").write_text("\n\n".join(stories))
-    args = DataArgs(
-        train=str(tmp_path / "e.jsonl"),
-        eval=str(tmp_path / "e.txt"),
-        sample_by="document",
-        layout_sample_by="paragraph",
-        block_size=16,
-        eval_block_size=96,
-    )
+    stories, args = stories_eval_file(tmp_path, 12, layout_sample_by="paragraph", eval_block_size=96)
     data = build_data(args, tokenizer, 0)
     whole = tokenizer("\n\n".join(stories))["input_ids"] + [tokenizer.eos_token_id]  # the file is one document
     assert [t for row in data.eval for t in row["input_ids"]] == whole[: len(whole) // 96 * 96]
@@ -240,15 +241,7 @@ def test_held_out_layouts_score_the_same_tokens_after_bos_after_eos_and_packed(t
 @pytest.mark.parametrize(("layout_sample_by", "warned"), [(None, True), ("paragraph", False)])
 def test_layouts_of_a_one_document_eval_file_warn(tmp_path, tokenizer, caplog, layout_sample_by, warned):
     """A .txt eval file read whole is one document: its layouts would score one block's worth of tokens."""
-    stories = write_stories(tmp_path / "e.jsonl", n=20)
-    (tmp_path / "e.txt").write_text("\n\n".join(stories))
-    args = DataArgs(
-        train=str(tmp_path / "e.jsonl"),
-        eval=str(tmp_path / "e.txt"),
-        sample_by="document",
-        layout_sample_by=layout_sample_by,
-        block_size=16,
-    )
+    _, args = stories_eval_file(tmp_path, 20, layout_sample_by=layout_sample_by)
     with caplog.at_level(logging.WARNING, logger="lte"):
         data = build_data(args, tokenizer, 0)
     assert len(data.layouts["bos"]) == (20 if layout_sample_by else 1)
