@@ -116,6 +116,7 @@ def to_routed(model, thresholds: list[float]):
 
     ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
     ``first[0]`` owns the router), so layers may differ."""
+    from .remote.layout import router_name
     from .remote.modeling_lte import install_routed_ffns, relayout_routed_ffns
 
     layers = lte_layers(model)
@@ -140,7 +141,7 @@ def to_routed(model, thresholds: list[float]):
     config.lte_track_sparsity = False
     install_routed_ffns(model, config)
     for host, router in zip(hosts, routers, strict=True):
-        model.get_submodule(f"{host['path']}.{host['first'][0]}").router.load_state_dict(router.state_dict())
+        model.get_submodule(router_name(host)).load_state_dict(router.state_dict())
     relayout_routed_ffns(model)
     return model
 
