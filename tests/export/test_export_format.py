@@ -83,7 +83,12 @@ def test_a_sharded_export_has_no_router_in_any_shard_or_the_index(tmp_path, toke
 
 def test_device_map_loading_gives_real_routers_with_the_checkpoints_values(export):
     routers = load_file(export / ROUTERS_FILE)
-    for kwargs in ({"device_map": "cpu"}, {"device_map": "cpu", "dtype": torch.bfloat16}):
+    for kwargs in (
+        {"device_map": "cpu"},
+        {"device_map": "auto"},
+        {"low_cpu_mem_usage": True},
+        {"device_map": "cpu", "dtype": torch.bfloat16},
+    ):
         model = load(export, **kwargs)
         parameters = dict(model.named_parameters())
         for name, value in routers.items():
