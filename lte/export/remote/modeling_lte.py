@@ -453,13 +453,23 @@ class LTEForCausalLM(_BaseForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """The base class's ``from_pretrained``, then (format 2) the routers from their own file,
         located like the weights (local folder or hub repository, ``subfolder``, ``revision``...)."""
+        subfolder = kwargs.get("subfolder") or ""
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+
+        def routers_of(config):
+            check_config(config)
+            if format_version(config) < 2:
+                return None  # format 1: the routers are among the weights
+            return load_routers(config, pretrained_model_name_or_path, subfolder, **hub)
+
+        config = kwargs.get("config")
+        checked = isinstance(config, LTEConfig)  # AutoModel passes it: check before loading any weight
+        routers = routers_of(config) if checked else None
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        check_config(model.config)
-        if format_version(model.config) >= 2:
-            subfolder = kwargs.get("subfolder") or ""
-            hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-            routers = load_routers(model.config, pretrained_model_name_or_path, subfolder, **hub)
+        if not checked:
+            routers = routers_of(model.config)
+        if routers is not None:
             set_routers(model, routers, os.path.join(str(pretrained_model_name_or_path), subfolder, "lte"))
         model.lte_relayout()
         return loaded
