@@ -1,8 +1,10 @@
 """An exported LTE model: the base causal LM whose FFN projections run only routed experts.
 
-The checkpoint is the base model's checkpoint plus one router per FFN layer: every base tensor
-keeps its name, shape and layout, so the base class (and any tool that knows the architecture)
-loads it as the dense model. With ``trust_remote_code=True`` the class below, which *is* the
+The checkpoint's weight files are the base model's checkpoint: every base tensor keeps its name,
+shape and layout, and nothing else is there, so the base class (and any tool that knows the
+architecture) loads it as the dense model. The routers, one per FFN layer, are in their own file
+(format 2, ``lte_layout.py``: ``lte/routers.safetensors``), which ``from_pretrained`` below reads and
+``save_pretrained`` writes. With ``trust_remote_code=True`` the class below, which *is* the
 base class, turns each FFN projection into a routed one **in place**: the module keeps its
 class (``nn.Linear``, or GPT-2's ``Conv1D``) as a base class and its parameters, and gains a
 forward that skips experts. So PEFT and other tools that look for linear layers find the FFN.
@@ -25,7 +27,7 @@ expert_size``). The kernels read the down projection as [neurons, out] rows; for
 ``nn.Linear`` (stored [out, neurons]) :meth:`LTEForCausalLM.lte_relayout` (run by
 ``from_pretrained``) re-strides ``weight`` in place to a transposed memory layout with the same
 shape and values: one copy of the weights, nothing else changes.
-Only torch and transformers are imported.
+Only torch, transformers and safetensors are imported.
 """
 
 import json
