@@ -168,11 +168,15 @@ def _cmd_generate(args) -> int:
     for result in results:
         print(describe(result), flush=True)
     if args.compare_dense:
+        from .tools.generate import speed_notes
+
         sparse, dense = results
         print(
             f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
             f"(batch 1; see `lte bench decode` for medians over repeats)"
         )
+        for line in speed_notes(model, sparse, dense):
+            print(f"  {line}", flush=True)
     return 0
 
 
