@@ -323,7 +323,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--expert-size", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=20)

@@ -114,6 +114,20 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
         assert (
             r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
         )
+        assert r["max_error"] < 1e-4 and r["launch"] == "eager" and r["sparse_of_bandwidth"] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bench_kernel_runs_the_triton_decode_step_it_times_on_gpus(batch, monkeypatch):
+    # The --device cuda path (Triton kernels, selection on the device) on CPU tensors under
+    # TRITON_INTERPRET=1: what it would time must compute the masked dense FFN.
+    from lte.tools.bench import bench_kernel
+
+    monkeypatch.setenv("LTE_FORCE_TRITON", "1")
+    rows = bench_kernel(["64x256"], [0.0, 0.5], batch=batch, expert_size=16, repeats=1, progress=False)
+    assert [r.sparsity for r in rows] == [0.0, 0.5]
+    assert all(r.max_error < 1e-4 for r in rows), [r.max_error for r in rows]
+    assert 0.5 <= rows[1].union < 1.0 and (batch > 1 or rows[1].union == 0.5)  # a few tokens read their union
 
 
 @pytest.mark.parametrize(
@@ -121,7 +135,8 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     [
         (["--sparsity", "1.5"], "[0, 1)"),
         (["--shape", "4096by11008"], "HIDDENxFFN"),
-        (["--device", "cuda"], "not built yet"),
+        (["--device", "cuda"], "no CUDA device is visible"),
+        (["--dtype", "float16"], "float16 is for CUDA"),
         (["--shape", "64x100"], "does not divide"),
         (["--batch", "9"], "1 to 8 tokens"),
     ],
