@@ -2,7 +2,8 @@
 
     HF_HUB_OFFLINE=1 python scripts/architectures.py [--only llama,olmo2] [--json out.json]
 
-The README links the file; tests/model/test_architectures.py fails when it is out of date.
+Without --only it also writes tests/model/architectures_expected.json (status and short reason per
+model type), which tests/model/test_architectures.py compares a run against; the README links the table.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from lte.tools.coverage import render_markdown, run_coverage, to_json
+from lte.tools.coverage import expectations, render_markdown, run_coverage, to_json
 
 REPO = Path(__file__).resolve().parents[1]
+EXPECTED = REPO / "tests" / "model" / "architectures_expected.json"
 
 
 def main() -> None:
@@ -30,6 +32,8 @@ def main() -> None:
     outcomes = run_coverage(REPO / "assets" / "stories260K", only=only, progress=True, workers=args.workers)
     if out:
         Path(out).write_text(render_markdown(outcomes))
+    if not only:  # the expectations the coverage test compares against
+        EXPECTED.write_text(json.dumps(expectations(outcomes), indent=1, sort_keys=True) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(outcomes), indent=1) + "\n")
     for o in outcomes:

@@ -133,6 +133,8 @@ class Outcome:
     seconds: float | None = None
 
 
+# Size attributes by the end of their name.
+NAMED_SIZES = {"vocab_size": 512, "embed_dim": 64, "embedding_dim": 64}
 # Per-family facts a default config gets wrong for a tiny build (data, not code paths): the
 # default Bamba and Granite 4 hybrid configs have no attention layer (released checkpoints
 # have some, and transformers' hybrid cache needs one); X-MOD needs a language for its
@@ -142,6 +144,9 @@ FAMILY_FACTS = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "xmod": {"default_language": "en_XX"},
     "reformer": {"is_decoder": True},
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},  # read by its attention, not defaulted
+    "mamba2": {"num_heads": 8},  # hidden_size * expand = num_heads * head_dim
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default in the config
 }
 # Layer-index attributes: the first layers a family keeps dense (DeepSeek V3 family), shrunk
 # with the layer count so a tiny model has a layer of each kind.
@@ -184,6 +189,16 @@ def _shrunk(config) -> dict:
     for key, value in {**SIZES, **LAYER_COUNTS}.items():
         if key in fields and _number(_raw(config, key)):
             kwargs[key] = value
+    # Sizes named like one (Inkling's unpadded_vocab_size, RoCBert's shape_embed_dim), or equal
+    # to a shrunk size in the full config (xLSTM's embedding_dim, dots3's adapter_in_dim), follow it.
+    sizes = {_raw(config, k): v for k, v in kwargs.items() if k in ("hidden_size", "vocab_size", "intermediate_size")}
+    for key in sorted(fields - set(kwargs) - set(getattr(config, "attribute_map", {}))):
+        current = _raw(config, key)
+        if not isinstance(current, int) or isinstance(current, bool):
+            continue
+        pattern = next((v for suffix, v in NAMED_SIZES.items() if key.endswith(suffix)), None)
+        if pattern is not None or current in sizes:
+            kwargs[key] = pattern if pattern is not None else sizes[current]
     # Relations between sizes survive: head counts equal in the full config stay equal (MLA's
     # key-value heads are its heads), and head sizes shrink by one factor (DeepSeek's
     # qk_nope + qk_rope = head_dim, per layer too).
@@ -284,7 +299,9 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
-    kwargs = {**_shrunk(base), **FAMILY_FACTS.get(model_type, {})}
+    kwargs = _shrunk(base)
+    for key, value in FAMILY_FACTS.get(model_type, {}).items():  # a sub-config's facts join its shrunk sizes
+        kwargs[key] = {**kwargs[key], **value} if isinstance(kwargs.get(key), dict) else value
     # A layer kind the shrunk layer count lost (Jamba's attention every 8th layer from the 4th): more layers.
     try:
         config = _buildable(model_type, kwargs, check_model=False)
@@ -583,6 +600,51 @@ def run_coverage(
                     print(f"{outcome.model_type}: {outcome.status} {outcome.reason[:100]}", file=sys.stderr, flush=True)
         reload_exports(outcomes, work)
     return outcomes
+
+
+def short_reason(outcome: Outcome) -> str:
+    """The reason's first clause (no sizes or shapes): what the expectations file records."""
+    if outcome.status == WORKS:
+        return ""
+    return outcome.reason.split(":")[0].split(" (")[0][:100] if outcome.status != NOT_BUILT else outcome.reason[:100]
+
+
+def expectations(outcomes: list[Outcome]) -> dict:
+    """The checked-in expectations (tests/model/architectures_expected.json): status and short reason per type."""
+    import transformers
+
+    return {
+        "transformers": transformers.__version__,
+        "architectures": {o.model_type: {"status": o.status, "reason": short_reason(o)} for o in outcomes},
+    }
+
+
+def compare_expected(outcomes: list[Outcome], expected: dict) -> tuple[list[str], list[str]]:
+    """(regressions, notes) of a run against the expectations. A regression: a row that worked
+    and does not (on any transformers), or, on the expectations' transformers version, any
+    changed status. Notes: model types the expectations do not know (a newer transformers),
+    types gone, and status changes on another version."""
+    import transformers
+
+    same_version = transformers.__version__ == expected["transformers"]
+    known = expected["architectures"]
+    regressions, notes = [], []
+    for o in outcomes:
+        want = known.get(o.model_type)
+        if want is None:
+            notes.append(f"new: {o.model_type} {o.status} {short_reason(o)}".rstrip())
+            continue
+        if want["status"] == o.status:
+            continue
+        line = f"{o.model_type}: expected {want['status']}, got {o.status}: {o.reason[:200]}".rstrip(": ")
+        if want["status"] == WORKS or same_version:
+            regressions.append(line)
+        else:
+            notes.append(line)
+    gone = sorted(set(known) - {o.model_type for o in outcomes})
+    if gone:
+        notes.append(f"not in transformers {transformers.__version__}: {', '.join(gone)}")
+    return regressions, notes
 
 
 def to_json(outcomes: list[Outcome]) -> list[dict]:
