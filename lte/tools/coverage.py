@@ -144,6 +144,7 @@ FAMILY_FACTS = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "xmod": {"default_language": "en_XX"},
     "reformer": {"is_decoder": True},
+    "moshi": {"ffn_dim": 256},  # its gated MLP is ffn_dim // 2 wide: not the hidden size
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},  # read by its attention, not defaulted
     "mamba2": {"num_heads": 8},  # hidden_size * expand = num_heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default in the config
