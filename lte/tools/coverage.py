@@ -351,8 +351,10 @@ def _expert_size(widths) -> int:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """The message's first line (and the next, when the first ends in ':' as 'install it with pip:')."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    head = " ".join(text[:2]) if text and text[0].endswith(":") else (text[0] if text else "")
+    return f"{type(exc).__name__}: {head}"[:300]
 
 
 def _inputs(vocab: int, seed: int = 0) -> torch.Tensor:
