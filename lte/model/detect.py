@@ -153,7 +153,8 @@ def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
     """Why ``model`` is a mixture of experts, or None. Signs: a 3-D weight whose first axis counts the
     config's experts (fused expert tensors), or a ModuleList of FFN hosts inside a decoder layer."""
     config = getattr(model, "config", None)
-    counts = {getattr(config, key, None) for key in EXPERT_COUNT_KEYS}
+    configs = [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]  # DBRX's ffn_config
+    counts = {getattr(c, key, None) for c in configs if c is not None for key in EXPERT_COUNT_KEYS}
     counts = {c for c in counts if isinstance(c, int) and c > 1}
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):

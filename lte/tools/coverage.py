@@ -166,15 +166,18 @@ def _raw(config, key: str, default=None):
 
 def _fields(config, numeric: bool = False) -> set[str]:
     """The attributes a config takes (dataclass fields and their ``attribute_map`` aliases);
-    ``numeric``: only those declared with a number as default. The others are derived by the
-    config from the rest (DeepSeek's ``head_dim``, Granite 4's ``mamba_d_head="auto"``) or off
-    (``None``), and are left to it."""
+    ``numeric``: only those declared with a number or None as default. The others are derived by
+    the config from the rest (DeepSeek's ``head_dim``, Granite 4's ``mamba_d_head="auto"``), and
+    are left to it."""
     import dataclasses
 
+    def takes(default) -> bool:
+        return not numeric or default is None or _number(default)
+
     if dataclasses.is_dataclass(config):
-        names = {f.name for f in dataclasses.fields(config) if not numeric or _number(f.default)}
+        names = {f.name for f in dataclasses.fields(config) if takes(f.default)}
     else:
-        names = {k for k, v in vars(config).items() if not numeric or _number(v)}
+        names = {k for k, v in vars(config).items() if takes(v)}
     return names | {alias for alias, target in getattr(config, "attribute_map", {}).items() if target in names}
 
 
@@ -188,7 +191,7 @@ def _shrunk(config) -> dict:
     fields = _fields(config, numeric=True)
     kwargs = {}
     for key, value in {**SIZES, **LAYER_COUNTS}.items():
-        if key in fields and _number(_raw(config, key)):
+        if key in fields and (_number(current := _raw(config, key)) or current is None):
             kwargs[key] = value
     # Sizes named like one (Inkling's unpadded_vocab_size, RoCBert's shape_embed_dim), or equal
     # to a shrunk size in the full config (xLSTM's embedding_dim, dots3's adapter_in_dim), follow it.
