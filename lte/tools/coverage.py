@@ -149,6 +149,11 @@ FAMILY_FACTS = {
     "mamba2": {"num_heads": 8},  # hidden_size * expand = num_heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default in the config
 }
+# Causal LMs that transformers cannot train on text alone (LTE trains on text): the reason.
+NEEDS_IMAGES = {
+    "git": "GitForCausalLM's loss drops (image_size / patch_size)^2 + 1 positions for the image it expects "
+    "in front of the text, so without pixel_values there is no loss to train on (LTE trains on text only)",
+}
 # Layer-index attributes: the first layers a family keeps dense (DeepSeek V3 family), shrunk
 # with the layer count so a tiny model has a layer of each kind.
 LAYER_COUNTS = {"first_k_dense_replace": 1, "first_dense_layers": 1, "num_kv_shared_layers": 0}
@@ -209,7 +214,7 @@ def _shrunk(config) -> dict:
     heads = [k for k in kwargs if k.endswith("heads")]
     for i, b in enumerate(heads):
         kwargs[b] = next((kwargs[a] for a in heads[:i] if _raw(config, a) == _raw(config, b)), kwargs[b])
-    dims = {k: int(_raw(config, k)) for k in kwargs if k.endswith("head_dim")}
+    dims = {k: int(v) for k in kwargs if k.endswith("head_dim") and _number(v := _raw(config, k))}
     if dims:
         factor = min(max(1, v // SIZES[k]) for k, v in dims.items())
         kwargs.update({k: v // factor if v % factor == 0 else SIZES[k] for k, v in dims.items()})
@@ -410,6 +415,9 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
     from ..model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 
     out = Outcome(model_type, model_class)
+    if model_type in NEEDS_IMAGES:
+        out.status, out.reason = NOT_BUILT, NEEDS_IMAGES[model_type]
+        return out
     try:
         config = tiny_config(model_type)
         with torch.device("meta"):
