@@ -518,25 +518,36 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def reload_exports(outcomes: list[Outcome], workdir: Path) -> None:
-    """Reload every export in one clean subprocess and set each outcome's final status."""
+def reload_exports(outcomes: list[Outcome], workdir: Path, workers: int = 1) -> None:
+    """Reload every export in clean subprocesses (``workers`` of them, each a share of the
+    exports) and set each outcome's final status."""
     exported = {o.model_type: o.export_dir for o in outcomes if o.status == "exported"}
     if not exported:
         return
     repos = sorted({str(Path(__file__).resolve().parents[2])} | {str(Path(p).resolve().parent) for p in _lte_paths()})
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), PYTHONNOUSERSITE="1")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", _RELOAD, json.dumps(exported), json.dumps(repos)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    if line is None:
-        raise RuntimeError(f"the reload subprocess failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    results = json.loads(line[len("RESULTS ") :])
+    env.update(HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
+    names = sorted(exported)
+    shares = [{n: exported[n] for n in names[i::workers]} for i in range(max(1, workers))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-I", "-c", _RELOAD, json.dumps(share), json.dumps(repos)],
+            cwd=workdir,
+            env={**env, "HF_MODULES_CACHE": str(workdir / f"modules{i}")},  # one remote-code cache each
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, share in enumerate(shares)
+        if share
+    ]
+    results = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULTS ")), None)
+        if line is None:
+            raise RuntimeError(f"a reload subprocess failed (exit {proc.returncode}): {stderr[-2000:]}")
+        results.update(json.loads(line[len("RESULTS ") :]))
     for o in outcomes:
         if o.status != "exported":
             continue
@@ -612,15 +623,18 @@ def run_coverage(
                 outcomes.append(outcome)
                 if progress:
                     print(f"{outcome.model_type}: {outcome.status} {outcome.reason[:100]}", file=sys.stderr, flush=True)
-        reload_exports(outcomes, work)
+        reload_exports(outcomes, work, workers)
     return outcomes
 
 
 def short_reason(outcome: Outcome) -> str:
     """The reason's first clause (no sizes or shapes): what the expectations file records."""
-    if outcome.status == WORKS:
-        return ""
-    return outcome.reason.split(":")[0].split(" (")[0][:100] if outcome.status != NOT_BUILT else outcome.reason[:100]
+    import re
+
+    if outcome.status != REFUSED:  # exceptions: their first 100 characters
+        return outcome.reason[:100]
+    text = re.sub(r" \([^()]*(\([^()]*\)[^()]*)*\)", "", outcome.reason)  # no parentheses (sizes, shapes)
+    return re.split(r"[:;]", text)[0][:100]
 
 
 def expectations(outcomes: list[Outcome]) -> dict:
