@@ -200,7 +200,11 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     from .remote.layout import FORMAT_KEY, FORMAT_VERSION
     from .remote.modeling_lte import write_routers
 
-    model.save_pretrained(directory, **save_kwargs)  # the routers are not among its tensors (install_routed_ffns)
+    # Contiguous tensors: the kernels' re-strided weights are transposed views, which safetensors cannot
+    # write where transformers de-duplicates shared tensors (Zamba's shared block). The routers are not
+    # among the saved tensors (install_routed_ffns sets _keys_to_ignore_on_save).
+    state_dict = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    model.save_pretrained(directory, **{"state_dict": state_dict, **save_kwargs})
     write_routers(model, directory)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
