@@ -7,8 +7,10 @@ Each vLLM configuration runs in its own process of the vLLM environment's python
 * ``dense``: plain vLLM: every ``vllm.general_plugins`` entry point but this package's loads (``VLLM_PLUGINS``
   lists the others; an empty value loads none), so vLLM serves the export as the dense base model;
 * ``sparse``: the same with the LTE plugin loaded;
-* ``all_experts``: the plugin with the export's routing overridden to ``"dense"`` (``hf_overrides``), every
-  expert on: what the plugin's own path costs without sparsity (a diagnosis, not a baseline).
+* ``all_experts``: the plugin with every threshold overridden to 0 (``hf_overrides``; ``sigmoid(score) > 0``
+  holds for every score), so every expert is selected but the plugin's own path runs (router, selection,
+  kernels): what that path costs without sparsity (a diagnosis, not a baseline). -1, the export's "keep all",
+  would hand the layer back to vLLM's dense code instead.
 
 Every configuration and transformers get the same cores (``--cores``: vLLM's ``VLLM_CPU_OMP_THREADS_BIND``, and
 this process's affinity and torch threads for transformers). Speed is output tokens/s: ``batch`` concurrent
@@ -194,7 +196,8 @@ def bench_serve(exports: list[tuple[float | None, Path]], args) -> list[ServeRow
         sparse = all_experts = None
         if ours:
             sparse = run_worker(args.vllm_python, export, others + ours, {}, cores, args)
-            all_experts = run_worker(args.vllm_python, export, others + ours, {"lte_routing": "dense"}, cores, args)
+            every = {"lte_thresholds": [0.0] * len(json.loads((export / "config.json").read_text())["lte_thresholds"])}
+            all_experts = run_worker(args.vllm_python, export, others + ours, every, cores, args)
         for i, batch in enumerate(args.batches):
             dense_tps = plain["results"][i]["tokens_per_s"]
             sparse_tps = sparse["results"][i]["tokens_per_s"] if sparse else None

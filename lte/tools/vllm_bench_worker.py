@@ -58,11 +58,14 @@ def main() -> None:
         max_num_seqs=max(batches),
         max_model_len=args.prompt_tokens + args.new_tokens + 16,
         enable_prefix_caching=False,  # repeats send the same prompts: every run prefills, as new requests do
+        skip_tokenizer_init=True,  # token ids in and out: the bench model's tokenizer need not cover its vocabulary
         hf_overrides=json.loads(args.hf_overrides),
         seed=args.seed,
     )
     load_s = time.perf_counter() - start
-    params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(
+        max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False
+    )
     rng = random.Random(args.seed)
     results = []
     for batch in batches:
