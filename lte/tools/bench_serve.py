@@ -67,6 +67,7 @@ class ServeRow:
     new_tokens: int
     prompt_tokens: int
     repeats: int
+    note: str | None = None  # why a column is empty (no plugin in the vLLM environment, a failed plugin run)
 
 
 def parse_cores(text: str | None) -> list[int]:
@@ -94,13 +95,22 @@ def check_vllm_python(path: str) -> None:
         )
 
 
+def vllm_environment() -> dict[str, str]:
+    """This process's environment without PYTHONPATH: the vLLM environment's own install of this package is what
+    vLLM loads (a source tree on the path would also shadow its entry points with the tree's egg-info; ``-P``
+    keeps the working directory off the path for the same reason)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def vllm_plugins(vllm_python: str) -> list[tuple[str, str]]:
     """(name, object) of the vLLM environment's ``vllm.general_plugins`` entry points."""
     probe = (
         "import importlib.metadata as md, json; "
         f"print(json.dumps([[e.name, e.value] for e in md.entry_points(group={PLUGIN_GROUP!r})]))"
     )
-    result = subprocess.run([vllm_python, "-c", probe], capture_output=True, text=True)
+    result = subprocess.run([vllm_python, "-P", "-c", probe], capture_output=True, text=True, env=vllm_environment())
     if result.returncode:
         raise UsageError(f"--vllm-python {vllm_python} failed to list vLLM's plugins: {result.stderr.strip()[-500:]}")
     return [tuple(item) for item in json.loads(result.stdout)]
@@ -112,7 +122,7 @@ def is_ours(entry_point: str) -> bool:
 
 def run_worker(vllm_python: str, export: Path, plugins: list[str], overrides: dict, cores: list[int], args) -> dict:
     """One vLLM engine in the vLLM environment; returns the worker's report."""
-    env = dict(os.environ)
+    env = vllm_environment()
     env.update(
         VLLM_PLUGINS=",".join(plugins),  # exactly these general plugins load ("" loads none)
         VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)),
@@ -120,6 +130,7 @@ def run_worker(vllm_python: str, export: Path, plugins: list[str], overrides: di
     )
     command = [
         vllm_python,
+        "-P",  # neither the worker's folder (lte/tools) nor the working directory on sys.path
         str(WORKER),
         "--model",
         str(export),
@@ -194,10 +205,15 @@ def bench_serve(exports: list[tuple[float | None, Path]], args) -> list[ServeRow
         hf = transformers_speeds(export, cores, args) if args.transformers else ({}, None)
         plain = run_worker(args.vllm_python, export, others, {}, cores, args)
         sparse = all_experts = None
+        note = None if ours else f"{args.vllm_python} has no LTE plugin"
         if ours:
-            sparse = run_worker(args.vllm_python, export, others + ours, {}, cores, args)
             every = {"lte_thresholds": [0.0] * len(json.loads((export / "config.json").read_text())["lte_thresholds"])}
-            all_experts = run_worker(args.vllm_python, export, others + ours, every, cores, args)
+            try:  # a failing plugin leaves its columns empty, with the reason: the other engines' figures stand
+                sparse = run_worker(args.vllm_python, export, others + ours, {}, cores, args)
+                all_experts = run_worker(args.vllm_python, export, others + ours, every, cores, args)
+            except RuntimeError as exc:
+                logger.error("bench serve: %s", exc)
+                note = f"LTE plugin run failed: {str(exc).strip().splitlines()[-1]}"
         for i, batch in enumerate(args.batches):
             dense_tps = plain["results"][i]["tokens_per_s"]
             sparse_tps = sparse["results"][i]["tokens_per_s"] if sparse else None
@@ -217,6 +233,7 @@ def bench_serve(exports: list[tuple[float | None, Path]], args) -> list[ServeRow
                     new_tokens=args.new_tokens,
                     prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats,
+                    note=note,
                 )
             )
     return rows
