@@ -222,19 +222,30 @@ def _cmd_bench_serve(args) -> int:
     from .tools.bench_serve import main_entry, rows_as_json, serve_table
 
     args.sparsities = _sparsities(args.sparsity)
-    try:
-        args.batches = [int(v) for v in args.batch.split(",")]
-    except ValueError:
-        raise UsageError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,4,16") from None
-    if any(b < 1 for b in args.batches):
-        raise UsageError(f"--batch {args.batch}: every value must be at least 1")
-    rows = main_entry(args)
+    args.batches = _batches("--batch", args.batch)
+    args.transformers_batches = _batches("--transformers-batch", args.transformers_batch or args.batch)
+
+    def save(rows) -> None:  # after every run: an interrupted benchmark keeps what it measured
+        if args.json and rows:
+            write_json(rows_as_json(rows), args.json)
+
+    rows = main_entry(args, on_rows=save)
     print(f"vLLM serving, {rows[0].engine} on {rows[0].device}; output tokens/s, medians of {args.repeats}")
     print(serve_table(rows))
     if args.json:
-        write_json(rows_as_json(rows), args.json)
+        save(rows)
         print(f"wrote {args.json}")
     return 0
+
+
+def _batches(flag: str, text: str) -> list[int]:
+    try:
+        batches = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if any(b < 1 for b in batches):
+        raise UsageError(f"{flag} {text}: every value must be at least 1")
+    return batches
 
 
 def _sparsities(text: str) -> list[float]:
@@ -377,6 +388,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--cores", help="cores for every engine, e.g. 0-1 (default: all this process may use)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers generate")
+    p.add_argument("--transformers-batch", help="batch sizes transformers runs (default: every --batch)")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench_serve)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")

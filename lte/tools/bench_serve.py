@@ -154,7 +154,7 @@ def run_worker(vllm_python: str, export: Path, plugins: list[str], overrides: di
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def transformers_speeds(export: Path, cores: list[int], args) -> tuple[dict[int, float], float]:
+def transformers_speeds(export: Path, cores: list[int], args, batches: list[int]) -> tuple[dict[int, float], float]:
     """tokens/s of ``generate`` per batch size (the export's own routing, trust_remote_code) and the FFN
     sparsity realised at batch 1."""
     import torch
@@ -171,7 +171,7 @@ def transformers_speeds(export: Path, cores: list[int], args) -> tuple[dict[int,
     speeds = {}
     sparsity = None
     with torch.no_grad():
-        for batch in args.batches:
+        for batch in batches:
             ids = torch.randint(model.config.vocab_size, (batch, args.prompt_tokens), generator=generator)
             mask = torch.ones_like(ids)
 
@@ -185,7 +185,10 @@ def transformers_speeds(export: Path, cores: list[int], args) -> tuple[dict[int,
     return speeds, sparsity
 
 
-def bench_serve(exports: list[tuple[float | None, Path]], args) -> list[ServeRow]:
+def bench_serve(exports: list[tuple[float | None, Path]], args, on_rows=None) -> list[ServeRow]:
+    """Every export's rows. Runs go by importance, so an interrupted benchmark keeps the main figures: plain vLLM
+    and the plugin for every export first, then the all-experts diagnosis, then transformers; ``on_rows`` gets
+    the rows measured so far after each run."""
     from .bench import machine
 
     check_vllm_python(args.vllm_python)
@@ -200,43 +203,71 @@ def bench_serve(exports: list[tuple[float | None, Path]], args) -> list[ServeRow
             args.vllm_python,
             PLUGIN_GROUP,
         )
-    rows = []
-    for sparsity, export in exports:
-        hf = transformers_speeds(export, cores, args) if args.transformers else ({}, None)
-        plain = run_worker(args.vllm_python, export, others, {}, cores, args)
-        sparse = all_experts = None
-        note = None if ours else f"{args.vllm_python} has no LTE plugin"
-        if ours:
-            every = {"lte_thresholds": [0.0] * len(json.loads((export / "config.json").read_text())["lte_thresholds"])}
-            try:  # a failing plugin leaves its columns empty, with the reason: the other engines' figures stand
-                sparse = run_worker(args.vllm_python, export, others + ours, {}, cores, args)
-                all_experts = run_worker(args.vllm_python, export, others + ours, every, cores, args)
-            except RuntimeError as exc:
-                logger.error("bench serve: %s", exc)
-                note = f"LTE plugin run failed: {str(exc).strip().splitlines()[-1]}"
-        for i, batch in enumerate(args.batches):
-            dense_tps = plain["results"][i]["tokens_per_s"]
-            sparse_tps = sparse["results"][i]["tokens_per_s"] if sparse else None
-            rows.append(
-                ServeRow(
-                    sparsity=sparsity,
-                    batch=batch,
-                    dense_tokens_per_s=dense_tps,
-                    sparse_tokens_per_s=sparse_tps,
-                    speedup=sparse_tps / dense_tps if sparse_tps else None,
-                    all_experts_tokens_per_s=all_experts["results"][i]["tokens_per_s"] if all_experts else None,
-                    transformers_tokens_per_s=hf[0].get(batch),
-                    transformers_sparsity=hf[1],
-                    engine=plain["engine"],
-                    device=f"{machine()}, cores {','.join(map(str, cores))}",
-                    export=str(export),
-                    new_tokens=args.new_tokens,
-                    prompt_tokens=args.prompt_tokens,
-                    repeats=args.repeats,
-                    note=note,
+    vllm: dict[tuple[int, str], dict] = {}  # (export index, engine) -> the worker's report
+    hf: dict[int, tuple[dict[int, float], float | None]] = {}
+    notes: dict[int, str] = {}
+    transformer_batches = list(getattr(args, "transformers_batches", None) or args.batches)
+
+    def rows() -> list[ServeRow]:
+        out = []
+        for e, (sparsity, export) in enumerate(exports):
+            if (e, "dense") not in vllm:
+                continue
+            speeds = {
+                key: {r["batch"]: r["tokens_per_s"] for r in vllm[e, key]["results"]} if (e, key) in vllm else {}
+                for key in ("dense", "sparse", "all_experts")
+            }
+            hf_speeds, hf_sparsity = hf.get(e, ({}, None))
+            for batch in args.batches:
+                dense, sparse = speeds["dense"][batch], speeds["sparse"].get(batch)
+                out.append(
+                    ServeRow(
+                        sparsity=sparsity,
+                        batch=batch,
+                        dense_tokens_per_s=dense,
+                        sparse_tokens_per_s=sparse,
+                        speedup=sparse / dense if sparse else None,
+                        all_experts_tokens_per_s=speeds["all_experts"].get(batch),
+                        transformers_tokens_per_s=hf_speeds.get(batch),
+                        transformers_sparsity=hf_sparsity,
+                        engine=vllm[e, "dense"]["engine"],
+                        device=f"{machine()}, cores {','.join(map(str, cores))}",
+                        export=str(export),
+                        new_tokens=args.new_tokens,
+                        prompt_tokens=args.prompt_tokens,
+                        repeats=args.repeats,
+                        note=notes.get(e, None if ours else f"{args.vllm_python} has no LTE plugin"),
+                    )
                 )
-            )
-    return rows
+        return out
+
+    def measured() -> None:
+        if on_rows is not None:
+            on_rows(rows())
+
+    def plugin_run(e: int, key: str, overrides: dict) -> None:
+        try:  # a failing plugin leaves its columns empty, with the reason: the other engines' figures stand
+            vllm[e, key] = run_worker(args.vllm_python, exports[e][1], others + ours, overrides, cores, args)
+        except RuntimeError as exc:
+            logger.error("bench serve: %s", exc)
+            notes[e] = f"LTE plugin run failed ({key}): {str(exc).strip().splitlines()[-1]}"
+        measured()
+
+    for e, (_, export) in enumerate(exports):
+        vllm[e, "dense"] = run_worker(args.vllm_python, export, others, {}, cores, args)
+        measured()
+        if ours:
+            plugin_run(e, "sparse", {})
+    for e, (_, export) in enumerate(exports):
+        if ours:
+            thresholds = json.loads((export / "config.json").read_text())["lte_thresholds"]
+            plugin_run(e, "all_experts", {"lte_thresholds": [0.0] * len(thresholds)})
+    for e, (_, export) in enumerate(exports):
+        if args.transformers and transformer_batches:
+            logger.info("bench serve: %s in transformers, batches %s", export.name, transformer_batches)
+            hf[e] = transformers_speeds(export, cores, args, transformer_batches)
+            measured()
+    return rows()
 
 
 def serve_table(rows: list[ServeRow]) -> str:
@@ -341,7 +372,7 @@ def check_export(path: str) -> Path:
     return export
 
 
-def main_entry(args) -> list[ServeRow]:
+def main_entry(args, on_rows=None) -> list[ServeRow]:
     """The CLI's work: checks first, then the model (if asked for), then the runs."""
     check_vllm_python(args.vllm_python)
     parse_cores(args.cores)
@@ -352,4 +383,4 @@ def main_entry(args) -> list[ServeRow]:
         exports = list(zip(args.sparsities, paths, strict=True))
     else:
         exports = [(export_sparsity(e), e) for e in map(check_export, args.exports)]
-    return bench_serve(exports, args)
+    return bench_serve(exports, args, on_rows)
