@@ -111,10 +111,13 @@ def test_a_users_install_into_the_vllm_environment_changes_no_version(tmp_path):
 
 def test_the_plugin_loads_nothing_of_the_training_stack():
     """vLLM loads every ``vllm.general_plugins`` entry point in every process: ours, loaded and called as vLLM
-    does, may import the export's contract and the kernels, never the training code or its libraries."""
+    does, may import the export's contract and the kernels, never the training code or its libraries. The
+    baseline is what vLLM imports to resolve any model (its model registry, hence transformers, which itself
+    imports accelerate whenever it is installed, as this package's dependencies make it): not the plugin's doing."""
     probe = f"""
 import importlib.metadata as md, json, sys
 import vllm
+from vllm import ModelRegistry
 baseline = set(sys.modules)
 ours = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.value.split(".")[0].split(":")[0] == "lte"]
 for ep in ours:
