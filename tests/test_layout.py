@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lte"
-LAYERS = ["core", "model", "training", "export", "compare", "app"]  # low to high
+LAYERS = ["core", "model", "training", "export", "serve", "compare", "app"]  # low to high
 APP = "app"  # lte/*.py at the top (cli, pipeline, __init__, __main__) and lte/tools
 
 
