@@ -1,4 +1,4 @@
-"""The package's layers import one way: core < model < training < export < compare < app.
+"""The package's layers import one way: core < model < training < export < serve < compare < app.
 
 The import graph is read from the source (every ``import`` and ``from`` statement, those inside
 functions included, relative ones resolved), so a lazy import that reaches upward fails here too.

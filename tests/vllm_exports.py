@@ -36,13 +36,20 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**DIMS),
     "qwen3": lambda: transformers.Qwen3Config(head_dim=32, **DIMS),
     "mistral": lambda: transformers.MistralConfig(head_dim=32, **DIMS),
+    "gemma": lambda: transformers.GemmaConfig(head_dim=32, **DIMS),
+    "phi3": lambda: transformers.Phi3Config(pad_token_id=0, **DIMS),  # a fused gate_up projection
+    "gpt2": lambda: transformers.GPT2Config(  # a plain MLP with biases, Conv1D weights
+        vocab_size=512, n_embd=128, n_inner=256, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
+    ),
 }
 KEEP_ALL_LAYER = {"qwen3": 1}  # one family exports a layer that keeps every expert (threshold -1)
 
 
-def tiny_base(family: str, seed: int = 0):
+def tiny_base(family: str, seed: int = 0, **dims):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    config = CONFIGS[family]()
+    config.update(dims)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger FFN weights than the default init: routing changes the logits visibly
         for name, param in model.named_parameters():
             if "mlp" in name:
@@ -69,13 +76,14 @@ def median_thresholds(model, ids: torch.Tensor) -> list[float]:
     return [s.median().item() for s in scores]
 
 
-def export_tiny(family: str, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write an LTE export of a tiny random ``family`` model to ``out``; returns ``out``."""
+def export_tiny(family: str, out: Path, dtype: torch.dtype = torch.float32, **dims) -> Path:
+    """Write an LTE export of a tiny random ``family`` model to ``out`` (``dims``: config overrides);
+    returns ``out``."""
     from lte.export.exporter import base_architecture, to_routed, write_checkpoint
     from lte.model.inject import LTEModelConfig, inject_lte
 
     out = Path(out)
-    model = tiny_base(family)
+    model = tiny_base(family, **dims)
     inject_lte(model, LTEModelConfig(expert_size=EXPERT_SIZE, router_init="centroid"), progress=False)
     base = base_architecture(model)
     to_routed(model, [-1.0] * model.config.num_hidden_layers)

@@ -126,7 +126,7 @@ def vllm_module(model, hf_name: str) -> tuple[str, int | None]:
     parent, _, leaf = mapped.rpartition(".")
     original = hf_name.rpartition(".")[2]
     for packed_name, members in packed.items():
-        if original in members and leaf in (packed_name, original):
+        if original in members and len(members) > 1 and leaf in (packed_name, original):
             return f"{parent}.{packed_name}", members.index(original)
     return mapped, None
 
@@ -387,9 +387,9 @@ class SparsityLog:
         total = self.totals[layer]
         total[0] += on.shape[0] * on.shape[1] - on.sum()
         total[1] += on.shape[0]
-        if layer == self.first and LOG_INTERVAL > 0 and time.monotonic() - self.last >= LOG_INTERVAL:
-            if not (total.is_cuda and torch.cuda.is_current_stream_capturing()):
-                self.log()
+        due = layer == self.first and LOG_INTERVAL > 0 and time.monotonic() - self.last >= LOG_INTERVAL
+        if due and not (total.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.log()
 
     def log(self) -> None:
         self.last = time.monotonic()
