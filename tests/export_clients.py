@@ -36,13 +36,23 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def _tensor_names(files) -> list[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            names |= set(f.keys())
+    return sorted(names)
+
+
 def load_sparse(directory):
     return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
 
 
 def base_class(directories):
     """The export loaded by the base class and by AutoModelForCausalLM without remote code: the
-    dense model, with only the routers unused; its tokenizer without remote code."""
+    dense model, every weight used (the routers are in their own file); its tokenizer without remote code."""
     out = {}
     for directory in directories:
         d = torch.load(f"{directory}/expected.pt")
@@ -71,6 +81,11 @@ def base_class(directories):
             "resaved_vs_base": rel(resaved_dense, base_logits),
             "resaved_sparse": rel(resaved_sparse, sparse_logits),
             "resaved_architectures": resaved_config["architectures"],
+            "resaved_format": resaved_config.get("lte_format_version"),
+            "resaved_weight_names": _tensor_names(Path(resaved).glob("*.safetensors")),
+            "resaved_router_names": _tensor_names([Path(resaved, "lte", "routers.safetensors")]),
+            "weight_names": _tensor_names(Path(directory).glob("*.safetensors")),
+            "router_names": _tensor_names([Path(directory, "lte", "routers.safetensors")]),
             "resaved_model_type": resaved_config["model_type"],
             "base_class": type(base).__name__,
             "auto_class": type(auto).__name__,

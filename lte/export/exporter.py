@@ -5,7 +5,8 @@
 2. Tune per-layer thresholds (:mod:`lte.export.thresholds`) to the target sparsity, or to the
    highest sparsity within a perplexity budget.
 3. Make the FFN projections routed (:mod:`lte.export.remote.modeling_lte`), ``save_pretrained`` the
-   model (the base model's tensors, names and layouts, plus one router per FFN), and add to
+   model (the base model's tensors, names and layouts; the routers in their own file, format 2 of
+   :mod:`lte.export.remote.layout`), and add to
    ``config.json`` an ``auto_map`` to the code files copied beside it (``model_type`` stays the
    base model's: plain loaders get the dense base class, ``trust_remote_code=True`` the sparse one).
 4. Load the written checkpoint back (``trust_remote_code=True``) and compare its logits with
@@ -46,6 +47,7 @@ REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 BASE_LINE = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'  # in configuration_lte.py
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
+LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
@@ -114,6 +116,7 @@ def to_routed(model, thresholds: list[float]):
 
     ``config.lte_ffn["hosts"]`` lists every FFN with its own layout (``first`` in call order:
     ``first[0]`` owns the router), so layers may differ."""
+    from .remote.layout import router_name
     from .remote.modeling_lte import install_routed_ffns, relayout_routed_ffns
 
     layers = lte_layers(model)
@@ -138,7 +141,7 @@ def to_routed(model, thresholds: list[float]):
     config.lte_track_sparsity = False
     install_routed_ffns(model, config)
     for host, router in zip(hosts, routers, strict=True):
-        model.get_submodule(f"{host['path']}.{host['first'][0]}").router.load_state_dict(router.state_dict())
+        model.get_submodule(router_name(host)).load_state_dict(router.state_dict())
     relayout_routed_ffns(model)
     return model
 
@@ -169,16 +172,22 @@ def base_use_cache(config) -> bool:
         return True
 
 
-def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
-    """``save_pretrained`` + config.json's ``auto_map`` + the code files (model, config, kernels).
+def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs) -> None:
+    """``save_pretrained`` + the routers file + config.json's ``auto_map`` and format version + the
+    code files (model, config, layout, kernels); ``save_kwargs`` go to ``save_pretrained``.
 
-    The checkpoint is the base model's plus the routers: ``model_type`` and ``architectures``
-    stay the base model's, so plain loaders use the base class (dense) and ``auto_map`` sends
+    Format 2 (:mod:`lte.export.remote.layout`): the weight files hold only the base model's tensors,
+    the routers are in ``lte/routers.safetensors``; ``model_type`` and ``architectures`` stay the
+    base model's, so plain loaders and engines use the base class (dense) and ``auto_map`` sends
     ``trust_remote_code=True`` to the LTE classes (sparse)."""
-    model.save_pretrained(directory)
+    from .remote.layout import FORMAT_KEY, FORMAT_VERSION
+    from .remote.modeling_lte import write_routers
+
+    model.save_pretrained(directory, **save_kwargs)  # the routers are not among its tensors (install_routed_ffns)
+    write_routers(model, directory)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
-    config.update(architectures=[base], auto_map=AUTO_MAP)
+    config.update(architectures=[base], auto_map=AUTO_MAP, **{FORMAT_KEY: FORMAT_VERSION})
     if "use_cache" in config:  # the Trainer saves False; a plain model(ids) would return no cache
         config["use_cache"] = base_use_cache(model.config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -193,6 +202,7 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str) -> None:
     shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
     shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
     shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
+    shutil.copyfile(REMOTE_DIR / "layout.py", directory / LAYOUT_FILE)
     source = (REMOTE_DIR / "configuration_lte.py").read_text()
     if BASE_LINE not in source:
         raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")

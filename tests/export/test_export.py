@@ -80,7 +80,7 @@ def _result(stdout: str):
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt"]
 
 
-def _export_tiny(family: str, out: Path, tokenizer) -> None:
+def _export_tiny(family: str, out: Path, tokenizer, **save_kwargs) -> None:
     model = tiny_model(family)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -96,7 +96,7 @@ def _export_tiny(family: str, out: Path, tokenizer) -> None:
     to_routed(model, thresholds)
     model.config.use_cache = False  # as the Trainer leaves it; the export restores the base default
     out.mkdir()
-    write_checkpoint(model, tokenizer, out, base)
+    write_checkpoint(model, tokenizer, out, base, **save_kwargs)
     torch.save(
         {"ids": ids, "dense": dense, "sparse": sparse, "token": token, "few": few, "thresholds": thresholds},
         out / "expected.pt",
@@ -218,12 +218,14 @@ def test_exported_weights_are_expert_contiguous(tmp_path):
 
     _export_tiny("llama", tmp_path / "llama", AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K"))
     weights = load_file(tmp_path / "llama" / "model.safetensors")
+    routers = load_file(tmp_path / "llama" / "lte" / "routers.safetensors")
     prefix = "model.layers.0.mlp."
     assert weights[prefix + "gate_proj.weight"].shape == (64, 32)  # [neurons, hidden]: expert e = rows e*8..e*8+7
     assert weights[prefix + "down_proj.weight"].shape == (32, 64)  # the base class's layout: expert e = columns e*8..
-    assert weights[prefix + "gate_proj.router.weight"].shape == (8, 32)
+    assert routers[prefix + "gate_proj.router.weight"].shape == (8, 32)
     assert not any("weight_t" in k for k in weights)
-    assert {k for k in weights if "router" in k} == {f"model.layers.{i}.mlp.gate_proj.router.weight" for i in range(2)}
+    assert not any("router" in k for k in weights)  # format 2: the routers are in their own file
+    assert set(routers) == {f"model.layers.{i}.mlp.gate_proj.router.weight" for i in range(2)}
     assert (tmp_path / "llama" / "lte_kernels_cpu.py").is_file()
 
 

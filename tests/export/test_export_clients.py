@@ -56,16 +56,18 @@ def test_plain_loaders_get_the_dense_base_model_and_tokenizer(exports, tmp_path)
         r = results[str(exports / family)]
         assert r["base_class"] == r["auto_class"] == cls and r["sparse_class"] == "LTEForCausalLM", (family, r)
         assert r["model_type"] == family
-        # every base tensor loads under its standard name and shape; only the routers are extra
-        assert r["missing"] == [] and r["mismatched"] == [], (family, r)
-        assert r["unexpected"] and all(k.endswith(ROUTER_SUFFIX) for k in r["unexpected"]), (family, r)
-        assert len(r["unexpected"]) == 2  # one router per layer
+        # every tensor of the weight files loads under its standard name and shape, and nothing else is there:
+        # the routers are in lte/routers.safetensors (format 2), one per layer
+        assert r["missing"] == [] and r["mismatched"] == [] and r["unexpected"] == [], (family, r)
+        assert not any(k.endswith(ROUTER_SUFFIX) for k in r["weight_names"]), (family, r)
+        assert len(r["router_names"]) == 2 and all(k.endswith(ROUTER_SUFFIX) for k in r["router_names"]), (family, r)
         # the base class computes the export's lte_routing="dense" logits (and the original model's)
         assert r["base_vs_dense"] < 1e-6 and r["auto_vs_dense"] < 1e-6 and r["base_vs_original"] < 1e-5, (family, r)
         assert r["sparse_vs_trained"] < 1e-6 and r["sparse_vs_base"] > 1e-3, (family, r)  # remote code: sparse
         assert r["use_cache"] is True and r["base_use_cache"] is True
         # save_pretrained of the sparse model writes the same kind of checkpoint
-        assert r["resaved_architectures"] == [cls] and r["resaved_model_type"] == family
+        assert r["resaved_architectures"] == [cls] and r["resaved_model_type"] == family and r["resaved_format"] == 2
+        assert r["resaved_weight_names"] == r["weight_names"] and r["resaved_router_names"] == r["router_names"]
         assert r["resaved_vs_base"] < 1e-6 and r["resaved_sparse"] < 1e-6, (family, r)
         loader_leftovers = {"is_local", "local_files_only", "trust_remote_code", "_commit_hash", "cache_dir"}
         assert not loader_leftovers & set(r["tokenizer_keys"]), r["tokenizer_keys"]

@@ -13,7 +13,9 @@ that model's configuration, and adds:
 * ``lte_ffn``: where the FFNs are and their shape (written by ``lte export``): ``expert_size``,
   ``router_bias`` and ``hosts``, one ``{"path", "first", "down", "fused_chunks"}`` per FFN
   (``first``: the projections producing neurons, in call order; ``first[0]`` owns the router);
-* ``lte_track_sparsity``: count the experts each layer skips (``lte generate`` reads them).
+* ``lte_track_sparsity``: count the experts each layer skips (``lte generate`` reads them);
+* ``lte_format_version``: where the routers are (``layout.py``): 2, in ``lte/routers.safetensors``;
+  absent (format 1), inside the model weights. ``save_pretrained`` always writes format 2.
 """
 
 import warnings

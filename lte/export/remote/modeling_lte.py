@@ -1,8 +1,10 @@
 """An exported LTE model: the base causal LM whose FFN projections run only routed experts.
 
-The checkpoint is the base model's checkpoint plus one router per FFN layer: every base tensor
-keeps its name, shape and layout, so the base class (and any tool that knows the architecture)
-loads it as the dense model. With ``trust_remote_code=True`` the class below, which *is* the
+The checkpoint's weight files are the base model's checkpoint: every base tensor keeps its name,
+shape and layout, and nothing else is there, so the base class (and any tool that knows the
+architecture) loads it as the dense model. The routers, one per FFN layer, are in their own file
+(format 2, ``lte_layout.py``: ``lte/routers.safetensors``), which ``from_pretrained`` below reads and
+``save_pretrained`` writes. With ``trust_remote_code=True`` the class below, which *is* the
 base class, turns each FFN projection into a routed one **in place**: the module keeps its
 class (``nn.Linear``, or GPT-2's ``Conv1D``) as a base class and its parameters, and gains a
 forward that skips experts. So PEFT and other tools that look for linear layers find the FFN.
@@ -25,11 +27,12 @@ expert_size``). The kernels read the down projection as [neurons, out] rows; for
 ``nn.Linear`` (stored [out, neurons]) :meth:`LTEForCausalLM.lte_relayout` (run by
 ``from_pretrained``) re-strides ``weight`` in place to a transposed memory layout with the same
 shape and values: one copy of the weights, nothing else changes.
-Only torch and transformers are imported.
+Only torch, transformers and safetensors are imported.
 """
 
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,25 @@ import transformers
 from torch import nn
 
 from .configuration_lte import BASE_ARCHITECTURE, LTEConfig
+
+try:  # the export's copy of the file layout (lte/export/remote/layout.py), written by `lte export`
+    from .lte_layout import (
+        FORMAT_KEY,
+        FORMAT_VERSION,
+        HUB_KWARGS,
+        check_config,
+        check_shapes,
+        format_version,
+        load_routers,
+        router_keys,
+        save_routers,
+    )
+except ImportError:  # this package's own (`from . import`: transformers copies only `from .x import` files)
+    from . import layout as _layout
+
+    FORMAT_KEY, FORMAT_VERSION, check_config = _layout.FORMAT_KEY, _layout.FORMAT_VERSION, _layout.check_config
+    check_shapes, format_version, router_keys = _layout.check_shapes, _layout.format_version, _layout.router_keys
+    HUB_KWARGS, load_routers, save_routers = _layout.HUB_KWARGS, _layout.load_routers, _layout.save_routers
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
     from .lte_kernels_cpu import (
@@ -348,6 +370,9 @@ def install_routed_ffns(model: nn.Module, config) -> None:
                 module, RoutedFirst, state, router=router, lte_chunks=chunks, lte_config=config, lte_layer_index=index
             )
         _make_routed(host.get_submodule(spec["down"]), RoutedDown, state)
+    # The routers live in their own file (layout.ROUTERS_FILE), never in the model's weight files.
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    model._keys_to_ignore_on_save = ignored | set(router_keys(config))
 
 
 def relayout_routed_ffns(model: nn.Module) -> None:
@@ -357,6 +382,27 @@ def relayout_routed_ffns(model: nn.Module) -> None:
             _relayout(module, out_is_rows=True)
         elif isinstance(module, RoutedDown):
             _relayout(module, out_is_rows=False)
+
+
+def write_routers(model: nn.Module, directory) -> str:
+    """Write the model's routers to ``directory``'s routers file (format 2)."""
+    parameters = dict(model.named_parameters())
+    return save_routers({name: parameters[name] for name in router_keys(model.config)}, directory)
+
+
+def set_routers(model: nn.Module, routers: dict, path: str) -> None:
+    """Make the model's routers ``routers`` (checked against the FFN shapes): new real tensors on the
+    device of the projection that owns them, in its dtype, also where loading left them on meta."""
+    names = router_keys(model.config)
+    check_shapes(routers, {name: model.get_parameter(name).shape for name in names}, path)
+    for name in names:
+        owner, attribute = name.rsplit(".", 1)
+        router = model.get_submodule(owner)
+        old = getattr(router, attribute)
+        projection = model.get_submodule(owner.rsplit(".", 1)[0]).weight
+        device = projection.device if old.device.type == "meta" else old.device
+        value = routers[name].to(device=device, dtype=old.dtype)
+        setattr(router, attribute, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def routing_states(model: nn.Module) -> list[RoutingState]:
@@ -393,6 +439,9 @@ class LTEForCausalLM(_BaseForCausalLM):
         super().__init__(config)
         install_routed_ffns(self, config)
         _share_base_conversions()  # per instance: exports of other bases may share this class name
+        if format_version(config) >= 2:  # the routers come from their own file, not the weights
+            missing = set(self._keys_to_ignore_on_load_missing or ())
+            self._keys_to_ignore_on_load_missing = missing | {f"^{re.escape(k)}$" for k in router_keys(config)}
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -403,23 +452,52 @@ class LTEForCausalLM(_BaseForCausalLM):
         return False
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).lte_relayout()
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """The base class's ``from_pretrained``, then (format 2) the routers from their own file,
+        located like the weights (local folder or hub repository, ``subfolder``, ``revision``...)."""
+        subfolder = kwargs.get("subfolder") or ""
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+
+        def routers_of(config):
+            check_config(config)
+            if format_version(config) < 2:
+                return None  # format 1: the routers are among the weights
+            return load_routers(config, pretrained_model_name_or_path, subfolder, **hub)
+
+        config = kwargs.get("config")
+        checked = isinstance(config, LTEConfig)  # AutoModel passes it: check before loading any weight
+        routers = routers_of(config) if checked else None
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if not checked:
+            routers = routers_of(model.config)
+        if routers is not None:
+            set_routers(model, routers, os.path.join(str(pretrained_model_name_or_path), subfolder, "lte"))
+        model.lte_relayout()
         return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """The base class's ``save_pretrained``, with ``architectures`` kept the base class's (as
-        ``lte export`` writes it), so a saved copy still loads dense in plain loaders and engines."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """The base class's ``save_pretrained`` in format 2: the base tensors in the weight files,
+        the routers in ``lte/routers.safetensors``, ``architectures`` kept the base class's (as
+        ``lte export`` writes it), so a saved copy still loads dense in plain loaders and engines.
+        ``push_to_hub=True`` uploads after all of it (through :meth:`push_to_hub`)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+        self.config.lte_format_version = FORMAT_VERSION
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        write_routers(self, save_directory)
         config_file = os.path.join(save_directory, "config.json")
         if os.path.isfile(config_file):
             with open(config_file) as f:
                 config = json.load(f)
-            config["architectures"] = [BASE_ARCHITECTURE]
+            config.update({"architectures": [BASE_ARCHITECTURE], FORMAT_KEY: FORMAT_VERSION})
             with open(config_file, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
                 f.write("\n")
+        if push_to_hub:
+            repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     def lte_relayout(self) -> None:
         """Re-stride the FFN weights for the kernels (``from_pretrained`` does it; call it again
