@@ -196,9 +196,9 @@ def install_routing(model, vllm_config) -> None:
         experts = neurons // size
         weight = routers[layout.router_name(host) + ".weight"]
         bias = routers.get(layout.router_name(host) + ".bias")
-        layout.check_shapes(
-            {"router": weight}, {"router": (experts * ranks, down.weight.shape[0])}, layout.ROUTERS_FILE
-        )
+        key = layout.router_name(host) + ".weight"
+        where = os.path.join(str(vllm_config.model_config.model), layout.ROUTERS_FILE)
+        layout.check_shapes({key: weight}, {key: (experts * ranks, down.weight.shape[0])}, where)
         threshold = float(thresholds[index])
         if threshold < 0:  # keeps every expert: vLLM's own dense layers
             states.append(None)
