@@ -393,11 +393,12 @@ class SparsityLog:
         if self.totals is None:
             return
         total = self.totals[layer]
-        total[0] += on.shape[0] * on.shape[1] - on.sum()
-        total[1] += on.shape[0]
+        # logged as a step begins (its first routed layer), so the totals hold whole steps
         due = layer == self.first and LOG_INTERVAL > 0 and time.monotonic() - self.last >= LOG_INTERVAL
         if due and not (total.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.log()
+        total[0] += on.shape[0] * on.shape[1] - on.sum()
+        total[1] += on.shape[0]
 
     def log(self) -> None:
         self.last = time.monotonic()

