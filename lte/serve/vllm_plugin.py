@@ -54,6 +54,7 @@ logger = logging.getLogger("vllm.lte")  # a child of vLLM's logger: its handlers
 MAX_UNION_TOKENS = 8  # as the remote code: up to this many tokens run the kernels over their union
 LOG_INTERVAL = float(os.environ.get("LTE_SPARSITY_LOG_INTERVAL", "30"))
 _ROUTED_CLASSES: dict[type, type] = {}
+_CHECKED: set[tuple] = set()  # exports whose routers were read and checked in this process
 
 
 def carries_routing(hf_config) -> bool:
@@ -78,11 +79,13 @@ def register() -> None:
     def inspect_model_cls(architectures, model_config):
         # Runs where the engine's configuration is made (the API server's process): a damaged
         # export fails here, before any engine starts, with the layout's one-line message.
-        if carries_routing(model_config.hf_config):
+        checked = (model_config.model, model_config.revision)
+        if carries_routing(model_config.hf_config) and checked not in _CHECKED:  # vLLM asks several times
             try:
                 read_routers(model_config)
             except layout.ExportFormatError as error:
                 raise DamagedExport(str(error)) from None
+            _CHECKED.add(checked)
         return native_inspect(architectures, model_config)
 
     ModelRegistry.resolve_model_cls = resolve_model_cls
