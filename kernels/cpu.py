@@ -23,13 +23,19 @@ All four are registered torch custom ops (``torch.library.custom_op``, namespace
 
 Both are C++ loops parallelised with ATen's thread pool (``at::parallel_for``): the first over
 the selected rows, the second over one column block per thread, so no thread ever writes
-another's output (no atomics, a fixed summation order). Weights are read in place; no
-gather copy. fp32 and bf16 weights, fp32 accumulation.
+another's output (no atomics, a fixed summation order). A thread gets at least 2^16
+multiply-adds: a small model's FFN (64 x 172) stays on one thread, since waking a second one costs
+more than the work (on a busy 2-core CPU, 35 ms instead of 0.3 ms per routed FFN). Weights are read
+in place; no gather copy. fp32 and bf16 weights, fp32 accumulation.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++
 compiler and ninja are needed; about 20 s, logged once). The extension's name carries a hash
-of the source, the flags and the torch version, so environments sharing the extensions cache
-reuse each other's builds instead of rebuilding over them. If it cannot be built,
+of the source, the flags, the torch version and the instruction set it is compiled for, so
+environments sharing the extensions cache reuse each other's builds instead of rebuilding over
+them, and a cache shared between machines (a network home) never hands one CPU's ``-march=native``
+build (AVX-512, say) to another that lacks its instructions (SIGILL). ``LTE_KERNEL_ISA=portable``
+compiles without ``-march=native`` (the architecture's baseline, its own build) for such caches
+or unknown CPUs. If it cannot be built,
 :func:`available` is False and callers use their pure-torch path. Imports only torch: this
 file is copied next to an exported model's ``modeling_lte.py``.
 """
@@ -37,6 +43,7 @@ file is copied next to an exported model's ``modeling_lte.py``.
 import hashlib
 import logging
 import os
+import platform
 import threading
 
 import torch
@@ -58,12 +65,19 @@ static inline float load(const uint16_t* p, int64_t i) {
   return out;
 }
 
+// Multiply-adds below which a thread is not worth waking: a small model's FFN (64 x 172) is a few
+// microseconds of work, and handing half of it to a second thread costs more, far more on a busy CPU.
+static constexpr int64_t kMinWork = 1 << 16;
+static inline int64_t grain(int64_t work_per_item, int64_t at_least) {
+  return std::max<int64_t>(at_least, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
 template <typename W>
 static void matvec_rows(const float* x, int64_t tokens, const W* weight, const int64_t* experts, int64_t k,
                         int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
   // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads.
   const int64_t n = k * size;
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(hidden * tokens, 8), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const W* row = weight + (offset + experts[j / size] * size + j % size) * hidden;
       for (int64_t t = 0; t < tokens; ++t) {
@@ -87,7 +101,8 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
   // out[t, c] = sum_j h[t, j] * row_j[c]. Each thread owns one contiguous column block and streams
   // every selected row's slice of it once for all tokens: no shared writes, a fixed sum order.
   const int64_t n = k * size;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads =
+      std::min(std::max<int64_t>(1, at::get_num_threads()), std::max<int64_t>(1, n * hidden * tokens / kMinWork));
   const int64_t block = ((hidden + threads - 1) / threads + 15) / 16 * 16;
   at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -187,12 +202,58 @@ torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tens
 """
 
 _FUNCTIONS = ["expert_matvec", "expert_matvec_t", "slot_matvec", "slot_matvec_t"]
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_ISA = os.environ.get("LTE_KERNEL_ISA", "native")
+if _ISA not in ("native", "portable"):
+    raise ValueError(
+        f"LTE_KERNEL_ISA={_ISA!r}: expected 'native' (the default: this CPU's instructions) or 'portable' "
+        "(the architecture's baseline, for a build cache shared between different CPUs)"
+    )
+_CFLAGS = ["-O3", *(["-march=native"] if _ISA == "native" else []), "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 # One build per (source, flags, torch): a changed kernel or another torch gets its own name.
 _HASH = hashlib.sha256("\0".join([_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__]).encode()).hexdigest()[:12]
-EXTENSION_NAME = f"lte_cpu_sparse_ffn_{_HASH}"
 _NAMESPACE = f"lte_{_HASH}"  # custom ops; two copies of this file (project and export) share them
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What ``-march=native`` compiles for: the first CPU's feature flags as the OS reports them (Linux:
+    the ``flags`` line on x86, ``Features`` on Arm, ``isa`` on RISC-V; a few microseconds), else the
+    compiler's own view (``-march=native -Q --help=target``, one subprocess at the first build or load)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features", "isa"):
+                    return " ".join(sorted(value.split()))
+                if not line.strip():  # the first processor's block ended without one
+                    break
+    except OSError:
+        pass
+    import subprocess
+
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        proc = subprocess.run(
+            [compiler, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60
+        )
+        return proc.stdout if proc.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def isa_key(features: str | None = None) -> str:
+    """The instruction set a build is for: ``portable``, or ``native_`` and a hash of the CPU's features."""
+    if _ISA == "portable":
+        return f"portable_{platform.machine()}"
+    features = cpu_features() if features is None else features
+    digest = hashlib.sha256("\0".join([platform.machine(), features]).encode()).hexdigest()[:8]
+    return f"native_{digest}"
+
+
+def extension_name(isa: str | None = None) -> str:
+    """The extension's name: the source, flags and torch hash and the instruction set (:func:`isa_key`)."""
+    return f"lte_cpu_sparse_ffn_{_HASH}_{isa_key() if isa is None else isa}"
+
 
 _lock = threading.Lock()
 _extension = None
@@ -211,13 +272,14 @@ def _load():
             try:
                 from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-                directory = _get_build_directory(EXTENSION_NAME, verbose=False)
-                if not os.path.exists(os.path.join(directory, f"{EXTENSION_NAME}.so")):
+                name = extension_name()
+                directory = _get_build_directory(name, verbose=False)
+                if not os.path.exists(os.path.join(directory, f"{name}.so")):
                     logger.warning(
-                        "LTE: building the CPU sparse kernel %s (once per environment, about 20 s)", directory
+                        "LTE: building the CPU sparse kernel %s (once per environment and CPU, about 20 s)", directory
                     )
                 _extension = load_inline(
-                    name=EXTENSION_NAME,
+                    name=name,
                     cpp_sources=_SOURCE,
                     functions=_FUNCTIONS,
                     extra_cflags=_CFLAGS,

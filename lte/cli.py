@@ -168,11 +168,15 @@ def _cmd_generate(args) -> int:
     for result in results:
         print(describe(result), flush=True)
     if args.compare_dense:
+        from .tools.generate import speed_notes
+
         sparse, dense = results
         print(
             f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
             f"(batch 1; see `lte bench decode` for medians over repeats)"
         )
+        for line in speed_notes(model, sparse, dense):
+            print(f"  {line}", flush=True)
     return 0
 
 
@@ -319,7 +323,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--expert-size", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=20)

@@ -137,6 +137,16 @@ class LTEMLP(nn.Module):
                 width = self.num_experts * self.expert_size
                 self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
 
+    def __getattr__(self, name: str):
+        """The wrapped host's attributes too: model code may read them (RWKV rescales
+        ``feed_forward.value.weight`` from its model's forward)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(super().__getattr__("base_layer"), name)
+
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
 

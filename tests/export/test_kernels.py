@@ -11,7 +11,9 @@ import torch
 import lte_kernels.cpu as cpu_kernel
 from conftest import REPO
 
-SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32)]  # (hidden, neurons, expert_size); 100: not a multiple of 16
+# (hidden, neurons, expert_size); 100: not a multiple of 16; the last is enough work for several threads
+# (the kernel keeps products under 2^16 multiply-adds per thread on one thread)
+SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32), (512, 1024, 32)]
 
 
 def test_the_kernel_builds_here():
@@ -112,6 +114,20 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
         assert (
             r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
         )
+        assert r["max_error"] < 1e-4 and r["launch"] == "eager" and r["sparse_of_bandwidth"] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bench_kernel_runs_the_triton_decode_step_it_times_on_gpus(batch, monkeypatch):
+    # The --device cuda path (Triton kernels, selection on the device) on CPU tensors under
+    # TRITON_INTERPRET=1: what it would time must compute the masked dense FFN.
+    from lte.tools.bench import bench_kernel
+
+    monkeypatch.setenv("LTE_FORCE_TRITON", "1")
+    rows = bench_kernel(["64x256"], [0.0, 0.5], batch=batch, expert_size=16, repeats=1, progress=False)
+    assert [r.sparsity for r in rows] == [0.0, 0.5]
+    assert all(r.max_error < 1e-4 for r in rows), [r.max_error for r in rows]
+    assert 0.5 <= rows[1].union < 1.0 and (batch > 1 or rows[1].union == 0.5)  # a few tokens read their union
 
 
 @pytest.mark.parametrize(
@@ -119,7 +135,8 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     [
         (["--sparsity", "1.5"], "[0, 1)"),
         (["--shape", "4096by11008"], "HIDDENxFFN"),
-        (["--device", "cuda"], "not built yet"),
+        (["--device", "cuda"], "no CUDA device is visible"),
+        (["--dtype", "float16"], "float16 is for CUDA"),
         (["--shape", "64x100"], "does not divide"),
         (["--batch", "9"], "1 to 8 tokens"),
     ],
@@ -200,7 +217,7 @@ if version:
 spec = importlib.util.spec_from_file_location("copy_of_cpu_kernel", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-print(module.EXTENSION_NAME)
+print(module.extension_name())
 """
 
 
@@ -216,10 +233,31 @@ def test_the_extension_name_hashes_the_source_and_the_torch_version(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 
-    assert name(REPO / "kernels" / "cpu.py") == cpu_kernel.EXTENSION_NAME
-    assert name(changed) != cpu_kernel.EXTENSION_NAME
-    assert name(REPO / "kernels" / "cpu.py", "2.99.0") != cpu_kernel.EXTENSION_NAME
-    assert cpu_kernel.EXTENSION_NAME.startswith("lte_cpu_sparse_ffn_")
+    here = cpu_kernel.extension_name()
+    assert name(REPO / "kernels" / "cpu.py") == here
+    assert name(changed) != here
+    assert name(REPO / "kernels" / "cpu.py", "2.99.0") != here
+    assert here.startswith("lte_cpu_sparse_ffn_")
+
+
+_X86 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx avx2 fma {}\nbugs\t\t: sysret_ss_attrs\n\n"
+)
+
+
+def test_the_extension_name_hashes_the_instruction_set(tmp_path):
+    """A build cache shared between machines (a network home) must not give an AVX-512 build to an
+    AVX2 CPU: the CPU's feature flags are part of the name; the order they are listed in is not."""
+    avx2, avx512, reordered = tmp_path / "avx2", tmp_path / "avx512", tmp_path / "reordered"
+    avx2.write_text(_X86.format(""))
+    avx512.write_text(_X86.format("avx512f avx512bw avx512_bf16"))
+    reordered.write_text(_X86.format("avx512_bf16 avx512bw avx512f"))
+    features = {path.name: cpu_kernel.cpu_features(str(path)) for path in (avx2, avx512, reordered)}
+    assert features["avx2"] == "avx avx2 fma fpu sse sse2"  # the flags line only, not the bugs line
+    names = {key: cpu_kernel.extension_name(cpu_kernel.isa_key(value)) for key, value in features.items()}
+    assert names["avx2"] != names["avx512"] and names["avx512"] == names["reordered"]
+    assert cpu_kernel.isa_key() == cpu_kernel.isa_key(cpu_kernel.cpu_features())  # this machine: /proc/cpuinfo
+    assert cpu_kernel.cpu_features(str(tmp_path / "absent"))  # no /proc/cpuinfo: the compiler's view
 
 
 def test_the_first_build_logs_one_line_and_a_rebuild_none(tmp_path):
@@ -232,3 +270,63 @@ def test_the_first_build_logs_one_line_and_a_rebuild_none(tmp_path):
         logs.append([line for line in proc.stderr.splitlines() if "lte" in line.lower()])
     assert len(logs[0]) == 1 and "building the CPU sparse kernel" in logs[0][0], logs
     assert logs[1] == [], logs
+
+
+_PORTABLE = r"""
+import json, sys, torch
+import lte_kernels.cpu as k
+assert k.available()
+g = torch.Generator().manual_seed(0)
+errors = {}  # per dtype: the largest difference from the reference, relative to its largest entry
+for dtype in (torch.float32, torch.bfloat16):
+    weight, weight_t = (torch.randn(96, 100, generator=g).to(dtype) for _ in range(2))
+    x = torch.randn(3, 100, generator=g)
+    experts = torch.tensor([0, 2, 5])
+    rows = (experts[:, None] * 16 + torch.arange(16)).reshape(-1)
+    h = torch.randn(3, rows.numel(), generator=g)
+    order, count = k.select_experts(torch.zeros(6, dtype=torch.bool).index_fill_(0, experts, True))
+    slots = k.slot_matvec(x, weight, order, count, 16).float()
+    assert slots[:, rows.numel():].abs().max() == 0  # the unselected slots
+    pairs = [
+        (k.expert_matvec(x, weight, experts, 16), x @ weight.float()[rows].T),
+        (k.expert_matvec_t(h, weight_t, experts, 16), h @ weight_t.float()[rows]),
+        (slots[:, : rows.numel()], x @ weight.float()[rows].T),
+        (k.slot_matvec_t(slots, weight_t, order, count, 16), slots[:, : rows.numel()] @ weight_t.float()[rows]),
+    ]
+    errors[str(dtype)] = max(((got.float() - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+print(json.dumps({"name": k.extension_name(), "so": k._extension.__file__, "errors": errors}))
+"""
+
+
+def _vector_registers(shared_object: str) -> set[str]:
+    """The 256- and 512-bit registers (AVX, AVX-512) the machine code of ``shared_object`` names."""
+    listing = subprocess.run(["objdump", "-d", shared_object], capture_output=True, text=True, check=True).stdout
+    return {register for register in ("%ymm", "%zmm") if register in listing}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the instruction-set check reads x86 registers")
+def test_the_portable_build_runs_without_native_instructions():
+    """``LTE_KERNEL_ISA=portable``: its own build (own name, built once per environment like the
+    native one), no AVX/AVX-512 instructions in it although the native build here has them, and the
+    same products as the reference."""
+    env = {**os.environ, "LTE_KERNEL_ISA": "portable"}
+    proc = subprocess.run([sys.executable, "-c", _PORTABLE], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    portable = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert portable["name"] != cpu_kernel.extension_name() and portable["name"].endswith("_portable_x86_64")
+    assert portable["errors"]["torch.float32"] < 1e-6 and portable["errors"]["torch.bfloat16"] < 1e-2, portable
+    assert cpu_kernel.available()
+    assert _vector_registers(cpu_kernel._extension.__file__)  # -march=native on any x86 CPU with AVX
+    assert not _vector_registers(portable["so"])
+
+
+def test_an_unknown_instruction_set_setting_is_refused_by_name():
+    env = {**os.environ, "LTE_KERNEL_ISA": "avx9"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import lte_kernels.cpu"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ValueError: LTE_KERNEL_ISA='avx9': expected 'native' (the default: this CPU's instructions) or 'portable' "
+        "(the architecture's baseline, for a build cache shared between different CPUs)"
+    )
