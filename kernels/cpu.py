@@ -203,12 +203,20 @@ torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tens
 
 _FUNCTIONS = ["expert_matvec", "expert_matvec_t", "slot_matvec", "slot_matvec_t"]
 _ISA = os.environ.get("LTE_KERNEL_ISA", "native")
-if _ISA not in ("native", "portable"):
-    raise ValueError(
-        f"LTE_KERNEL_ISA={_ISA!r}: expected 'native' (the default: this CPU's instructions) or 'portable' "
-        "(the architecture's baseline, for a build cache shared between different CPUs)"
+if _ISA not in ("native", "portable"):  # a typo must not break every export's import: the safe build, said once
+    logger.warning(
+        "LTE_KERNEL_ISA=%r: expected 'native' (the default: this CPU's instructions) or 'portable' (the "
+        "architecture's baseline, for a build cache shared between different CPUs); building the portable kernel",
+        _ISA,
     )
-_CFLAGS = ["-O3", *(["-march=native"] if _ISA == "native" else []), "-fopenmp"]
+    _ISA = "portable"
+# The architecture's baseline named explicitly: a compiler whose default targets a newer level would emit it.
+_BASELINE = {"x86_64": "-march=x86-64", "AMD64": "-march=x86-64", "aarch64": "-march=armv8-a"}
+_CFLAGS = [
+    "-O3",
+    *(["-march=native"] if _ISA == "native" else [_BASELINE[m]] if (m := platform.machine()) in _BASELINE else []),
+    "-fopenmp",
+]
 _LDFLAGS = ["-fopenmp"]
 # One build per (source, flags, torch): a changed kernel or another torch gets its own name.
 _HASH = hashlib.sha256("\0".join([_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__]).encode()).hexdigest()[:12]

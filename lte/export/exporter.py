@@ -203,7 +203,15 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     # Contiguous tensors: the kernels' re-strided weights are transposed views, which safetensors cannot
     # write where transformers de-duplicates shared tensors (Zamba's shared block). The routers are not
     # among the saved tensors (install_routed_ffns sets _keys_to_ignore_on_save).
-    state_dict = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    copies: dict = {}  # one copy per re-strided tensor, so tensors shared between names stay shared
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_contiguous():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.contiguous()
+            tensor = copies[key]
+        state_dict[name] = tensor
     model.save_pretrained(directory, **{"state_dict": state_dict, **save_kwargs})
     write_routers(model, directory)
     tokenizer.save_pretrained(directory)

@@ -138,14 +138,18 @@ class LTEMLP(nn.Module):
                 self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
 
     def __getattr__(self, name: str):
-        """The wrapped host's attributes too: model code may read them (RWKV rescales
-        ``feed_forward.value.weight`` from its model's forward)."""
+        """The wrapped host's submodules, parameters and buffers too: model code may read them (RWKV
+        rescales ``feed_forward.value.weight`` from its model's forward). Only those: other names
+        (accelerate's ``_hf_hook``, ``_old_forward``) must not answer for the wrapped module."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_layer":
                 raise
-            return getattr(super().__getattr__("base_layer"), name)
+            base = super().__getattr__("base_layer")
+            if any(name in vars(base).get(store, {}) for store in ("_modules", "_parameters", "_buffers")):
+                return getattr(base, name)
+            raise
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)

@@ -52,7 +52,18 @@ from lte.export.remote import layout
 logger = logging.getLogger("vllm.lte")  # a child of vLLM's logger: its handlers and format
 
 MAX_UNION_TOKENS = 8  # as the remote code: up to this many tokens run the kernels over their union
-LOG_INTERVAL = float(os.environ.get("LTE_SPARSITY_LOG_INTERVAL", "30"))
+def _log_interval() -> float:
+    """``LTE_SPARSITY_LOG_INTERVAL`` in seconds (30 by default; 0 turns the line off). A bad value is
+    named and the default used: a plugin that fails to import would leave vLLM serving the export dense."""
+    text = os.environ.get("LTE_SPARSITY_LOG_INTERVAL", "30")
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        logger.warning("LTE_SPARSITY_LOG_INTERVAL=%r is not a number of seconds; using 30", text)
+        return 30.0
+
+
+LOG_INTERVAL = _log_interval()
 _ROUTED_CLASSES: dict[type, type] = {}
 _CHECKED: set[tuple] = set()  # exports whose routers were read and checked in this process
 
@@ -157,6 +168,26 @@ class RoutingError(ValueError):
     """An export this vLLM model cannot route: the message says why and what to do."""
 
 
+def rank_module(model, name: str, host_path: str):
+    """vLLM's module ``name``, or None on a pipeline-parallel rank that holds a ``PPMissingLayer`` on
+    its path. Any other miss is an FFN path this model class names otherwise: refused, never served dense."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    module = model
+    for part in name.split("."):
+        if isinstance(module, PPMissingLayer):
+            return None
+        child = getattr(module, part, None)  # ModuleList children too: their names are "0", "1", ...
+        if child is None:
+            raise RoutingError(
+                f"the export's FFN {host_path} maps to {name}, which vLLM's {type(model).__name__} does not have "
+                "(its hf_to_vllm_mapper names it otherwise); this family cannot be routed by the plugin. Serve it "
+                "with VLLM_PLUGINS=none (dense) or with transformers and trust_remote_code=True (sparse)."
+            )
+        module = child
+    return None if isinstance(module, PPMissingLayer) else module
+
+
 def install_routing(model, vllm_config) -> None:
     """Give every routed FFN's projections a ``RoutedLinearMethod``, with the routers of this
     rank's experts (``config.lte_ffn.hosts``: HF names, mapped to vLLM's)."""
@@ -171,16 +202,13 @@ def install_routing(model, vllm_config) -> None:
     method, states = routed_linear_method(), []
     for index, host in enumerate(ffn["hosts"]):
         down_name, _ = vllm_module(model, f"{host['path']}.{host['down']}")
-        try:
-            down = model.get_submodule(down_name)
-        except AttributeError:
+        down = rank_module(model, down_name, host["path"])
+        if down is None:
             continue  # a pipeline-parallel rank without this layer
-        if not hasattr(down, "weight"):
-            continue  # PPMissingLayer
         firsts: dict[str, list[int]] = {}
         for name in host["first"]:
             module_name, shard = vllm_module(model, f"{host['path']}.{name}")
-            module = model.get_submodule(module_name)
+            module = rank_module(model, module_name, host["path"])
             firsts.setdefault(module_name, []).extend(row_blocks(module, shard, host.get("fused_chunks", 1)))
         modules = [model.get_submodule(name) for name in firsts] + [down]
         for module in modules:
@@ -225,9 +253,9 @@ def install_routing(model, vllm_config) -> None:
         cpu_kernels.available()  # build (or load) the C++ kernel now, not on the first request
     SPARSITY.start(states)
     logger.info(
-        "LTE routing: %d of %d FFN layers routed (%d-neuron experts), thresholds %s",
+        "LTE routing: %d of %d FFN layers routed on this rank (%d-neuron experts), thresholds %s",
         sum(s is not None for s in states),
-        len(states),
+        len(ffn["hosts"]),
         size,
         [round(t, 4) for t in thresholds],
     )

@@ -542,12 +542,18 @@ def reload_exports(outcomes: list[Outcome], workdir: Path, workers: int = 1) -> 
         if share
     ]
     results = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULTS ")), None)
-        if line is None:
-            raise RuntimeError(f"a reload subprocess failed (exit {proc.returncode}): {stderr[-2000:]}")
-        results.update(json.loads(line[len("RESULTS ") :]))
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate()
+            line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULTS ")), None)
+            if line is None:
+                raise RuntimeError(f"a reload subprocess failed (exit {proc.returncode}): {stderr[-2000:]}")
+            results.update(json.loads(line[len("RESULTS ") :]))
+    finally:  # one failed: the others are not left running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for o in outcomes:
         if o.status != "exported":
             continue

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -320,13 +321,11 @@ def test_the_portable_build_runs_without_native_instructions():
     assert not _vector_registers(portable["so"])
 
 
-def test_an_unknown_instruction_set_setting_is_refused_by_name():
+def test_an_unknown_instruction_set_setting_is_named_and_the_portable_build_used():
+    # A typo must not break the import of every export (the remote code catches only ImportError).
     env = {**os.environ, "LTE_KERNEL_ISA": "avx9"}
-    proc = subprocess.run(
-        [sys.executable, "-c", "import lte_kernels.cpu"], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "ValueError: LTE_KERNEL_ISA='avx9': expected 'native' (the default: this CPU's instructions) or 'portable' "
-        "(the architecture's baseline, for a build cache shared between different CPUs)"
-    )
+    code = "import lte_kernels.cpu as k; print(k.extension_name())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LTE_KERNEL_ISA='avx9': expected 'native'" in proc.stderr and "building the portable kernel" in proc.stderr
+    assert proc.stdout.strip().endswith("_portable_" + platform.machine())
