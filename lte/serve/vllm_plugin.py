@@ -52,6 +52,8 @@ from lte.export.remote import layout
 logger = logging.getLogger("vllm.lte")  # a child of vLLM's logger: its handlers and format
 
 MAX_UNION_TOKENS = 8  # as the remote code: up to this many tokens run the kernels over their union
+
+
 def _log_interval() -> float:
     """``LTE_SPARSITY_LOG_INTERVAL`` in seconds (30 by default; 0 turns the line off). A bad value is
     named and the default used: a plugin that fails to import would leave vLLM serving the export dense."""
