@@ -105,6 +105,10 @@ struct DenseRows {
     const W* row = w + r * hidden + c0;
     for (int64_t c = 0; c < c1 - c0; ++c) a[c] += h * load(row, c);
   }
+  void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {  // rows r .. r + 3
+    for (int i = 0; i < 4; ++i)
+      if (h[i] != 0.f) axpy(r + i, h[i], a, c0, c1);
+  }
 };
 
 // Group-quantized rows (kernels/quant.py's layout): Bits 8 = int8 entries; Bits 4 = two per byte, byte i of
@@ -117,22 +121,30 @@ struct QuantRows {
   int64_t row_bytes, group, groups, hidden;
   int64_t align() const { return group; }  // column blocks start on a group
   const uint8_t* at(int64_t r, int64_t g) const { return q + r * row_bytes + g * group * Bits / 8; }
-  float scale(int64_t r, int64_t g) const { return static_cast<float>(scales[r * groups + g]); }
+  float scale(int64_t r, int64_t g) const {
+#ifdef __F16C__
+    return _cvtsh_ss(scales[r * groups + g].x);
+#else
+    return static_cast<float>(scales[r * groups + g]);
+#endif
+  }
   float entry(const uint8_t* p, int64_t i) const {  // entry i of the group at p
     if (Bits == 8) return static_cast<float>(static_cast<int8_t>(p[i]));
     const int64_t half = group / 2;
     return i < half ? static_cast<float>((p[i] & 15) - 8) : static_cast<float>((p[i - half] >> 4) - 8);
   }
 #ifdef LTE_AVX2
-  // 16 entries as two vectors of 8 floats
-  static inline void widen(__m128i b, __m256& lo, __m256& hi) {
+  static inline void widen(__m128i b, __m256& lo, __m256& hi) {  // 16 int8 -> two vectors of 8 floats
     lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
     hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
   }
-  static inline void nibbles(__m128i b, __m128i& low, __m128i& high) {  // 16 bytes -> 2 x 16 int8 in [-8, 7]
-    const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    low = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-    high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+  // entries e .. e + 15 (e a multiple of 16) of the group at p, as int8
+  inline __m128i entries16(const uint8_t* p, int64_t e) const {
+    if (Bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e));
+    const int64_t half = group / 2;
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (e < half ? e : e - half)));
+    const __m128i v = e < half ? b : _mm_srli_epi16(b, 4);
+    return _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
   }
 #endif
   float dot(int64_t r, const float* x) const {
@@ -145,24 +157,10 @@ struct QuantRows {
       const uint8_t* p = at(r, g);
       const float* xg = x + g * group;
       __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), w0, w1;
-      if (Bits == 8) {
-        for (int64_t i = 0; i < group; i += 16) {
-          widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), w0, w1);
-          s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + i), s0);
-          s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + i + 8), s1);
-        }
-      } else {
-        const int64_t half = group / 2;
-        for (int64_t i = 0; i < half; i += 16) {
-          __m128i low, high;
-          nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), low, high);
-          widen(low, w0, w1);
-          s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + i), s0);
-          s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + i + 8), s1);
-          widen(high, w0, w1);
-          s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + half + i), s0);
-          s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + half + i + 8), s1);
-        }
+      for (int64_t e = 0; e < group; e += 16) {
+        widen(entries16(p, e), w0, w1);
+        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + e), s0);
+        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + e + 8), s1);
       }
       vacc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(scale(r, g)), vacc);
     }
@@ -185,39 +183,45 @@ struct QuantRows {
     }
     return acc;
   }
+  // a[c - c0] += sum over rows r .. r + 3 of h[i] * row[c]: four rows per pass over a (a is read and written
+  // once for four rows, four independent streams). Rows in order, so the sums do not depend on the threads.
+  void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {
+    for (int64_t g = c0 / group; g * group < c1; ++g) {
+      const uint8_t* p[4];
+      float f[4];
+      for (int i = 0; i < 4; ++i) p[i] = at(r + i, g), f[i] = h[i] * scale(r + i, g);
+      float* ag = a + (g * group - c0);
+      const int64_t n = std::min(group, c1 - g * group);
+#ifdef LTE_AVX2
+      if (n == group) {
+        const __m256 f0 = _mm256_set1_ps(f[0]), f1 = _mm256_set1_ps(f[1]), f2 = _mm256_set1_ps(f[2]),
+                     f3 = _mm256_set1_ps(f[3]);
+        for (int64_t e = 0; e < group; e += 16) {
+          __m256 a0 = _mm256_loadu_ps(ag + e), a1 = _mm256_loadu_ps(ag + e + 8), w0, w1;
+          widen(entries16(p[0], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f0, w0, a0), a1 = _mm256_fmadd_ps(f0, w1, a1);
+          widen(entries16(p[1], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f1, w0, a0), a1 = _mm256_fmadd_ps(f1, w1, a1);
+          widen(entries16(p[2], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f2, w0, a0), a1 = _mm256_fmadd_ps(f2, w1, a1);
+          widen(entries16(p[3], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f3, w0, a0), a1 = _mm256_fmadd_ps(f3, w1, a1);
+          _mm256_storeu_ps(ag + e, a0);
+          _mm256_storeu_ps(ag + e + 8, a1);
+        }
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i)
+        ag[i] += f[0] * entry(p[0], i) + f[1] * entry(p[1], i) + f[2] * entry(p[2], i) + f[3] * entry(p[3], i);
+    }
+  }
   void axpy(int64_t r, float h, float* a, int64_t c0, int64_t c1) const {
     for (int64_t g = c0 / group; g * group < c1; ++g) {
       const uint8_t* p = at(r, g);
       const float f = h * scale(r, g);
       float* ag = a + (g * group - c0);
-      const int64_t n = std::min(group, c1 - g * group);
-#ifdef LTE_AVX2
-      if (n == group) {
-        const __m256 vf = _mm256_set1_ps(f);
-        __m256 w0, w1;
-        if (Bits == 8) {
-          for (int64_t i = 0; i < group; i += 16) {
-            widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), w0, w1);
-            _mm256_storeu_ps(ag + i, _mm256_fmadd_ps(vf, w0, _mm256_loadu_ps(ag + i)));
-            _mm256_storeu_ps(ag + i + 8, _mm256_fmadd_ps(vf, w1, _mm256_loadu_ps(ag + i + 8)));
-          }
-        } else {
-          const int64_t half = group / 2;
-          for (int64_t i = 0; i < half; i += 16) {
-            __m128i low, high;
-            nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), low, high);
-            widen(low, w0, w1);
-            _mm256_storeu_ps(ag + i, _mm256_fmadd_ps(vf, w0, _mm256_loadu_ps(ag + i)));
-            _mm256_storeu_ps(ag + i + 8, _mm256_fmadd_ps(vf, w1, _mm256_loadu_ps(ag + i + 8)));
-            widen(high, w0, w1);
-            _mm256_storeu_ps(ag + half + i, _mm256_fmadd_ps(vf, w0, _mm256_loadu_ps(ag + half + i)));
-            _mm256_storeu_ps(ag + half + i + 8, _mm256_fmadd_ps(vf, w1, _mm256_loadu_ps(ag + half + i + 8)));
-          }
-        }
-        continue;
-      }
-#endif
-      for (int64_t i = 0; i < n; ++i) ag[i] += f * entry(p, i);
+      for (int64_t i = 0; i < std::min(group, c1 - g * group); ++i) ag[i] += f * entry(p, i);
     }
   }
 };
@@ -249,7 +253,17 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;
       std::vector<float> acc(tokens * width, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t j = 0;
+      if (size % 4 == 0)  // four rows of one expert at a time
+        for (; j < n; j += 4) {
+          const int64_t r = experts[j / size] * size + j % size;
+          for (int64_t t = 0; t < tokens; ++t) {
+            const float* s = h + t * hstride + j;
+            if (s[0] == 0.f && s[1] == 0.f && s[2] == 0.f && s[3] == 0.f) continue;  // not this token's expert
+            w.axpy4(r, s, acc.data() + t * width, c0, c1);
+          }
+        }
+      for (; j < n; ++j) {
         const int64_t r = experts[j / size] * size + j % size;
         for (int64_t t = 0; t < tokens; ++t) {
           const float s = h[t * hstride + j];
