@@ -188,7 +188,8 @@ def _cmd_bench_kernel(args) -> int:
     sparsities = _sparsities(args.sparsity)
     shapes = args.shape.split(",") if args.shape else list(DEFAULT_SHAPES)
     rows = bench_kernel(shapes, sparsities, args.dtype, args.batch, args.expert_size, args.repeats, args.device)
-    print(f"sparse FFN kernel vs dense F.linear, {machine()}; medians of {args.repeats}")
+    baselines = ", ".join(sorted({row.baseline for row in rows}))
+    print(f"sparse FFN kernel vs dense {baselines}, {machine()}; medians of {args.repeats}")
     print(kernel_table(rows))
     if args.json:
         write_json([{**asdict(row), "device": machine()} for row in rows], args.json)
@@ -359,7 +360,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "int8", "int4"],
+        help="weights; int8/int4: group-32 quantized rows against torch's dense int GEMVs (CPU)",
+    )
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--expert-size", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=20)

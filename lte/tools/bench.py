@@ -11,6 +11,11 @@ against the masked dense FFN before it is timed. The threshold is set so that ex
 requested share of experts is skipped. Each row also says what share of the device's measured
 read bandwidth each side reaches (bytes it must read / time).
 
+``--dtype int8|int4`` (CPU): the sparse side reads group-quantized rows (``lte_kernels.quant``: group
+32, fp16 scales, bf16 activations); dense is the best dense GEMV of the same bit width in torch here,
+``aten._weight_int8pack_mm`` (per-channel scales) and ``aten._weight_int4pack_mm_for_cpu`` (group 32),
+with bf16 activations (their fp32-activation paths are several times slower on this CPU).
+
 ``decode``: end-to-end greedy tokens/s of an exported model at batch 1, against the same
 loaded model with ``config.lte_routing = "dense"``: same prompt, same number of new tokens.
 """
@@ -31,6 +36,7 @@ from ..core.errors import UsageError
 
 DEFAULT_SHAPES = ("4096x11008", "5120x13824")  # Llama-2-7B and 13B FFNs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED = {"int8": 8, "int4": 4}  # weight-only, group 32, fp16 scales (lte_kernels.quant); bf16 activations
 
 
 @dataclass
@@ -51,6 +57,7 @@ class KernelRow:
     dense_of_bandwidth: float
     bandwidth_gb_s: float  # the device's measured read bandwidth (read_bandwidth)
     launch: str  # "cuda graphs" (both sides replayed from captured graphs) or "eager"
+    baseline: str = "F.linear"  # the dense kernel the sparse side is measured against
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -174,6 +181,16 @@ def bench_kernel(
     slot_path = torch_device.type == "cuda" or os.environ.get("LTE_FORCE_TRITON") == "1"
     if not slot_path and dtype == "float16":
         raise UsageError("--dtype float16: the CPU kernel reads float32 and bfloat16 weights (float16 is for CUDA)")
+    if dtype in QUANTIZED:
+        if slot_path:
+            raise UsageError(
+                f"--dtype {dtype}: quantized weights are benchmarked on CPU only for now; use --device cpu"
+            )
+        if batch != 1:
+            raise UsageError(
+                f"--dtype {dtype}: the quantized benchmark is batch 1 (torch's dense int kernels are GEMVs)"
+            )
+        return _bench_quantized(shapes, sparsities, dtype, expert_size, repeats, progress)
     select, matvec, matvec_t = _slot_kernels(torch_device, slot_path)
     if not slot_path:
         import lte_kernels.cpu as cpu_kernel
@@ -283,19 +300,138 @@ def bench_kernel(
     return rows
 
 
+def _int_baseline(weight: torch.Tensor, bits: int):
+    """(fn(x) -> x @ weight.T in bf16, its name): torch's dense int8 / int4 GEMV for CPU on ``weight``."""
+    rows, hidden = weight.shape
+    if bits == 8:
+        scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
+        q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scales = scales.to(torch.bfloat16)
+        return (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)), "aten._weight_int8pack_mm"
+    group = 32
+    w = weight.reshape(rows, hidden // group, group)
+    scales = w.abs().amax(dim=-1).clamp_min(1e-8) / 7
+    q = ((w / scales[..., None]).round().clamp(-8, 7) + 8).to(torch.int32).reshape(rows, hidden)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    # [groups, rows, (scale, zero)]: the op dequantizes (q - 8) * scale + zero
+    scale_zero = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous().to(torch.bfloat16)
+    return (
+        lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)
+    ), "aten._weight_int4pack_mm_for_cpu"
+
+
+@torch.no_grad()
+def _bench_quantized(shapes, sparsities, dtype: str, expert_size: int, repeats: int, progress: bool):
+    """``bench_kernel`` for int8/int4 weights on CPU: the kernel over quantized rows (slot selection, as an
+    export's decode step) against torch's dense int GEMVs of the same bit width; batch 1, bf16 activations."""
+    from tqdm.auto import tqdm
+
+    import lte_kernels.cpu as cpu_kernel
+    from lte_kernels import quant
+
+    if not cpu_kernel.available():
+        raise UsageError("the CPU kernel could not be built (it needs a C++ compiler and ninja); see the log above")
+    bits = QUANTIZED[dtype]
+    try:
+        quant.check_group_size(quant.GROUP_SIZE, expert_size)
+    except ValueError as exc:
+        raise UsageError(f"--expert-size {expert_size}: {exc}") from None
+    bandwidth = read_bandwidth(torch.device("cpu"))
+    timer = median_seconds
+    rows = []
+    for shape, sparsity in tqdm(
+        [(s, p) for s in shapes for p in sparsities], desc="Benchmarking", disable=not progress
+    ):
+        hidden, ffn = parse_shape(shape)
+        if ffn % expert_size or hidden % quant.GROUP_SIZE:
+            raise UsageError(
+                f"--shape {shape}: --expert-size {expert_size} does not divide the FFN width {ffn}, or the group "
+                f"size {quant.GROUP_SIZE} does not divide the hidden size {hidden}"
+            )
+        experts_total = ffn // expert_size
+        g = torch.Generator().manual_seed(0)
+        gate, up = (torch.randn(ffn, hidden, generator=g) for _ in range(2))
+        down = torch.randn(hidden, ffn, generator=g)
+        router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
+        x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
+        (qg, sg), (qu, su), (qd, sd) = (quant.quantize(w, bits) for w in (gate, up, down.t()))
+        (dense_gate, name), (dense_up, _), (dense_down, _) = (_int_baseline(w, bits) for w in (gate, up, down))
+        scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
+        skip = round(sparsity * scores.numel())
+        threshold = float(scores.kthvalue(skip).values) if skip else -1.0
+
+        def dense(x=x, dense_gate=dense_gate, dense_up=dense_up, dense_down=dense_down):
+            return dense_down(F.silu(dense_gate(x)) * dense_up(x))
+
+        def sparse(x=x, router=router, threshold=threshold, qg=qg, sg=sg, qu=qu, su=su, qd=qd, sd=sd, hidden=hidden):
+            order, count = cpu_kernel.select_experts(torch.sigmoid(F.linear(x.float(), router)) > threshold)
+            h = F.silu(cpu_kernel.slot_matvec(x, qg, order, count, expert_size, 0, sg))
+            h = h * cpu_kernel.slot_matvec(x, qu, order, count, expert_size, 0, su)
+            return cpu_kernel.slot_matvec_t(h, qd, order, count, expert_size, sd, hidden)
+
+        every = (torch.arange(experts_total, dtype=torch.int32), torch.tensor([experts_total], dtype=torch.int32))
+
+        def kernel_dense(x=x, qg=qg, sg=sg, qu=qu, su=su, qd=qd, sd=sd, every=every, hidden=hidden):
+            h = F.silu(cpu_kernel.slot_matvec(x, qg, *every, expert_size, 0, sg))
+            h = h * cpu_kernel.slot_matvec(x, qu, *every, expert_size, 0, su)
+            return cpu_kernel.slot_matvec_t(h, qd, *every, expert_size, sd, hidden)
+
+        on = torch.sigmoid(F.linear(x.float(), router)) > threshold
+        assert int(on.sum()) == on.numel() - skip, (int(on.sum()), on.numel(), skip)
+        # Check before timing: the sparse step computes the masked FFN of the dequantized weights, and the
+        # baseline the dense FFN of its own quantization of the same weights (a loose check: another rounding).
+        mask = on.repeat_interleave(expert_size, dim=1).float()
+        wg, wu, wd = (quant.dequantize(q_, s_) for q_, s_ in ((qg, sg), (qu, su), (qd, sd)))
+        xf = x.float()
+        reference = ((F.silu(xf @ wg.T) * (xf @ wu.T) * mask) @ wd).float()
+        error = float((sparse().float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+        full = F.silu(xf @ gate.T) * (xf @ up.T) @ down.T
+        baseline_error = float((dense().float() - full).abs().max() / full.abs().max())
+        assert baseline_error < (0.05 if bits == 8 else 0.5), (name, baseline_error)
+        union = float(on.float().mean())
+        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * timer(fn, repeats) for fn in (dense, sparse, kernel_dense))
+        ideal = 1.0 / union if union > 0 else float("inf")
+        speedup = dense_ms / sparse_ms
+        weight_bytes = 3 * hidden * ffn * quant.bits_per_weight(bits) / 8  # both sides read about this much
+        sparse_bytes = union * weight_bytes + router.numel() * router.element_size()
+        rows.append(
+            KernelRow(
+                shape,
+                1,
+                dtype,
+                sparsity,
+                dense_ms,
+                sparse_ms,
+                speedup,
+                ideal,
+                speedup / ideal,
+                kernel_dense_ms,
+                union,
+                error,
+                sparse_bytes / (sparse_ms / 1e3) / bandwidth,
+                weight_bytes / (dense_ms / 1e3) / bandwidth,
+                bandwidth / 1e9,
+                "eager",
+                name,
+            )
+        )
+    return rows
+
+
 def kernel_table(rows: list[KernelRow]) -> str:
     lines = [
         (
             "| shape | batch | dtype | sparsity | union | dense ms | sparse ms | speedup | ideal | of ideal "
-            "| kernel, all experts ms | sparse, of bandwidth | dense, of bandwidth |"
+            "| kernel, all experts ms | sparse, of bandwidth | dense, of bandwidth | dense kernel |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.shape} | {r.batch} | {r.dtype} | {r.sparsity:.2f} | {100 * r.union:.0f}% | {r.dense_ms:.2f} | "
             f"{r.sparse_ms:.2f} | {r.speedup:.2f}x | {r.ideal_speedup:.2f}x | {100 * r.fraction_of_ideal:.0f}% | "
-            f"{r.kernel_dense_ms:.2f} | {100 * r.sparse_of_bandwidth:.0f}% | {100 * r.dense_of_bandwidth:.0f}% |"
+            f"{r.kernel_dense_ms:.2f} | {100 * r.sparse_of_bandwidth:.0f}% | {100 * r.dense_of_bandwidth:.0f}% | "
+            f"{r.baseline} |"
         )
     return "\n".join(lines)
 

@@ -118,6 +118,22 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
         assert r["max_error"] < 1e-4 and r["launch"] == "eager" and r["sparse_of_bandwidth"] > 0
 
 
+@pytest.mark.parametrize(("dtype", "baseline"), [("int8", "_weight_int8pack_mm"), ("int4", "_weight_int4pack_mm")])
+def test_bench_kernel_times_quantized_rows_against_torchs_dense_int_kernels(dtype, baseline, tmp_path, capsys):
+    from lte.cli import main
+
+    out = tmp_path / "rows.json"
+    argv = ["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--dtype", dtype, "--repeats", "2"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert f"| 256x512 | 1 | {dtype} | 0.50 | 50% |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert baseline in r["baseline"] and r["dtype"] == dtype
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        assert r["max_error"] < 2e-2  # bf16 activations and output, against the dequantized masked FFN
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bench_kernel_runs_the_triton_decode_step_it_times_on_gpus(batch, monkeypatch):
     # The --device cuda path (Triton kernels, selection on the device) on CPU tensors under
@@ -140,6 +156,8 @@ def test_bench_kernel_runs_the_triton_decode_step_it_times_on_gpus(batch, monkey
         (["--dtype", "float16"], "float16 is for CUDA"),
         (["--shape", "64x100"], "does not divide"),
         (["--batch", "9"], "1 to 8 tokens"),
+        (["--dtype", "int8", "--batch", "2"], "batch 1"),
+        (["--dtype", "int4", "--expert-size", "16"], "straddle two experts"),
     ],
 )
 def test_bench_kernel_bad_input(argv, phrase, capsys):
@@ -295,6 +313,23 @@ for dtype in (torch.float32, torch.bfloat16):
         (k.slot_matvec_t(slots, weight_t, order, count, 16), slots[:, : rows.numel()] @ weight_t.float()[rows]),
     ]
     errors[str(dtype)] = max(((got.float() - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+from lte_kernels import quant
+for bits in (8, 4):  # quantized rows, padded to whole groups (100 -> 128)
+    qweight, scales = quant.quantize(torch.randn(192, 100, generator=g), bits)
+    qweight_t, scales_t = quant.quantize(torch.randn(192, 100, generator=g), bits)
+    dense, dense_t = quant.dequantize(qweight, scales, 100), quant.dequantize(qweight_t, scales_t, 100)
+    experts = torch.tensor([0, 2, 5])
+    rows = (experts[:, None] * 32 + torch.arange(32)).reshape(-1)
+    x, h = torch.randn(3, 100, generator=g), torch.randn(3, rows.numel(), generator=g)
+    order, count = k.select_experts(torch.zeros(6, dtype=torch.bool).index_fill_(0, experts, True))
+    slots = k.slot_matvec(x, qweight, order, count, 32, 0, scales)
+    assert slots[:, rows.numel():].abs().max() == 0
+    pairs = [
+        (slots[:, : rows.numel()], x @ dense[rows].T),
+        (k.slot_matvec_t(slots, qweight_t, order, count, 32, scales_t, 100), slots[:, : rows.numel()] @ dense_t[rows]),
+        (k.expert_matvec_t(h, qweight_t, experts, 32, scales_t, 100), h @ dense_t[rows]),
+    ]
+    errors[f"int{bits}"] = max(((got - want).abs().max() / want.abs().max()).item() for got, want in pairs)
 print(json.dumps({"name": k.extension_name(), "so": k._extension.__file__, "errors": errors}))
 """
 
@@ -316,6 +351,7 @@ def test_the_portable_build_runs_without_native_instructions():
     portable = json.loads(proc.stdout.strip().splitlines()[-1])
     assert portable["name"] != cpu_kernel.extension_name() and portable["name"].endswith("_portable_x86_64")
     assert portable["errors"]["torch.float32"] < 1e-6 and portable["errors"]["torch.bfloat16"] < 1e-2, portable
+    assert portable["errors"]["int8"] < 1e-5 and portable["errors"]["int4"] < 1e-5, portable
     assert cpu_kernel.available()
     assert _vector_registers(cpu_kernel._extension.__file__)  # -march=native on any x86 CPU with AVX
     assert not _vector_registers(portable["so"])
@@ -329,3 +365,150 @@ def test_an_unknown_instruction_set_setting_is_named_and_the_portable_build_used
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LTE_KERNEL_ISA='avx9': expected 'native'" in proc.stderr and "building the portable kernel" in proc.stderr
     assert proc.stdout.strip().endswith("_portable_" + platform.machine())
+
+
+# Quantized rows (kernels/quant.py): (hidden, neurons, expert_size, group); 100 and 200: rows padded to whole
+# groups; the last is enough work for both threads and several column blocks.
+QUANT_SHAPES = [(100, 192, 32, 32), (200, 256, 64, 64), (96, 256, 128, 32), (1024, 2048, 32, 32)]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(got.float(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_round_trips_within_half_a_step(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(8, 100, generator=g)
+    weight[0, :32] = 0  # an all-zero group: scale 0, no division by zero
+    qweight, scales = quant.quantize(weight, bits, 32)
+    assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert qweight.shape == (8, 128 * bits // 8) and scales.shape == (8, 4) and scales.dtype == torch.float16
+    back = quant.dequantize(qweight, scales, 100)
+    step = scales.float().repeat_interleave(32, dim=1)[:, :100]
+    assert ((back - weight).abs() <= step / 2 + 1e-6 + 1e-3 * weight.abs()).all()  # 1e-3: the fp16 scale
+    assert not back[0, :32].any() and scales[0, 0] == 0
+    assert quant.unpack(qweight, scales)[:, 100:].eq(0).all()  # the padding
+    assert quant.bits_per_weight(bits) == bits + 0.5
+
+
+def test_int4_packs_a_group_as_q4_0_does():
+    from lte_kernels import quant
+
+    weight = torch.arange(-16, 16, dtype=torch.float32).reshape(1, 32) * (7 / 16)  # scale 7/16 / ... exact levels
+    qweight, scales = quant.quantize(weight, 4, 32)
+    q = quant.unpack(qweight, scales)[0]
+    assert torch.equal(qweight[0] & 15, (q[:16] + 8).to(torch.uint8))  # byte i: entry i low ...
+    assert torch.equal(qweight[0] >> 4, (q[16:] + 8).to(torch.uint8))  # ... and entry i + 16 high
+    assert q.min() >= -8 and q.max() <= 7
+
+
+@pytest.mark.parametrize(
+    ("call", "phrase"),
+    [
+        (lambda q: q.quantize(torch.zeros(4, 64), 4, 16), "multiple of 32"),
+        (lambda q: q.quantize(torch.zeros(4, 64), 3), "expected 8 or 4"),
+        (lambda q: q.check_group_size(32, expert_size=48), "straddle two experts"),
+    ],
+)
+def test_quantize_refuses_by_name(call, phrase):
+    from lte_kernels import quant
+
+    with pytest.raises(ValueError, match=phrase):
+        call(quant)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", QUANT_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_slot_kernels_match_the_dequantized_reference(bits, shape, sparsity, tokens):
+    from lte_kernels import quant
+
+    hidden, neurons, size, group = shape
+    g = torch.Generator().manual_seed(7)
+    weight, weight_t = (torch.randn(neurons, hidden, generator=g) for _ in range(2))
+    qweight, scales = quant.quantize(weight, bits, group)
+    qweight_t, scales_t = quant.quantize(weight_t, bits, group)
+    dense, dense_t = quant.dequantize(qweight, scales, hidden), quant.dequantize(qweight_t, scales_t, hidden)
+    x = torch.randn(tokens, hidden, generator=g)
+    on = torch.rand(tokens, neurons // size, generator=g) >= sparsity
+    on[:, 0] |= sparsity == 0.0  # 0: every expert, whatever the draw
+    order, count = cpu_kernel.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    assert (union.numel() == neurons // size) if sparsity == 0 else (union.numel() == 0 if sparsity == 1 else True)
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    y = cpu_kernel.slot_matvec(x, qweight, order, count, size, 0, scales)
+    assert y.shape == (tokens, neurons) and y.dtype == torch.float32
+    _close(y[:, : rows.numel()], x @ dense[rows].T, 1e-5)
+    assert not y[:, rows.numel() :].any()  # unselected slots stay zero
+    out = cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden)
+    assert out.shape == (tokens, hidden)
+    _close(out, y[:, : rows.numel()] @ dense_t[rows], 1e-5)
+    assert torch.equal(cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden), out)
+    # the index selection: the same products
+    _close(cpu_kernel.expert_matvec(x, qweight, union, size, 0, scales), x @ dense[rows].T, 1e-5)
+    h = y[:, : rows.numel()]
+    _close(cpu_kernel.expert_matvec_t(h, qweight_t, union, size, scales_t, hidden), h @ dense_t[rows], 1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernels_take_bf16_activations_and_a_fused_offset(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(2 * 128, 64, generator=g)  # two fused chunks of 128 neurons
+    qweight, scales = quant.quantize(weight, bits)
+    dense = quant.dequantize(qweight, scales)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    experts = torch.tensor([1, 3])
+    rows = 128 + (experts[:, None] * 32 + torch.arange(32)).reshape(-1)
+    y = cpu_kernel.expert_matvec(x, qweight, experts, 32, 128, scales)
+    assert y.dtype == torch.bfloat16
+    _close(y, x.float() @ dense[rows].T, 1e-2)
+
+
+def test_quantized_kernels_refuse_mismatched_inputs_by_name():
+    from lte_kernels import quant
+
+    qweight, scales = quant.quantize(torch.randn(64, 64), 8)
+    x, experts = torch.randn(64), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="straddle two experts"):
+        cpu_kernel.expert_matvec(x, qweight, experts, 16, 0, scales)
+    with pytest.raises(RuntimeError, match="pass its fp16 scales"):
+        cpu_kernel.expert_matvec(x, qweight, experts, 32)
+    with pytest.raises(RuntimeError, match="scales are for int8"):
+        cpu_kernel.expert_matvec(x, torch.randn(64, 64), experts, 32, 0, scales)
+    with pytest.raises(RuntimeError, match="do not fit 10"):
+        cpu_kernel.expert_matvec(torch.randn(10), qweight, experts, 32, 0, scales)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernels_are_custom_ops_that_compilers_trace(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(9)
+    qweight, scales = quant.quantize(torch.randn(128, 40, generator=g), bits)
+    qweight_t, scales_t = quant.quantize(torch.randn(128, 40, generator=g), bits)
+    x = torch.randn(2, 40, generator=g)
+    order, count = cpu_kernel.select_experts(torch.tensor([True, False, True, False]))
+    experts = torch.tensor([0, 2])
+    cases = [
+        (cpu_kernel._op_matvec, (x, qweight, experts, 32, 0, scales)),
+        (cpu_kernel._op_matvec_t, (torch.randn(2, 64, generator=g), qweight_t, experts, 32, scales_t, 40)),
+        (cpu_kernel._op_slot, (x, qweight, order, count, 32, 0, scales)),
+        (cpu_kernel._op_slot_t, (torch.randn(2, 128, generator=g), qweight_t, order, count, 32, scales_t, 40)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+    def step(x):
+        h = torch.relu(cpu_kernel.slot_matvec(x, qweight, order, count, 32, 0, scales))
+        return cpu_kernel.slot_matvec_t(h, qweight_t, order, count, 32, scales_t, 40)
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x))
