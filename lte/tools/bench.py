@@ -60,6 +60,38 @@ class KernelRow:
     baseline: str = "F.linear"  # the dense kernel the sparse side is measured against
 
 
+def check_error(error: float, tolerance: float, shape: str, sparsity: float) -> None:
+    """Refuse to time a sparse step whose output is wrong (NaN included)."""
+    if not error <= tolerance:
+        raise RuntimeError(
+            f"{shape} at {sparsity:.0%}: the sparse kernel's output is {error:.2e} (relative) from the masked "
+            f"dense FFN, above {tolerance:g}; a wrong kernel is not timed"
+        )
+
+
+def measured_row(case: dict, times_ms: tuple, union: float, error: float, bytes_read: tuple, bandwidth: float, **kw):
+    """A :class:`KernelRow` from what was measured: ``times_ms`` (dense, sparse, kernel with every expert),
+    ``bytes_read`` (sparse, dense); the speedup, ideal and bandwidth shares are derived here."""
+    dense_ms, sparse_ms, kernel_dense_ms = times_ms
+    ideal = 1.0 / union if union > 0 else float("inf")  # bytes read: the union of the experts
+    speedup = dense_ms / sparse_ms
+    return KernelRow(
+        **case,
+        dense_ms=dense_ms,
+        sparse_ms=sparse_ms,
+        speedup=speedup,
+        ideal_speedup=ideal,
+        fraction_of_ideal=speedup / ideal,
+        kernel_dense_ms=kernel_dense_ms,
+        union=union,
+        max_error=error,
+        sparse_of_bandwidth=bytes_read[0] / (sparse_ms / 1e3) / bandwidth,
+        dense_of_bandwidth=bytes_read[1] / (dense_ms / 1e3) / bandwidth,
+        bandwidth_gb_s=bandwidth / 1e9,
+        **kw,
+    )
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     try:
         hidden, ffn = (int(v) for v in text.lower().split("x"))
@@ -266,37 +298,14 @@ def bench_kernel(
         mask = on.repeat_interleave(expert_size, dim=1).to(torch_dtype)
         reference = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up) * mask, down).float()
         error = float((sparse().float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
-        tolerance = 1e-4 if torch_dtype == torch.float32 else 3e-2
-        if not error <= tolerance:  # NaN included
-            raise RuntimeError(
-                f"{shape} at {sparsity:.0%}: the sparse kernel's output is {error:.2e} (relative) from the masked "
-                f"dense FFN, above {tolerance:g}; a wrong kernel is not timed"
-            )
+        check_error(error, 1e-4 if torch_dtype == torch.float32 else 3e-2, shape, sparsity)
         union = float(on.any(dim=0).float().mean())
-        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * timer(fn, repeats) for fn in (dense, sparse, kernel_dense))
-        ideal = 1.0 / union if union > 0 else float("inf")  # bytes read: the union of the experts
-        speedup = dense_ms / sparse_ms
-        sparse_bytes = union * 3 * hidden * ffn * gate.element_size() + router.numel() * router.element_size()
-        rows.append(
-            KernelRow(
-                shape,
-                batch,
-                dtype,
-                sparsity,
-                dense_ms,
-                sparse_ms,
-                speedup,
-                ideal,
-                speedup / ideal,
-                kernel_dense_ms,
-                union,
-                error,
-                sparse_bytes / (sparse_ms / 1e3) / bandwidth,
-                3 * hidden * ffn * gate.element_size() / (dense_ms / 1e3) / bandwidth,
-                bandwidth / 1e9,
-                "cuda graphs" if graphs else "eager",
-            )
-        )
+        times = tuple(1e3 * timer(fn, repeats) for fn in (dense, sparse, kernel_dense))
+        dense_bytes = 3 * hidden * ffn * gate.element_size()
+        sparse_bytes = union * dense_bytes + router.numel() * router.element_size()
+        case = dict(shape=shape, batch=batch, dtype=dtype, sparsity=sparsity)
+        launch = "cuda graphs" if graphs else "eager"
+        rows.append(measured_row(case, times, union, error, (sparse_bytes, dense_bytes), bandwidth, launch=launch))
     return rows
 
 
@@ -388,33 +397,14 @@ def _bench_quantized(shapes, sparsities, dtype: str, expert_size: int, repeats: 
         full = F.silu(xf @ gate.T) * (xf @ up.T) @ down.T
         baseline_error = float((dense().float() - full).abs().max() / full.abs().max())
         assert baseline_error < (0.05 if bits == 8 else 0.5), (name, baseline_error)
+        check_error(error, 3e-2, shape, sparsity)  # the kernel reads the reference's own quantized values
         union = float(on.float().mean())
-        dense_ms, sparse_ms, kernel_dense_ms = (1e3 * timer(fn, repeats) for fn in (dense, sparse, kernel_dense))
-        ideal = 1.0 / union if union > 0 else float("inf")
-        speedup = dense_ms / sparse_ms
+        times = tuple(1e3 * timer(fn, repeats) for fn in (dense, sparse, kernel_dense))
         weight_bytes = 3 * hidden * ffn * quant.bits_per_weight(bits) / 8  # both sides read about this much
         sparse_bytes = union * weight_bytes + router.numel() * router.element_size()
-        rows.append(
-            KernelRow(
-                shape,
-                1,
-                dtype,
-                sparsity,
-                dense_ms,
-                sparse_ms,
-                speedup,
-                ideal,
-                speedup / ideal,
-                kernel_dense_ms,
-                union,
-                error,
-                sparse_bytes / (sparse_ms / 1e3) / bandwidth,
-                weight_bytes / (dense_ms / 1e3) / bandwidth,
-                bandwidth / 1e9,
-                "eager",
-                name,
-            )
-        )
+        case = dict(shape=shape, batch=1, dtype=dtype, sparsity=sparsity)
+        bytes_read = (sparse_bytes, weight_bytes)
+        rows.append(measured_row(case, times, union, error, bytes_read, bandwidth, launch="eager", baseline=name))
     return rows
 
 

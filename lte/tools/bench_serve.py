@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("vllm_bench_worker.py")
 RESULT_PREFIX = "LTE_BENCH_RESULT "  # the worker's result line (vllm_bench_worker.RESULT_PREFIX)
 PLUGIN_GROUP = "vllm.general_plugins"
-DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
 # TinyLlama-1.1B's shapes (its config.json), the model issue 27's speed targets are stated for.
 TINYLLAMA_SHAPE = dict(
     hidden_size=2048,
