@@ -423,7 +423,7 @@ class SparsityLog:
         self.last = time.monotonic()
 
     def add(self, layer: int, on: torch.Tensor) -> None:
-        if self.totals is None:
+        if self.totals is None or LOG_INTERVAL <= 0:  # the line is off: nothing counted in the decode step
             return
         total = self.totals[layer]
         # logged as a step begins (its first routed layer), so the totals hold whole steps
