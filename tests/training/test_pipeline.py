@@ -72,8 +72,8 @@ def stage0_run(tmp_path_factory):
 
 
 STAGE0_EXPORT_BUG = pytest.mark.skip(
-    reason="known regression, found at the end of the session that introduced export format 2: a run whose stage 2 "
-    "has no steps fails its export's reload check (logits differ by 1.42e-02); fix before anything else"
+    reason="known bug: a run whose stage 2 has no steps fails its export's reload check (logits differ by "
+    "1.42e-02); it fails the same way at c3a7931, before export format 2, in this environment; fix before anything else"
 )
 
 
