@@ -42,6 +42,17 @@ class RouterRecord:
     threshold: float  # the live cut-off (export retunes it per layer)
 
 
+def threshold_skipping(values: torch.Tensor, k: int) -> float:
+    """A cut-off below which the ``k`` (>= 1) smallest of ``values`` fall (with any tied with the k-th):
+    midway between the k-th smallest and the next larger value. The k-th value itself would sit on the threshold of ``> threshold``,
+    and the tokens it was chosen on (calibration, validation) would then flip with the last bit of
+    whichever kernel computes their scores."""
+    flat = values.reshape(-1).float()
+    kth = flat.kthvalue(k).values
+    above = flat[flat > kth]
+    return float(kth) if above.numel() == 0 else float((kth + above.min()) / 2)
+
+
 def __getattr__(name: str):
     if name == "MODES":  # the old name, for one release
         warn_deprecated("lte.model.layers.MODES", "ROUTINGS")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import UsageError
+from ..model.layers import threshold_skipping
 
 DEFAULT_SHAPES = ("4096x11008", "5120x13824")  # Llama-2-7B and 13B FFNs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,7 +247,7 @@ def bench_kernel(
         x = torch.randn(batch, hidden, generator=g).to(torch_dtype).to(torch_device)
         scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
         skip = round(sparsity * scores.numel())  # over all tokens: each skips about this share
-        threshold = float(scores.cpu().kthvalue(skip).values) if skip else -1.0
+        threshold = threshold_skipping(scores.cpu(), skip) if skip else -1.0
 
         def dense(x=x, gate=gate, up=up, down=down):  # defaults: this iteration's tensors
             return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
@@ -367,7 +368,7 @@ def _bench_quantized(shapes, sparsities, dtype: str, expert_size: int, repeats: 
         (dense_gate, name), (dense_up, _), (dense_down, _) = (_int_baseline(w, bits) for w in (gate, up, down))
         scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
         skip = round(sparsity * scores.numel())
-        threshold = float(scores.kthvalue(skip).values) if skip else -1.0
+        threshold = threshold_skipping(scores, skip) if skip else -1.0
 
         def dense(x=x, dense_gate=dense_gate, dense_up=dense_up, dense_down=dense_down):
             return dense_down(F.silu(dense_gate(x)) * dense_up(x))
