@@ -343,12 +343,10 @@ def routed_down(
     kernels = _kernels(weight) if h2.shape[0] <= MAX_UNION_TOKENS else None
     if kernels is not None:
         out = kernels[2](h2, weight.t(), order, count, expert_size).to(h2.dtype)
-    elif weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-        # Every neuron (the skipped ones zeroed). ATen's CPU bf16 GEMMs want nn.Linear's [out, in] storage: on
-        # the kernels' [in, out] one they fall to a scalar loop where the CPU lacks bf16 instructions (AVX2:
-        # 2.2 s for 16 tokens of a 1.1B model's down projection); an fp32 GEMM over a converted copy is the
-        # same product at 0.16 s and never far from it (the copy is one layer's, freed at once).
-        out = torch.mm(h2.float(), weight.t().float()).to(h2.dtype)
+    elif weight.device.type == "cpu":  # every neuron (the skipped ones zeroed), on the kernels' layout
+        from lte_kernels import cpu
+
+        out = cpu.dense_matmul_t(h2, weight.t())
     else:
         out = F.linear(h2, weight)
     return out.view(*h.shape[:-1], -1)
