@@ -448,6 +448,12 @@ class LTEForCausalLM(_BaseForCausalLM):
 
     config_class = LTEConfig
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """As the base class: ``generate`` decides by class name (MiniMax keeps a cache of its own)."""
+        supports = getattr(_BaseForCausalLM, "_supports_default_dynamic_cache", None)
+        return True if supports is None else supports()
+
     def __init__(self, config: LTEConfig):
         super().__init__(config)
         install_routed_ffns(self, config)
