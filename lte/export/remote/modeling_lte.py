@@ -425,12 +425,12 @@ _BaseForCausalLM = getattr(transformers, BASE_ARCHITECTURE)
 
 
 def _share_base_conversions() -> None:
-    """Read (and write) the checkpoint's weight names as the base class does (GPT-NeoX: ``embed_out`` ->
-    ``lm_head``...). transformers skips custom-code classes unless their name is registered; this
-    registers the base class's own mapping under this class's name, or ``None`` where the base has
-    none by class, so that lookup falls through to the ``model_type`` mapping exactly once, as for the
-    base class (a copy under this name would run again for the inner model: laguna's
-    ``shared_expert.`` -> ``shared_experts.`` is not idempotent)."""
+    """Read (and write) the checkpoint's weight names as the base class does. transformers looks a
+    model's conversions up by class name, then by ``model_type``; this class's name gets the base class's
+    own mapping by name (GPT-NeoX: ``embed_out`` -> ``lm_head``) or ``None``, so that the lookup falls
+    through to the ``model_type``'s mapping exactly once, as for the base class (a copy under this name
+    would run again for the inner model: laguna's ``shared_expert.`` -> ``shared_experts.`` is not
+    idempotent)."""
     try:
         from transformers.conversion_mapping import (
             get_checkpoint_conversion_mapping,
