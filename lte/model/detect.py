@@ -483,7 +483,8 @@ def detect_layout(model: nn.Module, recipe_layout: dict | None = None, group: in
         if not layout and not routed:
             raise UsageError(f"no FFN of {type(model).__name__} runs in a forward; {RECIPE_HINT}")
         _prove(model, layout, trace, logits, inputs, group, tolerance)
-        layout |= routed
+        depth = {name: i for i, (name, _) in enumerate(model.named_modules())}  # layer indices follow depth
+        layout = dict(sorted((layout | routed).items(), key=lambda item: depth[item[0]]))
     finally:
         model.train(was_training)
     return layout
