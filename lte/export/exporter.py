@@ -48,6 +48,7 @@ BASE_LINE = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
+EXPERTS_FILE = "lte_experts.py"  # remote/experts.py (routed MoE experts), imported by modeling_lte.py
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
@@ -127,6 +128,7 @@ def to_routed(model, thresholds: list[float]):
             "first": list(layer.spec.first),
             "down": layer.spec.down,
             "fused_chunks": layer.spec.fused_chunks,
+            **({"experts": True} if getattr(layer, "routes_experts", False) else {}),
         }
         for layer in layers
     ]
@@ -203,6 +205,7 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
     shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
     shutil.copyfile(REMOTE_DIR / "layout.py", directory / LAYOUT_FILE)
+    shutil.copyfile(REMOTE_DIR / "experts.py", directory / EXPERTS_FILE)
     source = (REMOTE_DIR / "configuration_lte.py").read_text()
     if BASE_LINE not in source:
         raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")

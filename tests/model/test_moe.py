@@ -73,6 +73,9 @@ def test_detection_finds_and_proves_the_routed_experts(family):
     assert facts.concatenated == (family != "gpt_oss") and facts.width == 16
     shared = [p for p in layout if p not in routed]
     assert len(shared) == (2 if family == "qwen2_moe" else 0)  # the shared expert is a dense FFN
+    # depth order (a layer's index is its position): Qwen2-MoE's experts come before its shared expert
+    depth = [name for name, _ in model.named_modules() if name in layout]
+    assert list(layout) == depth
 
 
 @pytest.mark.parametrize("family", list(MOE_CONFIGS))
@@ -165,3 +168,26 @@ def test_unload_restores_the_model_and_the_moe_router_is_found():
     unload_lte(model)
     with torch.no_grad():
         assert torch.allclose(model(x).logits, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_the_exported_routed_experts_compute_what_the_trained_layers_did(family, tmp_path):
+    """lte/export/remote/experts.py (the export's code) against lte/model/experts.py, every layout: the same
+    hard-routed logits, and the original model's with lte_routing="dense"."""
+    from lte.export.exporter import to_routed
+
+    model = tiny_moe(family)
+    x = ids()
+    with torch.no_grad():
+        original = model(x).logits
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    set_lte_routing(model, "hard")
+    thresholds = [0.5] * len(lte_layers(model))
+    with torch.no_grad():
+        trained = model(x).logits
+        to_routed(model, thresholds)
+        assert model.config._experts_implementation == "lte_routed"
+        assert torch.allclose(model(x).logits, trained, atol=1e-5)
+        model.config.lte_routing = "dense"
+        assert torch.allclose(model(x).logits, original, atol=1e-4)
+    assert not torch.allclose(trained, original, atol=1e-3)
