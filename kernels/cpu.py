@@ -23,13 +23,26 @@ All four are registered torch custom ops (``torch.library.custom_op``, namespace
 
 Both are C++ loops parallelised with ATen's thread pool (``at::parallel_for``): the first over
 the selected rows, the second over one column block per thread, so no thread ever writes
-another's output (no atomics, a fixed summation order). Weights are read in place; no
-gather copy. fp32 and bf16 weights, fp32 accumulation.
+another's output (no atomics, a fixed summation order). A thread gets at least 2^16
+multiply-adds: a small model's FFN (64 x 172) stays on one thread, since waking a second one costs
+more than the work (on a busy 2-core CPU, 35 ms instead of 0.3 ms per routed FFN). Weights are read
+in place; no gather copy. fp32 and bf16 weights, fp32 accumulation.
+
+Quantized weights (``quant.py``): int8 rows, or int4 rows packed two per byte (uint8), with fp16 scales
+per group of 32 (or a multiple of 32) entries, passed as ``scales`` beside the weight; the same four
+products, the same loops: only the row type differs (a template), so every dtype has one kernel. Groups
+are dequantized in registers (AVX2 + FMA intrinsics when the compiler targets them, ``-march=native`` on
+such a CPU, AVX-512 CPUs included; plain loops otherwise and in the portable build), fp32 accumulation,
+activations read as fp32. An expert size that is not a multiple of the group size is refused.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++
 compiler and ninja are needed; about 20 s, logged once). The extension's name carries a hash
-of the source, the flags and the torch version, so environments sharing the extensions cache
-reuse each other's builds instead of rebuilding over them. If it cannot be built,
+of the source, the flags, the torch version and the instruction set it is compiled for, so
+environments sharing the extensions cache reuse each other's builds instead of rebuilding over
+them, and a cache shared between machines (a network home) never hands one CPU's ``-march=native``
+build (AVX-512, say) to another that lacks its instructions (SIGILL). ``LTE_KERNEL_ISA=portable``
+compiles without ``-march=native`` (the architecture's baseline, its own build) for such caches
+or unknown CPUs. If it cannot be built,
 :func:`available` is False and callers use their pure-torch path. Imports only torch: this
 file is copied next to an exported model's ``modeling_lte.py``.
 """
@@ -37,6 +50,7 @@ file is copied next to an exported model's ``modeling_lte.py``.
 import hashlib
 import logging
 import os
+import platform
 import threading
 
 import torch
@@ -49,6 +63,10 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LTE_AVX2 1
+#endif
 
 static inline float load(const float* p, int64_t i) { return p[i]; }
 static inline float load(const uint16_t* p, int64_t i) {
@@ -58,48 +76,199 @@ static inline float load(const uint16_t* p, int64_t i) {
   return out;
 }
 
+// Multiply-adds below which a thread is not worth waking: a small model's FFN (64 x 172) is a few
+// microseconds of work, and handing half of it to a second thread costs more, far more on a busy CPU.
+static constexpr int64_t kMinWork = 1 << 16;
+static inline int64_t grain(int64_t work_per_item, int64_t at_least) {
+  return std::max<int64_t>(at_least, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
+// A weight's rows as the two loops read them: dot(row, x) and a[c - c0] += h * row[c] for c in [c0, c1).
+// One loop per product for every dtype; the row type is the only thing that differs.
 template <typename W>
-static void matvec_rows(const float* x, int64_t tokens, const W* weight, const int64_t* experts, int64_t k,
+struct DenseRows {
+  const W* w;
+  int64_t hidden;
+  int64_t align() const { return 16; }
+  float dot(int64_t r, const float* x) const {
+    const W* row = w + r * hidden;
+    float lanes[16] = {0.f};  // independent partial sums: the compiler vectorises the loop
+    int64_t c = 0;
+    for (; c + 16 <= hidden; c += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] += load(row, c + l) * x[c + l];
+    float acc = 0.f;
+    for (; c < hidden; ++c) acc += load(row, c) * x[c];
+    for (int l = 0; l < 16; ++l) acc += lanes[l];
+    return acc;
+  }
+  void axpy(int64_t r, float h, float* a, int64_t c0, int64_t c1) const {
+    const W* row = w + r * hidden + c0;
+    for (int64_t c = 0; c < c1 - c0; ++c) a[c] += h * load(row, c);
+  }
+  void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {  // rows r .. r + 3
+    for (int i = 0; i < 4; ++i)
+      if (h[i] != 0.f) axpy(r + i, h[i], a, c0, c1);
+  }
+};
+
+// Group-quantized rows (kernels/quant.py's layout): Bits 8 = int8 entries; Bits 4 = two per byte, byte i of
+// a group holding entry i (low nibble) and entry i + group / 2 (high), stored as q + 8. One fp16 scale per
+// group; rows zero-padded to whole groups, of which the first `hidden` entries are real.
+template <int Bits>
+struct QuantRows {
+  const uint8_t* q;
+  const at::Half* scales;
+  int64_t row_bytes, group, groups, hidden;
+  int64_t align() const { return group; }  // column blocks start on a group
+  const uint8_t* at(int64_t r, int64_t g) const { return q + r * row_bytes + g * group * Bits / 8; }
+  float scale(int64_t r, int64_t g) const {
+#ifdef __F16C__
+    return _cvtsh_ss(scales[r * groups + g].x);
+#else
+    return static_cast<float>(scales[r * groups + g]);
+#endif
+  }
+  float entry(const uint8_t* p, int64_t i) const {  // entry i of the group at p
+    if (Bits == 8) return static_cast<float>(static_cast<int8_t>(p[i]));
+    const int64_t half = group / 2;
+    return i < half ? static_cast<float>((p[i] & 15) - 8) : static_cast<float>((p[i - half] >> 4) - 8);
+  }
+#ifdef LTE_AVX2
+  static inline void widen(__m128i b, __m256& lo, __m256& hi) {  // 16 int8 -> two vectors of 8 floats
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  }
+  // entries e .. e + 15 (e a multiple of 16) of the group at p, as int8
+  inline __m128i entries16(const uint8_t* p, int64_t e) const {
+    if (Bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e));
+    const int64_t half = group / 2;
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (e < half ? e : e - half)));
+    const __m128i v = e < half ? b : _mm_srli_epi16(b, 4);
+    return _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+  }
+#endif
+  float dot(int64_t r, const float* x) const {
+    const int64_t full = hidden / group;
+    float acc = 0.f;
+    int64_t g = 0;
+#ifdef LTE_AVX2
+    __m256 vacc = _mm256_setzero_ps();
+    for (; g < full; ++g) {
+      const uint8_t* p = at(r, g);
+      const float* xg = x + g * group;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), w0, w1;
+      for (int64_t e = 0; e < group; e += 16) {
+        widen(entries16(p, e), w0, w1);
+        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + e), s0);
+        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + e + 8), s1);
+      }
+      vacc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(scale(r, g)), vacc);
+    }
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(vacc), _mm256_extractf128_ps(vacc, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    acc = _mm_cvtss_f32(v);
+#endif
+    for (; g < groups; ++g) {  // the portable path, and the last group of a padded row
+      const uint8_t* p = at(r, g);
+      const int64_t n = std::min(group, hidden - g * group);
+      float lanes[8] = {0.f};
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += entry(p, i + l) * x[g * group + i + l];
+      float sum = 0.f;
+      for (; i < n; ++i) sum += entry(p, i) * x[g * group + i];
+      for (int l = 0; l < 8; ++l) sum += lanes[l];
+      acc += scale(r, g) * sum;
+    }
+    return acc;
+  }
+  // a[c - c0] += sum over rows r .. r + 3 of h[i] * row[c]: four rows per pass over a (a is read and written
+  // once for four rows, four independent streams). Rows in order, so the sums do not depend on the threads.
+  void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {
+    for (int64_t g = c0 / group; g * group < c1; ++g) {
+      const uint8_t* p[4];
+      float f[4];
+      for (int i = 0; i < 4; ++i) p[i] = at(r + i, g), f[i] = h[i] * scale(r + i, g);
+      float* ag = a + (g * group - c0);
+      const int64_t n = std::min(group, c1 - g * group);
+#ifdef LTE_AVX2
+      if (n == group) {
+        const __m256 f0 = _mm256_set1_ps(f[0]), f1 = _mm256_set1_ps(f[1]), f2 = _mm256_set1_ps(f[2]),
+                     f3 = _mm256_set1_ps(f[3]);
+        for (int64_t e = 0; e < group; e += 16) {
+          __m256 a0 = _mm256_loadu_ps(ag + e), a1 = _mm256_loadu_ps(ag + e + 8), w0, w1;
+          widen(entries16(p[0], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f0, w0, a0), a1 = _mm256_fmadd_ps(f0, w1, a1);
+          widen(entries16(p[1], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f1, w0, a0), a1 = _mm256_fmadd_ps(f1, w1, a1);
+          widen(entries16(p[2], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f2, w0, a0), a1 = _mm256_fmadd_ps(f2, w1, a1);
+          widen(entries16(p[3], e), w0, w1);
+          a0 = _mm256_fmadd_ps(f3, w0, a0), a1 = _mm256_fmadd_ps(f3, w1, a1);
+          _mm256_storeu_ps(ag + e, a0);
+          _mm256_storeu_ps(ag + e + 8, a1);
+        }
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i)
+        ag[i] += f[0] * entry(p[0], i) + f[1] * entry(p[1], i) + f[2] * entry(p[2], i) + f[3] * entry(p[3], i);
+    }
+  }
+  void axpy(int64_t r, float h, float* a, int64_t c0, int64_t c1) const {
+    for (int64_t g = c0 / group; g * group < c1; ++g) {
+      const uint8_t* p = at(r, g);
+      const float f = h * scale(r, g);
+      float* ag = a + (g * group - c0);
+      for (int64_t i = 0; i < std::min(group, c1 - g * group); ++i) ag[i] += f * entry(p, i);
+    }
+  }
+};
+
+template <typename Rows>
+static void matvec_rows(const float* x, int64_t tokens, const Rows& w, const int64_t* experts, int64_t k,
                         int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
   // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads.
   const int64_t n = k * size;
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(hidden * tokens, 8), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const W* row = weight + (offset + experts[j / size] * size + j % size) * hidden;
-      for (int64_t t = 0; t < tokens; ++t) {
-        const float* xt = x + t * hidden;
-        float lanes[16] = {0.f};  // independent partial sums: the compiler vectorises the loop
-        int64_t c = 0;
-        for (; c + 16 <= hidden; c += 16)
-          for (int l = 0; l < 16; ++l) lanes[l] += load(row, c + l) * xt[c + l];
-        float acc = 0.f;
-        for (; c < hidden; ++c) acc += load(row, c) * xt[c];
-        for (int l = 0; l < 16; ++l) acc += lanes[l];
-        y[t * ystride + j] = acc;
-      }
+      const int64_t r = offset + experts[j / size] * size + j % size;
+      for (int64_t t = 0; t < tokens; ++t) y[t * ystride + j] = w.dot(r, x + t * hidden);
     }
   });
 }
 
-template <typename W>
-static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const W* weight_t, const int64_t* experts,
+template <typename Rows>
+static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const Rows& w, const int64_t* experts,
                           int64_t k, int64_t size, int64_t hidden, float* out) {
   // out[t, c] = sum_j h[t, j] * row_j[c]. Each thread owns one contiguous column block and streams
   // every selected row's slice of it once for all tokens: no shared writes, a fixed sum order.
   const int64_t n = k * size;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block = ((hidden + threads - 1) / threads + 15) / 16 * 16;
+  const int64_t threads =
+      std::min(std::max<int64_t>(1, at::get_num_threads()), std::max<int64_t>(1, n * hidden * tokens / kMinWork));
+  const int64_t align = w.align();
+  const int64_t block = ((hidden + threads - 1) / threads + align - 1) / align * align;
   at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;
       std::vector<float> acc(tokens * width, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const W* row = weight_t + (experts[j / size] * size + j % size) * hidden + c0;
+      int64_t j = 0;
+      if (size % 4 == 0)  // four rows of one expert at a time
+        for (; j < n; j += 4) {
+          const int64_t r = experts[j / size] * size + j % size;
+          for (int64_t t = 0; t < tokens; ++t) {
+            const float* s = h + t * hstride + j;
+            if (s[0] == 0.f && s[1] == 0.f && s[2] == 0.f && s[3] == 0.f) continue;  // not this token's expert
+            w.axpy4(r, s, acc.data() + t * width, c0, c1);
+          }
+        }
+      for (; j < n; ++j) {
+        const int64_t r = experts[j / size] * size + j % size;
         for (int64_t t = 0; t < tokens; ++t) {
           const float s = h[t * hstride + j];
           if (s == 0.f) continue;  // a token that did not select this expert
-          float* a = acc.data() + t * width;
-          for (int64_t c = 0; c < width; ++c) a[c] += s * load(row, c);
+          w.axpy(r, s, acc.data() + t * width, c0, c1);
         }
       }
       for (int64_t t = 0; t < tokens; ++t)
@@ -108,61 +277,97 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
   });
 }
 
-static void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name,
-              " must be float32 or bfloat16");
+// Calls fn with the rows of `weight`: float32 or bfloat16 [rows, hidden]; or int8 / uint8 (packed int4)
+// quantized rows with their fp16 `scales` [rows, groups] (kernels/quant.py), `hidden` <= their padded length.
+template <typename Fn>
+static void with_rows(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scales, int64_t hidden,
+                      int64_t size, const char* name, Fn fn) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous() && weight.dim() == 2, name,
+              " must be a contiguous 2-D CPU tensor");
+  const auto type = weight.scalar_type();
+  if (type == torch::kFloat || type == torch::kBFloat16) {
+    TORCH_CHECK(!scales.has_value(), name, " is ", type, ": scales are for int8 / uint8 (int4) weights");
+    TORCH_CHECK(hidden == weight.size(1), name, " has rows of ", weight.size(1), " entries, the input ", hidden);
+    if (type == torch::kFloat)
+      fn(DenseRows<float>{weight.data_ptr<float>(), hidden});
+    else
+      fn(DenseRows<uint16_t>{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), hidden});
+    return;
+  }
+  TORCH_CHECK(type == torch::kChar || type == torch::kByte, name,
+              " must be float32, bfloat16, int8 or uint8 (packed int4), not ", type);
+  TORCH_CHECK(scales.has_value(), name, " is quantized (", type, "): pass its fp16 scales");
+  const auto& s = *scales;
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 2 &&
+                  s.size(0) == weight.size(0) && s.size(1) > 0,
+              "scales must be a contiguous fp16 CPU tensor [", weight.size(0), ", groups]");
+  const int bits = type == torch::kChar ? 8 : 4;
+  const int64_t padded = weight.size(1) * 8 / bits, groups = s.size(1), group = padded / groups;
+  TORCH_CHECK(group * groups == padded && group % 32 == 0, name, ": ", padded, " entries per row in ", groups,
+              " groups; the group size must be a multiple of 32");
+  TORCH_CHECK(size % group == 0, "expert size ", size, " is not a multiple of the quantization group size ", group,
+              ": a group would straddle two experts; quantize with a group size that divides the expert size");
+  TORCH_CHECK(padded - group < hidden && hidden <= padded, name, " has rows of ", padded,
+              " entries (padded to whole groups of ", group, "), which do not fit ", hidden);
+  const auto* q = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  const auto* sp = s.data_ptr<at::Half>();
+  if (bits == 8)
+    fn(QuantRows<8>{q, sp, weight.size(1), group, groups, hidden});
+  else
+    fn(QuantRows<4>{q, sp, weight.size(1), group, groups, hidden});
 }
 
-static torch::Tensor rows_times(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& ids,
-                                int64_t k, int64_t size, int64_t offset, int64_t width) {
-  // [tokens, width] (fp32): the first k * size columns are x times the rows of the first k experts of ids, the rest 0.
-  check(weight, "weight");
-  const int64_t hidden = weight.size(1);
+static at::ScalarType output_type(const torch::Tensor& weight, const torch::Tensor& input) {
+  // dense weights: their dtype (as before); quantized ones: the input's
+  const auto type = weight.scalar_type();
+  return type == torch::kFloat || type == torch::kBFloat16 ? type : input.scalar_type();
+}
+
+static torch::Tensor rows_times(const torch::Tensor& x, const torch::Tensor& weight,
+                                const c10::optional<torch::Tensor>& scales, const torch::Tensor& ids, int64_t k,
+                                int64_t size, int64_t offset, int64_t width) {
+  // [tokens, width]: the first k * size columns are x times the rows of the first k experts of ids, the rest 0.
+  const int64_t hidden = x.size(-1);
   auto xf = x.reshape({-1, hidden}).to(torch::kFloat).contiguous();
   const int64_t tokens = xf.size(0);
   auto y = k * size == width ? torch::empty({tokens, width}, xf.options())
                              : torch::zeros({tokens, width}, xf.options());
-  if (weight.scalar_type() == torch::kFloat)
-    matvec_rows(xf.data_ptr<float>(), tokens, weight.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size, offset,
-                hidden, y.data_ptr<float>(), width);
-  else
-    matvec_rows(xf.data_ptr<float>(), tokens, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-                ids.data_ptr<int64_t>(), k, size, offset, hidden, y.data_ptr<float>(), width);
-  return y;
+  with_rows(weight, scales, hidden, size, "weight", [&](const auto& rows) {
+    matvec_rows(xf.data_ptr<float>(), tokens, rows, ids.data_ptr<int64_t>(), k, size, offset, hidden,
+                y.data_ptr<float>(), width);
+  });
+  return y.to(output_type(weight, x));
 }
 
 static torch::Tensor rows_t_times(const torch::Tensor& h, int64_t width, const torch::Tensor& weight_t,
-                                  const torch::Tensor& ids, int64_t k, int64_t size) {
-  // [tokens, hidden] (fp32): h's first k * size columns (of width) times the rows of the first k experts of ids.
-  check(weight_t, "weight_t");
-  const int64_t hidden = weight_t.size(1);
+                                  const c10::optional<torch::Tensor>& scales, int64_t hidden, const torch::Tensor& ids,
+                                  int64_t k, int64_t size) {
+  // [tokens, hidden]: h's first k * size columns (of width) times the rows of the first k experts of ids.
+  if (hidden < 0) hidden = weight_t.size(1) * (weight_t.scalar_type() == torch::kByte ? 2 : 1);
   int64_t tokens = 1;  // every dimension but the last (which may be 0 when no expert is selected)
   for (int64_t d = 0; d + 1 < h.dim(); ++d) tokens *= h.size(d);
   TORCH_CHECK(h.numel() == tokens * width, "h has ", h.numel(), " entries for ", tokens, " tokens x ", width);
   auto hf = h.reshape({tokens, width}).to(torch::kFloat).contiguous();
   auto out = torch::empty({tokens, hidden}, hf.options());
-  if (weight_t.scalar_type() == torch::kFloat)
-    matvec_t_rows(hf.data_ptr<float>(), width, tokens, weight_t.data_ptr<float>(), ids.data_ptr<int64_t>(), k, size,
-                  hidden, out.data_ptr<float>());
-  else
-    matvec_t_rows(hf.data_ptr<float>(), width, tokens,
-                  reinterpret_cast<const uint16_t*>(weight_t.data_ptr<at::BFloat16>()), ids.data_ptr<int64_t>(), k,
-                  size, hidden, out.data_ptr<float>());
-  return out;
+  with_rows(weight_t, scales, hidden, size, "weight_t", [&](const auto& rows) {
+    matvec_t_rows(hf.data_ptr<float>(), width, tokens, rows, ids.data_ptr<int64_t>(), k, size, hidden,
+                  out.data_ptr<float>());
+  });
+  return out.to(output_type(weight_t, h));
 }
 
-// x: [tokens, hidden] (or [hidden]); returns [tokens, k * size] in weight's dtype.
+// x: [tokens, hidden] (or [hidden]); returns [tokens, k * size].
 torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor experts, int64_t size,
-                            int64_t offset) {
+                            int64_t offset, c10::optional<torch::Tensor> scales) {
   auto ids = experts.to(torch::kLong).contiguous();
-  return rows_times(x, weight, ids, ids.numel(), size, offset, ids.numel() * size).to(weight.scalar_type());
+  return rows_times(x, weight, scales, ids, ids.numel(), size, offset, ids.numel() * size);
 }
 
-// h: [tokens, k * size] (or [k * size]); returns [tokens, hidden] in weight_t's dtype.
-torch::Tensor expert_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor experts, int64_t size) {
+// h: [tokens, k * size] (or [k * size]); returns [tokens, hidden] (hidden < 0: the weight's row length).
+torch::Tensor expert_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor experts, int64_t size,
+                              c10::optional<torch::Tensor> scales, int64_t hidden) {
   auto ids = experts.to(torch::kLong).contiguous();
-  return rows_t_times(h, ids.numel() * size, weight_t, ids, ids.numel(), size).to(weight_t.scalar_type());
+  return rows_t_times(h, ids.numel() * size, weight_t, scales, hidden, ids, ids.numel(), size);
 }
 
 static int64_t selected(const torch::Tensor& order, const torch::Tensor& count) {
@@ -173,26 +378,80 @@ static int64_t selected(const torch::Tensor& order, const torch::Tensor& count) 
 
 // Slots: x [tokens, hidden] -> [tokens, order.numel() * size], the count selected slots first, zeros after.
 torch::Tensor slot_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor order, torch::Tensor count, int64_t size,
-                          int64_t offset) {
+                          int64_t offset, c10::optional<torch::Tensor> scales) {
   auto ids = order.to(torch::kLong).contiguous();
-  return rows_times(x, weight, ids, selected(ids, count), size, offset, ids.numel() * size).to(weight.scalar_type());
+  return rows_times(x, weight, scales, ids, selected(ids, count), size, offset, ids.numel() * size);
 }
 
 // Slots: h [tokens, order.numel() * size] (selected slots first) -> [tokens, hidden].
 torch::Tensor slot_matvec_t(torch::Tensor h, torch::Tensor weight_t, torch::Tensor order, torch::Tensor count,
-                            int64_t size) {
+                            int64_t size, c10::optional<torch::Tensor> scales, int64_t hidden) {
   auto ids = order.to(torch::kLong).contiguous();
-  return rows_t_times(h, ids.numel() * size, weight_t, ids, selected(ids, count), size).to(weight_t.scalar_type());
+  return rows_t_times(h, ids.numel() * size, weight_t, scales, hidden, ids, selected(ids, count), size);
 }
 """
 
 _FUNCTIONS = ["expert_matvec", "expert_matvec_t", "slot_matvec", "slot_matvec_t"]
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_ISA = os.environ.get("LTE_KERNEL_ISA", "native")
+if _ISA not in ("native", "portable"):  # a typo must not break every export's import: the safe build, said once
+    logger.warning(
+        "LTE_KERNEL_ISA=%r: expected 'native' (the default: this CPU's instructions) or 'portable' (the "
+        "architecture's baseline, for a build cache shared between different CPUs); building the portable kernel",
+        _ISA,
+    )
+    _ISA = "portable"
+# The architecture's baseline named explicitly: a compiler whose default targets a newer level would emit it.
+_BASELINE = {"x86_64": "-march=x86-64", "AMD64": "-march=x86-64", "aarch64": "-march=armv8-a"}
+_CFLAGS = [
+    "-O3",
+    *(["-march=native"] if _ISA == "native" else [_BASELINE[m]] if (m := platform.machine()) in _BASELINE else []),
+    "-fopenmp",
+]
 _LDFLAGS = ["-fopenmp"]
 # One build per (source, flags, torch): a changed kernel or another torch gets its own name.
 _HASH = hashlib.sha256("\0".join([_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__]).encode()).hexdigest()[:12]
-EXTENSION_NAME = f"lte_cpu_sparse_ffn_{_HASH}"
 _NAMESPACE = f"lte_{_HASH}"  # custom ops; two copies of this file (project and export) share them
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What ``-march=native`` compiles for: the first CPU's feature flags as the OS reports them (Linux:
+    the ``flags`` line on x86, ``Features`` on Arm, ``isa`` on RISC-V; a few microseconds), else the
+    compiler's own view (``-march=native -Q --help=target``, one subprocess at the first build or load)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features", "isa"):
+                    return " ".join(sorted(value.split()))
+                if not line.strip():  # the first processor's block ended without one
+                    break
+    except OSError:
+        pass
+    import subprocess
+
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        proc = subprocess.run(
+            [compiler, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60
+        )
+        return proc.stdout if proc.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def isa_key(features: str | None = None) -> str:
+    """The instruction set a build is for: ``portable``, or ``native_`` and a hash of the CPU's features."""
+    if _ISA == "portable":
+        return f"portable_{platform.machine()}"
+    features = cpu_features() if features is None else features
+    digest = hashlib.sha256("\0".join([platform.machine(), features]).encode()).hexdigest()[:8]
+    return f"native_{digest}"
+
+
+def extension_name(isa: str | None = None) -> str:
+    """The extension's name: the source, flags and torch hash and the instruction set (:func:`isa_key`)."""
+    return f"lte_cpu_sparse_ffn_{_HASH}_{isa_key() if isa is None else isa}"
+
 
 _lock = threading.Lock()
 _extension = None
@@ -211,13 +470,14 @@ def _load():
             try:
                 from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-                directory = _get_build_directory(EXTENSION_NAME, verbose=False)
-                if not os.path.exists(os.path.join(directory, f"{EXTENSION_NAME}.so")):
+                name = extension_name()
+                directory = _get_build_directory(name, verbose=False)
+                if not os.path.exists(os.path.join(directory, f"{name}.so")):
                     logger.warning(
-                        "LTE: building the CPU sparse kernel %s (once per environment, about 20 s)", directory
+                        "LTE: building the CPU sparse kernel %s (once per environment and CPU, about 20 s)", directory
                     )
                 _extension = load_inline(
-                    name=EXTENSION_NAME,
+                    name=name,
                     cpp_sources=_SOURCE,
                     functions=_FUNCTIONS,
                     extra_cflags=_CFLAGS,
@@ -249,41 +509,74 @@ def _register_ops():
     def tokens_of(t: torch.Tensor, last: int) -> int:
         return t.numel() // last if last else t.shape[:-1].numel()
 
+    def result(weight: torch.Tensor, source: torch.Tensor, *shape: int) -> torch.Tensor:
+        dtype = weight.dtype if weight.is_floating_point() else source.dtype  # quantized: the input's dtype
+        return source.new_empty(*shape, dtype=dtype)
+
+    def out_width(weight_t: torch.Tensor, hidden: int) -> int:
+        return hidden if hidden >= 0 else weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
+
     @custom_op(f"{_NAMESPACE}::expert_matvec", mutates_args=())
-    def op_matvec(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, size: int, offset: int) -> torch.Tensor:
-        return _load().expert_matvec(x, weight, experts, size, offset)
+    def op_matvec(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        experts: torch.Tensor,
+        size: int,
+        offset: int,
+        scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return _load().expert_matvec(x, weight, experts, size, offset, scales)
 
     @register_fake(f"{_NAMESPACE}::expert_matvec")
-    def _(x, weight, experts, size, offset):
-        return weight.new_empty(tokens_of(x, weight.shape[1]), experts.numel() * size)
+    def _(x, weight, experts, size, offset, scales=None):
+        return result(weight, x, tokens_of(x, x.shape[-1]), experts.numel() * size)
 
     @custom_op(f"{_NAMESPACE}::expert_matvec_t", mutates_args=())
-    def op_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, experts: torch.Tensor, size: int) -> torch.Tensor:
-        return _load().expert_matvec_t(h, weight_t, experts, size)
+    def op_matvec_t(
+        h: torch.Tensor,
+        weight_t: torch.Tensor,
+        experts: torch.Tensor,
+        size: int,
+        scales: torch.Tensor | None = None,
+        hidden: int = -1,
+    ) -> torch.Tensor:
+        return _load().expert_matvec_t(h, weight_t, experts, size, scales, hidden)
 
     @register_fake(f"{_NAMESPACE}::expert_matvec_t")
-    def _(h, weight_t, experts, size):
-        return weight_t.new_empty(tokens_of(h, experts.numel() * size), weight_t.shape[1])
+    def _(h, weight_t, experts, size, scales=None, hidden=-1):
+        return result(weight_t, h, tokens_of(h, experts.numel() * size), out_width(weight_t, hidden))
 
     @custom_op(f"{_NAMESPACE}::slot_matvec", mutates_args=())
     def op_slot(
-        x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int, offset: int
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        order: torch.Tensor,
+        count: torch.Tensor,
+        size: int,
+        offset: int,
+        scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _load().slot_matvec(x, weight, order, count, size, offset)
+        return _load().slot_matvec(x, weight, order, count, size, offset, scales)
 
     @register_fake(f"{_NAMESPACE}::slot_matvec")
-    def _(x, weight, order, count, size, offset):
-        return weight.new_empty(tokens_of(x, weight.shape[1]), order.numel() * size)
+    def _(x, weight, order, count, size, offset, scales=None):
+        return result(weight, x, tokens_of(x, x.shape[-1]), order.numel() * size)
 
     @custom_op(f"{_NAMESPACE}::slot_matvec_t", mutates_args=())
     def op_slot_t(
-        h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, size: int
+        h: torch.Tensor,
+        weight_t: torch.Tensor,
+        order: torch.Tensor,
+        count: torch.Tensor,
+        size: int,
+        scales: torch.Tensor | None = None,
+        hidden: int = -1,
     ) -> torch.Tensor:
-        return _load().slot_matvec_t(h, weight_t, order, count, size)
+        return _load().slot_matvec_t(h, weight_t, order, count, size, scales, hidden)
 
     @register_fake(f"{_NAMESPACE}::slot_matvec_t")
-    def _(h, weight_t, order, count, size):
-        return weight_t.new_empty(tokens_of(h, order.numel() * size), weight_t.shape[1])
+    def _(h, weight_t, order, count, size, scales=None, hidden=-1):
+        return result(weight_t, h, tokens_of(h, order.numel() * size), out_width(weight_t, hidden))
 
     return op_matvec, op_matvec_t, op_slot, op_slot_t
 
@@ -298,20 +591,37 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+# Quantized weights (kernels/quant.py): ``weight`` int8, or uint8 holding two int4 entries per byte, with
+# ``scales`` (fp16 [rows, groups]) beside it; the output then has the input's dtype. ``hidden`` (transposed
+# products) is the output width when the rows were padded to whole groups.
+
+
 def expert_matvec(
-    x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, expert_size: int, offset: int = 0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    experts: torch.Tensor,
+    expert_size: int,
+    offset: int = 0,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight[rows].T`` for the rows of ``experts`` (row ``offset + e * expert_size + i``):
     ``x`` [hidden] or [tokens, hidden] -> [tokens, k * expert_size]."""
-    args = (x, weight, experts, expert_size, offset)
+    args = (x, weight, experts, expert_size, offset, scales)
     return _load().expert_matvec(*args) if _eager() else _op_matvec(*args)
 
 
-def expert_matvec_t(h: torch.Tensor, weight_t: torch.Tensor, experts: torch.Tensor, expert_size: int) -> torch.Tensor:
+def expert_matvec_t(
+    h: torch.Tensor,
+    weight_t: torch.Tensor,
+    experts: torch.Tensor,
+    expert_size: int,
+    scales: torch.Tensor | None = None,
+    hidden: int = -1,
+) -> torch.Tensor:
     """``h @ weight_t[rows]`` for the rows of ``experts``: ``h`` [k * expert_size] or
     [tokens, k * expert_size] -> [tokens, hidden]. Zero entries of ``h`` are skipped, so a
     token's unselected experts (zeroed by the caller) cost nothing."""
-    args = (h, weight_t, experts, expert_size)
+    args = (h, weight_t, experts, expert_size, scales, hidden)
     return _load().expert_matvec_t(*args) if _eager() else _op_matvec_t(*args)
 
 
@@ -324,18 +634,30 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def slot_matvec(
-    x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int, offset: int = 0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    expert_size: int,
+    offset: int = 0,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[tokens, num_experts * expert_size]: ``x`` times the rows of the first ``count`` experts
     of ``order``, slot by slot, zeros after them (the Triton kernels' convention)."""
-    args = (x, weight, order, count, expert_size, offset)
+    args = (x, weight, order, count, expert_size, offset, scales)
     return _load().slot_matvec(*args) if _eager() else _op_slot(*args)
 
 
 def slot_matvec_t(
-    h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int
+    h: torch.Tensor,
+    weight_t: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    expert_size: int,
+    scales: torch.Tensor | None = None,
+    hidden: int = -1,
 ) -> torch.Tensor:
     """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
     :func:`slot_matvec`) times the selected experts' rows of ``weight_t``."""
-    args = (h, weight_t, order, count, expert_size)
+    args = (h, weight_t, order, count, expert_size, scales, hidden)
     return _load().slot_matvec_t(*args) if _eager() else _op_slot_t(*args)

@@ -17,9 +17,10 @@ One token uses matrix-vector kernels; 2 to 8 tokens (the small-batch variant) us
 over the union of their experts, each row read once for all of them; the caller zeroes a
 token's entries for experts it did not select.
 
-fp32 accumulation; fp32, bf16 or fp16 weights. CI runs them on the CPU under
-``TRITON_INTERPRET=1``. Imports only torch and triton (optional): this file is copied next to
-an exported model's ``modeling_lte.py``.
+fp32 accumulation; fp32, bf16 or fp16 weights, or int8 / int4 rows with fp16 group scales in
+``quant.py``'s layout (``scales`` beside the weight; dequantized in the kernel as the rows are loaded).
+CI runs them on the CPU under ``TRITON_INTERPRET=1``. Imports only torch and triton (optional):
+this file is copied next to an exported model's ``modeling_lte.py``.
 """
 
 import torch
@@ -48,9 +49,30 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
+    def _load_rows(w_ptr, s_ptr, rows, cols, mask, hidden, BITS: tl.constexpr, GROUP: tl.constexpr):
+        """fp32 weight[rows, cols]: float rows as stored, or group-quantized ones dequantized (int8; int4
+        two per byte, byte i of a group holding entries i and i + GROUP / 2, as q + 8)."""
+        if BITS == 0:
+            w = tl.load(w_ptr + rows * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            groups = tl.cdiv(hidden, GROUP)
+            scale = tl.load(s_ptr + rows * groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+            if BITS == 8:
+                q = tl.load(w_ptr + rows * (groups * GROUP) + cols, mask=mask, other=0).to(tl.float32)
+            else:
+                half = GROUP // 2
+                e = cols % GROUP
+                byte = tl.load(w_ptr + rows * (groups * half) + (cols // GROUP) * half + e % half, mask=mask, other=8)
+                nibble = tl.where(e < half, byte & 15, byte >> 4)
+                q = (nibble.to(tl.int32) - 8).to(tl.float32)
+            w = q * scale
+        return w
+
+    @triton.jit
     def _expert_matvec_kernel(
         x_ptr,
         w_ptr,
+        s_ptr,
         order_ptr,
         count_ptr,
         y_ptr,
@@ -62,6 +84,8 @@ if triton is not None:
         ES_PAD: tl.constexpr,
         T_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
     ):
         # y[t, slot*E + i] for every token t: one program per expert slot reads its rows once.
         slot = tl.program_id(0)
@@ -80,13 +104,13 @@ if triton is not None:
                 x = tl.load(
                     x_ptr + t[:, None] * hidden + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0
                 )
-                w = tl.load(
-                    w_ptr + rows[:, None] * hidden + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+                w = _load_rows(
+                    w_ptr, s_ptr, rows[:, None], cols[None, :], rmask[:, None] & cmask[None, :], hidden, BITS, GROUP
                 )
                 if T_PAD == 1:  # one token: a matrix-vector product
-                    acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+                    acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
                 else:
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
             out = y_ptr + t[:, None] * width + (slot * EXPERT_SIZE + r)[None, :]
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & rmask[None, :])
 
@@ -94,6 +118,7 @@ if triton is not None:
     def _expert_matvec_t_kernel(
         h_ptr,
         wt_ptr,
+        s_ptr,
         order_ptr,
         count_ptr,
         out_ptr,
@@ -104,6 +129,8 @@ if triton is not None:
         ES_PAD: tl.constexpr,
         T_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
     ):
         # out[t, columns of this program] = sum over the selected slots, in order (deterministic).
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -121,15 +148,20 @@ if triton is not None:
                 mask=tmask[:, None] & rmask[None, :],
                 other=0.0,
             )
-            w = tl.load(
-                wt_ptr + (expert * EXPERT_SIZE + r)[:, None] * hidden + cols[None, :],
-                mask=rmask[:, None] & cmask[None, :],
-                other=0.0,
+            w = _load_rows(
+                wt_ptr,
+                s_ptr,
+                (expert * EXPERT_SIZE + r)[:, None],
+                cols[None, :],
+                rmask[:, None] & cmask[None, :],
+                hidden,
+                BITS,
+                GROUP,
             )
             if T_PAD == 1:
-                acc += tl.sum(w.to(tl.float32) * tl.trans(h.to(tl.float32)), axis=0)[None, :]
+                acc += tl.sum(w * tl.trans(h.to(tl.float32)), axis=0)[None, :]
             else:
-                acc += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(h.to(tl.float32), w, input_precision="ieee")
         tl.store(
             out_ptr + t[:, None] * hidden + cols[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -154,20 +186,48 @@ def _launch_sizes(tokens: int, expert_size: int) -> dict:
     }
 
 
+def _quantized(weight: torch.Tensor, scales: torch.Tensor | None, expert_size: int) -> dict:
+    """BITS and GROUP for the kernels: 0 for float weights; 8 or 4 with the group size of quantized ones."""
+    if weight.is_floating_point():
+        if scales is not None:
+            raise ValueError(f"weight is {weight.dtype}: scales are for int8 / uint8 (int4) weights")
+        return {"BITS": 0, "GROUP": 1}
+    if weight.dtype not in (torch.int8, torch.uint8) or scales is None:
+        raise ValueError(f"weight of dtype {weight.dtype}: expected a float dtype, or int8 / uint8 with its scales")
+    bits = 8 if weight.dtype == torch.int8 else 4
+    group = weight.shape[1] * 8 // bits // scales.shape[1]
+    if group % 32 or expert_size % group:
+        raise ValueError(
+            f"group size {group}, expert size {expert_size}: the group size must be a multiple of 32 dividing the "
+            "expert size (a group would straddle two experts)"
+        )
+    return {"BITS": bits, "GROUP": group}
+
+
 def expert_matvec(
-    x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int, offset: int = 0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    expert_size: int,
+    offset: int = 0,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[tokens, num_experts * expert_size] for ``x`` [tokens, hidden] (1 to 8 tokens; [hidden] is
     one): each token's products with the selected experts' rows of ``weight``, selected slots
-    first (in ``order``), zeros after them."""
-    hidden = weight.shape[1]
+    first (in ``order``), zeros after them. Quantized weights: ``scales`` beside them; the output
+    then has ``x``'s dtype."""
+    quantized = _quantized(weight, scales, expert_size)
+    hidden = x.shape[-1]
     x = x.reshape(-1, hidden).contiguous()
     tokens, num_experts = x.shape[0], order.numel()
     width = num_experts * expert_size
-    y = torch.zeros(tokens, width, dtype=weight.dtype, device=weight.device)
+    dtype = weight.dtype if weight.is_floating_point() else x.dtype
+    y = torch.zeros(tokens, width, dtype=dtype, device=weight.device)
     _expert_matvec_kernel[(num_experts,)](
         x,
         weight,
+        weight if scales is None else scales,
         order,
         count,
         y,
@@ -177,22 +237,44 @@ def expert_matvec(
         width,
         EXPERT_SIZE=expert_size,
         **_launch_sizes(tokens, expert_size),
+        **quantized,
     )
     return y
 
 
 def expert_matvec_t(
-    h: torch.Tensor, weight_t: torch.Tensor, order: torch.Tensor, count: torch.Tensor, expert_size: int
+    h: torch.Tensor,
+    weight_t: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    expert_size: int,
+    scales: torch.Tensor | None = None,
+    hidden: int = -1,
 ) -> torch.Tensor:
     """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
-    :func:`expert_matvec`) times the selected experts' rows of ``weight_t``."""
-    hidden = weight_t.shape[1]
+    :func:`expert_matvec`) times the selected experts' rows of ``weight_t``. Quantized weights:
+    ``scales`` beside them, ``hidden`` the row length before padding (default: the padded one)."""
+    quantized = _quantized(weight_t, scales, expert_size)
+    if hidden < 0:
+        hidden = weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
     width = order.numel() * expert_size
     h = h.reshape(-1, width).contiguous()
     tokens = h.shape[0]
-    out = torch.empty(tokens, hidden, dtype=weight_t.dtype, device=weight_t.device)
+    dtype = weight_t.dtype if weight_t.is_floating_point() else h.dtype
+    out = torch.empty(tokens, hidden, dtype=dtype, device=weight_t.device)
     sizes = _launch_sizes(tokens, expert_size)
     _expert_matvec_t_kernel[(triton.cdiv(hidden, sizes["BLOCK"]),)](
-        h, weight_t, order, count, out, tokens, hidden, width, EXPERT_SIZE=expert_size, **sizes
+        h,
+        weight_t,
+        weight_t if scales is None else scales,
+        order,
+        count,
+        out,
+        tokens,
+        hidden,
+        width,
+        EXPERT_SIZE=expert_size,
+        **sizes,
+        **quantized,
     )
     return out

@@ -168,11 +168,15 @@ def _cmd_generate(args) -> int:
     for result in results:
         print(describe(result), flush=True)
     if args.compare_dense:
+        from .tools.generate import speed_notes
+
         sparse, dense = results
         print(
             f"speed: {sparse.tokens_per_second / dense.tokens_per_second:.2f}x the dense model's tokens/s "
             f"(batch 1; see `lte bench decode` for medians over repeats)"
         )
+        for line in speed_notes(model, sparse, dense):
+            print(f"  {line}", flush=True)
     return 0
 
 
@@ -181,15 +185,11 @@ def _cmd_bench_kernel(args) -> int:
 
     from .tools.bench import DEFAULT_SHAPES, bench_kernel, kernel_table, machine, write_json
 
-    try:
-        sparsities = [float(v) for v in args.sparsity.split(",")]
-    except ValueError:
-        raise UsageError(f"--sparsity {args.sparsity!r}: expected comma-separated numbers, e.g. 0.5,0.9") from None
-    if any(not 0 <= s < 1 for s in sparsities):
-        raise UsageError(f"--sparsity {args.sparsity}: every value must lie in [0, 1)")
+    sparsities = _sparsities(args.sparsity)
     shapes = args.shape.split(",") if args.shape else list(DEFAULT_SHAPES)
     rows = bench_kernel(shapes, sparsities, args.dtype, args.batch, args.expert_size, args.repeats, args.device)
-    print(f"sparse FFN kernel vs dense F.linear, {machine()}; medians of {args.repeats}")
+    baselines = ", ".join(sorted({row.baseline for row in rows}))
+    print(f"sparse FFN kernel vs dense {baselines}, {machine()}; medians of {args.repeats}")
     print(kernel_table(rows))
     if args.json:
         write_json([{**asdict(row), "device": machine()} for row in rows], args.json)
@@ -220,6 +220,47 @@ def _cmd_bench_decode(args) -> int:
         write_json(asdict(result), args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _cmd_bench_serve(args) -> int:
+    from .tools.bench import write_json
+    from .tools.bench_serve import main_entry, rows_as_json, serve_table
+
+    args.sparsities = _sparsities(args.sparsity)
+    args.batches = _batches("--batch", args.batch)
+    args.transformers_batches = _batches("--transformers-batch", args.transformers_batch or args.batch)
+
+    def save(rows) -> None:  # after every run: an interrupted benchmark keeps what it measured
+        if args.json and rows:
+            write_json(rows_as_json(rows), args.json)
+
+    rows = main_entry(args, on_rows=save)
+    print(f"vLLM serving, {rows[0].engine} on {rows[0].device}; output tokens/s, medians of {args.repeats}")
+    print(serve_table(rows))
+    if args.json:
+        save(rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _batches(flag: str, text: str) -> list[int]:
+    try:
+        batches = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if any(b < 1 for b in batches):
+        raise UsageError(f"{flag} {text}: every value must be at least 1")
+    return batches
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        sparsities = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers, e.g. 0.5,0.9") from None
+    if any(not 0 <= s < 1 for s in sparsities):
+        raise UsageError(f"--sparsity {text}: every value must lie in [0, 1)")
+    return sparsities
 
 
 def _cmd_recipes(args) -> int:
@@ -319,7 +360,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity", default="0.5,0.9", help="fractions of experts skipped, comma-separated (default 0.5,0.9)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "int8", "int4"],
+        help="weights; int8/int4: group-32 quantized rows against torch's dense int GEMVs (CPU)",
+    )
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--expert-size", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=20)
@@ -333,6 +379,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=_cmd_bench_decode)
+    p = bench.add_parser(
+        "serve", help="an export's decoding speed in vLLM: the LTE plugin against plain vLLM, and transformers"
+    )
+    p.add_argument("exports", nargs="*", help="exported checkpoints (from `lte export`); or --make-model")
+    p.add_argument(
+        "--make-model",
+        metavar="DIR",
+        help="build random TinyLlama-1.1B-shaped bf16 exports, one per --sparsity, under DIR (reused if built)",
+    )
+    p.add_argument("--sparsity", default="0.5,0.9", help="with --make-model: FFN sparsities (default 0.5,0.9)")
+    p.add_argument("--batch", default="1,4,16", help="concurrent requests, comma-separated (default 1,4,16)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per request")
+    p.add_argument("--prompt-tokens", type=positive_int, default=16, help="random prompt tokens per request")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument(
+        "--vllm-python", default=".venv-vllm/bin/python", help="python of a vLLM environment (`make vllm-env`)"
+    )
+    p.add_argument("--cores", help="cores for every engine, e.g. 0-1 (default: all this process may use)")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers generate")
+    p.add_argument("--transformers-batch", help="batch sizes transformers runs (default: every --batch)")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(func=_cmd_bench_serve)
     p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a transformers checkpoint")
     p.add_argument("model", help="llama2.c model .bin")
     p.add_argument("tokenizer", help="SentencePiece tokenizer .model")

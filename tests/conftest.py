@@ -1,5 +1,6 @@
 """Shared fixtures: offline, CPU, tiny models built from configs."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -103,8 +104,18 @@ def tiny_run(tmp_path_factory):
     return out, run_train(out)
 
 
-def pytest_collection_modifyitems(items):
-    """A test that needs the session's training run is slow, like the ones marked so by hand."""
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the session's training run is slow, like the ones marked so by hand. Tests
+    marked ``vllm`` run where vLLM is installed (the vLLM environment, ``pytest -m vllm``) and are
+    deselected elsewhere, whatever ``-m`` says: not skipped, not run."""
     for item in items:
         if "tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    if not HAS_VLLM:
+        deselected = [item for item in items if item.get_closest_marker("vllm")]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker("vllm")]

@@ -246,6 +246,26 @@ CASES = [
         ["--expert-size", "give an integer >= 1"],
     ),
     (
+        "bench-serve-no-vllm-python",
+        ["bench", "serve", "--make-model", "{out}/models", "--vllm-python", "{tmp}/no_venv/bin/python"],
+        ["--vllm-python", "no_venv/bin/python", "make vllm-env"],
+    ),
+    (
+        "bench-serve-batch-0",
+        ["bench", "serve", "--make-model", "{out}/models", "--batch", "1,0"],
+        ["--batch", "at least 1"],
+    ),
+    (
+        "bench-serve-not-an-export",
+        ["bench", "serve", "{tmp}", "--vllm-python", sys.executable],
+        ["no config.json", "lte export"],
+    ),
+    (
+        "bench-serve-export-and-make-model",
+        ["bench", "serve", "{tmp}", "--make-model", "{out}/models", "--vllm-python", sys.executable],
+        ["either", "--make-model"],
+    ),
+    (
         "generate-temperature-negative",
         ["generate", "{tmp}/export", "--temperature", "-1"],
         ["--temperature", "'-1'", "give a finite number >= 0"],

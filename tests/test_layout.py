@@ -1,4 +1,4 @@
-"""The package's layers import one way: core < model < training < export < compare < app.
+"""The package's layers import one way: core < model < training < export < serve < compare < app.
 
 The import graph is read from the source (every ``import`` and ``from`` statement, those inside
 functions included, relative ones resolved), so a lazy import that reaches upward fails here too.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lte"
-LAYERS = ["core", "model", "training", "export", "compare", "app"]  # low to high
+LAYERS = ["core", "model", "training", "export", "serve", "compare", "app"]  # low to high
 APP = "app"  # lte/*.py at the top (cli, pipeline, __init__, __main__) and lte/tools
 
 

@@ -50,6 +50,23 @@ TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
 EXPERTS_FILE = "lte_experts.py"  # remote/experts.py (routed MoE experts), imported by modeling_lte.py
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
+
+
+def auto_map(model_type: str, base: str) -> dict[str, str]:
+    """``AUTO_MAP`` plus every other Auto class ``base`` is registered under for ``model_type``
+    (a multimodal ``...ForConditionalGeneration`` is also AutoModelForImageTextToText's), so remote
+    code runs sparse through each of them, not only through AutoModelForCausalLM."""
+    import transformers.models.auto.modeling_auto as auto
+
+    found = dict(AUTO_MAP)
+    for name in sorted(dir(auto)):
+        mapping = getattr(getattr(auto, name), "_model_mapping", None) if name.startswith("AutoModel") else None
+        registered = getattr(mapping, "_model_mapping", {}).get(model_type)
+        if registered == base or (isinstance(registered, (list, tuple)) and base in registered):
+            found.setdefault(name, AUTO_MAP["AutoModelForCausalLM"])
+    return found
+
+
 VALIDATION_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
@@ -185,11 +202,23 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     from .remote.layout import FORMAT_KEY, FORMAT_VERSION
     from .remote.modeling_lte import write_routers
 
-    model.save_pretrained(directory, **save_kwargs)  # the routers are not among its tensors (install_routed_ffns)
+    # Contiguous tensors: the kernels' re-strided weights are transposed views, which safetensors cannot
+    # write where transformers de-duplicates shared tensors (Zamba's shared block). The routers are not
+    # among the saved tensors (install_routed_ffns sets _keys_to_ignore_on_save).
+    copies: dict = {}  # one copy per re-strided tensor, so tensors shared between names stay shared
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_contiguous():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.contiguous()
+            tensor = copies[key]
+        state_dict[name] = tensor
+    model.save_pretrained(directory, **{"state_dict": state_dict, **save_kwargs})
     write_routers(model, directory)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
-    config.update(architectures=[base], auto_map=AUTO_MAP, **{FORMAT_KEY: FORMAT_VERSION})
+    config.update(architectures=[base], auto_map=auto_map(config["model_type"], base), **{FORMAT_KEY: FORMAT_VERSION})
     if "use_cache" in config:  # the Trainer saves False; a plain model(ids) would return no cache
         config["use_cache"] = base_use_cache(model.config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

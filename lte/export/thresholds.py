@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import warn_deprecated
 from ..model.inject import lte_layers, set_lte_routing
-from ..model.layers import collect_router_scores
+from ..model.layers import collect_router_scores, threshold_skipping
 from ..training.evaluate import EvalResult, evaluate_batches
 from ..training.export_args import ALLOCATIONS  # noqa: F401  (re-exported: compare names it from here)
 
@@ -119,7 +119,7 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
     k = round(sparsity * flat.numel())
     if k <= 0:
         return KEEP_ALL
-    return float(flat.kthvalue(k).values)
+    return threshold_skipping(flat, k)
 
 
 def calibrate(model, batches, targets: list[float], progress: bool = True) -> list[float]:

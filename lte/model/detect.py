@@ -74,9 +74,23 @@ def _structural(path: str, module: nn.Module, d_model_hint: int | None) -> Candi
     hidden size decides, and where it does not, the trace does (``down`` runs last). Children
     first (OPT's decoder layer holds fc1/fc2 next to its attention module), then grandchildren."""
     for depth in (1, 2):
-        if (found := _reading(path, module, _projections(module, depth), d_model_hint)) is not None:
+        projections = {n: s for n, s in _projections(module, depth).items() if not _beside_conv(module, n)}
+        if (found := _reading(path, module, projections, d_model_hint)) is not None:
             return found
+        # One more d -> d projection beside the FFN (RWKV's receptance gates the FFN's output).
+        square = [n for n, (i, o) in projections.items() if i == o == d_model_hint]
+        if len(square) == 1:
+            rest = {n: s for n, s in projections.items() if n != square[0]}
+            if (found := _reading(path, module, rest, d_model_hint)) is not None:
+                return found
     return None
+
+
+def _beside_conv(module: nn.Module, name: str) -> bool:
+    """A projection next to a convolution belongs to a sequence mixer (Mamba's in_proj/out_proj
+    around its conv1d), not to an FFN."""
+    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    return any(isinstance(child, nn.modules.conv._ConvNd) for child in parent.children())
 
 
 def _reading(path: str, module: nn.Module, projections: dict, d_model_hint: int | None) -> Candidate | None:
@@ -141,7 +155,8 @@ def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
     """Why ``model`` is a mixture of experts, or None. Signs: a 3-D weight whose first axis counts the
     config's experts (fused expert tensors), or a ModuleList of FFN hosts inside a decoder layer."""
     config = getattr(model, "config", None)
-    counts = {getattr(config, key, None) for key in EXPERT_COUNT_KEYS}
+    configs = [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]  # DBRX's ffn_config
+    counts = {getattr(c, key, None) for c in configs if c is not None for key in EXPERT_COUNT_KEYS}
     counts = {c for c in counts if isinstance(c, int) and c > 1}
     for name, module in model.named_modules():
         if experts_layout(module) is not None:  # routed by lte.model.experts
@@ -325,9 +340,16 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
     nonlinear = [probe for probe, lin in zip(probes, linear, strict=True) if not lin]
     if len(nonlinear) != 1:
         what = f"projections {list(c.first)}" if c.fused_chunks == 1 else f"{c.fused_chunks} blocks of {c.first[0]}"
+        twins = _twins(c, call)
+        why = (
+            f" (the output of {twins} has the shape of {c.first[0]}'s: added to it before the activation, as a "
+            f"per-layer adapter is, it hides which block is linear)"
+            if twins and not any(linear)
+            else ""
+        )
         raise UsageError(
             f"cannot tell the gate of the FFN candidate {c.path or 'the model'} ({type(c.host).__name__}): "
-            f"{len(nonlinear)} of its {what} act non-linearly; {RECIPE_HINT}"
+            f"{len(nonlinear)} of its {what} act non-linearly{why}; {RECIPE_HINT}"
         )
     name, chunk = nonlinear[0]
     if chunk > 0:
@@ -336,6 +358,28 @@ def _gate(c: Candidate, call: tuple, tolerance: float) -> str:
             f"gate block first. Not supported yet for {type(c.host).__name__}."
         )
     return name
+
+
+def _twins(c: Candidate, call: tuple) -> list[str]:
+    """Modules of the host, besides its projections, that output what ``first[0]`` outputs (shape)
+    in a replay (Zamba2's adapters, whose output is summed with its fused gate/up projection)."""
+    shapes, handles = {}, []
+
+    def record(name):
+        def hook(module, args, output):
+            shapes.setdefault(name, getattr(output, "shape", None))  # returns None: the output is kept
+
+        return hook
+
+    for name, module in c.host.named_modules():
+        if name and name not in (*c.first, c.down) and base_projection(module) is None:
+            handles.append(module.register_forward_hook(record(name)))
+    try:
+        _replay(c.host, call, [(c.host.get_submodule(c.first[0]), "post", record("_"))])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [n for n, shape in shapes.items() if n != "_" and shape == shapes.get("_")]
 
 
 def _order(c: Candidate, trace: _Trace) -> tuple[str, ...]:

@@ -45,6 +45,17 @@ class RouterRecord:
     tokens: torch.Tensor | None = None
 
 
+def threshold_skipping(values: torch.Tensor, k: int) -> float:
+    """A cut-off below which the ``k`` (>= 1) smallest of ``values`` fall (with any tied with the k-th):
+    midway between the k-th smallest and the next larger value. The k-th value itself would sit on the threshold of ``> threshold``,
+    and the tokens it was chosen on (calibration, validation) would then flip with the last bit of
+    whichever kernel computes their scores."""
+    flat = values.reshape(-1).float()
+    kth = flat.kthvalue(k).values
+    above = flat[flat > kth]
+    return float(kth) if above.numel() == 0 else float((kth + above.min()) / 2)
+
+
 def __getattr__(name: str):
     if name == "MODES":  # the old name, for one release
         warn_deprecated("lte.model.layers.MODES", "ROUTINGS")
@@ -139,6 +150,20 @@ class LTEMLP(nn.Module):
             else:
                 width = self.num_experts * self.expert_size
                 self.lte_router.bias.copy_(scale * bias[:width].float().reshape(self.num_experts, -1).mean(dim=1))
+
+    def __getattr__(self, name: str):
+        """The wrapped host's submodules, parameters and buffers too: model code may read them (RWKV
+        rescales ``feed_forward.value.weight`` from its model's forward). Only those: other names
+        (accelerate's ``_hf_hook``, ``_old_forward``) must not answer for the wrapped module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            base = super().__getattr__("base_layer")
+            if any(name in vars(base).get(store, {}) for store in ("_modules", "_parameters", "_buffers")):
+                return getattr(base, name)
+            raise
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)

@@ -14,7 +14,11 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UsageError
-from .bench import run_counting_skips, set_export_routing, synchronize
+from .bench import bench_kernel, median_seconds, run_counting_skips, set_export_routing, synchronize
+
+# The FFN `--compare-dense` also times the kernel on: a real model's (TinyLlama-1.1B), small enough to set up in
+# about a second; `lte bench kernel` runs the Llama-2 shapes.
+REFERENCE_SHAPE = ("2048x5632", "TinyLlama-1.1B")
 
 
 @dataclass
@@ -105,3 +109,45 @@ def describe(result: Generation) -> str:
         f"[{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s; "
         f"FFN sparsity {100 * mean:.1f}% (per layer: {per_layer})]" + (f"\n{result.note}" if result.note else "")
     )
+
+
+@torch.no_grad()
+def speed_notes(model, sparse: Generation, dense: Generation, repeats: int = 5) -> list[str]:
+    """What ``--compare-dense``'s speed ratio means: one FFN's time per token dense and routed against
+    the whole token's (measured here), and the kernel on a real model's FFN at the sparsity just
+    measured (:func:`lte.tools.bench.bench_kernel`, the code of ``lte bench kernel``; CPU only)."""
+    host = model.config.lte_ffn["hosts"][0]
+    first = model.get_submodule(f"{host['path']}.{host['first'][0]}").weight
+    ffn, hidden = first.shape[0] // host.get("fused_chunks", 1), first.shape[1]
+    mlp, layers = model.get_submodule(host["path"]), len(model.config.lte_ffn["hosts"])
+    x = torch.randn(1, 1, hidden, dtype=first.dtype, device=first.device)
+    ffn_ms = {}
+    for routing in ("dense", "hard"):
+        previous = set_export_routing(model.config, routing)
+        ffn_ms[routing] = 1e3 * median_seconds(lambda: mlp(x), 4 * repeats, first.device)
+        set_export_routing(model.config, previous)
+    token_ms = 1e3 / dense.tokens_per_second
+    share = layers * ffn_ms["dense"] / token_ms
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(first.dtype)
+    sparsity = round(sum(sparse.per_layer_sparsity) / max(len(sparse.per_layer_sparsity), 1), 2)
+    lines = [
+        (
+            f"why: one {hidden}x{ffn} FFN takes {ffn_ms['dense']:.3f} ms dense and {ffn_ms['hard']:.3f} ms routed "
+            f"(router, expert selection, kernel calls: costs per layer that do not shrink with sparsity); the "
+            f"{layers} FFNs are {100 * share:.1f}% of the dense model's {token_ms:.1f} ms per token, so skipping "
+            f"{100 * sparsity:.0f}% of their neurons can save at most {100 * share * sparsity:.1f}% of it"
+        )
+    ]
+    if first.device.type == "cpu" and dtype and 0 <= sparsity < 1:
+        shape, name = REFERENCE_SHAPE
+        try:  # the export runs without the C++ kernel (pure-torch path); this figure then says so
+            row = bench_kernel([shape], [sparsity], dtype, repeats=repeats, progress=False)[0]
+        except UsageError as error:
+            return [*lines, f"a real model's FFN: not measured ({error})"]
+        lines.append(
+            f"a real model's FFN: the same kernel on {name}'s {shape}, {dtype}, batch 1, {100 * sparsity:.0f}% of "
+            f"experts skipped: {row.speedup:.2f}x the dense FFN ({row.dense_ms:.1f} -> {row.sparse_ms:.1f} ms, "
+            f"median of {repeats}, {torch.get_num_threads()} threads; "
+            f"full benchmark: lte bench kernel --sparsity {sparsity})"
+        )
+    return lines

@@ -12,10 +12,12 @@ merges it, so the next stage, the evaluation and the export all see a plain LTE 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..core.imports import hidden
 from ..model.inject import load_lte, lte_layers
 from ..model.layers import ROUTER_PREFIX
 from .config import LoraArgs
@@ -36,6 +38,24 @@ def quantization_config(lora: LoraArgs, compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype,
     )
+
+
+@contextmanager
+def _bitsandbytes_unless(quantized: bool):
+    """Around PEFT's LoRA dispatch, which imports bitsandbytes whenever it is installed: only a
+    4-bit base needs it (:func:`lte.core.imports.hidden`). PEFT caches whether it found it; the
+    cache is cleared after, so a later quantized model in this process finds it."""
+    if quantized:
+        yield
+        return
+    from peft import import_utils
+
+    try:
+        with hidden("bitsandbytes"):
+            yield
+    finally:
+        import_utils.is_bnb_available.cache_clear()
+        import_utils.is_bnb_4bit_available.cache_clear()
 
 
 def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing: bool = False):
@@ -62,7 +82,8 @@ def add_lora(model, lora: LoraArgs, train_routers: bool, gradient_checkpointing:
         modules_to_save=[ROUTER_PREFIX] if train_routers else None,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with _bitsandbytes_unless(lora.load_in_4bit):
+        model = get_peft_model(model, config)
     for layer in lte_layers(model):
         layer.attach_hooks()  # onto the LoRA layers now at the gate/down paths
     trainable, total = model.get_nb_trainable_parameters()
@@ -87,7 +108,8 @@ def merge_adapter(source: str | Path, adapter: str | Path, **from_pretrained_kwa
     for layer in lte_layers(model):
         layer.lte_router.float()  # as in training: the saved router copy is float32
     layers = len(lte_layers(model))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with _bitsandbytes_unless(False):  # merged into the unquantized checkpoint
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     if len(lte_layers(merged)) != layers or any("lora_" in name for name, _ in merged.named_modules()):
         raise RuntimeError(f"merging {adapter} did not give a plain LTE model (PEFT changed how it unloads layers?)")
     for layer in lte_layers(merged):

@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
-
 from ..core.errors import UsageError, renamed_kwargs
+from ..core.imports import hidden
 from ..model.inject import LTELayerSettings
 from ..model.layers import ROUTINGS
 from ..model.router_init import ROUTER_INITS
+
+# transformers' TrainingArguments imports peft, and peft imports bitsandbytes eagerly (lte.core.imports.hidden
+# says why not): peft is imported here without it; QLoRA imports bitsandbytes when it loads a 4-bit model.
+with hidden("bitsandbytes"):
+    from transformers import TrainingArguments
 
 
 @renamed_kwargs(tau="threshold")

@@ -15,15 +15,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
 from typing_extensions import override
 
 from ..core.errors import UsageError
 from ..core.faults import fault_point
+from ..core.imports import hidden
 from ..model.layers import ROUTER_PREFIX, collect_router_scores
 from .arguments import LTEArguments, LTETrainingArguments  # noqa: F401  (LTEArguments: re-exported)
 from .losses import efficiency_loss, layer_sparsity, separability_loss
+
+with hidden("bitsandbytes"):  # as in .arguments: transformers' Trainer imports peft, which imports bitsandbytes
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
 
 class EtaController(TrainerCallback, ExportableState):

@@ -380,6 +380,12 @@ def test_generate_prints_text_speed_and_sparsity(tiny_run, capsys):
     printed = capsys.readouterr().out
     assert printed.count("Once upon a time") == 2
     assert "tokens/s" in printed and "FFN sparsity" in printed and "x the dense model's tokens/s" in printed
+    # what the ratio means on a 64-wide model: its FFNs' share of a token, measured; the kernel on a real FFN
+    why = next(line for line in printed.splitlines() if line.strip().startswith("why: one 64x172 FFN takes"))
+    share = float(why.split("FFNs are ")[1].split("%")[0])
+    assert 0 < share < 100 and "ms routed" in why and "can save at most" in why
+    real = next(line for line in printed.splitlines() if "a real model's FFN: the same kernel on" in line)
+    assert "TinyLlama-1.1B's 2048x5632" in real and "x the dense FFN" in real and "lte bench kernel --sparsity" in real
 
 
 def test_bench_decode_times_sparse_against_dense(tiny_run, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,7 +12,9 @@ import torch
 import lte_kernels.cpu as cpu_kernel
 from conftest import REPO
 
-SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32)]  # (hidden, neurons, expert_size); 100: not a multiple of 16
+# (hidden, neurons, expert_size); 100: not a multiple of 16; the last is enough work for several threads
+# (the kernel keeps products under 2^16 multiply-adds per thread on one thread)
+SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32), (512, 1024, 32)]
 
 
 def test_the_kernel_builds_here():
@@ -112,6 +115,36 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
         assert (
             r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
         )
+        assert r["max_error"] < 1e-4 and r["launch"] == "eager" and r["sparse_of_bandwidth"] > 0
+
+
+@pytest.mark.parametrize(("dtype", "baseline"), [("int8", "_weight_int8pack_mm"), ("int4", "_weight_int4pack_mm")])
+def test_bench_kernel_times_quantized_rows_against_torchs_dense_int_kernels(dtype, baseline, tmp_path, capsys):
+    from lte.cli import main
+
+    out = tmp_path / "rows.json"
+    argv = ["bench", "kernel", "--shape", "256x512", "--sparsity", "0,0.5", "--dtype", dtype, "--repeats", "2"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert f"| 256x512 | 1 | {dtype} | 0.50 | 50% |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert baseline in r["baseline"] and r["dtype"] == dtype
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        assert r["max_error"] < 2e-2  # bf16 activations and output, against the dequantized masked FFN
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bench_kernel_runs_the_triton_decode_step_it_times_on_gpus(batch, monkeypatch):
+    # The --device cuda path (Triton kernels, selection on the device) on CPU tensors under
+    # TRITON_INTERPRET=1: what it would time must compute the masked dense FFN.
+    from lte.tools.bench import bench_kernel
+
+    monkeypatch.setenv("LTE_FORCE_TRITON", "1")
+    rows = bench_kernel(["64x256"], [0.0, 0.5], batch=batch, expert_size=16, repeats=1, progress=False)
+    assert [r.sparsity for r in rows] == [0.0, 0.5]
+    assert all(r.max_error < 1e-4 for r in rows), [r.max_error for r in rows]
+    assert 0.5 <= rows[1].union < 1.0 and (batch > 1 or rows[1].union == 0.5)  # a few tokens read their union
 
 
 @pytest.mark.parametrize(
@@ -119,9 +152,12 @@ def test_bench_kernel_prints_and_writes_rows(tmp_path, capsys):
     [
         (["--sparsity", "1.5"], "[0, 1)"),
         (["--shape", "4096by11008"], "HIDDENxFFN"),
-        (["--device", "cuda"], "not built yet"),
+        (["--device", "cuda"], "no CUDA device is visible"),
+        (["--dtype", "float16"], "float16 is for CUDA"),
         (["--shape", "64x100"], "does not divide"),
         (["--batch", "9"], "1 to 8 tokens"),
+        (["--dtype", "int8", "--batch", "2"], "batch 1"),
+        (["--dtype", "int4", "--expert-size", "16"], "straddle two experts"),
     ],
 )
 def test_bench_kernel_bad_input(argv, phrase, capsys):
@@ -200,7 +236,7 @@ if version:
 spec = importlib.util.spec_from_file_location("copy_of_cpu_kernel", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-print(module.EXTENSION_NAME)
+print(module.extension_name())
 """
 
 
@@ -216,10 +252,31 @@ def test_the_extension_name_hashes_the_source_and_the_torch_version(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 
-    assert name(REPO / "kernels" / "cpu.py") == cpu_kernel.EXTENSION_NAME
-    assert name(changed) != cpu_kernel.EXTENSION_NAME
-    assert name(REPO / "kernels" / "cpu.py", "2.99.0") != cpu_kernel.EXTENSION_NAME
-    assert cpu_kernel.EXTENSION_NAME.startswith("lte_cpu_sparse_ffn_")
+    here = cpu_kernel.extension_name()
+    assert name(REPO / "kernels" / "cpu.py") == here
+    assert name(changed) != here
+    assert name(REPO / "kernels" / "cpu.py", "2.99.0") != here
+    assert here.startswith("lte_cpu_sparse_ffn_")
+
+
+_X86 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx avx2 fma {}\nbugs\t\t: sysret_ss_attrs\n\n"
+)
+
+
+def test_the_extension_name_hashes_the_instruction_set(tmp_path):
+    """A build cache shared between machines (a network home) must not give an AVX-512 build to an
+    AVX2 CPU: the CPU's feature flags are part of the name; the order they are listed in is not."""
+    avx2, avx512, reordered = tmp_path / "avx2", tmp_path / "avx512", tmp_path / "reordered"
+    avx2.write_text(_X86.format(""))
+    avx512.write_text(_X86.format("avx512f avx512bw avx512_bf16"))
+    reordered.write_text(_X86.format("avx512_bf16 avx512bw avx512f"))
+    features = {path.name: cpu_kernel.cpu_features(str(path)) for path in (avx2, avx512, reordered)}
+    assert features["avx2"] == "avx avx2 fma fpu sse sse2"  # the flags line only, not the bugs line
+    names = {key: cpu_kernel.extension_name(cpu_kernel.isa_key(value)) for key, value in features.items()}
+    assert names["avx2"] != names["avx512"] and names["avx512"] == names["reordered"]
+    assert cpu_kernel.isa_key() == cpu_kernel.isa_key(cpu_kernel.cpu_features())  # this machine: /proc/cpuinfo
+    assert cpu_kernel.cpu_features(str(tmp_path / "absent"))  # no /proc/cpuinfo: the compiler's view
 
 
 def test_the_first_build_logs_one_line_and_a_rebuild_none(tmp_path):
@@ -232,3 +289,226 @@ def test_the_first_build_logs_one_line_and_a_rebuild_none(tmp_path):
         logs.append([line for line in proc.stderr.splitlines() if "lte" in line.lower()])
     assert len(logs[0]) == 1 and "building the CPU sparse kernel" in logs[0][0], logs
     assert logs[1] == [], logs
+
+
+_PORTABLE = r"""
+import json, sys, torch
+import lte_kernels.cpu as k
+assert k.available()
+g = torch.Generator().manual_seed(0)
+errors = {}  # per dtype: the largest difference from the reference, relative to its largest entry
+for dtype in (torch.float32, torch.bfloat16):
+    weight, weight_t = (torch.randn(96, 100, generator=g).to(dtype) for _ in range(2))
+    x = torch.randn(3, 100, generator=g)
+    experts = torch.tensor([0, 2, 5])
+    rows = (experts[:, None] * 16 + torch.arange(16)).reshape(-1)
+    h = torch.randn(3, rows.numel(), generator=g)
+    order, count = k.select_experts(torch.zeros(6, dtype=torch.bool).index_fill_(0, experts, True))
+    slots = k.slot_matvec(x, weight, order, count, 16).float()
+    assert slots[:, rows.numel():].abs().max() == 0  # the unselected slots
+    pairs = [
+        (k.expert_matvec(x, weight, experts, 16), x @ weight.float()[rows].T),
+        (k.expert_matvec_t(h, weight_t, experts, 16), h @ weight_t.float()[rows]),
+        (slots[:, : rows.numel()], x @ weight.float()[rows].T),
+        (k.slot_matvec_t(slots, weight_t, order, count, 16), slots[:, : rows.numel()] @ weight_t.float()[rows]),
+    ]
+    errors[str(dtype)] = max(((got.float() - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+from lte_kernels import quant
+for bits in (8, 4):  # quantized rows, padded to whole groups (100 -> 128)
+    qweight, scales = quant.quantize(torch.randn(192, 100, generator=g), bits)
+    qweight_t, scales_t = quant.quantize(torch.randn(192, 100, generator=g), bits)
+    dense, dense_t = quant.dequantize(qweight, scales, 100), quant.dequantize(qweight_t, scales_t, 100)
+    experts = torch.tensor([0, 2, 5])
+    rows = (experts[:, None] * 32 + torch.arange(32)).reshape(-1)
+    x, h = torch.randn(3, 100, generator=g), torch.randn(3, rows.numel(), generator=g)
+    order, count = k.select_experts(torch.zeros(6, dtype=torch.bool).index_fill_(0, experts, True))
+    slots = k.slot_matvec(x, qweight, order, count, 32, 0, scales)
+    assert slots[:, rows.numel():].abs().max() == 0
+    pairs = [
+        (slots[:, : rows.numel()], x @ dense[rows].T),
+        (k.slot_matvec_t(slots, qweight_t, order, count, 32, scales_t, 100), slots[:, : rows.numel()] @ dense_t[rows]),
+        (k.expert_matvec_t(h, qweight_t, experts, 32, scales_t, 100), h @ dense_t[rows]),
+    ]
+    errors[f"int{bits}"] = max(((got - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+print(json.dumps({"name": k.extension_name(), "so": k._extension.__file__, "errors": errors}))
+"""
+
+
+def _vector_registers(shared_object: str) -> set[str]:
+    """The 256- and 512-bit registers (AVX, AVX-512) the machine code of ``shared_object`` names."""
+    listing = subprocess.run(["objdump", "-d", shared_object], capture_output=True, text=True, check=True).stdout
+    return {register for register in ("%ymm", "%zmm") if register in listing}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the instruction-set check reads x86 registers")
+def test_the_portable_build_runs_without_native_instructions():
+    """``LTE_KERNEL_ISA=portable``: its own build (own name, built once per environment like the
+    native one), no AVX/AVX-512 instructions in it although the native build here has them, and the
+    same products as the reference."""
+    env = {**os.environ, "LTE_KERNEL_ISA": "portable"}
+    proc = subprocess.run([sys.executable, "-c", _PORTABLE], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    portable = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert portable["name"] != cpu_kernel.extension_name() and portable["name"].endswith("_portable_x86_64")
+    assert portable["errors"]["torch.float32"] < 1e-6 and portable["errors"]["torch.bfloat16"] < 1e-2, portable
+    assert portable["errors"]["int8"] < 1e-5 and portable["errors"]["int4"] < 1e-5, portable
+    assert cpu_kernel.available()
+    assert _vector_registers(cpu_kernel._extension.__file__)  # -march=native on any x86 CPU with AVX
+    assert not _vector_registers(portable["so"])
+
+
+def test_an_unknown_instruction_set_setting_is_named_and_the_portable_build_used():
+    # A typo must not break the import of every export (the remote code catches only ImportError).
+    env = {**os.environ, "LTE_KERNEL_ISA": "avx9"}
+    code = "import lte_kernels.cpu as k; print(k.extension_name())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LTE_KERNEL_ISA='avx9': expected 'native'" in proc.stderr and "building the portable kernel" in proc.stderr
+    assert proc.stdout.strip().endswith("_portable_" + platform.machine())
+
+
+# Quantized rows (kernels/quant.py): (hidden, neurons, expert_size, group); 100 and 200: rows padded to whole
+# groups; the last is enough work for both threads and several column blocks.
+QUANT_SHAPES = [(100, 192, 32, 32), (200, 256, 64, 64), (96, 256, 128, 32), (1024, 2048, 32, 32)]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(got.float(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_round_trips_within_half_a_step(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(8, 100, generator=g)
+    weight[0, :32] = 0  # an all-zero group: scale 0, no division by zero
+    qweight, scales = quant.quantize(weight, bits, 32)
+    assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert qweight.shape == (8, 128 * bits // 8) and scales.shape == (8, 4) and scales.dtype == torch.float16
+    back = quant.dequantize(qweight, scales, 100)
+    step = scales.float().repeat_interleave(32, dim=1)[:, :100]
+    assert ((back - weight).abs() <= step / 2 + 1e-6 + 1e-3 * weight.abs()).all()  # 1e-3: the fp16 scale
+    assert not back[0, :32].any() and scales[0, 0] == 0
+    assert quant.unpack(qweight, scales)[:, 100:].eq(0).all()  # the padding
+    assert quant.bits_per_weight(bits) == bits + 0.5
+
+
+def test_int4_packs_a_group_as_q4_0_does():
+    from lte_kernels import quant
+
+    weight = torch.arange(-16, 16, dtype=torch.float32).reshape(1, 32) * (7 / 16)  # scale 7/16 / ... exact levels
+    qweight, scales = quant.quantize(weight, 4, 32)
+    q = quant.unpack(qweight, scales)[0]
+    assert torch.equal(qweight[0] & 15, (q[:16] + 8).to(torch.uint8))  # byte i: entry i low ...
+    assert torch.equal(qweight[0] >> 4, (q[16:] + 8).to(torch.uint8))  # ... and entry i + 16 high
+    assert q.min() >= -8 and q.max() <= 7
+
+
+@pytest.mark.parametrize(
+    ("call", "phrase"),
+    [
+        (lambda q: q.quantize(torch.zeros(4, 64), 4, 16), "multiple of 32"),
+        (lambda q: q.quantize(torch.zeros(4, 64), 3), "expected 8 or 4"),
+        (lambda q: q.check_group_size(32, expert_size=48), "straddle two experts"),
+    ],
+)
+def test_quantize_refuses_by_name(call, phrase):
+    from lte_kernels import quant
+
+    with pytest.raises(ValueError, match=phrase):
+        call(quant)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", QUANT_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_slot_kernels_match_the_dequantized_reference(bits, shape, sparsity, tokens):
+    from lte_kernels import quant
+
+    hidden, neurons, size, group = shape
+    g = torch.Generator().manual_seed(7)
+    weight, weight_t = (torch.randn(neurons, hidden, generator=g) for _ in range(2))
+    qweight, scales = quant.quantize(weight, bits, group)
+    qweight_t, scales_t = quant.quantize(weight_t, bits, group)
+    dense, dense_t = quant.dequantize(qweight, scales, hidden), quant.dequantize(qweight_t, scales_t, hidden)
+    x = torch.randn(tokens, hidden, generator=g)
+    on = torch.rand(tokens, neurons // size, generator=g) >= sparsity
+    on[:, 0] |= sparsity == 0.0  # 0: every expert, whatever the draw
+    order, count = cpu_kernel.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    assert (union.numel() == neurons // size) if sparsity == 0 else (union.numel() == 0 if sparsity == 1 else True)
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    y = cpu_kernel.slot_matvec(x, qweight, order, count, size, 0, scales)
+    assert y.shape == (tokens, neurons) and y.dtype == torch.float32
+    _close(y[:, : rows.numel()], x @ dense[rows].T, 1e-5)
+    assert not y[:, rows.numel() :].any()  # unselected slots stay zero
+    out = cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden)
+    assert out.shape == (tokens, hidden)
+    _close(out, y[:, : rows.numel()] @ dense_t[rows], 1e-5)
+    assert torch.equal(cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden), out)
+    # the index selection: the same products
+    _close(cpu_kernel.expert_matvec(x, qweight, union, size, 0, scales), x @ dense[rows].T, 1e-5)
+    h = y[:, : rows.numel()]
+    _close(cpu_kernel.expert_matvec_t(h, qweight_t, union, size, scales_t, hidden), h @ dense_t[rows], 1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernels_take_bf16_activations_and_a_fused_offset(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(2 * 128, 64, generator=g)  # two fused chunks of 128 neurons
+    qweight, scales = quant.quantize(weight, bits)
+    dense = quant.dequantize(qweight, scales)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    experts = torch.tensor([1, 3])
+    rows = 128 + (experts[:, None] * 32 + torch.arange(32)).reshape(-1)
+    y = cpu_kernel.expert_matvec(x, qweight, experts, 32, 128, scales)
+    assert y.dtype == torch.bfloat16
+    _close(y, x.float() @ dense[rows].T, 1e-2)
+
+
+def test_quantized_kernels_refuse_mismatched_inputs_by_name():
+    from lte_kernels import quant
+
+    qweight, scales = quant.quantize(torch.randn(64, 64), 8)
+    x, experts = torch.randn(64), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="straddle two experts"):
+        cpu_kernel.expert_matvec(x, qweight, experts, 16, 0, scales)
+    with pytest.raises(RuntimeError, match="pass its fp16 scales"):
+        cpu_kernel.expert_matvec(x, qweight, experts, 32)
+    with pytest.raises(RuntimeError, match="scales are for int8"):
+        cpu_kernel.expert_matvec(x, torch.randn(64, 64), experts, 32, 0, scales)
+    with pytest.raises(RuntimeError, match="do not fit 10"):
+        cpu_kernel.expert_matvec(torch.randn(10), qweight, experts, 32, 0, scales)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernels_are_custom_ops_that_compilers_trace(bits):
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(9)
+    qweight, scales = quant.quantize(torch.randn(128, 40, generator=g), bits)
+    qweight_t, scales_t = quant.quantize(torch.randn(128, 40, generator=g), bits)
+    x = torch.randn(2, 40, generator=g)
+    order, count = cpu_kernel.select_experts(torch.tensor([True, False, True, False]))
+    experts = torch.tensor([0, 2])
+    cases = [
+        (cpu_kernel._op_matvec, (x, qweight, experts, 32, 0, scales)),
+        (cpu_kernel._op_matvec_t, (torch.randn(2, 64, generator=g), qweight_t, experts, 32, scales_t, 40)),
+        (cpu_kernel._op_slot, (x, qweight, order, count, 32, 0, scales)),
+        (cpu_kernel._op_slot_t, (torch.randn(2, 128, generator=g), qweight_t, order, count, 32, scales_t, 40)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+    def step(x):
+        h = torch.relu(cpu_kernel.slot_matvec(x, qweight, order, count, 32, 0, scales))
+        return cpu_kernel.slot_matvec_t(h, qweight_t, order, count, 32, scales_t, 40)
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x))

@@ -79,3 +79,44 @@ def test_triton_kernels_on_the_gpu_match_the_reference():
     torch.testing.assert_close(y[: rows.numel()].float(), weight.float()[rows] @ x.float(), atol=0.5, rtol=2e-2)
     out = triton_ffn.expert_matvec_t(y, weight_t, order, count, 32).reshape(-1)
     torch.testing.assert_close(out.float(), y[: rows.numel()].float() @ weight_t.float()[rows], atol=0.5, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(("hidden", "group"), [(100, 32), (128, 64)])  # 100: rows padded to whole groups
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_rows_match_the_dequantized_reference(bits, hidden, group, sparsity, tokens):
+    from lte_kernels import quant
+
+    neurons, size = 256, 64
+    g = torch.Generator().manual_seed(11)
+    (qweight, scales), (qweight_t, scales_t) = (
+        quant.quantize(torch.randn(neurons, hidden, generator=g), bits, group) for _ in range(2)
+    )
+    dense, dense_t = quant.dequantize(qweight, scales, hidden), quant.dequantize(qweight_t, scales_t, hidden)
+    x = torch.randn(tokens, hidden, generator=g)
+    on = torch.rand(tokens, neurons // size, generator=g) >= sparsity
+    on[:, 0] |= sparsity == 0.0
+    order, count = triton_ffn.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    y = triton_ffn.expert_matvec(x, qweight, order, count, size, 0, scales)
+    assert y.shape == (tokens, neurons) and y.dtype == torch.float32
+    want = x @ dense[rows].T
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(y[:, : rows.numel()], want, atol=1e-5 * scale, rtol=1e-5)
+    assert not y[:, rows.numel() :].any()
+    out = triton_ffn.expert_matvec_t(y, qweight_t, order, count, size, scales_t, hidden)
+    want = y[:, : rows.numel()] @ dense_t[rows]
+    assert out.shape == (tokens, hidden)
+    scale = 1 + (want.abs().amax().item() if want.numel() else 0)
+    torch.testing.assert_close(out, want, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_quantized_rows_refuse_groups_that_straddle_experts():
+    from lte_kernels import quant
+
+    qweight, scales = quant.quantize(torch.randn(64, 64), 8)
+    order, count = triton_ffn.select_experts(torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="straddle two experts"):
+        triton_ffn.expert_matvec(torch.randn(64), qweight, order, count, 16, 0, scales)

@@ -17,7 +17,7 @@ from lte.model.inject import (
     set_lte_routing,
     unload_lte,
 )
-from lte.model.layers import collect_router_scores
+from lte.model.layers import collect_router_scores, threshold_skipping
 from lte.model.registry import feature_axes
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -204,3 +204,16 @@ def test_the_saved_router_init_says_what_the_routers_are(tmp_path):
     assert any(
         not torch.equal(old, layer.lte_router.weight) for old, layer in zip(routers, lte_layers(model), strict=True)
     )
+
+
+def test_a_tuned_threshold_never_sits_on_a_score_it_was_chosen_from():
+    """Hard routing keeps `score > threshold`: a threshold equal to a calibration score flips that token's
+    expert with the last bit of whichever kernel computes the score (an export failed its reload check so)."""
+    scores = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    for k in (1, 100, 2048, 4095):
+        t = threshold_skipping(scores, k)
+        assert int((scores <= t).sum()) == k and not bool((scores == t).any())
+        assert float(scores.kthvalue(k).values) < t < float(scores.kthvalue(k + 1).values)
+    ties = torch.tensor([0.1, 0.2, 0.2, 0.2, 0.9])
+    assert threshold_skipping(ties, 2) == pytest.approx(0.55)  # tied values fall on one side, together
+    assert threshold_skipping(ties, 5) == pytest.approx(0.9)  # nothing above: every value is skipped

@@ -2,12 +2,14 @@
 full in float32, and merging gives exactly the model that was trained."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_train, tiny_model
+from conftest import REPO, run_train, tiny_model
 from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_routing
 from lte.training.adapters import add_lora, merge_adapter, quantization_config
 from lte.training.config import LoraArgs
@@ -133,3 +135,35 @@ def test_lora_recipe_end_to_end_exports_a_plain_lte_model(tmp_path, variant):
     assert losses[-1] < losses[0]
     exported = json.loads((out / "export" / "lte_export.json").read_text())
     assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4
+
+
+_WITHOUT_QUANTIZATION = r"""
+import sys
+from lte.cli import main, train_main
+assert main(["recipes"]) == 0
+assert train_main(["recipe=tiny", f"output_dir={sys.argv[1]}", "restart_from=none"]) == 2  # after the run's imports
+from lte.model.inject import load_lte
+from lte.training.adapters import add_lora
+from lte.training.config import LoraArgs
+add_lora(load_lte(sys.argv[2]), LoraArgs(r=4, alpha=8, dropout=0.0), train_routers=True)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "bitsandbytes"))
+"""
+
+
+def test_runs_without_quantization_never_import_bitsandbytes(lte_checkpoint, tmp_path):
+    """peft imports bitsandbytes eagerly, and bitsandbytes' CPU backend on AVX512-BF16 machines asks the
+    hub for a kernel at import: offline, every command warned about it. `lte recipes`, `train.py
+    recipe=tiny` through all of its imports (a bad restart_from stops it after them) and LoRA on an
+    unquantized model never load bitsandbytes and say nothing of it or of the hub's kernels. (Whether the hub's
+    `kernels` package is imported is transformers' choice: it imports any version it supports, at import.)"""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_QUANTIZATION, str(tmp_path / "run"), str(lte_checkpoint)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert "bitsandbytes" not in proc.stderr and "kernels-community" not in proc.stderr, proc.stderr[-3000:]
+    assert "restart_from=none must be one of" in proc.stderr  # it did reach the pipeline

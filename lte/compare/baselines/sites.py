@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...model.layers import threshold_skipping
 from ...model.registry import FFNSpec, feature_axes, layout_from_list, layout_to_list, weight_shape
 
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
@@ -97,7 +98,7 @@ def quantile(values: torch.Tensor, q: float, max_values: int = 1 << 24) -> float
     if q <= 0:
         return float("-inf")
     k = min(max(1, round(q * flat.numel())), flat.numel())
-    return float(flat.kthvalue(k).values)
+    return threshold_skipping(flat, k)
 
 
 class Sparsified:

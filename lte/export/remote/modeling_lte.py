@@ -394,10 +394,11 @@ def relayout_routed_ffns(model: nn.Module) -> None:
             _relayout(module, out_is_rows=False)
 
 
-def write_routers(model: nn.Module, directory) -> str:
-    """Write the model's routers to ``directory``'s routers file (format 2)."""
-    parameters = dict(model.named_parameters())
-    return save_routers({name: parameters[name] for name in router_keys(model.config)}, directory)
+def write_routers(model: nn.Module, directory, given: dict | None = None) -> str:
+    """Write the model's routers to ``directory``'s routers file (format 2), taking each from ``given``
+    where it is there (under ZeRO-3/FSDP the Trainer saves a gathered state dict; the parameters are shards)."""
+    parameters, given = dict(model.named_parameters()), given or {}
+    return save_routers({name: given.get(name, parameters.get(name)) for name in router_keys(model.config)}, directory)
 
 
 def set_routers(model: nn.Module, routers: dict, path: str) -> None:
@@ -486,17 +487,19 @@ class LTEForCausalLM(_BaseForCausalLM):
         model.lte_relayout()
         return loaded
 
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs):
         """The base class's ``save_pretrained`` in format 2: the base tensors in the weight files,
         the routers in ``lte/routers.safetensors``, ``architectures`` kept the base class's (as
         ``lte export`` writes it), so a saved copy still loads dense in plain loaders and engines.
         ``push_to_hub=True`` uploads after all of it (through :meth:`push_to_hub`)."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
         self.config.lte_format_version = FORMAT_VERSION
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
+        # The routers of a caller's state dict, read now: save_pretrained deletes the ignored keys from it.
+        given = {k: v for k, v in (kwargs.get("state_dict") or {}).items() if k in set(router_keys(self.config))}
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if not is_main_process:
             return
-        write_routers(self, save_directory)
+        write_routers(self, save_directory, given)
         config_file = os.path.join(save_directory, "config.json")
         if os.path.isfile(config_file):
             with open(config_file) as f:

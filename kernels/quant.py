@@ -1,0 +1,84 @@
+"""Weight-only group quantization in the layout the sparse kernels read (pure torch reference).
+
+Symmetric per group of ``group_size`` consecutive entries of a row, one fp16 scale per group, as
+llama.cpp's Q8_0/Q4_0 (8.5 and 4.5 bits per weight at the default group of 32):
+
+* int8: ``q = round(w / s)`` in [-127, 127], ``s = max|w| / 127``; ``qweight`` int8 [rows, padded].
+* int4: ``q = round(w / s)`` in [-8, 7], ``s = max|w| / 7``; two per byte as ``q + 8``, packed per
+  group the way Q4_0 is (byte ``i`` of a group holds entry ``i`` in its low nibble and entry
+  ``i + group_size / 2`` in its high one: one 16-byte load gives two runs of 16 entries);
+  ``qweight`` uint8 [rows, padded / 2].
+
+Rows are one per output neuron of a first projection (gate, up) and one per neuron of the down
+projection stored transposed (neuron-major, groups along the hidden size), so the rows of the
+selected experts are contiguous. A row whose length is not a multiple of the group size is
+zero-padded to one (``padded``); ``scales`` is fp16 [rows, padded / group_size].
+
+The kernels (``cpu.py``) take ``qweight`` as their weight and ``scales`` beside it: the weight's
+dtype says which (int8 or packed int4). Imports only torch: copied next to an exported model.
+"""
+
+import torch
+
+GROUP_SIZE = 32
+BITS = {8: torch.int8, 4: torch.uint8}
+_QMAX = {8: 127, 4: 7}
+
+
+def check_group_size(group_size: int, expert_size: int | None = None) -> None:
+    """Refuse a group size the kernels cannot read, or one whose groups would straddle two experts."""
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"group size {group_size}: must be a positive multiple of 32 (the kernels' vector width)")
+    if expert_size is not None and expert_size % group_size:
+        raise ValueError(
+            f"expert size {expert_size} is not a multiple of the quantization group size {group_size}: a group "
+            f"would straddle two experts; use a group size that divides the expert size (e.g. 32)"
+        )
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) for a [rows, hidden] float weight; see the module docstring for the layout."""
+    if bits not in BITS:
+        raise ValueError(f"bits={bits}: expected 8 or 4")
+    check_group_size(group_size)
+    rows, hidden = weight.shape
+    padded = -(-hidden // group_size) * group_size
+    w = torch.nn.functional.pad(weight.float(), (0, padded - hidden)).reshape(rows, -1, group_size)
+    scales = (w.abs().amax(dim=-1) / _QMAX[bits]).to(torch.float16)
+    s = scales.float().unsqueeze(-1)  # quantize against the stored (fp16) scale
+    q = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0).round()
+    if bits == 8:
+        return q.clamp(-127, 127).to(torch.int8).reshape(rows, padded), scales
+    u = (q.clamp(-8, 7) + 8).to(torch.uint8)
+    half = group_size // 2
+    packed = u[..., :half] | (u[..., half:] << 4)
+    return packed.reshape(rows, padded // 2), scales
+
+
+def unpack(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The integer values, int8 [rows, padded] (int4 unpacked to [-8, 7])."""
+    if qweight.dtype == torch.int8:
+        return qweight
+    if qweight.dtype != torch.uint8:
+        raise ValueError(f"qweight of dtype {qweight.dtype}: expected int8 (int8) or uint8 (packed int4)")
+    rows, groups = scales.shape
+    p = qweight.reshape(rows, groups, -1)
+    return (torch.cat([p & 15, p >> 4], dim=-1).to(torch.int8) - 8).reshape(rows, -1)
+
+
+def group_size_of(qweight: torch.Tensor, scales: torch.Tensor) -> int:
+    width = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+    return width // scales.shape[1]
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
+    """fp32 [rows, hidden] (``hidden``: the row length before padding; default, the padded one)."""
+    q = unpack(qweight, scales).float()
+    rows = q.shape[0]
+    w = (q.reshape(rows, scales.shape[1], -1) * scales.float().unsqueeze(-1)).reshape(rows, -1)
+    return w[:, : w.shape[1] if hidden is None else hidden]
+
+
+def bits_per_weight(bits: int, group_size: int = GROUP_SIZE) -> float:
+    """Storage per weight with its share of the fp16 scale (8.5 and 4.5 at group 32)."""
+    return bits + 16 / group_size
