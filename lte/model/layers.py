@@ -47,9 +47,9 @@ class RouterRecord:
 
 def threshold_skipping(values: torch.Tensor, k: int) -> float:
     """A cut-off below which the ``k`` (>= 1) smallest of ``values`` fall (with any tied with the k-th):
-    midway between the k-th smallest and the next larger value. The k-th value itself would sit on the threshold of ``> threshold``,
-    and the tokens it was chosen on (calibration, validation) would then flip with the last bit of
-    whichever kernel computes their scores."""
+    midway between the k-th smallest and the next larger value. The k-th value itself would sit on the
+    threshold of ``> threshold``, and the tokens it was chosen on (calibration, validation) would then flip
+    with the last bit of whichever kernel computes their scores."""
     flat = values.reshape(-1).float()
     kth = flat.kthvalue(k).values
     above = flat[flat > kth]

@@ -341,10 +341,14 @@ def routed_down(
     Few tokens: only the selected experts' rows (``h`` in slots, as :func:`routed_first` left it)."""
     h2 = h.reshape(-1, h.shape[-1])
     kernels = _kernels(weight) if h2.shape[0] <= MAX_UNION_TOKENS else None
-    if kernels is None:
-        out = F.linear(h2, weight)
-    else:
+    if kernels is not None:
         out = kernels[2](h2, weight.t(), order, count, expert_size).to(h2.dtype)
+    elif weight.device.type == "cpu":  # every neuron (the skipped ones zeroed), on the kernels' layout
+        from lte_kernels import cpu
+
+        out = cpu.dense_matmul_t(h2, weight.t())
+    else:
+        out = F.linear(h2, weight)
     return out.view(*h.shape[:-1], -1)
 
 

@@ -125,7 +125,6 @@ def run_worker(vllm_python: str, export: Path, plugins: list[str], overrides: di
     env.update(
         VLLM_PLUGINS=",".join(plugins),  # exactly these general plugins load ("" loads none)
         VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)),
-        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),  # GiB: 16 short requests need far less
     )
     command = [
         vllm_python,

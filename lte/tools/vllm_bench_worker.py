@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hf-overrides", default="{}", help="JSON merged into the export's config by vLLM")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory, MiB")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -61,6 +62,9 @@ def main() -> None:
         skip_tokenizer_init=True,  # token ids in and out: the bench model's tokenizer need not cover its vocabulary
         hf_overrides=json.loads(args.hf_overrides),
         seed=args.seed,
+        # The KV cache a batch of short requests needs (vLLM's CPU build otherwise reserves most of the machine's
+        # memory and refuses to start where other processes hold some).
+        kv_cache_memory_bytes=args.kv_cache_mib << 20,
     )
     load_s = time.perf_counter() - start
     params = SamplingParams(

@@ -267,3 +267,19 @@ class safe_open_bytes:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_bf16_prompt_on_the_kernels_layout_gives_what_the_base_layout_gives(export):
+    """bf16 on CPU: from_pretrained re-strides down for the kernels; a prompt longer than the kernels take runs
+    the masked path on that layout (an fp32 GEMM: ATen's bf16 one is a scalar loop there without bf16
+    instructions) and must give the logits of the weights in nn.Linear's own layout."""
+    model = load(export, dtype=torch.bfloat16)
+    downs = [m for n, m in model.named_modules() if n.endswith("down_proj")]
+    assert downs and all(not m.weight.is_contiguous() for m in downs)  # the kernels' layout
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(ids).logits.float()
+        for m in downs:
+            m.weight.data = m.weight.data.contiguous()
+        want = model(ids).logits.float()
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
