@@ -170,6 +170,19 @@ class RoutingError(ValueError):
     """An export this vLLM model cannot route: the message says why and what to do."""
 
 
+def check_hosts(ffn: dict) -> None:
+    """Refuse what this plugin does not route yet: LTE inside a mixture of experts' routed experts (the hosts
+    marked ``experts``), whose weights vLLM fuses into its own MoE kernels. Never served dense unasked."""
+    moe = [host["path"] for host in ffn["hosts"] if host.get("experts")]
+    if moe:
+        raise RoutingError(
+            f"this export routes inside the experts of a mixture-of-experts model ({moe[0]}"
+            f"{f' and {len(moe) - 1} more' if len(moe) > 1 else ''}), which the LTE vLLM plugin does not run yet. "
+            "Serve it with transformers (trust_remote_code=True), or, to serve every expert dense in vLLM, "
+            "start vLLM without this plugin (VLLM_PLUGINS set to the other plugins, or an empty value)."
+        )
+
+
 def rank_module(model, name: str, host_path: str):
     """vLLM's module ``name``, or None on a pipeline-parallel rank that holds a ``PPMissingLayer`` on
     its path. Any other miss is an FFN path this model class names otherwise: refused, never served dense."""
@@ -200,6 +213,7 @@ def install_routing(model, vllm_config) -> None:
     config = vllm_config.model_config.hf_config
     routers = read_routers(vllm_config.model_config)
     ffn, thresholds = config.lte_ffn, list(config.lte_thresholds)
+    check_hosts(ffn)
     size = ffn["expert_size"]
     method, states = routed_linear_method(), []
     for index, host in enumerate(ffn["hosts"]):
