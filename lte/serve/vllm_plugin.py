@@ -98,6 +98,7 @@ def register() -> None:
                 read_routers(model_config)
             except layout.ExportFormatError as error:
                 raise DamagedExport(str(error)) from None
+            check_hosts(model_config.hf_config.lte_ffn)
             _CHECKED.add(checked)
         return native_inspect(architectures, model_config)
 
@@ -170,16 +171,21 @@ class RoutingError(ValueError):
     """An export this vLLM model cannot route: the message says why and what to do."""
 
 
+class UnsupportedExport(RuntimeError):
+    """An intact export this plugin does not serve yet, refused where vLLM makes its configuration (a
+    RuntimeError for the reason :class:`DamagedExport` is one)."""
+
+
 def check_hosts(ffn: dict) -> None:
     """Refuse what this plugin does not route yet: LTE inside a mixture of experts' routed experts (the hosts
     marked ``experts``), whose weights vLLM fuses into its own MoE kernels. Never served dense unasked."""
     moe = [host["path"] for host in ffn["hosts"] if host.get("experts")]
     if moe:
-        raise RoutingError(
+        raise UnsupportedExport(
             f"this export routes inside the experts of a mixture-of-experts model ({moe[0]}"
             f"{f' and {len(moe) - 1} more' if len(moe) > 1 else ''}), which the LTE vLLM plugin does not run yet. "
             "Serve it with transformers (trust_remote_code=True), or, to serve every expert dense in vLLM, "
-            "start vLLM without this plugin (VLLM_PLUGINS set to the other plugins, or an empty value)."
+            "start vLLM without this plugin (VLLM_PLUGINS=none, or naming only your other plugins)."
         )
 
 
