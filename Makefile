@@ -13,7 +13,8 @@ VLLM_BIN := $(VENV_VLLM)/bin
 VLLM_STAMP := $(VENV_VLLM)/.installed
 VLLM_FROZEN := $(VENV_VLLM)/vllm-frozen.txt
 VLLM_CHECK := $(VENV_VLLM)/vllm-pip-check.txt
-VLLM_LOG := $(VENV_VLLM)-test.log
+# the vLLM part's output under `make test`: a fixed name, outside any VENV_VLLM folder, ignored by git
+VLLM_LOG := .venv-vllm-test.log
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false

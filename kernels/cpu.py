@@ -625,16 +625,25 @@ def expert_matvec_t(
     return _load().expert_matvec_t(*args) if _eager() else _op_matvec_t(*args)
 
 
+def _native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 itself (AVX512-BF16 or AMX), where ATen's bf16 GEMMs are fast."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def dense_matmul_t(h: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """``h @ weight_t`` over every row of a [neurons, out] row-major weight (the down projection in the kernels'
-    layout): the masked path, for more tokens than the kernels take. On CPU in bf16 an fp32 GEMM over a
-    converted copy: ATen's bf16 GEMMs want ``nn.Linear``'s [out, in] storage and on this one run a scalar loop
-    where the CPU lacks bf16 instructions (AVX2: 2.2 s for 16 tokens of a 1.1B model's down projection, 0.16 s
-    as fp32). The copy is one layer's, freed at once."""
-    if weight_t.device.type == "cpu" and weight_t.dtype == torch.bfloat16:
+    layout): the masked path, for more tokens than the kernels take. In bf16 on a CPU without bf16 instructions,
+    an fp32 GEMM over a converted copy: ATen's bf16 GEMMs want ``nn.Linear``'s [out, in] storage and on this
+    one run a scalar loop there (AVX2: 2.2 s for 16 tokens of a 1.1B model's down projection, 0.16 s as fp32).
+    The copy is one layer's, freed at once."""
+    if weight_t.device.type == "cpu" and weight_t.dtype == torch.bfloat16 and not _NATIVE_BF16:
         flat = h.reshape(-1, h.shape[-1]).float()
         return torch.mm(flat, weight_t.float()).to(h.dtype).view(*h.shape[:-1], weight_t.shape[1])
     return torch.matmul(h, weight_t)
+
+
+_NATIVE_BF16 = _native_bf16()
 
 
 def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

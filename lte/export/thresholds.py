@@ -80,7 +80,8 @@ def dense_nll(model, batches) -> float:
 
 @torch.no_grad()
 def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]:
-    """Router scores of real (non-padding) tokens, per layer: [tokens, experts] float32 on CPU.
+    """Router scores of real (non-padding) tokens, per layer: [tokens, experts] on CPU, in the router's dtype
+    (the one its thresholds are compared in).
 
     With ``layer`` set, only that layer's scores, and each forward stops right after it.
     """
@@ -106,7 +107,7 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
                 if record.layer in chunks:
                     # routed experts: a row per (token, selected expert), kept with its token
                     rows = keep if record.tokens is None or mask is None else keep[record.tokens.cpu()]
-                    chunks[record.layer].append(record.scores.float().cpu()[rows])
+                    chunks[record.layer].append(record.scores.detach().cpu()[rows])  # the router's dtype
     finally:
         if hook is not None:
             hook.remove()

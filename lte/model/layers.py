@@ -47,13 +47,19 @@ class RouterRecord:
 
 def threshold_skipping(values: torch.Tensor, k: int) -> float:
     """A cut-off below which the ``k`` (>= 1) smallest of ``values`` fall (with any tied with the k-th):
-    midway between the k-th smallest and the next larger value. The k-th value itself would sit on the
-    threshold of ``> threshold``, and the tokens it was chosen on (calibration, validation) would then flip
-    with the last bit of whichever kernel computes their scores."""
-    flat = values.reshape(-1).float()
+    midway between the k-th smallest and the next larger value, as ``values``' dtype holds it (a bf16 router
+    compares its bf16 scores with the threshold rounded to bf16). The k-th value itself would sit on the
+    threshold of ``> threshold``, and the tokens it was chosen on (calibration, validation) would flip with the
+    last bit of whichever kernel computes their scores. Where no value of the dtype lies between the two
+    neighbours, the k-th value is the cut-off."""
+    flat = values.reshape(-1)
     kth = flat.kthvalue(k).values
     above = flat[flat > kth]
-    return float(kth) if above.numel() == 0 else float((kth + above.min()) / 2)
+    if above.numel() == 0:
+        return float(kth)
+    nxt = above.min()
+    mid = ((kth.double() + nxt.double()) / 2).to(flat.dtype)
+    return float(mid) if kth < mid < nxt else float(kth)
 
 
 def __getattr__(name: str):

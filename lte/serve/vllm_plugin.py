@@ -275,10 +275,12 @@ def install_routing(model, vllm_config) -> None:
         cpu_kernels.available()  # build (or load) the C++ kernel now, not on the first request
     SPARSITY.start(states)
     logger.info(
-        "LTE routing: %d of %d FFN layers routed on this rank (%d-neuron experts), thresholds %s",
+        "LTE routing: %d of %d FFN layers routed on this rank (%d-neuron experts, kernels on %d threads), "
+        "thresholds %s",
         sum(s is not None for s in states),
         len(ffn["hosts"]),
         size,
+        torch.get_num_threads(),
         [round(t, 4) for t in thresholds],
     )
 

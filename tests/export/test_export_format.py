@@ -6,6 +6,7 @@ format 1 exports (routers in the weights) still load."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,7 @@ class safe_open_bytes:
         return False
 
 
-def test_a_bf16_prompt_on_the_kernels_layout_gives_what_the_base_layout_gives(export):
+def test_a_bf16_prompt_on_the_kernels_layout_gives_what_the_base_layout_gives(export, monkeypatch):
     """bf16 on CPU: from_pretrained re-strides down for the kernels; a prompt longer than the kernels take runs
     the masked path on that layout (an fp32 GEMM: ATen's bf16 one is a scalar loop there without bf16
     instructions) and must give the logits of the weights in nn.Linear's own layout."""
@@ -277,8 +278,12 @@ def test_a_bf16_prompt_on_the_kernels_layout_gives_what_the_base_layout_gives(ex
     downs = [m for n, m in model.named_modules() if n.endswith("down_proj")]
     assert downs and all(not m.weight.is_contiguous() for m in downs)  # the kernels' layout
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    code = sys.modules[type(model).__module__]  # the export's modeling_lte.py
+    calls = []
+    monkeypatch.setattr(code, "_cpu_dense_matmul_t", lambda *a, f=code._cpu_dense_matmul_t: calls.append(1) or f(*a))
     with torch.no_grad():
         got = model(ids).logits.float()
+        assert len(calls) == len(downs)  # every down projection ran the product on the kernels' layout
         for m in downs:
             m.weight.data = m.weight.data.contiguous()
         want = model(ids).logits.float()

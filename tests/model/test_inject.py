@@ -217,3 +217,13 @@ def test_a_tuned_threshold_never_sits_on_a_score_it_was_chosen_from():
     ties = torch.tensor([0.1, 0.2, 0.2, 0.2, 0.9])
     assert threshold_skipping(ties, 2) == pytest.approx(0.55)  # tied values fall on one side, together
     assert threshold_skipping(ties, 5) == pytest.approx(0.9)  # nothing above: every value is skipped
+    bf16 = scores.bfloat16()  # a bf16 router compares in bf16: the cut-off is a bf16 value, between the neighbours
+    for k in (100, 2048):
+        t, kth = threshold_skipping(bf16, k), bf16.kthvalue(k).values
+        nxt = bf16[bf16 > kth].min()
+        assert float(torch.tensor(t).bfloat16()) == t and float(kth) <= t < float(nxt)
+        assert int((bf16 <= t).sum()) == int((bf16 <= kth).sum())  # the same tokens skipped as at the k-th value
+    neighbours = torch.tensor([0.5, 0.5 + 2**-8], dtype=torch.bfloat16)  # adjacent in bf16: nothing between
+    assert threshold_skipping(neighbours, 1) == 0.5
+    spaced = torch.tensor([0.1, 0.2, 0.3], dtype=torch.bfloat16)
+    assert float(spaced[0]) < threshold_skipping(spaced, 1) < float(spaced[1])  # a bf16 value between: taken

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lte.serve.vllm_plugin import MAX_UNION_TOKENS, UnsupportedExport, check_hosts, routed_down, routed_first
+from lte.serve.vllm_plugin import MAX_UNION_TOKENS, UnsupportedExport, _kernels, check_hosts, routed_down, routed_first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -23,6 +23,7 @@ def test_both_paths_compute_the_selected_experts_ffn(dtype, tokens):
     order = torch.arange(experts, dtype=torch.int32)
     count = torch.zeros(1, dtype=torch.int32)
 
+    assert _kernels(gate_up) is not None  # the kernel path for the first two cases, not the masked one again
     h = routed_first(x, gate_up, None, router, None, order, count, threshold, size, 2, 0, True)
     gate, up = h.chunk(2, dim=-1)
     out = routed_down(F.silu(gate) * up, down_stored, order, count, size)

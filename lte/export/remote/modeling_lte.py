@@ -70,13 +70,17 @@ except ImportError:  # this package's own (`from . import`: transformers copies 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
     from .lte_kernels_cpu import (
         available as _cpu_kernel_available,
-        dense_matmul_t as _cpu_dense_matmul_t,
         select_experts as _cpu_select,
         slot_matvec as _cpu_matvec,
         slot_matvec_t as _cpu_matvec_t,
     )
 except ImportError:
-    _cpu_kernel_available = _cpu_dense_matmul_t = None
+    _cpu_kernel_available = None
+
+try:  # its dense product on the kernels' layout (the masked path's down projection on CPU)
+    from .lte_kernels_cpu import dense_matmul_t as _cpu_dense_matmul_t
+except ImportError:
+    _cpu_dense_matmul_t = None
 
 
 try:  # the GPU kernels (the project's kernels/triton_ffn.py), written next to this file by `lte export`
@@ -320,9 +324,10 @@ class RoutedDown:
             if state.mask is not None:
                 h = state.apply_mask(h)
             state.clear()
-            if _cpu_dense_matmul_t is not None and isinstance(self, nn.Linear) and not self.weight.is_contiguous():
-                # the kernels' layout (one row per neuron), on which ATen's CPU bf16 GEMM is a scalar loop
-                out = _cpu_dense_matmul_t(h, self.weight.t())
+            weight_t = _rows(self, out_is_rows=False)
+            if _cpu_dense_matmul_t is not None and weight_t.is_contiguous() and weight_t.dtype == torch.bfloat16:
+                # bf16 on the kernels' layout (one row per neuron; GPT-2's Conv1D stores it so): see dense_matmul_t
+                out = _cpu_dense_matmul_t(h, weight_t)
                 return out if self.bias is None else out + self.bias
             return super().forward(h)  # every neuron (the skipped ones zeroed): the base class's own forward
         state.clear()
