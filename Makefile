@@ -35,8 +35,7 @@ demo: $(STAMP)
 	$(BIN)/lte generate runs/tiny/export --prompt "Once upon a time" --max-new-tokens 80 --compare-dense
 
 # lint first: a lint or format finding fails the tests before pytest starts. Then the main suite and the vLLM part
-# (environment build and tests) run side by side: most tests run tiny models in one interpreter, which leave a core
-# of a 2-core machine idle. The main suite prints as it goes; the vLLM part's output is printed when it ends.
+# (environment build and tests) run side by side; the main suite prints as it goes, the vLLM part when it ends.
 test: lint
 	@$(MAKE) --no-print-directory -j2 test-main test-vllm-beside
 

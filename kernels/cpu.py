@@ -631,6 +631,9 @@ def _native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+_NATIVE_BF16 = _native_bf16()
+
+
 def dense_matmul_t(h: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """``h @ weight_t`` over every row of a [neurons, out] row-major weight (the down projection in the kernels'
     layout): the masked path, for more tokens than the kernels take. In bf16 on a CPU without bf16 instructions,
@@ -641,9 +644,6 @@ def dense_matmul_t(h: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1]).float()
         return torch.mm(flat, weight_t.float()).to(h.dtype).view(*h.shape[:-1], weight_t.shape[1])
     return torch.matmul(h, weight_t)
-
-
-_NATIVE_BF16 = _native_bf16()
 
 
 def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

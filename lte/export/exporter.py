@@ -44,7 +44,11 @@ from .thresholds import KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_wit
 logger = logging.getLogger("lte")
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
-BASE_LINE = 'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`'  # in configuration_lte.py
+# configuration_lte.py's lines naming the base; write_checkpoint rewrites them
+BASE_LINES = (
+    'BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`',
+    'BASE_MODEL_TYPE = "llama"  # rewritten by `lte export`',
+)
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
@@ -236,11 +240,13 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     shutil.copyfile(REMOTE_DIR / "layout.py", directory / LAYOUT_FILE)
     shutil.copyfile(REMOTE_DIR / "experts.py", directory / EXPERTS_FILE)
     source = (REMOTE_DIR / "configuration_lte.py").read_text()
-    if BASE_LINE not in source:
-        raise RuntimeError(f"configuration_lte.py lost its line {BASE_LINE!r}; the export cannot set the base class")
-    (directory / "configuration_lte.py").write_text(
-        source.replace(BASE_LINE, f'BASE_ARCHITECTURE = "{base}"  # written by `lte export`')
-    )
+    values = (base, model.config.model_type)  # the class, and the type its config and weight names follow
+    for line, value in zip(BASE_LINES, values, strict=True):
+        if line not in source:
+            raise RuntimeError(f"configuration_lte.py lost its line {line!r}; the export cannot set the base class")
+        name = line.split(" = ")[0]
+        source = source.replace(line, f'{name} = "{value}"  # written by `lte export`')
+    (directory / "configuration_lte.py").write_text(source)
 
 
 def validation_inputs(batches) -> list[dict]:

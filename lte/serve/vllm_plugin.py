@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lte.export.remote import layout
+from lte_kernels.cpu import dense_matmul_t
 
 logger = logging.getLogger("vllm.lte")  # a child of vLLM's logger: its handlers and format
 
@@ -365,12 +366,8 @@ def routed_down(
     kernels = _kernels(weight) if h2.shape[0] <= MAX_UNION_TOKENS else None
     if kernels is not None:
         out = kernels[2](h2, weight.t(), order, count, expert_size).to(h2.dtype)
-    elif weight.device.type == "cpu":  # every neuron (the skipped ones zeroed), on the kernels' layout
-        from lte_kernels import cpu
-
-        out = cpu.dense_matmul_t(h2, weight.t())
-    else:
-        out = F.linear(h2, weight)
+    else:  # every neuron (the skipped ones zeroed), on the kernels' layout
+        out = dense_matmul_t(h2, weight.t())
     return out.view(*h.shape[:-1], -1)
 
 
@@ -441,6 +438,8 @@ class SparsityLog:
         self.last = time.monotonic()
 
     def start(self, states) -> None:
+        if LOG_INTERVAL <= 0:  # the line is off: totals stay None and the decode step counts nothing
+            return
         routed = [s for s in states if s is not None]
         self.layers = len(states)
         self.experts = {s.index: s.num_experts for s in routed}
@@ -449,11 +448,11 @@ class SparsityLog:
         self.last = time.monotonic()
 
     def add(self, layer: int, on: torch.Tensor) -> None:
-        if self.totals is None or LOG_INTERVAL <= 0:  # the line is off: nothing counted in the decode step
+        if self.totals is None:
             return
         total = self.totals[layer]
         # logged as a step begins (its first routed layer), so the totals hold whole steps
-        due = layer == self.first and LOG_INTERVAL > 0 and time.monotonic() - self.last >= LOG_INTERVAL
+        due = layer == self.first and time.monotonic() - self.last >= LOG_INTERVAL
         if due and not (total.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.log()
         total[0] += on.shape[0] * on.shape[1] - on.sum()

@@ -115,7 +115,8 @@ def test_export_round_trip_in_a_process_without_the_project(tmp_path):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]  # the base model's
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lte.LTEForCausalLM"
     assert (tmp_path / "gpt2" / "modeling_lte.py").read_text().count('BASE_ARCHITECTURE = "GPT2LMHeadModel"') == 0
-    assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "configuration_lte.py").read_text()
+    configuration = (tmp_path / "gpt2" / "configuration_lte.py").read_text()
+    assert 'BASE_ARCHITECTURE = "GPT2LMHeadModel"' in configuration and 'BASE_MODEL_TYPE = "gpt2"' in configuration
     results = _load_as_a_user(dirs, tmp_path)
     for family, directory in zip(FAMILIES, dirs, strict=True):
         r = results[directory]

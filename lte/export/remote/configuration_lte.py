@@ -1,8 +1,10 @@
 """Configuration of an exported LTE model: the base model's configuration plus the routing.
 
 ``lte export`` rewrites the ``BASE_ARCHITECTURE`` line to the class of the trained model
-(``LlamaForCausalLM``, ``GPT2LMHeadModel``...). ``LTEConfig`` then accepts every field of
-that model's configuration, and adds:
+(``LlamaForCausalLM``, ``GPT2LMHeadModel``...) and ``BASE_MODEL_TYPE`` to its configuration's
+``model_type``. The two differ in name for aliases (``sarvam_moe`` configurations run
+``Glm4MoeForCausalLM``): the configuration class, and the checkpoint's weight names, follow the
+model type. ``LTEConfig`` then accepts every field of that configuration, and adds:
 
 * ``lte_routing``: ``"hard"`` (each token runs the experts its router selects) or ``"dense"``
   (every expert runs; the fine-tuned model without routing, for comparison). Exports written
@@ -20,11 +22,12 @@ that model's configuration, and adds:
 
 import warnings
 
-import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by `lte export`
+BASE_MODEL_TYPE = "llama"  # rewritten by `lte export`
 
-_BaseConfig = getattr(transformers, BASE_ARCHITECTURE).config_class
+_BaseConfig = CONFIG_MAPPING[BASE_MODEL_TYPE]
 _ROUTING_OF_OLD_MODE = {"sparse": "hard", "dense": "dense"}  # lte_mode (until 0.1) -> lte_routing
 
 
