@@ -435,9 +435,12 @@ _BaseForCausalLM = getattr(transformers, BASE_ARCHITECTURE)
 
 
 def _share_base_conversions() -> None:
-    """Give this class the base class's checkpoint conversions (GPT-NeoX: ``embed_out`` ->
-    ``lm_head``...), which transformers applies to its own classes only: the checkpoint holds
-    the base model's original names, and both classes must read (and write) them alike."""
+    """Read (and write) the checkpoint's weight names as the base class does (GPT-NeoX: ``embed_out`` ->
+    ``lm_head``...). transformers skips custom-code classes unless their name is registered; this
+    registers the base class's own mapping under this class's name, or ``None`` where the base has
+    none by class, so that lookup falls through to the ``model_type`` mapping exactly once, as for the
+    base class (a copy under this name would run again for the inner model: laguna's
+    ``shared_expert.`` -> ``shared_experts.`` is not idempotent)."""
     try:
         from transformers.conversion_mapping import (
             get_checkpoint_conversion_mapping,
@@ -445,16 +448,21 @@ def _share_base_conversions() -> None:
         )
     except ImportError:  # transformers 4: no conversions
         return
-    base = get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
-    if base is None:
-        base = get_checkpoint_conversion_mapping(LTEConfig.model_type)
-    register_checkpoint_conversion_mapping("LTEForCausalLM", base or [], overwrite=True)
+    register_checkpoint_conversion_mapping(
+        "LTEForCausalLM", get_checkpoint_conversion_mapping(BASE_ARCHITECTURE), overwrite=True
+    )
 
 
 class LTEForCausalLM(_BaseForCausalLM):
     """The base causal LM with routed FFNs; ``config.lte_routing = "dense"`` runs every expert."""
 
     config_class = LTEConfig
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """As the base class: ``generate`` decides by class name (MiniMax keeps a cache of its own)."""
+        supports = getattr(_BaseForCausalLM, "_supports_default_dynamic_cache", None)
+        return True if supports is None else supports()
 
     def __init__(self, config: LTEConfig):
         super().__init__(config)
