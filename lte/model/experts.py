@@ -310,6 +310,8 @@ def prove_experts(model: nn.Module, inputs: dict, logits: torch.Tensor, group: i
     from ..core.errors import UsageError
 
     hosts = experts_hosts(model)
+    if not hosts:
+        return {}
     calls = {}
     handles = [
         model.get_submodule(path).register_forward_pre_hook(

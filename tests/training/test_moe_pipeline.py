@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from test_export_clients import run_client
 from tiny_moe import write
 
-FAMILIES = ["qwen3_moe", "qwen2_moe"]  # qwen2_moe: routed experts plus a shared expert (a dense FFN)
+FAMILIES = ["qwen2_moe"]  # routed experts plus a shared expert (a dense FFN); the other families: tests/model
 
 
 def _tiny_moe_dir(family: str, directory):
@@ -47,6 +47,11 @@ def test_both_stages_train_and_the_export_lands_at_its_target(moe_run):
     # held-out sparsity, counted over the neurons of the experts each token ran, within 2 points of 50%
     assert abs(export["heldout_sparsity"] - 0.5) < 0.02, export
     assert export["sparse_ppl"] < 1.5 * export["dense_ppl"]
+    kinds = ["routed experts" if h["path"].endswith("mlp.experts") else "dense FFNs" for h in hosts]
+    for kind, value in export["sparsity_by_kind"].items():  # routed and shared experts apart
+        mine = [s for k, s in zip(kinds, export["per_layer_sparsity"], strict=True) if k == kind]
+        assert value == pytest.approx(sum(mine) / len(mine))
+    assert set(export["sparsity_by_kind"]) == set(kinds) == {"routed experts", "dense FFNs"}
 
 
 @pytest.mark.slow
