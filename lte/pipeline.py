@@ -778,6 +778,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
             "target_sparsity",
             "heldout_sparsity",
             "per_layer_sparsity",
+            "sparsity_by_kind",
             "sparse_ppl",
             "dense_ppl",
             "allocation",
