@@ -48,6 +48,7 @@ from .core.record import (
     stages_of,
     write_record,
 )
+from .model.experts import moe_router_parameters
 from .model.inject import (
     LTEModelConfig,
     check_expert_size,
@@ -188,7 +189,7 @@ def prepare_experts(recipe: Recipe, source: str | Path, data: LMData, tokenizer)
                 data, tokenizer, lte.router_init_tokens, recipe.train.get("per_device_train_batch_size", 8)
             ),
         )
-        if agreement is not None:
+        if agreement:  # None, or empty when every layer is routed experts (centroid init)
             logger.info(
                 "prepare: routers fitted to expert importance (label agreement per layer: %s)",
                 " ".join(f"{a:.2f}" for a in agreement),
@@ -218,6 +219,8 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
     for name, param in model.named_parameters():
         if ROUTER_PREFIX in name:
             param.requires_grad_(stage == "stage1")
+    for _, param in moe_router_parameters(model):  # the model's own MoE routers
+        param.requires_grad_(recipe.lte.train_moe_router)
     register_zero3_leaves(model)
     if recipe.lora.enabled:
         model = add_lora(
@@ -775,6 +778,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
             "target_sparsity",
             "heldout_sparsity",
             "per_layer_sparsity",
+            "sparsity_by_kind",
             "sparse_ppl",
             "dense_ppl",
             "allocation",

@@ -273,6 +273,24 @@ def compiled(directories):
     return out
 
 
+def generate(directories):
+    """Greedy generation from the export with the remote code (sparse) and with the base class (dense)."""
+    out = {}
+    for directory in directories:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        ids = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
+        runs = {}
+        for name, model in (
+            ("sparse", load_sparse(directory)),
+            ("dense", AutoModelForCausalLM.from_pretrained(directory)),
+        ):
+            with torch.no_grad():
+                tokens = model.eval().generate(ids, max_new_tokens=12, do_sample=False)
+            runs[name] = tokens[0, ids.shape[1] :].tolist()
+        out[directory] = {**runs, "sparse_class": type(load_sparse(directory)).__name__}
+    return out
+
+
 if __name__ == "__main__":
     check, *dirs = sys.argv[1:]
     result = {"project_importable": PROJECT_IMPORTABLE, **globals()[check](dirs)}

@@ -77,6 +77,7 @@ KEY_STAGES: tuple[tuple[str, frozenset[str]], ...] = (
         )
     ),
     ("lte.distill_", frozenset({"stage1", "stage2"})),
+    ("lte.train_moe_router", frozenset({"stage1", "stage2"})),
     ("lte.", frozenset({"prepare"})),  # expert_size, threshold, router init, k-means: the grouping and routers
     ("lora.", frozenset({"stage1", "stage2"})),
     ("data.", _ALL),

@@ -52,6 +52,7 @@ BASE_LINES = (
 CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_lte.py when present
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
+EXPERTS_FILE = "lte_experts.py"  # remote/experts.py (routed MoE experts), imported by modeling_lte.py
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 
 
@@ -148,6 +149,7 @@ def to_routed(model, thresholds: list[float]):
             "first": list(layer.spec.first),
             "down": layer.spec.down,
             "fused_chunks": layer.spec.fused_chunks,
+            **({"experts": True} if getattr(layer, "routes_experts", False) else {}),
         }
         for layer in layers
     ]
@@ -236,6 +238,7 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
     shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
     shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
     shutil.copyfile(REMOTE_DIR / "layout.py", directory / LAYOUT_FILE)
+    shutil.copyfile(REMOTE_DIR / "experts.py", directory / EXPERTS_FILE)
     source = (REMOTE_DIR / "configuration_lte.py").read_text()
     values = (base, model.config.model_type)  # the class, and the type its config and weight names follow
     for line, value in zip(BASE_LINES, values, strict=True):
@@ -423,6 +426,9 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])
         expected = reference_logits(model, inputs)
+        kinds = [
+            "routed experts" if getattr(layer, "routes_experts", False) else "dense FFNs" for layer in lte_layers(model)
+        ]
         to_routed(model, chosen.thresholds)
         write_checkpoint(model, tokenizer, tmp, base)
         del model
@@ -445,6 +451,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
             "heldout_tokens": sparse.tokens,
             "heldout_sparsity": sparse.sparsity,
             "per_layer_sparsity": sparse.per_layer_sparsity,
+            "sparsity_by_kind": sparsity_by_kind(kinds, sparse.per_layer_sparsity),
             "thresholds": chosen.thresholds,
             "layer_targets": chosen.targets,
             "dense_ppl": dense.ppl,
@@ -464,10 +471,22 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     return report
 
 
+def sparsity_by_kind(kinds: list[str], per_layer: list[float]) -> dict[str, float]:
+    """Mean sparsity over each kind of host (an MoE model's routed experts apart from its dense and
+    shared-expert FFNs): the overall figure is the mean over all hosts, which can hide one kind's."""
+    by_kind: dict[str, list[float]] = {}
+    for kind, value in zip(kinds, per_layer, strict=True):
+        by_kind.setdefault(kind, []).append(value)
+    return {kind: sum(values) / len(values) for kind, values in by_kind.items()}
+
+
 def summary(report: dict, out: str | os.PathLike) -> str:
     from ..training.loading import layout_summary
 
     per_layer = " ".join(f"{100 * s:.0f}%" for s in report["per_layer_sparsity"])
+    kinds = report.get("sparsity_by_kind") or {}
+    if len(kinds) > 1:
+        per_layer += "; " + ", ".join(f"{kind} {100 * s:.0f}%" for kind, s in kinds.items())
     original = f", original model {report['original_ppl']:.4f}" if report.get("original_ppl") else ""
     return (
         f"\nLTE export written: {out}\n"

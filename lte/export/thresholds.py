@@ -91,13 +91,11 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
     chunks: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
     hook = None
     if layer is not None:
-        target = layers[layer]
-        first = target.base_layer.get_submodule(target.spec.first[0])
 
-        def stop(module, args):
+        def stop(module, args, output):
             raise _Stop
 
-        hook = first.register_forward_pre_hook(stop)  # runs after LTEMLP's routing pre-hook
+        hook = layers[layer].register_forward_hook(stop)  # after the layer has routed (and recorded)
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -107,7 +105,9 @@ def layer_scores(model, batches, layer: int | None = None) -> list[torch.Tensor]
                 model(**batch)
             for record in records:
                 if record.layer in chunks:
-                    chunks[record.layer].append(record.scores.detach().cpu()[keep])  # the router's dtype
+                    # routed experts: a row per (token, selected expert), kept with its token
+                    rows = keep if record.tokens is None or mask is None else keep[record.tokens.cpu()]
+                    chunks[record.layer].append(record.scores.detach().cpu()[rows])  # the router's dtype
     finally:
         if hook is not None:
             hook.remove()

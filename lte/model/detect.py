@@ -17,7 +17,8 @@
 4. **Proof**: masking one group of neurons at the down input must change the host's output,
    and a random permutation of every FFN's neurons must leave the model's logits unchanged.
 
-MoE models are refused (see :func:`moe_reason`). Anything ambiguous is refused with the
+Fused routed experts (transformers' experts modules) are found and proven by :mod:`lte.model.experts`;
+other MoE layouts are refused (see :func:`moe_reason`). Anything ambiguous is refused with the
 candidate modules and the recipe key ``model.ffn_layout`` that settles it.
 """
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UsageError
+from .experts import experts_hosts, experts_layout, prove_experts
 from .registry import FFNSpec, base_projection, in_out, layout_from_list, spec_for
 
 logger = logging.getLogger("lte")
@@ -157,6 +159,8 @@ def moe_reason(model: nn.Module, candidates: list[Candidate]) -> str | None:
     counts = {getattr(c, key, None) for c in configs if c is not None for key in EXPERT_COUNT_KEYS}
     counts = {c for c in counts if isinstance(c, int) and c > 1}
     for name, module in model.named_modules():
+        if experts_layout(module) is not None:  # routed by lte.model.experts
+            continue
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() == 3 and param.shape[0] in counts:
                 return (
@@ -195,7 +199,7 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
             f"model's own router already picks experts, and routing within each routed expert (with its fused "
             f"expert tensors) is not built. Use a dense model."
         )
-    if not found:
+    if not found and not experts_hosts(model):
         names = sorted(
             {
                 type(m).__name__
@@ -212,12 +216,13 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
 
 def ffn_widths(model: nn.Module, recipe_layout: dict | None = None, saved: list[dict] | None = None) -> dict[str, int]:
     """Each FFN's width (its neuron count), from a saved layout or the module tree; works on meta."""
+    routed = {path: layout.width for path, layout in experts_hosts(model).items()}
     if saved:
         return {
-            path: in_out(model.get_submodule(f"{path}.{spec.down}"))[0]
+            path: routed[path] if path in routed else in_out(model.get_submodule(f"{path}.{spec.down}"))[0]
             for path, spec in layout_from_list(saved).items()
         }
-    return {c.path: in_out(c.host.get_submodule(c.down))[0] for c in candidates(model, recipe_layout)}
+    return {c.path: in_out(c.host.get_submodule(c.down))[0] for c in candidates(model, recipe_layout)} | routed
 
 
 class _Trace:
@@ -518,9 +523,12 @@ def detect_layout(model: nn.Module, recipe_layout: dict | None = None, group: in
                 Candidate(c.path, c.host, first, c.down, c.fused_chunks), trace.host_call[c.path], tolerance
             )
             layout[c.path] = FFNSpec(first=first, down=c.down, cluster_on=cluster_on, fused_chunks=c.fused_chunks)
-        if not layout:
+        routed = prove_experts(model, inputs, logits, group, tolerance)
+        if not layout and not routed:
             raise UsageError(f"no FFN of {type(model).__name__} runs in a forward; {RECIPE_HINT}")
         _prove(model, layout, trace, logits, inputs, group, tolerance)
+        depth = {name: i for i, (name, _) in enumerate(model.named_modules())}  # layer indices follow depth
+        layout = dict(sorted((layout | routed).items(), key=lambda item: depth[item[0]]))
     finally:
         model.train(was_training)
     return layout

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UsageError, renamed_kwargs, warn_deprecated
 from ..core.run_dir import LTE_CONFIG as LTE_CONFIG_NAME, LTE_ROUTERS as ROUTERS_NAME, is_lte_checkpoint
 from .detect import describe, detect_layout, ffn_widths
+from .experts import LTEExperts, experts_layout, group_experts, use_lte_experts
 from .grouping import moefy
 from .layers import LTEMLP, ROUTER_PREFIX, ROUTINGS, lte_layers
 from .registry import FFNSpec, layout_from_list, layout_to_list
@@ -117,9 +118,12 @@ def inject_lte(
             tqdm(hosts, desc="MoEfying FFNs" if moefy_experts else "Wrapping FFNs", disable=not progress)
         ):
             host = model.get_submodule(name)
-            if moefy_experts:
+            routed = experts_layout(host)  # fused routed experts: grouped and routed per expert
+            if moefy_experts and routed is not None:
+                group_experts(host, routed, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
+            elif moefy_experts:
                 moefy(host, spec, cfg.expert_size, iters=kmeans_iters, seed=seed + index)
-            wrapper = LTEMLP(
+            wrapper = (LTEMLP if routed is None else LTEExperts)(
                 host,
                 spec,
                 cfg.expert_size,
@@ -131,6 +135,8 @@ def inject_lte(
             model.set_submodule(name, wrapper)
     finally:
         torch.random.set_rng_state(generator_state)
+    if any(isinstance(layer, LTEExperts) for layer in lte_layers(model)):
+        use_lte_experts(model)
     model.lte_config = cfg
     if moefy_experts:  # fresh experts: the routers start as cfg.router_init says (those that need no data here)
         init_routers(model, cfg)

@@ -40,6 +40,9 @@ class RouterRecord:
     scores: torch.Tensor
     trained_threshold: float  # lte.threshold, which the separability loss pulls scores away from
     threshold: float  # the live cut-off (export retunes it per layer)
+    # Routed experts (lte.model.experts): the token each row belongs to (a row per (token, selected
+    # expert)); None: one row per token.
+    tokens: torch.Tensor | None = None
 
 
 def threshold_skipping(values: torch.Tensor, k: int) -> float:

@@ -45,6 +45,9 @@ def init_routers(model: nn.Module, settings, calibration=None) -> list[float] | 
             if saved is not None:
                 saved.router_init = "random"
             return None
+        for layer in lte_layers(model):  # routed experts: an expert may get no calibration token; centroids
+            if getattr(layer, "routes_experts", False):
+                layer.init_router_from_experts(settings.router_init_scale)
         agreement = calibrate_routers(model, calibration(), settings.router_init_sparsity, settings.router_init_steps)
         if saved is not None:
             saved.router_init = "calibrated"
@@ -61,7 +64,7 @@ def _down_column_norms(layer: LTEMLP) -> torch.Tensor:
 @torch.no_grad()
 def collect_router_targets(model: nn.Module, batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (router inputs [T, d], expert importance [T, N]) on the calibration batches."""
-    layers = lte_layers(model)
+    layers = [layer for layer in lte_layers(model) if not getattr(layer, "routes_experts", False)]
     routings = [layer.routing for layer in layers]
     inputs = {layer.layer_index: [] for layer in layers}
     importance = {layer.layer_index: [] for layer in layers}
@@ -133,6 +136,8 @@ def calibrate_routers(
     targets = collect_router_targets(model, batches)
     agreement = []
     for layer in tqdm(lte_layers(model), desc="Fitting routers", leave=False):
+        if layer.layer_index not in targets:  # routed experts keep their centroid init
+            continue
         x, importance = targets[layer.layer_index]
         router = layer.lte_router
         device, dtype = router.weight.device, router.weight.dtype

@@ -99,6 +99,7 @@ def register() -> None:
                 read_routers(model_config)
             except layout.ExportFormatError as error:
                 raise DamagedExport(str(error)) from None
+            check_hosts(model_config.hf_config.lte_ffn)
             _CHECKED.add(checked)
         return native_inspect(architectures, model_config)
 
@@ -171,6 +172,24 @@ class RoutingError(ValueError):
     """An export this vLLM model cannot route: the message says why and what to do."""
 
 
+class UnsupportedExport(RuntimeError):
+    """An intact export this plugin does not serve yet, refused where vLLM makes its configuration (a
+    RuntimeError for the reason :class:`DamagedExport` is one)."""
+
+
+def check_hosts(ffn: dict) -> None:
+    """Refuse what this plugin does not route yet: LTE inside a mixture of experts' routed experts (the hosts
+    marked ``experts``), whose weights vLLM fuses into its own MoE kernels. Never served dense unasked."""
+    moe = [host["path"] for host in ffn["hosts"] if host.get("experts")]
+    if moe:
+        raise UnsupportedExport(
+            f"this export routes inside the experts of a mixture-of-experts model ({moe[0]}"
+            f"{f' and {len(moe) - 1} more' if len(moe) > 1 else ''}), which the LTE vLLM plugin does not run yet. "
+            "Serve it with transformers (trust_remote_code=True), or, to serve every expert dense in vLLM, "
+            "start vLLM without this plugin (VLLM_PLUGINS=none, or naming only your other plugins)."
+        )
+
+
 def rank_module(model, name: str, host_path: str):
     """vLLM's module ``name``, or None on a pipeline-parallel rank that holds a ``PPMissingLayer`` on
     its path. Any other miss is an FFN path this model class names otherwise: refused, never served dense."""
@@ -201,6 +220,7 @@ def install_routing(model, vllm_config) -> None:
     config = vllm_config.model_config.hf_config
     routers = read_routers(vllm_config.model_config)
     ffn, thresholds = config.lte_ffn, list(config.lte_thresholds)
+    check_hosts(ffn)
     size = ffn["expert_size"]
     method, states = routed_linear_method(), []
     for index, host in enumerate(ffn["hosts"]):

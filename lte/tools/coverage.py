@@ -451,7 +451,11 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
         from ..model.detect import describe
         from ..model.registry import layout_from_list
 
-        out.layout = describe(layout_from_list(cfg.ffn_hosts))
+        layout = layout_from_list(cfg.ffn_hosts)
+        routed = {name for name, module in model.named_modules() if getattr(module, "routes_experts", False)}
+        dense = describe({p: s for p, s in layout.items() if p not in routed})
+        experts = describe({p: s for p, s in layout.items() if p in routed})
+        out.layout = "; ".join(filter(None, [dense, experts and f"routed experts: {experts}"]))
         model.eval()
         set_lte_routing(model, "dense")
         with torch.no_grad():

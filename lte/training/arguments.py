@@ -84,6 +84,14 @@ class LTEArguments(LTELayerSettings):
         },
     )
     kmeans_iters: int = field(default=10, metadata={"help": "Balanced k-means iterations for expert grouping."})
+    train_moe_router: bool = field(
+        default=False,
+        metadata={
+            "help": "MoE models: train the model's own expert router in stages 1 and 2 (default: frozen, so each "
+            "token keeps the experts the original model chose, which the per-expert groups and LTE routers were "
+            "fitted to, and no load-balancing loss is needed)."
+        },
+    )
     stage0_steps: int = field(
         default=0, metadata={"help": "Dense fine-tuning steps before grouping (0 skips stage 0)."}
     )

@@ -17,12 +17,17 @@ import torch
 from ..model.layers import RouterRecord
 
 
-def _token_weights(mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor:
+def _token_weights(mask: torch.Tensor | None, record: RouterRecord) -> torch.Tensor:
+    """One weight per row of ``record.scores``: the token's mask entry (rows of routed experts are
+    (token, expert) pairs, weighted by their token's entry)."""
+    n_rows, device = record.scores.shape[0], record.scores.device
     if mask is None:
-        return torch.ones(n_tokens, device=device)
+        return torch.ones(n_rows, device=device)
     weights = mask.reshape(-1).to(device=device, dtype=torch.float32)
-    if weights.numel() != n_tokens:
-        raise ValueError(f"token mask has {weights.numel()} entries for {n_tokens} routed tokens")
+    if record.tokens is not None:
+        weights = weights[record.tokens.to(device)]
+    if weights.numel() != n_rows:
+        raise ValueError(f"token mask has {weights.numel()} entries for {n_rows} routed tokens")
     return weights
 
 
@@ -34,7 +39,7 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def efficiency_loss(records: list[RouterRecord], mask: torch.Tensor | None = None, kind: str = "l2") -> torch.Tensor:
     terms = []
     for r in records:
-        weights = _token_weights(mask, r.scores.shape[0], r.scores.device)
+        weights = _token_weights(mask, r)
         terms.append(_masked_mean(r.scores.float().square() if kind == "l2" else r.scores.float(), weights))
     return torch.stack(terms).mean()
 
@@ -42,7 +47,7 @@ def efficiency_loss(records: list[RouterRecord], mask: torch.Tensor | None = Non
 def separability_loss(records: list[RouterRecord], mask: torch.Tensor | None = None, eps: float = 1e-2) -> torch.Tensor:
     terms = []
     for r in records:
-        weights = _token_weights(mask, r.scores.shape[0], r.scores.device)
+        weights = _token_weights(mask, r)
         terms.append(_masked_mean(1.0 / ((r.scores.float() - r.trained_threshold).square() + eps), weights))
     return torch.stack(terms).mean()
 
@@ -58,7 +63,7 @@ def layer_sparsity(records: list[RouterRecord], mask: torch.Tensor | None = None
     skipped = torch.zeros(n_layers, dtype=torch.float64, device=device)
     tokens = torch.zeros(n_layers, dtype=torch.float64, device=device)
     for r in records:
-        weights = _token_weights(mask, r.scores.shape[0], device).double()
+        weights = _token_weights(mask, r).double()
         off = (r.scores <= r.threshold).double().mean(dim=1)
         skipped[r.layer] += (off * weights).sum()
         tokens[r.layer] += weights.sum()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lte.serve.vllm_plugin import MAX_UNION_TOKENS, _kernels, routed_down, routed_first
+from lte.serve.vllm_plugin import MAX_UNION_TOKENS, UnsupportedExport, _kernels, check_hosts, routed_down, routed_first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -36,3 +36,11 @@ def test_both_paths_compute_the_selected_experts_ffn(dtype, tokens):
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     assert out.dtype == dtype and out.shape == (tokens, hidden)
     assert (out.double() - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_routing_inside_moe_experts_is_refused_never_served_dense():
+    dense = {"path": "model.layers.0.mlp.shared_expert", "first": ["gate_proj", "up_proj"], "down": "down_proj"}
+    check_hosts({"expert_size": 4, "hosts": [dense]})  # a dense FFN (a shared expert too) is routed
+    routed = {"path": "model.layers.0.mlp.experts", "first": ["gate_up_proj"], "down": "down_proj", "experts": True}
+    with pytest.raises(UnsupportedExport, match=r"model\.layers\.0\.mlp\.experts and 1 more.*VLLM_PLUGINS"):
+        check_hosts({"expert_size": 4, "hosts": [dense, routed, {**routed, "path": "model.layers.1.mlp.experts"}]})

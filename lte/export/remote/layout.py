@@ -30,7 +30,10 @@ def _get(config, key, default=None):
 
 
 def router_name(host: dict) -> str:
-    """The module that owns a host's router: its first projection's ``router``."""
+    """The module that owns a host's router: its first projection's ``router``; for routed experts
+    (``host["experts"]``), the experts module's ``lte_router`` (one [groups, in_features] block per expert)."""
+    if host.get("experts"):
+        return f"{host['path']}.lte_router"
     return f"{host['path']}.{host['first'][0]}.router"
 
 
@@ -99,10 +102,12 @@ def load_routers(config, name_or_path, subfolder: str = "", **hub_kwargs) -> dic
     for host in ffn["hosts"]:
         weight = routers[router_name(host) + ".weight"]
         bias = routers.get(router_name(host) + ".bias")
-        if weight.dim() != 2 or (bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        dims = 3 if host.get("experts") else 2
+        if weight.dim() != dims or (bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1])):
+            shape = "[routed_experts, groups, in_features]" if dims == 3 else "[num_experts, in_features]"
             raise ExportFormatError(
                 f"{path}: {router_name(host)} has shape {list(weight.shape)}"
-                f"{'' if bias is None else f' (bias {list(bias.shape)})'}, not [num_experts, in_features]. "
+                f"{'' if bias is None else f' (bias {list(bias.shape)})'}, not {shape}. "
                 f"To fix: {FIX}"
             )
     return routers

@@ -60,6 +60,13 @@ except ImportError:  # this package's own (`from . import`: transformers copies 
     check_shapes, format_version, router_keys = _layout.check_shapes, _layout.format_version, _layout.router_keys
     HUB_KWARGS, load_routers, save_routers = _layout.HUB_KWARGS, _layout.load_routers, _layout.save_routers
 
+try:  # routed experts of MoE layers (the package's remote/experts.py), written next to this file by `lte export`
+    from .lte_experts import install_routed_experts
+except ImportError:  # this package's own (`from . import`: transformers copies only `from .x import` files)
+    from . import experts as _experts
+
+    install_routed_experts = _experts.install_routed_experts
+
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
     from .lte_kernels_cpu import (
         available as _cpu_kernel_available,
@@ -360,6 +367,9 @@ def install_routed_ffns(model: nn.Module, config) -> None:
     ffn = config.lte_ffn
     size = ffn["expert_size"]
     for index, spec in enumerate(ffn["hosts"]):
+        if spec.get("experts"):  # an MoE layer's fused routed experts
+            install_routed_experts(model, config, index, spec)
+            continue
         host = model.get_submodule(spec["path"])
         neurons = _rows(host.get_submodule(spec["down"]), out_is_rows=False).shape[0]
         chunks = spec.get("fused_chunks", 1)
@@ -410,7 +420,7 @@ def set_routers(model: nn.Module, routers: dict, path: str) -> None:
         owner, attribute = name.rsplit(".", 1)
         router = model.get_submodule(owner)
         old = getattr(router, attribute)
-        projection = model.get_submodule(owner.rsplit(".", 1)[0]).weight
+        projection = next(model.get_submodule(owner.rsplit(".", 1)[0]).parameters(recurse=False))  # the owner's
         device = projection.device if old.device.type == "meta" else old.device
         value = routers[name].to(device=device, dtype=old.dtype)
         setattr(router, attribute, nn.Parameter(value, requires_grad=old.requires_grad))

@@ -1,0 +1,193 @@
+"""LTE inside routed experts (lte/model/experts.py): one mechanism over the layout facts of five families."""
+
+import pytest
+import torch
+import transformers
+
+from lte.model.detect import detect_layout
+from lte.model.experts import (
+    LTEExperts,
+    experts_hosts,
+    moe_router_parameters,
+    permute_expert_neurons,
+    top_k_agreement,
+    top_k_choices,
+)
+from lte.model.inject import LTEModelConfig, inject_lte, set_lte_routing, unload_lte
+from lte.model.layers import collect_router_scores, lte_layers
+from lte.training.losses import efficiency_loss, layer_sparsity, separability_loss
+
+MOE = dict(vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+
+# One tiny random config per layout: (E, 2I, H) concatenated (qwen3_moe, qwen2_moe with a shared expert,
+# mixtral, olmoe) and gpt-oss's transposed (E, H, 2I), interleaved, biased, clamped experts.
+MOE_CONFIGS = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8, **MOE
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        **MOE,
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **MOE
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, **MOE),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        layer_types=["full_attention"] * 2,
+        **MOE,
+    ),
+}
+
+
+def tiny_moe(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(MOE_CONFIGS[family]()).eval()
+    with torch.no_grad():  # random biases (gpt-oss): zeros would hide a misread bias layout
+        for name, param in model.named_parameters():
+            if name.endswith("_bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+def ids(n: int = 12, seed: int = 1):
+    return torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_detection_finds_and_proves_the_routed_experts(family):
+    model = tiny_moe(family)
+    layout = detect_layout(model, group=4)
+    routed = experts_hosts(model)
+    assert len(routed) == 2 and set(routed) <= set(layout)
+    facts = next(iter(routed.values()))
+    assert facts.transposed == (family == "gpt_oss") and facts.bias == (family == "gpt_oss")
+    assert facts.concatenated == (family != "gpt_oss") and facts.width == 16
+    shared = [p for p in layout if p not in routed]
+    assert len(shared) == (2 if family == "qwen2_moe" else 0)  # the shared expert is a dense FFN
+    # depth order (a layer's index is its position): Qwen2-MoE's experts come before its shared expert
+    depth = [name for name, _ in model.named_modules() if name in layout]
+    assert list(layout) == depth
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_permuting_within_each_expert_keeps_logits_and_masking_a_group_changes_them(family):
+    model = tiny_moe(family)
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+        path, facts = next(iter(experts_hosts(model).items()))
+        module = model.get_submodule(path)
+        for expert in range(facts.num_experts):
+            permute_expert_neurons(module, facts, expert, torch.randperm(facts.width))
+        assert torch.allclose(model(x).logits, base, atol=1e-5)
+        # the same neurons of one expert, now moved: their rows still exist; zero the first group of expert 0
+        getattr(module, facts.down)[0].zero_()
+        assert not torch.allclose(model(x).logits, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_lte_experts_dense_equals_original_and_hard_routing_skips_groups(family):
+    model = tiny_moe(family)
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    assert model.config._experts_implementation == "lte"
+    layers = [layer for layer in lte_layers(model) if isinstance(layer, LTEExperts)]
+    assert len(layers) == 2 and layers[0].num_experts == 4  # 16 neurons per expert: 4 groups of 4
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, base, atol=1e-4)  # dense: grouping is a permutation
+        set_lte_routing(model, "hard")
+        for layer in lte_layers(model):
+            layer.threshold = -1.0  # every group runs: the expert-by-expert path equals the model
+        assert torch.allclose(model(x).logits, base, atol=1e-4)
+        for layer in lte_layers(model):
+            layer.threshold = 0.5
+        with collect_router_scores() as records:
+            sparse = model(x).logits
+    assert not torch.allclose(sparse, base, atol=1e-4)
+    routed = [r for r in records if r.tokens is not None]
+    assert len(routed) == 2
+    k = model.config.num_experts_per_tok
+    for record in routed:  # a row per (token, selected expert): the tokens each expert received
+        assert record.scores.shape == (x.numel() * k, 4)
+        assert torch.equal(torch.bincount(record.tokens, minlength=x.numel()), torch.full((x.numel(),), k))
+    sparsity = layer_sparsity(records)
+    assert ((sparsity > 0) & (sparsity < 1)).all()
+
+
+def test_soft_routing_losses_reach_the_routers_over_the_tokens_each_expert_received():
+    model = tiny_moe("qwen2_moe")
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    set_lte_routing(model, "soft")
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0  # padding: its (token, expert) rows carry no weight
+    with collect_router_scores() as records:
+        model(x, attention_mask=mask)
+    loss = efficiency_loss(records, mask) + separability_loss(records, mask)
+    loss.backward()
+    experts = [layer for layer in lte_layers(model) if isinstance(layer, LTEExperts)]
+    for layer in experts:
+        grad = layer.lte_router.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+    # a row of a padded token contributes nothing: changing its score leaves the loss unchanged
+    record = next(r for r in records if r.tokens is not None)
+    padded = mask.reshape(-1)[record.tokens] == 0
+    assert padded.any()
+    before = efficiency_loss([record], mask)
+    changed = type(record)(record.layer, record.scores.detach().clone(), 0.5, 0.5, record.tokens)
+    changed.scores[padded] = 0.99
+    assert torch.allclose(efficiency_loss([changed], mask), before)
+
+
+def test_unload_restores_the_model_and_the_moe_router_is_found():
+    model = tiny_moe("mixtral")
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+        before = top_k_choices(model, [{"input_ids": x}])
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    routers = moe_router_parameters(model)
+    assert [name for name, _ in routers] == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    set_lte_routing(model, "hard")
+    with torch.no_grad():
+        after = top_k_choices(model, [{"input_ids": x}])
+    agreement = top_k_agreement(before, after)
+    assert agreement["model.layers.0.mlp.experts"] == 1.0  # layer 0's input is unchanged by LTE
+    assert 0.0 < agreement["model.layers.1.mlp.experts"] <= 1.0
+    unload_lte(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_the_exported_routed_experts_compute_what_the_trained_layers_did(family, tmp_path):
+    """lte/export/remote/experts.py (the export's code) against lte/model/experts.py, every layout: the same
+    hard-routed logits, and the original model's with lte_routing="dense"."""
+    from lte.export.exporter import to_routed
+
+    model = tiny_moe(family)
+    x = ids()
+    with torch.no_grad():
+        original = model(x).logits
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    set_lte_routing(model, "hard")
+    thresholds = [0.5] * len(lte_layers(model))
+    with torch.no_grad():
+        trained = model(x).logits
+        to_routed(model, thresholds)
+        assert model.config._experts_implementation == "lte_routed"
+        assert torch.allclose(model(x).logits, trained, atol=1e-5)
+        model.config.lte_routing = "dense"
+        assert torch.allclose(model(x).logits, original, atol=1e-4)
+    assert not torch.allclose(trained, original, atol=1e-3)

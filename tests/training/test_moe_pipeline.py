@@ -1,0 +1,105 @@
+"""Tiny random MoE models through `train.py recipe=tiny` (a few steps per stage) and its export (format 2),
+then loaded by a client that cannot import the project: dense through the base class, sparse with remote code."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import REPO, run_train
+
+sys.path.insert(0, str(REPO / "tests" / "model"))
+sys.path.insert(0, str(REPO / "tests" / "export"))
+sys.path.insert(0, str(REPO / "scripts"))
+from test_export_clients import run_client
+from tiny_moe import write
+
+FAMILIES = ["qwen2_moe"]  # routed experts plus a shared expert (a dense FFN); the other families: tests/model
+
+
+def _tiny_moe_dir(family: str, directory):
+    return write(family, directory)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def moe_run(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = _tiny_moe_dir(request.param, root / "model")
+    out = root / "run"
+    run_train(out, f"model.name_or_path={model_dir}")
+    return request.param, model_dir, out
+
+
+@pytest.mark.slow
+def test_both_stages_train_and_the_export_lands_at_its_target(moe_run):
+    family, _, out = moe_run
+    report = json.loads((out / "report.json").read_text())
+    hosts = json.loads((out / "stage2" / "model" / "lte_config.json").read_text())["ffn_hosts"]
+    routed = [h for h in hosts if h["path"].endswith("mlp.experts")]
+    assert len(routed) == 2 and len(hosts) == (4 if family == "qwen2_moe" else 2)  # + the shared experts
+    assert len(report["per_layer_sparsity"]) == len(hosts)
+    assert 0.3 < report["sparsity"] < 0.7  # stage 1 steered to the recipe's 0.52 (4 steps: loosely)
+    export = report["export"]
+    # held-out sparsity, counted over the neurons of the experts each token ran, within 2 points of 50%
+    assert abs(export["heldout_sparsity"] - 0.5) < 0.02, export
+    assert export["sparse_ppl"] < 1.5 * export["dense_ppl"]
+    kinds = ["routed experts" if h["path"].endswith("mlp.experts") else "dense FFNs" for h in hosts]
+    for kind, value in export["sparsity_by_kind"].items():  # routed and shared experts apart
+        mine = [s for k, s in zip(kinds, export["per_layer_sparsity"], strict=True) if k == kind]
+        assert value == pytest.approx(sum(mine) / len(mine))
+    assert set(export["sparsity_by_kind"]) == set(kinds) == {"routed experts", "dense FFNs"}
+
+
+@pytest.mark.slow
+def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_project(moe_run, tmp_path):
+    _, model_dir, out = moe_run
+    export = tmp_path / "export"
+    shutil.copytree(out / "export", export)
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert names == set(f.keys())  # the base checkpoint's own per-expert names, nothing else
+    with safe_open(str(export / "lte" / "routers.safetensors"), "pt") as f:
+        keys = f.keys()
+        routers = {k: f.get_tensor(k).shape for k in keys}
+    assert routers["model.layers.0.mlp.experts.lte_router.weight"] == (4, 4, 32)  # [experts, groups, hidden]
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    sparse = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    with torch.no_grad():
+        trained = sparse(ids).logits
+        sparse.config.lte_routing = "dense"  # the trained model with every group of the selected experts
+        expected = {"ids": ids, "dense": sparse(ids).logits, "sparse": trained}
+    torch.save(expected, export / "expected.pt")
+    r = run_client("base_class", export, cwd=tmp_path)[str(export)]
+    assert r["sparse_class"] == "LTEForCausalLM" and r["base_class"] == r["auto_class"]
+    assert r["missing"] == [] and r["unexpected"] == [] and r["mismatched"] == [], r
+    assert r["base_vs_dense"] < 1e-5 and r["base_vs_original"] < 1e-5, r  # the base class: the trained model, dense
+    assert r["sparse_vs_trained"] < 1e-5 and r["sparse_vs_base"] > 1e-3, r  # remote code: routed, sparse
+    assert r["resaved_weight_names"] == r["weight_names"] and r["resaved_router_names"] == r["router_names"]
+    assert r["resaved_sparse"] < 1e-5, r
+    g = run_client("generate", export, cwd=tmp_path)[str(export)]
+    assert len(g["sparse"]) == len(g["dense"]) == 12
+
+
+def test_the_moe_router_stays_frozen_unless_the_recipe_trains_it(tmp_path):
+    from lte.model.experts import moe_router_parameters
+    from lte.model.inject import LTEModelConfig, inject_lte, save_lte
+    from lte.pipeline import build_stage_model
+    from lte.training.config import load_recipe
+
+    model_dir = _tiny_moe_dir("mixtral", tmp_path / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    save_lte(model, tmp_path / "prepared")
+    for train_it in (False, True):
+        recipe = load_recipe(
+            ["recipe=tiny", f"model.name_or_path={model_dir}", f"lte.train_moe_router={train_it}"],
+            check_hardware=False,
+        )
+        stage = build_stage_model("stage1", recipe, tmp_path / "prepared", recipe.stage_args("stage1", use_cpu=True))
+        flags = {p.requires_grad for _, p in moe_router_parameters(stage)}
+        assert len(moe_router_parameters(stage)) == 2 and flags == {train_it}
