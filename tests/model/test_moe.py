@@ -191,3 +191,48 @@ def test_the_exported_routed_experts_compute_what_the_trained_layers_did(family,
         model.config.lte_routing = "dense"
         assert torch.allclose(model(x).logits, original, atol=1e-4)
     assert not torch.allclose(trained, original, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_the_kernel_path_computes_what_the_masked_path_does(family, monkeypatch):
+    """The export's CPU-kernel path (an expert with at most MAX_UNION_TOKENS tokens: decode) against its
+    masked path, on one token, a few tokens and more: the same logits, with only the kept groups' rows read.
+    gpt-oss's interleaved, biased experts stay on the masked path."""
+    import lte_kernels.cpu as cpu
+    from lte.export.exporter import to_routed
+    from lte.export.remote import experts as remote
+
+    assert cpu.available()
+    model = tiny_moe(family)
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    set_lte_routing(model, "hard")
+    with torch.no_grad():
+        to_routed(model, [0.5] * len(lte_layers(model)))
+    read = []  # row blocks read per up-projection call: 8 per expert here (4 groups of the gate, 4 of the up)
+
+    def spy(x, rows, groups, size, offset):
+        read.append(groups.numel())
+        return cpu.expert_matvec(x, rows, groups, size, offset)
+
+    def bind_kernels(patch):  # what the export's copy binds from its lte_kernels_cpu.py
+        patch.setattr(remote, "_cpu_kernel_available", cpu.available)
+        patch.setattr(remote, "_cpu_matvec", spy, raising=False)
+        patch.setattr(remote, "_cpu_matvec_t", cpu.expert_matvec_t, raising=False)
+        patch.setattr(remote, "_cpu_dense_matmul_t", cpu.dense_matmul_t, raising=False)
+
+    for x in (ids(1)[:1], ids(3), ids(12)):  # 1 token, 3 per sequence (<= 8 per expert), 24: some experts masked
+        with torch.no_grad():
+            masked = model(x).logits
+            with monkeypatch.context() as patch:
+                bind_kernels(patch)
+                kernel = model(x).logits
+        assert torch.allclose(kernel, masked, atol=1e-5), (family, x.shape, (kernel - masked).abs().max())
+    calls = len(read)
+    with monkeypatch.context() as patch:  # a forward that needs gradients (fine-tuning the export): masked
+        bind_kernels(patch)
+        model(ids(1)[:1], labels=ids(1)[:1]).loss.backward()
+    assert len(read) == calls
+    if family == "gpt_oss":
+        assert read == []
+    else:
+        assert read and max(read) <= 8 and min(read) < 8  # some groups of a selected expert were never read

@@ -5,20 +5,45 @@ fused in-memory layout on load and back on save); each fused experts module gain
 ``lte_router`` (``weight`` [E, G, H], ``bias`` [E, G]; stored in ``lte/routers.safetensors`` under
 ``{host path}.lte_router``) and dispatches, through transformers' experts interface, to
 :data:`IMPLEMENTATION`: for every expert the model's own router selected, the token's groups with
-``sigmoid(router) > threshold`` run and the others are zeroed before the down projection (the masked
-path: every neuron of the selected experts is still computed; a kernel reading only the kept rows,
-with a per-expert row offset, is not built). The layout facts (gated, transposed, concatenated,
-biased) are transformers' ``use_experts_implementation`` flags, so one forward serves every family.
+``sigmoid(router) > threshold`` run. Two paths compute it:
 
-Copied into each export as ``lte_experts.py``; imports only torch and transformers. The training-time
-counterpart is ``lte.model.experts``.
+* **kernel** (an expert that received at most :data:`MAX_UNION_TOKENS` tokens, on CPU, fp32 or bf16,
+  ``[gate; up]`` concatenated or up-only, no biases): the project's CPU kernel (``lte_kernels_cpu.py``)
+  reads only the rows of the groups kept by any of those tokens, from the expert's own slice of the
+  fused tensors, and each token's other groups are zeroed; the down projection reads one row per kept
+  neuron. Decode (one token per step) runs here. :func:`relayout_experts` stores each expert's rows the
+  way the kernel reads them (same parameters, shapes and values; ``from_pretrained`` does it).
+* **masked** (everything else: many tokens per expert, gpt-oss's interleaved or biased experts, GPUs,
+  a forward that needs gradients):
+  every neuron of the selected experts is computed and the skipped groups are zeroed before the down
+  projection, so it is not faster than the base model.
+
+The layout facts (gated, transposed, concatenated, biased) are transformers' ``use_experts_implementation``
+flags, so one forward serves every family.
+
+Copied into each export as ``lte_experts.py``; imports torch, and the kernel file written beside it
+where there is one. The training-time counterpart is ``lte.model.experts``.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
+    from .lte_kernels_cpu import (
+        available as _cpu_kernel_available,
+        dense_matmul_t as _cpu_dense_matmul_t,
+        expert_matvec as _cpu_matvec,
+        expert_matvec_t as _cpu_matvec_t,
+    )
+except ImportError:  # the package's own copy (lte.export.remote): the masked path only
+    _cpu_kernel_available = None
+
 IMPLEMENTATION = "lte_routed"
+
+# Up to this many tokens per expert, the kernel reads the rows of the union of their kept groups once for
+# all of them (modeling_lte.MAX_UNION_TOKENS: the same trade-off, measured with `lte bench kernel --batch`).
+MAX_UNION_TOKENS = 8
 
 
 class ExpertsRouter(nn.Module):
@@ -41,6 +66,63 @@ def width(module) -> int:
     return module.down_proj.shape[1 if module.is_transposed else 2]
 
 
+def _up(module) -> torch.Tensor:
+    return module.gate_up_proj if module.has_gate else module.up_proj
+
+
+def kernel_ready(module) -> bool:
+    """Whether the CPU kernel can run this module's experts: a group's rows contiguous within each expert
+    (``[gate; up]`` concatenated, or up-only), no biases, fp32 or bf16 on the CPU."""
+    up = _up(module)
+    return (
+        _cpu_kernel_available is not None
+        and not module.has_bias
+        and (not module.has_gate or getattr(module, "is_concatenated", True))
+        and up.device.type == "cpu"
+        and up.dtype in (torch.float32, torch.bfloat16)
+        and _cpu_kernel_available()
+    )
+
+
+def _up_rows(module, expert: int) -> torch.Tensor:
+    """[out, H]: expert ``expert``'s up projection, one row per output (gate rows, then up rows)."""
+    up = _up(module)[expert]
+    return up.t() if module.is_transposed else up
+
+
+def _down_rows(module, expert: int) -> torch.Tensor:
+    """[I, H]: expert ``expert``'s down projection, one row per neuron."""
+    down = module.down_proj[expert]
+    return down if module.is_transposed else down.t()
+
+
+def relayout_experts(module) -> None:
+    """Store every expert's rows the way the kernel reads them (:func:`_up_rows`, :func:`_down_rows`
+    contiguous), in place: the same parameters, shapes and values, another memory layout. A no-op when
+    they already are."""
+    with torch.no_grad():
+        for param, rows_are_columns in (
+            (_up(module), module.is_transposed),
+            (module.down_proj, not module.is_transposed),
+        ):
+            if rows_are_columns and not param.transpose(1, 2).is_contiguous():
+                param.data = param.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int) -> torch.Tensor:
+    """One expert on its few tokens ``x`` [n, H]: only the rows of the groups some token keeps are read;
+    each token's other groups are zeroed before the down projection. [n, H]."""
+    groups = keep.any(dim=0).nonzero().flatten()
+    if groups.numel() == 0:
+        return x.new_zeros(x.shape)
+    # The gate's rows, then the up's, in one call: the up's group g is row block g + I / size.
+    blocks = torch.cat([groups, groups + width(module) // size]) if module.has_gate else groups
+    proj = _cpu_matvec(x, _up_rows(module, expert), blocks, size, 0).to(x.dtype)
+    h = module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
+    h = (h.reshape(x.shape[0], -1, size) * keep[:, groups].unsqueeze(-1).to(h.dtype)).reshape(x.shape[0], -1)
+    return _cpu_matvec_t(h, _down_rows(module, expert), groups, size).to(x.dtype)
+
+
 def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Every selected expert on the tokens it received, its unselected neuron groups zeroed."""
     config = self.lte_config
@@ -57,6 +139,11 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
+    rows = kernel_ready(self)  # the weights in the kernel's layout, for both paths
+    if rows:
+        relayout_experts(self)  # from_pretrained did; again after a weight was replaced
+    grad = torch.is_grad_enabled() and (hidden_states.requires_grad or up.requires_grad or self.down_proj.requires_grad)
+    kernel = rows and routing != "dense" and not grad  # the kernel has no backward: training runs masked
     out = torch.zeros_like(hidden_states)
     start = 0
     for expert, count in enumerate(counts):
@@ -66,14 +153,25 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         start += count
         token = tokens[pairs]
         x = hidden_states[token]
-        proj = _linear(x, up[expert], None if up_bias is None else up_bias[expert], transposed)
-        h = self._apply_gate(proj) if gated else self.act_fn(proj)
+        keep = None
         if routing != "dense":
             bias = None if router.bias is None else router.bias[expert]
             with torch.no_grad():
                 keep = torch.sigmoid(F.linear(x.to(router.weight.dtype), router.weight[expert], bias)) > threshold
-            h = (h.reshape(count, -1, size) * keep.unsqueeze(-1).to(h.dtype)).reshape(h.shape)
-        y = _linear(h, self.down_proj[expert], None if down_bias is None else down_bias[expert], transposed)
+        if kernel and count <= MAX_UNION_TOKENS:
+            y = _kernel_expert(self, x, expert, keep, size)
+        else:  # masked: every neuron of the expert, the skipped groups zeroed
+            if rows:  # the kernel's layout: up rows as nn.Linear stores them, no biases
+                proj = F.linear(x, _up_rows(self, expert))
+            else:
+                proj = _linear(x, up[expert], None if up_bias is None else up_bias[expert], transposed)
+            h = self._apply_gate(proj) if gated else self.act_fn(proj)
+            if keep is not None:
+                h = (h.reshape(count, -1, size) * keep.unsqueeze(-1).to(h.dtype)).reshape(h.shape)
+            if rows:  # down neuron-major; bf16 on a CPU without bf16 instructions: an fp32 GEMM (dense_matmul_t)
+                y = _cpu_dense_matmul_t(h, _down_rows(self, expert))
+            else:
+                y = _linear(h, self.down_proj[expert], None if down_bias is None else down_bias[expert], transposed)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         out.index_add_(0, token, (y * weights[pairs, None]).to(out.dtype))

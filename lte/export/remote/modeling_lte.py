@@ -61,11 +61,12 @@ except ImportError:  # this package's own (`from . import`: transformers copies 
     HUB_KWARGS, load_routers, save_routers = _layout.HUB_KWARGS, _layout.load_routers, _layout.save_routers
 
 try:  # routed experts of MoE layers (the package's remote/experts.py), written next to this file by `lte export`
-    from .lte_experts import install_routed_experts
+    from .lte_experts import ExpertsRouter, install_routed_experts, kernel_ready, relayout_experts
 except ImportError:  # this package's own (`from . import`: transformers copies only `from .x import` files)
     from . import experts as _experts
 
-    install_routed_experts = _experts.install_routed_experts
+    ExpertsRouter, install_routed_experts = _experts.ExpertsRouter, _experts.install_routed_experts
+    kernel_ready, relayout_experts = _experts.kernel_ready, _experts.relayout_experts
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
     from .lte_kernels_cpu import (
@@ -402,6 +403,8 @@ def relayout_routed_ffns(model: nn.Module) -> None:
             _relayout(module, out_is_rows=True)
         elif isinstance(module, RoutedDown):
             _relayout(module, out_is_rows=False)
+        elif isinstance(getattr(module, "lte_router", None), ExpertsRouter) and kernel_ready(module):
+            relayout_experts(module)
 
 
 def write_routers(model: nn.Module, directory, given: dict | None = None) -> str:
