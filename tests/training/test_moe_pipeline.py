@@ -1,8 +1,10 @@
-"""Tiny random MoE models through `train.py recipe=tiny` (a few steps per stage) and its export (format 2),
+"""`train.py recipe=qwen2_moe` on a tiny random Qwen2-MoE (routed experts plus a shared expert; the recipe's own
+settings, a few steps per stage: tests/training/test_recipes.py's CPU overrides) and its export (format 2),
 then loaded by a client that cannot import the project: dense through the base class, sparse with remote code."""
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -10,37 +12,45 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import REPO, run_train
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "model"))
 sys.path.insert(0, str(REPO / "tests" / "export"))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests" / "training"))
 from test_export_clients import run_client
+from test_recipes import cpu_overrides
 from tiny_moe import write
 
-FAMILIES = ["qwen2_moe"]  # routed experts plus a shared expert (a dense FFN); the other families: tests/model
+RECIPES = ["qwen2_moe"]  # the MoE recipes; the other families' experts: tests/model/test_moe.py
 
 
 def _tiny_moe_dir(family: str, directory):
     return write(family, directory)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=RECIPES)
 def moe_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    model_dir = _tiny_moe_dir(request.param, root / "model")
-    out = root / "run"
-    run_train(out, f"model.name_or_path={model_dir}")
-    return request.param, model_dir, out
+    overrides = cpu_overrides(request.param, root)  # writes the tiny model to root / "model"
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"recipe={request.param}", *overrides, "train.report_to=[]"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, root / "model", root / "run"
 
 
 @pytest.mark.slow
 def test_both_stages_train_and_the_export_lands_at_its_target(moe_run):
-    family, _, out = moe_run
+    _, _, out = moe_run
     report = json.loads((out / "report.json").read_text())
     hosts = json.loads((out / "stage2" / "model" / "lte_config.json").read_text())["ffn_hosts"]
     routed = [h for h in hosts if h["path"].endswith("mlp.experts")]
-    assert len(routed) == 2 and len(hosts) == (4 if family == "qwen2_moe" else 2)  # + the shared experts
+    assert len(routed) == 2 and len(hosts) == 4  # + the shared experts
     assert len(report["per_layer_sparsity"]) == len(hosts)
     assert 0.3 < report["sparsity"] < 0.7  # stage 1 steered to the recipe's 0.52 (4 steps: loosely)
     export = report["export"]
