@@ -21,6 +21,32 @@ import transformers
 
 from isolation import outside_the_clone_guard
 
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+# One intra-op thread for the suite and every process it starts (training runs, `accelerate launch`'s ranks
+# already get one from torchrun). Its models are tiny: a second OpenMP thread buys nothing, and on a busy CPU
+# (`make test` runs the vLLM part beside this one on two cores) each parallel region waits for a descheduled
+# thread: the smoke run took 136 s with two threads and 38 s with one. The tests of the kernels' parallel
+# split run with the machine's default (KERNEL_THREADS, tests/export/test_kernels.py). An OMP_NUM_THREADS
+# given to pytest is kept; the vLLM environment (tests/serve) is left as it was.
+KERNEL_THREADS = torch.get_num_threads()
+ONE_THREAD = not HAS_VLLM and "OMP_NUM_THREADS" not in os.environ
+if ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def kernel_threads(monkeypatch):
+    """The machine's default threads, in this process and the ones it starts, as before ONE_THREAD."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(KERNEL_THREADS)
+    if ONE_THREAD:
+        monkeypatch.delenv("OMP_NUM_THREADS")
+    yield KERNEL_THREADS
+    torch.set_num_threads(threads)
+
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # small real files with their SOURCE.md: the tests read nothing outside the clone
 STORIES = REPO / "assets" / "stories260K"
@@ -102,9 +128,6 @@ def tiny_run(tmp_path_factory):
     """(run directory, completed process) of the smoke run of `train.py recipe=tiny`."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     return out, run_train(out)
-
-
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def pytest_collection_modifyitems(config, items):

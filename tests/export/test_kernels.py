@@ -12,6 +12,12 @@ import torch
 import lte_kernels.cpu as cpu_kernel
 from conftest import REPO
 
+
+@pytest.fixture(autouse=True)
+def _machine_threads(kernel_threads):
+    """The kernels split their work across threads: tested with the machine's default, not the suite's one."""
+
+
 # (hidden, neurons, expert_size); 100: not a multiple of 16; the last is enough work for several threads
 # (the kernel keeps products under 2^16 multiply-adds per thread on one thread)
 SHAPES = [(64, 128, 8), (100, 96, 16), (256, 512, 32), (512, 1024, 32)]
