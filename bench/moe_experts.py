@@ -8,7 +8,8 @@ binds its copy, at 0/50/70/90% of each selected expert's groups skipped (thresho
 scores). Medians over ``--repeats`` calls, each with its own random top-k experts (the same for every
 method), so the experts' weights come from memory, not the cache.
 
-    python bench/moe_experts.py --dtype float32,bfloat16 --json bench/results/moe_experts_cpu.json
+    python bench/moe_experts.py --repeats 30 --dtype float32,bfloat16 --threads 1 \
+        --json bench/results/moe_experts_cpu_1thread.json
 """
 
 import argparse

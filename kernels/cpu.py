@@ -47,11 +47,13 @@ or unknown CPUs. If it cannot be built,
 file is copied next to an exported model's ``modeling_lte.py``.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
+import time
 
 import torch
 
@@ -457,6 +459,28 @@ _lock = threading.Lock()
 _extension = None
 _failed = False
 
+# A build takes 20-60 s; a build lock older than this was left by an interrupted one (Ctrl-C, a killed job).
+STALE_LOCK_S = 600
+
+
+def _wait_for_build_lock(directory: str) -> None:
+    """torch's build lock makes every later load wait, silently and forever, for a lock file that an interrupted
+    build never removed. Say that we wait; remove the lock once it is older than any build takes."""
+    lock = os.path.join(directory, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age < STALE_LOCK_S:
+        logger.warning("LTE: waiting for another process's build of the CPU kernel (%s); if none runs, delete it", lock)
+        deadline = time.monotonic() + STALE_LOCK_S - age
+        while os.path.exists(lock) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    if os.path.exists(lock):
+        logger.warning("LTE: removing the CPU kernel's build lock %s, left by an interrupted build", lock)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
 
 def _load():
     global _extension, _failed
@@ -472,6 +496,7 @@ def _load():
 
                 name = extension_name()
                 directory = _get_build_directory(name, verbose=False)
+                _wait_for_build_lock(directory)
                 if not os.path.exists(os.path.join(directory, f"{name}.so")):
                     logger.warning(
                         "LTE: building the CPU sparse kernel %s (once per environment and CPU, about 20 s)", directory

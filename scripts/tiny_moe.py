@@ -16,8 +16,11 @@ sys.path.insert(0, str(REPO / "tests" / "model"))
 from test_moe import MOE_CONFIGS  # noqa: E402
 
 
-def write(family: str, directory: Path) -> Path:
+def write(family: str, directory: Path, **sizes) -> Path:
+    """The family's tiny config, with ``sizes`` (config attributes) changed, saved with stories260K's tokenizer."""
     config = MOE_CONFIGS[family]()
+    for key, value in sizes.items():
+        setattr(config, key, value)
     config.vocab_size = 512  # stories260K's tokenizer
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, None
     torch.manual_seed(0)

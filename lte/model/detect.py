@@ -194,10 +194,10 @@ def candidates(model: nn.Module, recipe_layout: dict | None = None) -> list[Cand
     found = [c for c in found if not any(p != c.path and (not c.path or p.startswith(c.path + ".")) for p in paths)]
     if (reason := moe_reason(model, found)) is not None:
         raise UsageError(
-            f"MoE models are not supported yet: {type(model).__name__} is a mixture of experts ({reason}). "
-            f"LTE groups the neurons of a dense FFN into experts behind one router; inside an MoE layer the "
-            f"model's own router already picks experts, and routing within each routed expert (with its fused "
-            f"expert tensors) is not built. Use a dense model."
+            f"this MoE layout is not supported: {type(model).__name__} is a mixture of experts ({reason}) whose "
+            f"experts module transformers does not declare with use_experts_implementation (its layout flags). "
+            f"LTE routes inside the routed experts of such declared modules (Mixtral, Qwen-MoE, DeepSeek, "
+            f"gpt-oss...: docs/moe.md); for this one, use a dense model."
         )
     if not found and not experts_hosts(model):
         names = sorted(

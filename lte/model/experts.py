@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .grouping import balanced_kmeans
-from .layers import LTEMLP, RouterRecord, _collector
+from .layers import LTEMLP, RouterRecord, _collector, lte_layers
 from .registry import FFNSpec
 
 IMPLEMENTATION = "lte"  # the name registered with transformers' ExpertsInterface
@@ -386,14 +386,17 @@ def use_lte_experts(model: nn.Module) -> None:
 
 def moe_router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The model's own MoE routers: in each module that holds an experts module, the sibling parameters
-    whose first axis counts the experts (``gate.weight`` [E, H], ``router.bias`` [E]...)."""
+    whose first axis counts the experts (``gate.weight`` [E, H], ``router.bias`` [E]...). Never an LTE
+    layer's (a shared expert's router or weights can have E rows too)."""
     found = []
+    lte = {id(p) for layer in lte_layers(model) for p in layer.parameters()}
     for path, layout in experts_hosts(model).items():
         parent_path, _, child = path.removesuffix(".base_layer").rpartition(".")
         parent = model.get_submodule(parent_path)
         for name, param in parent.named_parameters():
-            if not name.startswith(child + ".") and param.shape[0] == layout.num_experts and param.dim() <= 2:
-                # the experts' own tensors and the shared expert's are under other names
+            if name.startswith(child + ".") or id(param) in lte:  # the experts' own tensors, LTE's layers
+                continue
+            if param.shape[0] == layout.num_experts and param.dim() <= 2:
                 found.append((f"{parent_path}.{name}", param))
     return found
 

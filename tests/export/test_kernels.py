@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -518,3 +519,21 @@ def test_quantized_kernels_are_custom_ops_that_compilers_trace(bits):
     explained = torch._dynamo.explain(step)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x))
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_named_then_removed(tmp_path, monkeypatch, caplog):
+    """torch's build lock would make every later load wait forever for it, silently."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - cpu_kernel.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="lte"):
+        cpu_kernel._wait_for_build_lock(str(tmp_path))
+    assert not lock.exists() and "left by an interrupted build" in caplog.text
+    lock.touch()  # a fresh lock: another process may be building; wait (here 1 s), say so, then remove it
+    monkeypatch.setattr(cpu_kernel, "STALE_LOCK_S", 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lte"):
+        cpu_kernel._wait_for_build_lock(str(tmp_path))
+    assert not lock.exists() and "waiting for another process's build" in caplog.text
+    cpu_kernel._wait_for_build_lock(str(tmp_path))  # no lock: nothing to do

@@ -127,7 +127,7 @@ def test_moe_models_are_refused_with_the_reason():
     model = transformers.AutoModelForCausalLM.from_config(config)
     for layer in model.model.layers:  # experts without transformers' layout flags: lte.model.experts cannot read them
         del layer.mlp.experts.is_transposed
-    with pytest.raises(UsageError, match=r"MoE models are not supported yet: MixtralForCausalLM .*3-D tensor") as info:
+    with pytest.raises(UsageError, match=r"this MoE layout is not supported: MixtralForCausalLM .*3-D tensor") as info:
         inject_lte(model, LTEModelConfig(expert_size=8), progress=False)
     assert "register" not in str(info.value)
 

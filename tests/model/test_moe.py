@@ -201,6 +201,7 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, monkeypatch)
     import lte_kernels.cpu as cpu
     from lte.export.exporter import to_routed
     from lte.export.remote import experts as remote
+    from lte.export.remote.modeling_lte import relayout_routed_ffns
 
     assert cpu.available()
     model = tiny_moe(family)
@@ -219,6 +220,7 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, monkeypatch)
         patch.setattr(remote, "_cpu_matvec", spy, raising=False)
         patch.setattr(remote, "_cpu_matvec_t", cpu.expert_matvec_t, raising=False)
         patch.setattr(remote, "_cpu_dense_matmul_t", cpu.dense_matmul_t, raising=False)
+        relayout_routed_ffns(model)  # what from_pretrained does: the weights in the kernel's layout
 
     for x in (ids(1)[:1], ids(3), ids(12)):  # 1 token, 3 per sequence (<= 8 per expert), 24: some experts masked
         with torch.no_grad():

@@ -25,10 +25,6 @@ from tiny_moe import write
 RECIPES = ["qwen2_moe"]  # the MoE recipes; the other families' experts: tests/model/test_moe.py
 
 
-def _tiny_moe_dir(family: str, directory):
-    return write(family, directory)
-
-
 @pytest.fixture(scope="module", params=RECIPES)
 def moe_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
@@ -52,7 +48,7 @@ def test_both_stages_train_and_the_export_lands_at_its_target(moe_run):
     routed = [h for h in hosts if h["path"].endswith("mlp.experts")]
     assert len(routed) == 2 and len(hosts) == 4  # + the shared experts
     assert len(report["per_layer_sparsity"]) == len(hosts)
-    assert 0.3 < report["sparsity"] < 0.7  # stage 1 steered to the recipe's 0.52 (4 steps: loosely)
+    assert 0.3 < report["sparsity"] < 0.7  # two steps per stage from centroid routers at threshold 0.5: loosely
     export = report["export"]
     # held-out sparsity, counted over the neurons of the experts each token ran, within 2 points of 50%
     assert abs(export["heldout_sparsity"] - 0.5) < 0.02, export
@@ -95,13 +91,17 @@ def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_proj
     assert len(g["sparse"]) == len(g["dense"]) == 12
 
 
-def test_the_moe_router_stays_frozen_unless_the_recipe_trains_it(tmp_path):
+# qwen2_moe: a shared expert of 16 neurons, 4 groups of 4, as many as the routed experts: its LTE router has the
+# shape of an MoE router ([E, H]) and must not be taken for one.
+@pytest.mark.parametrize(("family", "sizes"), [("mixtral", {}), ("qwen2_moe", {"shared_expert_intermediate_size": 16})])
+def test_the_moe_router_stays_frozen_unless_the_recipe_trains_it(family, sizes, tmp_path):
     from lte.model.experts import moe_router_parameters
     from lte.model.inject import LTEModelConfig, inject_lte, save_lte
+    from lte.model.layers import ROUTER_PREFIX
     from lte.pipeline import build_stage_model
     from lte.training.config import load_recipe
 
-    model_dir = _tiny_moe_dir("mixtral", tmp_path / "model")
+    model_dir = write(family, tmp_path / "model", **sizes)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
     save_lte(model, tmp_path / "prepared")
@@ -111,5 +111,8 @@ def test_the_moe_router_stays_frozen_unless_the_recipe_trains_it(tmp_path):
             check_hardware=False,
         )
         stage = build_stage_model("stage1", recipe, tmp_path / "prepared", recipe.stage_args("stage1", use_cpu=True))
-        flags = {p.requires_grad for _, p in moe_router_parameters(stage)}
-        assert len(moe_router_parameters(stage)) == 2 and flags == {train_it}
+        routers = moe_router_parameters(stage)
+        assert [name.rsplit(".", 3)[-3:] for name, _ in routers] == [["mlp", "gate", "weight"]] * 2, routers
+        assert {p.requires_grad for _, p in routers} == {train_it}
+        lte_routers = [p for name, p in stage.named_parameters() if ROUTER_PREFIX in name]
+        assert lte_routers and all(p.requires_grad for p in lte_routers)  # stage 1 trains every LTE router

@@ -56,11 +56,6 @@ class ExpertsRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, groups, device=device, dtype=dtype)) if bias else None
 
 
-def _linear(x, weight, bias, transposed):
-    out = x @ weight if transposed else F.linear(x, weight)
-    return out if bias is None else out + bias
-
-
 def width(module) -> int:
     """Neurons per expert, from the down projection and the layout flags."""
     return module.down_proj.shape[1 if module.is_transposed else 2]
@@ -99,14 +94,20 @@ def _down_rows(module, expert: int) -> torch.Tensor:
 def relayout_experts(module) -> None:
     """Store every expert's rows the way the kernel reads them (:func:`_up_rows`, :func:`_down_rows`
     contiguous), in place: the same parameters, shapes and values, another memory layout. A no-op when
-    they already are."""
+    they already are. ``from_pretrained`` and ``lte_relayout()`` run it, never a forward."""
     with torch.no_grad():
         for param, rows_are_columns in (
             (_up(module), module.is_transposed),
             (module.down_proj, not module.is_transposed),
         ):
-            if rows_are_columns and not param.transpose(1, 2).is_contiguous():
-                param.data = param.transpose(1, 2).contiguous().transpose(1, 2)
+            rows = param.transpose(1, 2) if rows_are_columns else param
+            if not rows.is_contiguous():
+                rows = rows.contiguous()
+                param.data = rows.transpose(1, 2) if rows_are_columns else rows
+
+
+def _in_kernel_layout(module) -> bool:
+    return _up_rows(module, 0).is_contiguous() and _down_rows(module, 0).is_contiguous()
 
 
 def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -126,7 +127,7 @@ def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int) -> tor
 def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Every selected expert on the tokens it received, its unselected neuron groups zeroed."""
     config = self.lte_config
-    gated, transposed = self.has_gate, self.is_transposed
+    gated = self.has_gate
     up = self.gate_up_proj if gated else self.up_proj
     up_bias = (self.gate_up_proj_bias if gated else self.up_proj_bias) if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
@@ -139,9 +140,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
-    rows = kernel_ready(self)  # the weights in the kernel's layout, for both paths
-    if rows:
-        relayout_experts(self)  # from_pretrained did; again after a weight was replaced
+    rows = kernel_ready(self) and _in_kernel_layout(self)  # re-strided by from_pretrained / lte_relayout()
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or up.requires_grad or self.down_proj.requires_grad)
     kernel = rows and routing != "dense" and not grad  # the kernel has no backward: training runs masked
     out = torch.zeros_like(hidden_states)
@@ -161,17 +160,14 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         if kernel and count <= MAX_UNION_TOKENS:
             y = _kernel_expert(self, x, expert, keep, size)
         else:  # masked: every neuron of the expert, the skipped groups zeroed
-            if rows:  # the kernel's layout: up rows as nn.Linear stores them, no biases
-                proj = F.linear(x, _up_rows(self, expert))
-            else:
-                proj = _linear(x, up[expert], None if up_bias is None else up_bias[expert], transposed)
+            proj = F.linear(x, _up_rows(self, expert), None if up_bias is None else up_bias[expert])
             h = self._apply_gate(proj) if gated else self.act_fn(proj)
             if keep is not None:
                 h = (h.reshape(count, -1, size) * keep.unsqueeze(-1).to(h.dtype)).reshape(h.shape)
             if rows:  # down neuron-major; bf16 on a CPU without bf16 instructions: an fp32 GEMM (dense_matmul_t)
                 y = _cpu_dense_matmul_t(h, _down_rows(self, expert))
             else:
-                y = _linear(h, self.down_proj[expert], None if down_bias is None else down_bias[expert], transposed)
+                y = F.linear(h, _down_rows(self, expert).t(), None if down_bias is None else down_bias[expert])
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         out.index_add_(0, token, (y * weights[pairs, None]).to(out.dtype))

@@ -465,7 +465,10 @@ class LTEForCausalLM(_BaseForCausalLM):
     def _supports_default_dynamic_cache(cls) -> bool:
         """As the base class: ``generate`` decides by class name (MiniMax keeps a cache of its own)."""
         supports = getattr(_BaseForCausalLM, "_supports_default_dynamic_cache", None)
-        return True if supports is None else supports()
+        try:
+            return True if supports is None else supports()
+        except TypeError:  # transformers 4: an instance method
+            return True
 
     def __init__(self, config: LTEConfig):
         super().__init__(config)
