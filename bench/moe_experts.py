@@ -95,6 +95,7 @@ def main() -> None:
                 config._experts_implementation = impl
                 dense[impl] = timed(module, calls)
             best = min(dense, key=dense.get)
+            remote.relayout_experts(module)  # what the export's from_pretrained does (after the base layout's timings)
             config._experts_implementation = remote.IMPLEMENTATION
             scores = torch.sigmoid(module.lte_router.bias.float()).flatten()
             for sparsity in map(float, args.sparsity.split(",")):
