@@ -75,6 +75,9 @@ def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_proj
     assert routers["model.layers.0.mlp.experts.lte_router.weight"] == (4, 4, 32)  # [experts, groups, hidden]
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     sparse = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    for layer in sparse.model.layers:  # from_pretrained put each expert's down rows neuron-major: the kernel reads them
+        down = layer.mlp.experts.down_proj  # [E, H, I] as transformers keeps it
+        assert down.transpose(1, 2).is_contiguous() and not down.is_contiguous()
     with torch.no_grad():
         trained = sparse(ids).logits
         sparse.config.lte_routing = "dense"  # the trained model with every group of the selected experts
