@@ -228,6 +228,71 @@ struct QuantRows {
   }
 };
 
+// The same entries, but one fp16 scale per (block of `rgroup` rows, column): scales [rows / rgroup, padded]. This
+// is a [out, in] weight grouped along `in` (compressed-tensors' layout of a down projection, groups of neurons)
+// read transposed, one row per neuron: the stored rounding, not a second one. Only the transposed product
+// (axpy) reads it; rows r .. r + 3 of axpy4 are in one block (r is a multiple of 4, and so is rgroup).
+template <int Bits>
+struct ColumnScaledRows : QuantRows<Bits> {
+  int64_t rgroup, padded;
+  const at::Half* cscales(int64_t r, int64_t c) const { return this->scales + (r / rgroup) * padded + c; }
+  static float half(const at::Half* p) {
+#ifdef __F16C__
+    return _cvtsh_ss(p->x);
+#else
+    return static_cast<float>(*p);
+#endif
+  }
+  float dot(int64_t, const float*) const {
+    TORCH_CHECK(false, "row-block scales are for the transposed product (expert_matvec_t / slot_matvec_t)");
+    return 0.f;
+  }
+  void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {
+    const int64_t group = this->group;
+    for (int64_t g = c0 / group; g * group < c1; ++g) {
+      const uint8_t* p[4];
+      for (int i = 0; i < 4; ++i) p[i] = this->at(r + i, g);
+      const at::Half* s = cscales(r, g * group);
+      float* ag = a + (g * group - c0);
+      const int64_t n = std::min(group, c1 - g * group);
+#if defined(LTE_AVX2) && defined(__F16C__)
+      if (n == group) {
+        const __m256 f0 = _mm256_set1_ps(h[0]), f1 = _mm256_set1_ps(h[1]), f2 = _mm256_set1_ps(h[2]),
+                     f3 = _mm256_set1_ps(h[3]);
+        for (int64_t e = 0; e < group; e += 16) {
+          __m256 t0, t1, w0, w1;
+          this->widen(this->entries16(p[0], e), w0, w1);
+          t0 = _mm256_mul_ps(f0, w0), t1 = _mm256_mul_ps(f0, w1);
+          this->widen(this->entries16(p[1], e), w0, w1);
+          t0 = _mm256_fmadd_ps(f1, w0, t0), t1 = _mm256_fmadd_ps(f1, w1, t1);
+          this->widen(this->entries16(p[2], e), w0, w1);
+          t0 = _mm256_fmadd_ps(f2, w0, t0), t1 = _mm256_fmadd_ps(f2, w1, t1);
+          this->widen(this->entries16(p[3], e), w0, w1);
+          t0 = _mm256_fmadd_ps(f3, w0, t0), t1 = _mm256_fmadd_ps(f3, w1, t1);
+          const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + e)));
+          const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + e + 8)));
+          _mm256_storeu_ps(ag + e, _mm256_fmadd_ps(s0, t0, _mm256_loadu_ps(ag + e)));
+          _mm256_storeu_ps(ag + e + 8, _mm256_fmadd_ps(s1, t1, _mm256_loadu_ps(ag + e + 8)));
+        }
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i)
+        ag[i] += half(s + i) * (h[0] * this->entry(p[0], i) + h[1] * this->entry(p[1], i) +
+                                h[2] * this->entry(p[2], i) + h[3] * this->entry(p[3], i));
+    }
+  }
+  void axpy(int64_t r, float h, float* a, int64_t c0, int64_t c1) const {
+    const int64_t group = this->group;
+    for (int64_t g = c0 / group; g * group < c1; ++g) {
+      const uint8_t* p = this->at(r, g);
+      const at::Half* s = cscales(r, g * group);
+      float* ag = a + (g * group - c0);
+      for (int64_t i = 0; i < std::min(group, c1 - g * group); ++i) ag[i] += half(s + i) * h * this->entry(p, i);
+    }
+  }
+};
+
 template <typename Rows>
 static void matvec_rows(const float* x, int64_t tokens, const Rows& w, const int64_t* experts, int64_t k,
                         int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
@@ -300,11 +365,28 @@ static void with_rows(const torch::Tensor& weight, const c10::optional<torch::Te
               " must be float32, bfloat16, int8 or uint8 (packed int4), not ", type);
   TORCH_CHECK(scales.has_value(), name, " is quantized (", type, "): pass its fp16 scales");
   const auto& s = *scales;
-  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 2 &&
-                  s.size(0) == weight.size(0) && s.size(1) > 0,
-              "scales must be a contiguous fp16 CPU tensor [", weight.size(0), ", groups]");
   const int bits = type == torch::kChar ? 8 : 4;
-  const int64_t padded = weight.size(1) * 8 / bits, groups = s.size(1), group = padded / groups;
+  const int64_t padded = weight.size(1) * 8 / bits;
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 2 &&
+                  s.size(0) > 0 && s.size(1) > 0,
+              "scales must be a contiguous 2-D fp16 CPU tensor");
+  if (s.size(0) != weight.size(0)) {  // one scale per (block of rows, column): ColumnScaledRows
+    const int64_t rgroup = weight.size(0) / s.size(0);
+    TORCH_CHECK(s.size(1) == padded && rgroup * s.size(0) == weight.size(0) && rgroup % 4 == 0, name,
+                ": scales are [", weight.size(0), ", groups] (per row) or [rows / block, ", padded,
+                "] (per block of rows and column, the block a multiple of 4 rows), not [", s.size(0), ", ", s.size(1),
+                "]");
+    TORCH_CHECK(padded % 32 == 0 && padded - 32 < hidden && hidden <= padded, name, " has rows of ", padded,
+                " entries (padded to whole groups of 32), which do not fit ", hidden);
+    const auto* q = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+    const auto* sp = s.data_ptr<at::Half>();
+    if (bits == 8)
+      fn(ColumnScaledRows<8>{{q, sp, weight.size(1), 32, padded / 32, hidden}, rgroup, padded});
+    else
+      fn(ColumnScaledRows<4>{{q, sp, weight.size(1), 32, padded / 32, hidden}, rgroup, padded});
+    return;
+  }
+  const int64_t groups = s.size(1), group = padded / groups;
   TORCH_CHECK(group * groups == padded && group % 32 == 0, name, ": ", padded, " entries per row in ", groups,
               " groups; the group size must be a multiple of 32");
   TORCH_CHECK(size % group == 0, "expert size ", size, " is not a multiple of the quantization group size ", group,
@@ -617,7 +699,8 @@ def _eager() -> bool:
 
 
 # Quantized weights (kernels/quant.py): ``weight`` int8, or uint8 holding two int4 entries per byte, with
-# ``scales`` (fp16 [rows, groups]) beside it; the output then has the input's dtype. ``hidden`` (transposed
+# ``scales`` (fp16 [rows, groups]) beside it; the output then has the input's dtype. The transposed products also
+# take fp16 scales [rows / block, padded]: one per block of rows and column (quant.transposed). ``hidden`` (transposed
 # products) is the output width when the rows were padded to whole groups.
 
 

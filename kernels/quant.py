@@ -46,13 +46,33 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> t
     w = torch.nn.functional.pad(weight.float(), (0, padded - hidden)).reshape(rows, -1, group_size)
     scales = (w.abs().amax(dim=-1) / _QMAX[bits]).to(torch.float16)
     s = scales.float().unsqueeze(-1)  # quantize against the stored (fp16) scale
-    q = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0).round()
+    q = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-_QMAX[bits] - 1, _QMAX[bits])
+    return pack(q.to(torch.int8).reshape(rows, padded), bits, group_size), scales
+
+
+def pack(q: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """The kernels' ``qweight`` for integer values ``q`` (int8 [rows, padded], in the ``bits`` range): int8 as
+    they are; int4 two per byte, Q4_0's order within each group (see the module docstring)."""
     if bits == 8:
-        return q.clamp(-127, 127).to(torch.int8).reshape(rows, padded), scales
-    u = (q.clamp(-8, 7) + 8).to(torch.uint8)
+        return q.to(torch.int8).contiguous()
+    rows = q.shape[0]
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(rows, -1, group_size)
     half = group_size // 2
-    packed = u[..., :half] | (u[..., half:] << 4)
-    return packed.reshape(rows, padded // 2), scales
+    return (u[..., :half] | (u[..., half:] << 4)).reshape(rows, -1).contiguous()
+
+
+def transposed(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [out, in] weight quantized along ``in`` (integers ``q`` [out, in], ``scales`` [out, in / block]) as
+    the transposed products read it, without rounding again: rows [in, padded] (``out`` padded to whole groups
+    of 32) and fp16 scales [in / block, padded], one per (block of rows, column). The down projection as
+    compressed-tensors stores it, read one row per neuron."""
+    out, width = q.shape
+    padded = -(-out // GROUP_SIZE) * GROUP_SIZE
+    rows = torch.nn.functional.pad(q.t().to(torch.int8), (0, padded - out))
+    per_column = torch.nn.functional.pad(scales.t().to(torch.float16), (0, padded - out))
+    if width % per_column.shape[0]:
+        raise ValueError(f"{scales.shape[1]} scale groups do not divide the {width} inputs")
+    return pack(rows, bits, GROUP_SIZE), per_column.contiguous()
 
 
 def unpack(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from ..core.outputs import disk_guard, read_marker, staged_dir
 from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..model.inject import load_lte, lte_layers, unload_lte
+from .quantize import compress_checkpoint, describe_quantization, fake_quantize_, plan as quant_plan
 from .request import ExportRequest
 from .thresholds import KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
@@ -53,6 +54,7 @@ CPU_KERNEL_FILE = "lte_kernels_cpu.py"  # kernels/cpu.py, imported by modeling_l
 TRITON_KERNEL_FILE = "lte_kernels_triton.py"  # kernels/triton_ffn.py, likewise
 LAYOUT_FILE = "lte_layout.py"  # remote/layout.py, imported by modeling_lte.py
 EXPERTS_FILE = "lte_experts.py"  # remote/experts.py (routed MoE experts), imported by modeling_lte.py
+QUANT_FILE = "lte_quant.py"  # kernels/quant.py (the kernels' quantized rows), imported by modeling_lte.py
 AUTO_MAP = {"AutoConfig": "configuration_lte.LTEConfig", "AutoModelForCausalLM": "modeling_lte.LTEForCausalLM"}
 
 
@@ -169,6 +171,20 @@ def to_routed(model, thresholds: list[float]):
     return model
 
 
+def quantize_in_memory(model, scheme: str) -> None:
+    """Quantize the in-memory LTE model's Linear weights (:mod:`lte.export.quantize`) before tuning, so the
+    thresholds, the held-out figures and the reload check all see the weights the checkpoint stores."""
+    layers = lte_layers(model)
+    if any(getattr(layer, "routes_experts", False) for layer in layers):
+        raise UsageError(
+            f"--quantize {scheme} is not built for mixture-of-experts exports yet (their routed experts are "
+            f"3-D tensors, not Linear layers); export without --quantize"
+        )
+    quant = quant_plan(model, scheme, skip=[layer.lte_router for layer in layers])
+    fake_quantize_(model, quant)
+    logger.info("export: %s quantization of %d Linear layers in memory", scheme, len(quant.modules))
+
+
 # Loader arguments that tokenizers keep in ``init_kwargs`` and ``save_pretrained`` writes back.
 TOKENIZER_LOADER_KEYS = (
     "is_local",
@@ -232,10 +248,12 @@ def write_checkpoint(model, tokenizer, directory: Path, base: str, **save_kwargs
         clean = {k: v for k, v in saved.items() if k not in TOKENIZER_LOADER_KEYS}
         tokenizer_config.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
     import lte_kernels.cpu
+    import lte_kernels.quant
     import lte_kernels.triton_ffn
 
     shutil.copyfile(lte_kernels.cpu.__file__, directory / CPU_KERNEL_FILE)
     shutil.copyfile(lte_kernels.triton_ffn.__file__, directory / TRITON_KERNEL_FILE)
+    shutil.copyfile(lte_kernels.quant.__file__, directory / QUANT_FILE)
     shutil.copyfile(REMOTE_DIR / "modeling_lte.py", directory / "modeling_lte.py")
     shutil.copyfile(REMOTE_DIR / "layout.py", directory / LAYOUT_FILE)
     shutil.copyfile(REMOTE_DIR / "experts.py", directory / EXPERTS_FILE)
@@ -373,6 +391,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
     base = base_architecture(model)
     dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
+    if request.quantize is not None:
+        quantize_in_memory(model, request.quantize)
 
     if request.target_sparsity is not None:
         if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):
@@ -431,6 +451,10 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
         ]
         to_routed(model, chosen.thresholds)
         write_checkpoint(model, tokenizer, tmp, base)
+        quantization = None
+        if request.quantize is not None:
+            quantization = compress_checkpoint(tmp, quant_plan(model, request.quantize))
+            logger.info("export: %s", describe_quantization(quantization))
         del model
         error = validate_export(tmp, inputs, expected, dtype, device)
         logger.info("export: reloaded checkpoint matches the trained model (relative logit error %.1e)", error)
@@ -464,6 +488,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
             "layouts": layout_report(layouts),  # the same held-out tokens after BOS, after EOS, packed
             "validation_error": error,
             "base_architecture": base,
+            "quantization": quantization,
         }
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         plot_export(report, tmp / PLOT)
@@ -501,5 +526,6 @@ def summary(report: dict, out: str | os.PathLike) -> str:
             if report.get("layouts")
             else ""
         )
+        + (f"  weights       {describe_quantization(report['quantization'])}\n" if report.get("quantization") else "")
         + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
     )

@@ -364,7 +364,9 @@ def _bench_quantized(shapes, sparsities, dtype: str, expert_size: int, repeats: 
         down = torch.randn(hidden, ffn, generator=g)
         router = torch.randn(experts_total, hidden, generator=g) / hidden**0.5
         x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
-        (qg, sg), (qu, su), (qd, sd) = (quant.quantize(w, bits) for w in (gate, up, down.t()))
+        (qg, sg), (qu, su), (qd_stored, sd_stored) = (quant.quantize(w, bits) for w in (gate, up, down))
+        # the down projection as `lte export --quantize` stores it (groups of 32 neurons), read transposed
+        qd, sd = quant.transposed(quant.unpack(qd_stored, sd_stored), sd_stored, bits)
         (dense_gate, name), (dense_up, _), (dense_down, _) = (_int_baseline(w, bits) for w in (gate, up, down))
         scores = torch.sigmoid(F.linear(x.float(), router)).reshape(-1)
         skip = round(sparsity * scores.numel())
@@ -391,7 +393,8 @@ def _bench_quantized(shapes, sparsities, dtype: str, expert_size: int, repeats: 
         # Check before timing: the sparse step computes the masked FFN of the dequantized weights, and the
         # baseline the dense FFN of its own quantization of the same weights (a loose check: another rounding).
         mask = on.repeat_interleave(expert_size, dim=1).float()
-        wg, wu, wd = (quant.dequantize(q_, s_) for q_, s_ in ((qg, sg), (qu, su), (qd, sd)))
+        wg, wu = (quant.dequantize(q_, s_) for q_, s_ in ((qg, sg), (qu, su)))
+        wd = quant.dequantize(qd_stored, sd_stored).T
         xf = x.float()
         reference = ((F.silu(xf @ wg.T) * (xf @ wu.T) * mask) @ wd).float()
         error = float((sparse().float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6))

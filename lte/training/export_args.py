@@ -10,6 +10,8 @@ from ..core.errors import UsageError
 
 # How the export spreads its target sparsity over the layers (lte.export.thresholds implements them).
 ALLOCATIONS = ("tuned", "uniform")
+# Weight-only quantization of the export (lte.export.quantize implements them).
+QUANT_SCHEMES = ("int8", "int4")
 
 
 @dataclass
@@ -46,6 +48,14 @@ class ExportArgs:
         default=None, metadata={"help": "Calibration text file (default: the run's training data)."}
     )
     calibration_tokens: int = field(default=32768, metadata={"help": "Calibration tokens.", "type": positive_int})
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "Store every Linear weight as int8 or int4 (groups of 32, compressed-tensors' pack-quantized "
+            "format; loaders need the compressed-tensors package). Thresholds are tuned on the quantized model.",
+            "choices": list(QUANT_SCHEMES),
+        },
+    )
     out: str | None = field(default=None, metadata={"help": "Export directory; default OUTPUT_DIR/export."})
 
     @property
@@ -71,6 +81,10 @@ class ExportArgs:
         if self.allocation not in ALLOCATIONS:
             raise UsageError(
                 f"{name('allocation')}{self.allocation!r} must be one of {', '.join(map(repr, ALLOCATIONS))}"
+            )
+        if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
+            raise UsageError(
+                f"{name('quantize')}{self.quantize!r} must be one of {', '.join(map(repr, QUANT_SCHEMES))}"
             )
         if self.calibration_tokens < 1:
             raise UsageError(f"{name('calibration_tokens')}{self.calibration_tokens} must be positive")

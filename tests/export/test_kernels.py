@@ -336,6 +336,12 @@ for bits in (8, 4):  # quantized rows, padded to whole groups (100 -> 128)
         (k.slot_matvec_t(slots, qweight_t, order, count, 32, scales_t, 100), slots[:, : rows.numel()] @ dense_t[rows]),
         (k.expert_matvec_t(h, qweight_t, experts, 32, scales_t, 100), h @ dense_t[rows]),
     ]
+    # the down projection as compressed-tensors stores it ([100, 192], groups of 32 neurons), read transposed
+    qdown, sdown = quant.quantize(torch.randn(100, 192, generator=g), bits)
+    rows_c, scales_c = quant.transposed(quant.unpack(qdown, sdown), sdown, bits)
+    dense_c = quant.dequantize(qdown, sdown).T
+    column = k.slot_matvec_t(slots, rows_c, order, count, 32, scales_c, 100)
+    pairs.append((column, slots[:, : rows.numel()] @ dense_c[rows]))
     errors[f"int{bits}"] = max(((got - want).abs().max() / want.abs().max()).item() for got, want in pairs)
 print(json.dumps({"name": k.extension_name(), "so": k._extension.__file__, "errors": errors}))
 """
@@ -537,3 +543,29 @@ def test_a_build_lock_left_by_an_interrupted_build_is_named_then_removed(tmp_pat
         cpu_kernel._wait_for_build_lock(str(tmp_path))
     assert not lock.exists() and "waiting for another process's build" in caplog.text
     cpu_kernel._wait_for_build_lock(str(tmp_path))  # no lock: nothing to do
+
+
+@pytest.mark.parametrize("size", [32, 6])  # 6: rows one at a time (axpy), not four (axpy4)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_transposed_products_read_a_weight_grouped_along_its_inputs_without_rounding_again(bits, size):
+    """A [hidden, neurons] down projection quantized along the neurons (compressed-tensors' layout), read one
+    row per neuron with one scale per (32 neurons, column): the stored values exactly, no second rounding."""
+    from lte_kernels import quant
+
+    hidden, neurons, tokens = 100, 192, 3
+    g = torch.Generator().manual_seed(8)
+    qweight, scales = quant.quantize(torch.randn(hidden, neurons, generator=g), bits)
+    q = quant.unpack(qweight, scales)
+    rows, column_scales = quant.transposed(q, scales, bits)
+    assert rows.shape == (neurons, 128 * bits // 8) and column_scales.shape == (neurons // 32, 128)
+    stored = quant.dequantize(qweight, scales).T  # [neurons, hidden], what every dense loader computes
+    on = torch.rand(tokens, neurons // size, generator=g) >= 0.5
+    order, count = cpu_kernel.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    selected = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    h = torch.zeros(tokens, neurons)
+    h[:, : selected.numel()] = torch.randn(tokens, selected.numel(), generator=g)
+    out = cpu_kernel.slot_matvec_t(h, rows, order, count, size, column_scales, hidden)
+    _close(out, h[:, : selected.numel()] @ stored[selected], 1e-5)
+    with pytest.raises(RuntimeError, match="transposed product"):  # row-block scales read only transposed
+        cpu_kernel.slot_matvec(torch.randn(1, 128), rows, order, count, size, 0, column_scales)

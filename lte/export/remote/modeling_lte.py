@@ -30,6 +30,7 @@ shape and values: one copy of the weights, nothing else changes.
 Only torch, transformers and safetensors are imported.
 """
 
+import functools
 import json
 import os
 import re
@@ -77,6 +78,11 @@ try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file
     )
 except ImportError:
     _cpu_kernel_available = None
+
+try:  # the kernels' quantized row layout (the project's kernels/quant.py), written next to this file by `lte export`
+    from .lte_quant import pack as _quant_pack, transposed as _quant_transposed
+except ImportError:
+    _quant_pack = _quant_transposed = None
 
 try:  # its dense product on the kernels' layout (the masked path's down projection on CPU)
     from .lte_kernels_cpu import dense_matmul_t as _cpu_dense_matmul_t
@@ -273,9 +279,13 @@ class RoutedFirst:
         rows = _rows(self, out_is_rows=True)
         width, size, bias = rows.shape[0] // self.lte_chunks, state.expert_size, self.bias
         if state.order is not None:  # kernels: a slot per expert, the selected ones first
-            _relayout(self, out_is_rows=True)
-            rows = _rows(self, out_is_rows=True)
-            matvec = state.kernels[1]
+            matvec, quantized = state.kernels[1], _quantized_rows(self, state, x)
+            if quantized is None:
+                _relayout(self, out_is_rows=True)
+                rows = _rows(self, out_is_rows=True)
+            else:
+                rows, scales = quantized
+                matvec = functools.partial(matvec, scales=scales)
             out = torch.cat(
                 [matvec(x, rows, state.order, state.count, size, c * width) for c in range(self.lte_chunks)], dim=-1
             ).to(x.dtype)
@@ -309,8 +319,14 @@ class RoutedDown:
                 shape = h.shape
                 keep = state.token_mask.reshape(*shape[:-1], -1, 1).to(h.dtype)
                 h = (h.reshape(*shape[:-1], keep.shape[-2], state.expert_size) * keep).reshape(shape)
-            _relayout(self, out_is_rows=False)
-            out = state.kernels[2](h, _rows(self, out_is_rows=False), state.order, state.count, state.expert_size)
+            quantized = _quantized_rows(self, state, h)
+            if quantized is None:
+                _relayout(self, out_is_rows=False)
+                out = state.kernels[2](h, _rows(self, out_is_rows=False), state.order, state.count, state.expert_size)
+            else:
+                rows, scales = quantized
+                hidden = _rows(self, out_is_rows=False).shape[1]
+                out = state.kernels[2](h, rows, state.order, state.count, state.expert_size, scales, hidden)
             out = out.to(h.dtype).reshape(*h.shape[:-1], -1)
         elif state.experts is not None:
             weight_t = _rows(self, out_is_rows=False)
@@ -333,6 +349,55 @@ class RoutedDown:
             return super().forward(h)  # every neuron (the skipped ones zeroed): the base class's own forward
         state.clear()
         return out if self.bias is None else out + self.bias
+
+
+def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
+    """(rows, scales) of a quantized export's routed projection for the CPU kernel, or None (float rows)."""
+    rows = getattr(module, "lte_qweight", None)
+    if rows is None or x.device.type != "cpu" or state.kernels[1] is not _cpu_matvec:
+        return None
+    return rows, module.lte_qscales
+
+
+def _kernel_reads(args, expert_size: int) -> bool:
+    """Whether the CPU kernel reads a compressed-tensors weight scheme as stored: symmetric int8/int4 groups
+    along the input, a group a multiple of 32 that divides the expert size (a group never straddles experts)."""
+    return (
+        str(getattr(args, "type", "")).endswith("int")
+        and args.symmetric
+        and str(args.strategy).endswith("group")
+        and args.num_bits in (4, 8)
+        and bool(args.group_size)
+        and args.group_size % 32 == 0
+        and expert_size % args.group_size == 0
+    )
+
+
+def install_quantized_rows(model: nn.Module) -> None:
+    """A compressed-tensors checkpoint (``lte export --quantize``) loads with its Linear layers compressed
+    (``weight_packed``, ``weight_scale``). Keep each routed projection's integers in the layout the CPU kernel
+    reads (``lte_qweight``, ``lte_qscales``: the first projections' rows as stored, the down projection's read
+    transposed with its stored groups, never rounded twice), then decompress the model, so everything else
+    (prefill, batches, GPUs, training) runs the dequantized weights, as the base class does."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is None or not hasattr(compressor, "decompress_model"):
+        return
+    if _quant_pack is not None:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        for module in model.modules():
+            packed, state = getattr(module, "weight_packed", None), getattr(module, "lte_state", None)
+            args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+            if packed is None or state is None or args is None or not _kernel_reads(args, state.expert_size):
+                continue
+            q = unpack_from_int32(packed.data, args.num_bits, torch.Size(module.weight_shape.tolist()))
+            scales = module.weight_scale.data
+            if isinstance(module, RoutedFirst):  # [out, in] rows, groups along in: the kernel's own layout
+                module.lte_qweight = _quant_pack(q, args.num_bits, args.group_size)
+                module.lte_qscales = scales.to(torch.float16).contiguous()
+            elif isinstance(module, RoutedDown):
+                module.lte_qweight, module.lte_qscales = _quant_transposed(q, scales, args.num_bits)
+    compressor.decompress_model(model)
 
 
 _ROUTED_CLASSES: dict = {}
@@ -506,6 +571,7 @@ class LTEForCausalLM(_BaseForCausalLM):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if not checked:
             routers = routers_of(model.config)
+        install_quantized_rows(model)
         if routers is not None:
             set_routers(model, routers, os.path.join(str(pretrained_model_name_or_path), subfolder, "lte"))
         model.lte_relayout()

@@ -1,0 +1,101 @@
+"""`lte export --quantize int8|int4`: a compressed-tensors checkpoint the base class loads (dense), whose remote
+code decodes sparse by reading the selected experts' integer rows as stored."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from conftest import REPO
+from lte.cli import main
+from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
+from lte.export.quantize import compress_checkpoint, plan
+from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
+
+
+def _quantized_export(scheme: str, out):
+    """A tiny Llama (widths multiples of 32, experts of 32 neurons) with LTE, quantized in memory as `lte
+    export` does, exported and compressed; returns the logits the in-memory model gave."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    inject_lte(model, LTEModelConfig(expert_size=32, router_init="centroid"), progress=False)
+    set_lte_routing(model, "hard")
+    quantize_in_memory(model, scheme)
+    thresholds = [0.5, 0.5]
+    for layer, threshold in zip(lte_layers(model), thresholds, strict=True):
+        layer.threshold = threshold
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = {"full": model(ids).logits, "token": model(ids[:1, :1]).logits, "few": model(ids[:, :2]).logits}
+        set_lte_routing(model, "dense")
+        expected["dense"] = model(ids).logits
+        set_lte_routing(model, "hard")
+    base = base_architecture(model)
+    to_routed(model, thresholds)
+    out.mkdir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
+    write_checkpoint(model, tokenizer, out, base)
+    report = compress_checkpoint(out, plan(model, scheme))
+    return ids, expected, report
+
+
+@pytest.mark.parametrize(("scheme", "bits"), [("int8", 8), ("int4", 4)])
+def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_its_integers(tmp_path, scheme, bits):
+    ids, expected, report = _quantized_export(scheme, tmp_path / "export")
+    # every Linear quantized (widths are multiples of 32, lm_head untied): 8.5 / 4.5 bits per weight
+    assert report["bits_per_quantized_weight"] == bits + 0.5 and report["kept_float"] == {}
+    assert report["quantized_weights"] == 2 * (4 * 64 * 64 + 3 * 64 * 128) + 96 * 64
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    assert q["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert q["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    tensors = load_file(tmp_path / "export" / "model.safetensors")
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    assert tensors["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
+    assert tensors["model.layers.0.mlp.down_proj.weight_packed"].shape == (64, 128 * bits // 32)
+
+    with torch.no_grad():
+        # the base class (transformers + compressed-tensors): the quantized model, every expert
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+        assert type(base) is transformers.LlamaForCausalLM
+        assert (base(ids).logits - expected["dense"]).abs().max() < 1e-5
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+        modeling = __import__(type(model).__module__, fromlist=["_cpu_kernel_available"])
+        assert modeling._cpu_kernel_available()
+        gate, down = model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj
+        assert gate.lte_qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+        assert down.lte_qscales.shape == (128 // 32, 64)  # one scale per (32 neurons, output column): as stored
+        assert (model(ids).logits - expected["full"]).abs().max() < 1e-4
+        assert (model(ids[:1, :1]).logits - expected["token"]).abs().max() < 1e-4
+        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
+        assert (model(ids).logits - expected["dense"]).abs().max() > 1e-3  # experts are skipped
+        # Decoding reads the integers, not the dequantized weights: with those zeroed, a token's logits are
+        # unchanged, while the masked path (every row, many tokens) now computes with zeros.
+        for layer in model.model.layers:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, name).weight.zero_()
+        assert (model(ids[:1, :1]).logits - expected["token"]).abs().max() < 1e-4
+        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
+        assert (model(ids).logits - expected["full"]).abs().max() > 1e-2
+
+
+def test_quantize_is_refused_with_one_message_before_any_work(tmp_path, capsys):
+    run = tmp_path / "no-run"
+    run.mkdir()
+    code = main(["export", str(run), "--target-sparsity", "0.5", "--quantize", "int3", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--quantize: invalid choice: 'int3'" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
