@@ -76,15 +76,20 @@ def median_thresholds(model, ids: torch.Tensor) -> list[float]:
     return [s.median().item() for s in scores]
 
 
-def export_tiny(family: str, out: Path, dtype: torch.dtype = torch.float32, **dims) -> Path:
-    """Write an LTE export of a tiny random ``family`` model to ``out`` (``dims``: config overrides);
-    returns ``out``."""
-    from lte.export.exporter import base_architecture, to_routed, write_checkpoint
+def export_tiny(
+    family: str, out: Path, dtype: torch.dtype = torch.float32, quantize: str | None = None, **dims
+) -> Path:
+    """Write an LTE export of a tiny random ``family`` model to ``out`` (``dims``: config overrides;
+    ``quantize``: int8 / int4, as ``lte export --quantize``); returns ``out``."""
+    from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
+    from lte.export.quantize import compress_checkpoint, plan
     from lte.model.inject import LTEModelConfig, inject_lte
 
     out = Path(out)
     model = tiny_base(family, **dims)
     inject_lte(model, LTEModelConfig(expert_size=EXPERT_SIZE, router_init="centroid"), progress=False)
+    if quantize is not None:
+        quantize_in_memory(model, quantize)
     base = base_architecture(model)
     to_routed(model, [-1.0] * model.config.num_hidden_layers)
     ids = torch.randint(3, DIMS["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
@@ -97,8 +102,10 @@ def export_tiny(family: str, out: Path, dtype: torch.dtype = torch.float32, **di
     tokenizer.chat_template = CHAT_TEMPLATE
     out.mkdir(parents=True)
     write_checkpoint(model, tokenizer, out, base)
+    if quantize is not None:
+        compress_checkpoint(out, plan(model, quantize))
     return out
 
 
 if __name__ == "__main__":
-    export_tiny(sys.argv[1], Path(sys.argv[2]))
+    export_tiny(sys.argv[1], Path(sys.argv[2]), quantize=sys.argv[3] if len(sys.argv) > 3 else None)

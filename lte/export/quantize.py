@@ -1,6 +1,6 @@
 """``lte export --quantize int8|int4``: weight-only group quantization in compressed-tensors' format.
 
-Every ``nn.Linear`` of the exported model (attention, FFN, ``lm_head``) is quantized the same way:
+Every ``nn.Linear`` of the exported model (attention, FFN) is quantized the same way:
 symmetric, one scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0/Q4_0 grouping:
 8.5 and 4.5 bits per weight with fp16-exact scales), round to nearest. The checkpoint is written in
 **compressed-tensors**' ``pack-quantized`` format (``weight_packed`` int32 words, ``weight_scale``,
@@ -9,8 +9,8 @@ symmetric, one scale per group of 32 consecutive inputs of a row (llama.cpp's Q8
 format, and what else was weighed: docs/quantization.md.
 
 Kept in float, and listed in the config's ``ignore``: a Linear whose input width is not a multiple
-of the group (compressed-tensors requires whole groups), and an ``lm_head`` tied to the input
-embeddings (quantizing it would untie them). The routers stay in ``lte/routers.safetensors``.
+of the group (compressed-tensors requires whole groups), and the output embeddings (``lm_head``: vLLM
+loads them only unquantized). The routers stay in ``lte/routers.safetensors``.
 
 The exporter quantizes the model in memory first (:func:`fake_quantize_`: each weight replaced by its
 dequantized value), so thresholds are tuned, perplexity measured and the reload checked on the
@@ -69,23 +69,23 @@ class QuantPlan:
         return {"quant_method": "compressed-tensors", **config.model_dump(exclude={"quant_method"}, mode="json")}
 
 
-def _tied_to_embeddings(model: nn.Module, module: nn.Linear) -> bool:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    return weight is not None and weight.data_ptr() == module.weight.data_ptr()
+# Why the output embeddings stay float: vLLM's ParallelLMHead loads only an unquantized weight (tried: "no
+# parameter named 'lm_head.weight_packed'"), and a tied one is the input embeddings.
+OUTPUT_EMBEDDINGS = "the output embeddings (vLLM loads them only unquantized; llm-compressor keeps them so too)"
 
 
 def plan(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, skip=()) -> QuantPlan:
     """The plan for ``model``: its ``nn.Linear`` modules (an export's routed projections are subclasses)
     but those in ``skip`` (the in-memory LTE model's routers)."""
     modules, kept, skip = [], {}, {id(module) for module in skip}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or id(module) in skip:
             continue
         if module.in_features % group_size:
             kept[name] = f"{module.in_features} inputs are not a multiple of the group size {group_size}"
-        elif _tied_to_embeddings(model, module):
-            kept[name] = "tied to the input embeddings"
+        elif module is output:
+            kept[name] = OUTPUT_EMBEDDINGS
         else:
             modules.append(name)
     if not modules:

@@ -218,6 +218,13 @@ def install_routing(model, vllm_config) -> None:
     from lte_kernels import cpu as cpu_kernels
 
     config = vllm_config.model_config.hf_config
+    quantization = getattr(vllm_config, "quant_config", None)
+    if quantization is not None:  # the checkpoint's (lte export --quantize) or the engine's own --quantization
+        raise RoutingError(
+            f"LTE routing in vLLM needs unquantized FFN weights; this model is quantized "
+            f"({type(quantization).__name__}). Serve the export without quantization, or run it with "
+            f"VLLM_PLUGINS=none (vLLM's own quantized kernels, every expert)."
+        )
     routers = read_routers(vllm_config.model_config)
     ffn, thresholds = config.lte_ffn, list(config.lte_thresholds)
     check_hosts(ffn)
