@@ -99,3 +99,29 @@ def test_quantize_is_refused_with_one_message_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--quantize: invalid choice: 'int3'" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_lte_export_quantize_on_a_trained_run_reports_what_it_quantized(tiny_run, tmp_path, capsys):
+    """The command on the smoke run (stories260K: 64-wide, 172 FFN neurons): attention and gate/up are quantized,
+    the down projections (172 inputs) and the tied lm_head stay float and are named; thresholds are tuned and the
+    reload checked on the quantized model, which the base class loads as is."""
+    out, _ = tiny_run
+    export_dir = tmp_path / "int8"
+    argv = ["export", str(out), "--target-sparsity", "0.5", "--calibration-tokens", "4096", "--quantize", "int8"]
+    assert main([*argv, "--out", str(export_dir)]) == 0
+    summary = capsys.readouterr().out
+    assert "weights       int8 (groups of 32, 8.5 bits) for 66% of the weights" in summary
+    assert "172 inputs are not a multiple of the group size 32" in summary
+    report = json.loads((export_dir / "lte_export.json").read_text())
+    q = report["quantization"]
+    assert q["scheme"] == "int8" and q["bits_per_quantized_weight"] == 8.5
+    assert sorted(q["kept_float"]) == ["lm_head", *(f"model.layers.{i}.mlp.down_proj" for i in range(5))]
+    assert abs(report["heldout_sparsity"] - 0.5) < 0.03 and report["validation_error"] < 1e-3
+    config = json.loads((export_dir / "config.json").read_text())
+    assert sorted(config["quantization_config"]["ignore"]) == sorted(q["kept_float"])
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(export_dir).eval()
+        assert type(base) is transformers.LlamaForCausalLM
+        assert base.model.layers[0].mlp.gate_proj.weight_packed.dtype == torch.int32  # compressed until a forward
+        assert torch.isfinite(base(torch.tensor([[1, 2, 3]])).logits).all()
+        assert base.model.layers[0].mlp.gate_proj.weight.shape == (172, 64)  # then the dequantized weight
