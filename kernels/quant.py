@@ -41,13 +41,31 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> t
     if bits not in BITS:
         raise ValueError(f"bits={bits}: expected 8 or 4")
     check_group_size(group_size)
-    rows, hidden = weight.shape
+    hidden = weight.shape[1]
     padded = -(-hidden // group_size) * group_size
-    w = torch.nn.functional.pad(weight.float(), (0, padded - hidden)).reshape(rows, -1, group_size)
-    scales = (w.abs().amax(dim=-1) / _QMAX[bits]).to(torch.float16)
-    s = scales.float().unsqueeze(-1)  # quantize against the stored (fp16) scale
-    q = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-_QMAX[bits] - 1, _QMAX[bits])
-    return pack(q.to(torch.int8).reshape(rows, padded), bits, group_size), scales
+    w = torch.nn.functional.pad(weight.float(), (0, padded - hidden))
+    scales = group_scales(w, bits, group_size)
+    return pack(integers(w, scales, bits), bits, group_size), scales.to(torch.float16)
+
+
+def group_scales(
+    weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
+    """fp32 [rows, cols / group_size]: ``max|w| / qmax`` per group, rounded to a value fp16 (what the kernels
+    read) and ``dtype`` (what a checkpoint of that dtype stores) both hold exactly."""
+    rows, cols = weight.shape
+    amax = weight.detach().float().reshape(rows, cols // group_size, group_size).abs().amax(dim=-1)
+    return (amax / _QMAX[bits]).to(torch.float16).to(dtype).float()
+
+
+def integers(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [rows, cols]: ``round(w / s)`` against ``scales`` (0 where a scale is 0), clamped to the ``bits``
+    range. Of a weight dequantized with these scales, the integers it came from (in fp32 and bf16 the product's
+    rounding error is far below half a step)."""
+    rows, cols = weight.shape
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+    q = (weight.detach().float().reshape(rows, scales.shape[1], -1) / safe).round()
+    return q.clamp(-_QMAX[bits] - 1, _QMAX[bits]).to(torch.int8).reshape(rows, cols)
 
 
 def pack(q: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> torch.Tensor:

@@ -82,14 +82,16 @@ def export_tiny(
     """Write an LTE export of a tiny random ``family`` model to ``out`` (``dims``: config overrides;
     ``quantize``: int8 / int4, as ``lte export --quantize``); returns ``out``."""
     from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
-    from lte.export.quantize import compress_checkpoint, plan
+    from lte.export.quantize import compress_checkpoint
     from lte.model.inject import LTEModelConfig, inject_lte
 
     out = Path(out)
     model = tiny_base(family, **dims)
     inject_lte(model, LTEModelConfig(expert_size=EXPERT_SIZE, router_init="centroid"), progress=False)
+    quant = None
     if quantize is not None:
-        quantize_in_memory(model, quantize)
+        assert dtype == torch.float32, "quantize here before model.to(dtype) below: fp32 exports only"
+        quant = quantize_in_memory(model, quantize)
     base = base_architecture(model)
     to_routed(model, [-1.0] * model.config.num_hidden_layers)
     ids = torch.randint(3, DIMS["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
@@ -102,8 +104,8 @@ def export_tiny(
     tokenizer.chat_template = CHAT_TEMPLATE
     out.mkdir(parents=True)
     write_checkpoint(model, tokenizer, out, base)
-    if quantize is not None:
-        compress_checkpoint(out, plan(model, quantize))
+    if quant is not None:
+        compress_checkpoint(out, model, quant)
     return out
 
 

@@ -171,7 +171,7 @@ def to_routed(model, thresholds: list[float]):
     return model
 
 
-def quantize_in_memory(model, scheme: str) -> None:
+def quantize_in_memory(model, scheme: str):
     """Quantize the in-memory LTE model's Linear weights (:mod:`lte.export.quantize`) before tuning, so the
     thresholds, the held-out figures and the reload check all see the weights the checkpoint stores."""
     layers = lte_layers(model)
@@ -181,8 +181,9 @@ def quantize_in_memory(model, scheme: str) -> None:
             f"3-D tensors, not Linear layers); export without --quantize"
         )
     quant = quant_plan(model, scheme, skip=[layer.lte_router for layer in layers])
-    fake_quantize_(model, quant)
+    fake_quantize_(quant)
     logger.info("export: %s quantization of %d Linear layers in memory", scheme, len(quant.modules))
+    return quant
 
 
 # Loader arguments that tokenizers keep in ``init_kwargs`` and ``save_pretrained`` writes back.
@@ -391,8 +392,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
     base = base_architecture(model)
     dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
-    if request.quantize is not None:
-        quantize_in_memory(model, request.quantize)
+    quant = quantize_in_memory(model, request.quantize) if request.quantize is not None else None
 
     if request.target_sparsity is not None:
         if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):
@@ -452,8 +452,8 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
         to_routed(model, chosen.thresholds)
         write_checkpoint(model, tokenizer, tmp, base)
         quantization = None
-        if request.quantize is not None:
-            quantization = compress_checkpoint(tmp, quant_plan(model, request.quantize))
+        if quant is not None:
+            quantization = compress_checkpoint(tmp, model, quant)
             logger.info("export: %s", describe_quantization(quantization))
         del model
         error = validate_export(tmp, inputs, expected, dtype, device)

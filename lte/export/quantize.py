@@ -26,34 +26,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lte_kernels.quant import GROUP_SIZE, group_scales, integers
+
 from ..core.errors import UsageError
 
 SCHEMES = {"int8": 8, "int4": 4}  # lte.training.export_args.QUANT_SCHEMES
-GROUP_SIZE = 32
-PACKAGE = "compressed-tensors"
-
-
-def require_package() -> None:
-    """Refuse before any work when the format's library is missing (checked by the request)."""
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        raise UsageError(
-            f"--quantize writes the {PACKAGE} format and needs its package: pip install {PACKAGE} "
-            f"(or pip install 'lte[quant]')"
-        ) from None
 
 
 @dataclasses.dataclass
 class QuantPlan:
-    """Which Linear modules are quantized (by module name) and which stay float, with why."""
+    """The Linear modules to quantize and those that stay float (with why), as module objects: the in-memory
+    LTE model and the export it becomes hold the same modules under different names (:meth:`names`).
+    :func:`fake_quantize_` fills ``scales``; :func:`compress_checkpoint` writes exactly those."""
 
     bits: int
     group_size: int
-    modules: list[str]
-    kept: dict[str, str]
+    modules: list[nn.Module]
+    kept: dict[nn.Module, str]
+    scales: dict[nn.Module, torch.Tensor] = dataclasses.field(default_factory=dict)
 
-    def config(self) -> dict:
+    def names(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """({name: module} to quantize, {name: why it stays float}) under ``model``'s module names."""
+        planned, kept = {id(m) for m in self.modules}, {id(m): why for m, why in self.kept.items()}
+        named = list(model.named_modules())
+        return (
+            {name: m for name, m in named if id(m) in planned},
+            {name: kept[id(m)] for name, m in named if id(m) in kept},
+        )
+
+    def config(self, ignore: list[str]) -> dict:
         """config.json's ``quantization_config``, built by compressed-tensors' own schema."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -64,7 +65,7 @@ class QuantPlan:
             config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
             format="pack-quantized",
             quantization_status="compressed",
-            ignore=sorted(self.kept),
+            ignore=sorted(ignore),
         )
         return {"quant_method": "compressed-tensors", **config.model_dump(exclude={"quant_method"}, mode="json")}
 
@@ -79,34 +80,22 @@ def plan(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, skip=()) -
     but those in ``skip`` (the in-memory LTE model's routers)."""
     modules, kept, skip = [], {}, {id(module) for module in skip}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not isinstance(module, nn.Linear) or id(module) in skip:
             continue
         if module.in_features % group_size:
-            kept[name] = f"{module.in_features} inputs are not a multiple of the group size {group_size}"
+            kept[module] = f"{module.in_features} inputs are not a multiple of the group size {group_size}"
         elif module is output:
-            kept[name] = OUTPUT_EMBEDDINGS
-        else:
-            modules.append(name)
+            kept[module] = OUTPUT_EMBEDDINGS
+        elif module not in modules:  # a module shared by two names is quantized once
+            modules.append(module)
     if not modules:
         raise UsageError(
-            f"--quantize {scheme}: no Linear layer of this model has an input width that is a multiple of "
-            f"{group_size}; export without --quantize"
+            f"--quantize {scheme}: this model has no nn.Linear layer (other than its output embeddings) whose input "
+            f"width is a multiple of {group_size} (GPT-2-style Conv1D layers are not quantized); export without "
+            f"--quantize"
         )
     return QuantPlan(SCHEMES[scheme], group_size, modules, kept)
-
-
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [rows, cols], scales [rows, cols / group_size] in ``weight``'s dtype) for a [rows, cols]
-    weight: ``s = max|w| / (2**(bits-1) - 1)`` rounded to a value fp16 and the weight's dtype both hold
-    exactly (the CPU kernel reads fp16 scales), ``q = round(w / s)``."""
-    qmax = 2 ** (bits - 1) - 1
-    rows, cols = weight.shape
-    w = weight.detach().float().reshape(rows, cols // group_size, group_size)
-    scales = (w.abs().amax(dim=-1) / qmax).to(torch.float16).to(weight.dtype).float()
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
-    q = (w / safe).round().clamp(-qmax - 1, qmax).to(torch.int8)
-    return q.reshape(rows, cols), scales.to(weight.dtype)
 
 
 def dequantized(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,26 +105,28 @@ def dequantized(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> to
 
 
 @torch.no_grad()
-def fake_quantize_(model: nn.Module, quant: QuantPlan) -> None:
-    """Replace each planned weight by its quantized-then-dequantized value, in place."""
-    for name in quant.modules:
-        weight = model.get_submodule(name).weight
-        q, scales = quantize_weight(weight, quant.bits, quant.group_size)
-        weight.copy_(dequantized(q, scales, weight.dtype))
+def fake_quantize_(quant: QuantPlan) -> None:
+    """Replace each planned weight by its quantized-then-dequantized value, in place, and keep its scales."""
+    for module in quant.modules:
+        weight = module.weight
+        scales = group_scales(weight, quant.bits, quant.group_size, weight.dtype)
+        weight.copy_(dequantized(integers(weight, scales, quant.bits), scales, weight.dtype))
+        quant.scales[module] = scales
 
 
-def compress_checkpoint(directory: Path, quant: QuantPlan) -> dict:
-    """Rewrite ``directory``'s weight files in pack-quantized form and add ``quantization_config``.
-    The weights there are already quantized values (:func:`fake_quantize_`), so this is lossless.
-    Returns the bit counts for the export's report."""
+def compress_checkpoint(directory: Path, model: nn.Module, quant: QuantPlan) -> dict:
+    """Rewrite ``directory``'s weight files in pack-quantized form and add ``quantization_config``: the
+    integers and scales of :func:`fake_quantize_` (``model``: the exported model, whose module names the files
+    use). Returns the bit counts for the export's report."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
-    wanted = {f"{name}.weight" for name in quant.modules}
+    modules, kept = quant.names(model)
+    wanted = {f"{name}.weight": quant.scales[module] for name, module in modules.items()}
     index_file = directory / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
     shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
-    found, quantized_weights, float_weights = set(), 0, 0
+    found, quantized_weights, float_weights, total_bytes = set(), 0, 0, 0
     for shard in shards:
         tensors = load_file(directory / shard)
         out = {}
@@ -145,39 +136,39 @@ def compress_checkpoint(directory: Path, quant: QuantPlan) -> dict:
                 if tensor.is_floating_point():
                     float_weights += tensor.numel()
                 continue
-            prefix = key[: -len("weight")]
-            q, scales = quantize_weight(tensor, quant.bits, quant.group_size)
-            out[prefix + "weight_packed"] = pack_to_int32(q, quant.bits)
-            out[prefix + "weight_scale"] = scales.to(torch.float16)  # exact: quantize_weight rounds them so
+            prefix, scales = key[: -len("weight")], wanted[key]
+            out[prefix + "weight_packed"] = pack_to_int32(integers(tensor, scales, quant.bits), quant.bits)
+            out[prefix + "weight_scale"] = scales.to(torch.float16)  # exact: group_scales rounds them so
             out[prefix + "weight_shape"] = torch.tensor(tensor.shape)
             found.add(key)
             quantized_weights += tensor.numel()
         save_file(out, directory / shard, metadata={"format": "pt"})
+        total_bytes += sum(t.numel() * t.element_size() for t in out.values())
         if index:
             for key in set(tensors) - set(out):
                 del index["weight_map"][key]
             index["weight_map"].update(dict.fromkeys(set(out) - set(tensors), shard))
-    missing = sorted(wanted - found)
+    missing = sorted(set(wanted) - found)
     if missing:
         raise UsageError(
             f"--quantize: {len(missing)} Linear weight(s) are not under their module's name in the saved checkpoint "
             f"({', '.join(missing[:3])}); this architecture renames its weights on save: export without --quantize"
         )
     if index:
+        index.setdefault("metadata", {})["total_size"] = total_bytes
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"] = quant.config()
+    config["quantization_config"] = quant.config(list(kept))
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    stored = quant.bits + 16 / quant.group_size  # one fp16 scale per group
     return {
         "scheme": f"int{quant.bits}",
         "format": "compressed-tensors pack-quantized",
         "group_size": quant.group_size,
         "quantized_weights": quantized_weights,
         "float_weights": float_weights,
-        "bits_per_quantized_weight": stored,
-        "kept_float": quant.kept,
+        "bits_per_quantized_weight": quant.bits + 16 / quant.group_size,  # one fp16 scale per group
+        "kept_float": kept,
     }
 
 

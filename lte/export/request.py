@@ -40,10 +40,6 @@ class ExportRequest(ExportArgs):
             from ..training.data import check_source
 
             check_source(self.calibration, "--calibration")
-        if self.quantize is not None:
-            from .quantize import require_package
-
-            require_package()
         model = stage2_model(self.run_dir)  # raises if the run has no stage-2 model
         from ..training.config import load_run_recipe
 
@@ -72,5 +68,6 @@ class ExportRequest(ExportArgs):
             "allocation": self.allocation,
             "calibration": resolve_sources(self.calibration),
             "calibration_tokens": self.calibration_tokens,
-            "quantize": self.quantize,
+            # only when set: the exports written before the key existed keep matching their settings
+            **({"quantize": self.quantize} if self.quantize is not None else {}),
         }

@@ -222,8 +222,8 @@ def install_routing(model, vllm_config) -> None:
     if quantization is not None:  # the checkpoint's (lte export --quantize) or the engine's own --quantization
         raise RoutingError(
             f"LTE routing in vLLM needs unquantized FFN weights; this model is quantized "
-            f"({type(quantization).__name__}). Serve the export without quantization, or run it with "
-            f"VLLM_PLUGINS=none (vLLM's own quantized kernels, every expert)."
+            f"({type(quantization).__name__}). Serve an export without quantization, run this one sparse with "
+            f"transformers (trust_remote_code=True), or dense with VLLM_PLUGINS=none where vLLM has kernels for it."
         )
     routers = read_routers(vllm_config.model_config)
     ffn, thresholds = config.lte_ffn, list(config.lte_thresholds)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from ..core.cli_args import fraction, positive_float, positive_int
@@ -85,6 +86,11 @@ class ExportArgs:
         if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
             raise UsageError(
                 f"{name('quantize')}{self.quantize!r} must be one of {', '.join(map(repr, QUANT_SCHEMES))}"
+            )
+        if self.quantize is not None and importlib.util.find_spec("compressed_tensors") is None:
+            raise UsageError(
+                f"{name('quantize')}{self.quantize} writes compressed-tensors' format and needs its package: "
+                f"pip install compressed-tensors (or pip install 'lte[quant]')"
             )
         if self.calibration_tokens < 1:
             raise UsageError(f"{name('calibration_tokens')}{self.calibration_tokens} must be positive")

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from conftest import REPO
 from lte.cli import main
 from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
-from lte.export.quantize import compress_checkpoint, plan
+from lte.export.quantize import compress_checkpoint, dequantized, plan
 from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 
 
-def _quantized_export(scheme: str, out):
+def _quantized_export(scheme: str, out, dtype=torch.float32, **save_kwargs):
     """A tiny Llama (widths multiples of 32, experts of 32 neurons) with LTE, quantized in memory as `lte
     export` does, exported and compressed; returns the logits the in-memory model gave."""
     torch.manual_seed(0)
@@ -28,10 +28,10 @@ def _quantized_export(scheme: str, out):
         num_key_value_heads=2,
         tie_word_embeddings=False,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval().to(dtype)
     inject_lte(model, LTEModelConfig(expert_size=32, router_init="centroid"), progress=False)
     set_lte_routing(model, "hard")
-    quantize_in_memory(model, scheme)
+    quant = quantize_in_memory(model, scheme)
     thresholds = [0.5, 0.5]
     for layer, threshold in zip(lte_layers(model), thresholds, strict=True):
         layer.threshold = threshold
@@ -45,14 +45,38 @@ def _quantized_export(scheme: str, out):
     to_routed(model, thresholds)
     out.mkdir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
-    write_checkpoint(model, tokenizer, out, base)
-    report = compress_checkpoint(out, plan(model, scheme))
+    write_checkpoint(model, tokenizer, out, base, **save_kwargs)
+    report = compress_checkpoint(out, model, quant)
+    # the file holds exactly the weights the thresholds were tuned on (no second rounding on the way)
+    files = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        files |= load_file(shard)
+    for name, module in quant.names(model)[0].items():
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        q = unpack_from_int32(files[f"{name}.weight_packed"], quant.bits, module.weight.shape)
+        stored = dequantized(q, files[f"{name}.weight_scale"], module.weight.dtype)
+        assert torch.equal(stored, module.weight.detach().contiguous()), name
     return ids, expected, report
 
 
-@pytest.mark.parametrize(("scheme", "bits"), [("int8", 8), ("int4", 4)])
-def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_its_integers(tmp_path, scheme, bits):
-    ids, expected, report = _quantized_export(scheme, tmp_path / "export")
+@pytest.mark.parametrize(
+    ("scheme", "bits", "dtype", "shard"),
+    [("int8", 8, torch.float32, None), ("int4", 4, torch.float32, "60KB"), ("int8", 8, torch.bfloat16, None)],
+)
+def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_its_integers(
+    tmp_path, scheme, bits, dtype, shard
+):
+    saving = {"max_shard_size": shard} if shard else {}
+    ids, expected, report = _quantized_export(scheme, tmp_path / "export", dtype, **saving)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    index = tmp_path / "export" / "model.safetensors.index.json"
+    assert index.is_file() == bool(shard)  # several shards: their index names every packed tensor
+    if shard:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert "model.layers.1.mlp.down_proj.weight_packed" in weight_map and not any(
+            k.endswith("mlp.down_proj.weight") for k in weight_map
+        )
     # every Linear but lm_head quantized (widths are multiples of 32): 8.5 / 4.5 bits per weight
     assert report["bits_per_quantized_weight"] == bits + 0.5 and list(report["kept_float"]) == ["lm_head"]
     assert report["quantized_weights"] == 2 * (4 * 64 * 64 + 3 * 64 * 128)
@@ -61,35 +85,75 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
     assert q["config_groups"]["group_0"]["weights"]["group_size"] == 32
     assert q["config_groups"]["group_0"]["weights"]["num_bits"] == bits
-    tensors = load_file(tmp_path / "export" / "model.safetensors")
-    assert "model.layers.0.mlp.down_proj.weight" not in tensors
-    assert tensors["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
-    assert tensors["model.layers.0.mlp.down_proj.weight_packed"].shape == (64, 128 * bits // 32)
+    files = {}
+    for path in sorted((tmp_path / "export").glob("*.safetensors")):
+        files |= load_file(path)
+    assert "model.layers.0.mlp.down_proj.weight" not in files
+    assert files["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
+    assert files["model.layers.0.mlp.down_proj.weight_packed"].shape == (64, 128 * bits // 32)
 
     with torch.no_grad():
         # the base class (transformers + compressed-tensors): the quantized model, every expert
-        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=dtype).eval()
         assert type(base) is transformers.LlamaForCausalLM
-        assert (base(ids).logits - expected["dense"]).abs().max() < 1e-5
+        assert (base(ids).logits - expected["dense"]).abs().max() < tolerance / 10
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "export", trust_remote_code=True, dtype=dtype
+        ).eval()
         modeling = __import__(type(model).__module__, fromlist=["_cpu_kernel_available"])
         assert modeling._cpu_kernel_available()
-        gate, down = model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj
-        assert gate.lte_qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
-        assert down.lte_qscales.shape == (128 // 32, 64)  # one scale per (32 neurons, output column): as stored
-        assert (model(ids).logits - expected["full"]).abs().max() < 1e-4
-        assert (model(ids[:1, :1]).logits - expected["token"]).abs().max() < 1e-4
-        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
+        mlps = [layer.mlp for layer in model.model.layers]
+        assert mlps[0].gate_proj.lte_qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+        assert mlps[0].down_proj.lte_qscales.shape == (128 // 32, 64)  # per (32 neurons, output column): as stored
+        assert (model(ids).logits - expected["full"]).abs().max() < tolerance
+        token = model(ids[:1, :1]).logits
+        assert (token - expected["token"]).abs().max() < tolerance
+        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < tolerance
         assert (model(ids).logits - expected["dense"]).abs().max() > 1e-3  # experts are skipped
-        # Decoding reads the integers, not the dequantized weights: with those zeroed, a token's logits are
-        # unchanged, while the masked path (every row, many tokens) now computes with zeros.
-        for layer in model.model.layers:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(layer.mlp, name).weight.zero_()
-        assert (model(ids[:1, :1]).logits - expected["token"]).abs().max() < 1e-4
-        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
-        assert (model(ids).logits - expected["full"]).abs().max() > 1e-2
+        # Decoding reads the integer rows: doubling their scales changes a token's logits, and not the masked
+        # path's (every row, the dequantized weights).
+        for mlp in mlps:
+            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                projection.lte_qscales.mul_(2)
+        assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-2
+        assert (model(ids).logits - expected["full"]).abs().max() < tolerance
+        for mlp in mlps:
+            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                projection.lte_qscales.div_(2)
+        assert (model(ids[:1, :1]).logits - token).abs().max() < tolerance
+        # Rows made before a weight was written are dropped, never read: decoding then runs the new weights.
+        mlps[0].down_proj.weight.mul_(0.5)
+        halved = model(ids[:1, :1]).logits
+        assert mlps[0].down_proj.lte_qweight is None and mlps[0].gate_proj.lte_qweight is not None
+        assert (halved - token).abs().max() > 1e-3
+
+
+def test_quantize_without_compressed_tensors_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors" else find_spec(name, *a)
+    )
+    code = main(
+        ["export", str(tmp_path), "--target-sparsity", "0.5", "--quantize", "int4", "--out", str(tmp_path / "x")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install compressed-tensors" in err and "Traceback" not in err
+
+
+def test_quantize_refuses_moe_models_and_models_without_a_quantizable_linear():
+    from lte.core.errors import UsageError
+    from model.test_moe import tiny_moe
+
+    model = tiny_moe("qwen2_moe")
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    with pytest.raises(UsageError, match="not built for mixture-of-experts exports"):
+        quantize_in_memory(model, "int8")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(UsageError, match="Conv1D layers are not quantized"):
+        plan(gpt2, "int8")
 
 
 def test_quantize_is_refused_with_one_message_before_any_work(tmp_path, capsys):

@@ -27,7 +27,8 @@ expert_size``). The kernels read the down projection as [neurons, out] rows; for
 ``nn.Linear`` (stored [out, neurons]) :meth:`LTEForCausalLM.lte_relayout` (run by
 ``from_pretrained``) re-strides ``weight`` in place to a transposed memory layout with the same
 shape and values: one copy of the weights, nothing else changes.
-Only torch, transformers and safetensors are imported.
+Only torch, transformers and safetensors are imported (and compressed-tensors, which loading a quantized
+export needs anyway: ``lte export --quantize``, docs/quantization.md).
 """
 
 import functools
@@ -351,17 +352,29 @@ class RoutedDown:
         return out if self.bias is None else out + self.bias
 
 
+def _weight_stamp(module: nn.Module) -> tuple:
+    """What changes when ``module.weight`` is written (in place: its version; replaced: its storage)."""
+    weight = module.weight
+    return weight.data_ptr(), weight._version
+
+
 def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
-    """(rows, scales) of a quantized export's routed projection for the CPU kernel, or None (float rows)."""
+    """(rows, scales) of a quantized export's routed projection for the CPU kernel, or None (float rows).
+    Rows are dropped for good once ``weight`` was written after they were made (fine-tuning, a merged
+    adapter, ``load_state_dict``): they would be the old weights."""
     rows = getattr(module, "lte_qweight", None)
-    if rows is None or x.device.type != "cpu" or state.kernels[1] is not _cpu_matvec:
+    if rows is None or state.kernels[1] is not _cpu_matvec or rows.device != x.device:
+        return None
+    if _weight_stamp(module) != module.lte_qstamp:
+        module.lte_qweight = module.lte_qscales = None
         return None
     return rows, module.lte_qscales
 
 
-def _kernel_reads(args, expert_size: int) -> bool:
+def _kernel_reads(module: nn.Module, args, expert_size: int) -> bool:
     """Whether the CPU kernel reads a compressed-tensors weight scheme as stored: symmetric int8/int4 groups
-    along the input, a group a multiple of 32 that divides the expert size (a group never straddles experts)."""
+    of a multiple of 32 along the input, in order (no GPTQ activation order); for a first projection a group
+    that divides the expert size (its groups run along rows the kernel selects by expert)."""
     return (
         str(getattr(args, "type", "")).endswith("int")
         and args.symmetric
@@ -369,7 +382,9 @@ def _kernel_reads(args, expert_size: int) -> bool:
         and args.num_bits in (4, 8)
         and bool(args.group_size)
         and args.group_size % 32 == 0
-        and expert_size % args.group_size == 0
+        and not getattr(args, "actorder", None)
+        and getattr(module, "weight_g_idx", None) is None
+        and (isinstance(module, RoutedDown) or expert_size % args.group_size == 0)
     )
 
 
@@ -388,7 +403,9 @@ def install_quantized_rows(model: nn.Module) -> None:
         for module in model.modules():
             packed, state = getattr(module, "weight_packed", None), getattr(module, "lte_state", None)
             args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-            if packed is None or state is None or args is None or not _kernel_reads(args, state.expert_size):
+            if packed is None or state is None or args is None or packed.device.type != "cpu":
+                continue
+            if not _kernel_reads(module, args, state.expert_size):
                 continue
             q = unpack_from_int32(packed.data, args.num_bits, torch.Size(module.weight_shape.tolist()))
             scales = module.weight_scale.data
@@ -398,6 +415,13 @@ def install_quantized_rows(model: nn.Module) -> None:
             elif isinstance(module, RoutedDown):
                 module.lte_qweight, module.lte_qscales = _quant_transposed(q, scales, args.num_bits)
     compressor.decompress_model(model)
+
+
+def stamp_quantized_rows(model: nn.Module) -> None:
+    """Record the weights the integer rows stand for (after loading and re-striding): see _quantized_rows."""
+    for module in model.modules():
+        if getattr(module, "lte_qweight", None) is not None:
+            module.lte_qstamp = _weight_stamp(module)
 
 
 _ROUTED_CLASSES: dict = {}
@@ -575,6 +599,7 @@ class LTEForCausalLM(_BaseForCausalLM):
         if routers is not None:
             set_routers(model, routers, os.path.join(str(pretrained_model_name_or_path), subfolder, "lte"))
         model.lte_relayout()
+        stamp_quantized_rows(model)
         return loaded
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs):
