@@ -49,14 +49,21 @@ def select_experts(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _load_rows(w_ptr, s_ptr, rows, cols, mask, hidden, BITS: tl.constexpr, GROUP: tl.constexpr):
+    def _load_rows(
+        w_ptr, s_ptr, rows, cols, mask, hidden, BITS: tl.constexpr, GROUP: tl.constexpr, RGROUP: tl.constexpr
+    ):
         """fp32 weight[rows, cols]: float rows as stored, or group-quantized ones dequantized (int8; int4
-        two per byte, byte i of a group holding entries i and i + GROUP / 2, as q + 8)."""
+        two per byte, byte i of a group holding entries i and i + GROUP / 2, as q + 8). Scales per (row, group
+        of GROUP columns), or with RGROUP > 0 per (block of RGROUP rows, column): quant.transposed's layout."""
         if BITS == 0:
             w = tl.load(w_ptr + rows * hidden + cols, mask=mask, other=0.0).to(tl.float32)
         else:
             groups = tl.cdiv(hidden, GROUP)
-            scale = tl.load(s_ptr + rows * groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+            if RGROUP == 0:
+                scale = tl.load(s_ptr + rows * groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+            else:
+                scale = tl.load(s_ptr + (rows // RGROUP) * (groups * GROUP) + cols, mask=mask, other=0.0)
+                scale = scale.to(tl.float32)
             if BITS == 8:
                 q = tl.load(w_ptr + rows * (groups * GROUP) + cols, mask=mask, other=0).to(tl.float32)
             else:
@@ -86,6 +93,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         BITS: tl.constexpr,
         GROUP: tl.constexpr,
+        RGROUP: tl.constexpr,
     ):
         # y[t, slot*E + i] for every token t: one program per expert slot reads its rows once.
         slot = tl.program_id(0)
@@ -105,7 +113,15 @@ if triton is not None:
                     x_ptr + t[:, None] * hidden + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0
                 )
                 w = _load_rows(
-                    w_ptr, s_ptr, rows[:, None], cols[None, :], rmask[:, None] & cmask[None, :], hidden, BITS, GROUP
+                    w_ptr,
+                    s_ptr,
+                    rows[:, None],
+                    cols[None, :],
+                    rmask[:, None] & cmask[None, :],
+                    hidden,
+                    BITS,
+                    GROUP,
+                    RGROUP,
                 )
                 if T_PAD == 1:  # one token: a matrix-vector product
                     acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
@@ -131,6 +147,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         BITS: tl.constexpr,
         GROUP: tl.constexpr,
+        RGROUP: tl.constexpr,
     ):
         # out[t, columns of this program] = sum over the selected slots, in order (deterministic).
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -157,6 +174,7 @@ if triton is not None:
                 hidden,
                 BITS,
                 GROUP,
+                RGROUP,
             )
             if T_PAD == 1:
                 acc += tl.sum(w * tl.trans(h.to(tl.float32)), axis=0)[None, :]
@@ -186,22 +204,32 @@ def _launch_sizes(tokens: int, expert_size: int) -> dict:
     }
 
 
-def _quantized(weight: torch.Tensor, scales: torch.Tensor | None, expert_size: int) -> dict:
-    """BITS and GROUP for the kernels: 0 for float weights; 8 or 4 with the group size of quantized ones."""
+def _quantized(weight: torch.Tensor, scales: torch.Tensor | None, expert_size: int, transposed: bool) -> dict:
+    """BITS, GROUP and RGROUP for the kernels: 0 for float weights; 8 or 4 with the group size of quantized
+    ones; RGROUP > 0 for scales per (block of rows, column) (``quant.transposed``: transposed products only)."""
     if weight.is_floating_point():
         if scales is not None:
             raise ValueError(f"weight is {weight.dtype}: scales are for int8 / uint8 (int4) weights")
-        return {"BITS": 0, "GROUP": 1}
+        return {"BITS": 0, "GROUP": 1, "RGROUP": 0}
     if weight.dtype not in (torch.int8, torch.uint8) or scales is None:
         raise ValueError(f"weight of dtype {weight.dtype}: expected a float dtype, or int8 / uint8 with its scales")
     bits = 8 if weight.dtype == torch.int8 else 4
-    group = weight.shape[1] * 8 // bits // scales.shape[1]
+    padded = weight.shape[1] * 8 // bits
+    if scales.shape[0] != weight.shape[0]:  # per (block of rows, column)
+        rgroup = weight.shape[0] // scales.shape[0]
+        if not transposed or rgroup * scales.shape[0] != weight.shape[0] or scales.shape[1] != padded:
+            raise ValueError(
+                f"scales {tuple(scales.shape)} for {weight.shape[0]} rows of {padded}: per row [rows, groups], or "
+                f"per (block of rows, column) [rows / block, {padded}] for the transposed product only"
+            )
+        return {"BITS": bits, "GROUP": 32, "RGROUP": rgroup}
+    group = padded // scales.shape[1]
     if group % 32 or expert_size % group:
         raise ValueError(
             f"group size {group}, expert size {expert_size}: the group size must be a multiple of 32 dividing the "
             "expert size (a group would straddle two experts)"
         )
-    return {"BITS": bits, "GROUP": group}
+    return {"BITS": bits, "GROUP": group, "RGROUP": 0}
 
 
 def expert_matvec(
@@ -217,7 +245,7 @@ def expert_matvec(
     one): each token's products with the selected experts' rows of ``weight``, selected slots
     first (in ``order``), zeros after them. Quantized weights: ``scales`` beside them; the output
     then has ``x``'s dtype."""
-    quantized = _quantized(weight, scales, expert_size)
+    quantized = _quantized(weight, scales, expert_size, transposed=False)
     hidden = x.shape[-1]
     x = x.reshape(-1, hidden).contiguous()
     tokens, num_experts = x.shape[0], order.numel()
@@ -254,7 +282,7 @@ def expert_matvec_t(
     """[tokens, hidden]: ``h`` [tokens, num_experts * expert_size] (selected slots first, as from
     :func:`expert_matvec`) times the selected experts' rows of ``weight_t``. Quantized weights:
     ``scales`` beside them, ``hidden`` the row length before padding (default: the padded one)."""
-    quantized = _quantized(weight_t, scales, expert_size)
+    quantized = _quantized(weight_t, scales, expert_size, transposed=True)
     if hidden < 0:
         hidden = weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
     width = order.numel() * expert_size

@@ -129,6 +129,26 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         assert (halved - token).abs().max() > 1e-3
 
 
+def test_the_triton_decode_path_reads_the_same_integers_in_the_interpreter(tmp_path):
+    """LTE_FORCE_TRITON's path (TRITON_INTERPRET=1, set by conftest): the Triton kernels read the export's
+    integer rows, the down projection's column-scaled ones included, as the CPU kernel does."""
+    ids, expected, _ = _quantized_export("int4", tmp_path / "export")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    modeling = __import__(type(model).__module__, fromlist=["_FORCE_TRITON"])
+    modeling._FORCE_TRITON = True
+    try:
+        assert modeling._use_triton(torch.device("cpu"))
+        with torch.no_grad():
+            token = model(ids[:1, :1]).logits
+            assert (token - expected["token"]).abs().max() < 1e-4
+            assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
+            down = model.model.layers[0].mlp.down_proj
+            down.lte_qscales.mul_(2)  # the rows are what it reads
+            assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3
+    finally:
+        modeling._FORCE_TRITON = False
+
+
 def test_quantize_without_compressed_tensors_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     import importlib.util
 

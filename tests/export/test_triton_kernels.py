@@ -120,3 +120,29 @@ def test_quantized_rows_refuse_groups_that_straddle_experts():
     order, count = triton_ffn.select_experts(torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="straddle two experts"):
         triton_ffn.expert_matvec(torch.randn(64), qweight, order, count, 16, 0, scales)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("size", [32, 6])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_transposed_product_reads_a_weight_grouped_along_its_inputs(bits, size, tokens):
+    """The down projection as `lte export --quantize` stores it ([hidden, neurons], groups of 32 neurons), read
+    one row per neuron with a scale per (32 neurons, column), as the CPU kernel does: the stored values."""
+    from lte_kernels import quant
+
+    hidden, neurons = 100, 192
+    g = torch.Generator().manual_seed(12)
+    qweight, scales = quant.quantize(torch.randn(hidden, neurons, generator=g), bits)
+    rows_t, column_scales = quant.transposed(quant.unpack(qweight, scales), scales, bits)
+    stored = quant.dequantize(qweight, scales).T
+    on = torch.rand(tokens, neurons // size, generator=g) >= 0.5
+    order, count = triton_ffn.select_experts(on)
+    union = on.any(dim=0).nonzero().squeeze(1)
+    rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
+    h = torch.zeros(tokens, neurons)
+    h[:, : rows.numel()] = torch.randn(tokens, rows.numel(), generator=g)
+    out = triton_ffn.expert_matvec_t(h, rows_t, order, count, size, column_scales, hidden)
+    want = h[:, : rows.numel()] @ stored[rows]
+    torch.testing.assert_close(out, want, atol=1e-5 * (1 + want.abs().amax().item()), rtol=1e-5)
+    with pytest.raises(ValueError, match="transposed product only"):
+        triton_ffn.expert_matvec(torch.randn(tokens, 128), rows_t, order, count, size, 0, column_scales)

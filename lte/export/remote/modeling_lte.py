@@ -359,11 +359,12 @@ def _weight_stamp(module: nn.Module) -> tuple:
 
 
 def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
-    """(rows, scales) of a quantized export's routed projection for the CPU kernel, or None (float rows).
+    """(rows, scales) of a quantized export's routed projection for the kernels (CPU or Triton: both read
+    them), or None (float rows).
     Rows are dropped for good once ``weight`` was written after they were made (fine-tuning, a merged
     adapter, ``load_state_dict``): they would be the old weights."""
     rows = getattr(module, "lte_qweight", None)
-    if rows is None or state.kernels[1] is not _cpu_matvec or rows.device != x.device:
+    if rows is None or rows.device != x.device:
         return None
     if _weight_stamp(module) != module.lte_qstamp:
         module.lte_qweight = module.lte_qscales = None
@@ -372,7 +373,7 @@ def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
 
 
 def _kernel_reads(module: nn.Module, args, expert_size: int) -> bool:
-    """Whether the CPU kernel reads a compressed-tensors weight scheme as stored: symmetric int8/int4 groups
+    """Whether the kernels read a compressed-tensors weight scheme as stored: symmetric int8/int4 groups
     of a multiple of 32 along the input, in order (no GPTQ activation order); for a first projection a group
     that divides the expert size (its groups run along rows the kernel selects by expert)."""
     return (
@@ -390,10 +391,10 @@ def _kernel_reads(module: nn.Module, args, expert_size: int) -> bool:
 
 def install_quantized_rows(model: nn.Module) -> None:
     """A compressed-tensors checkpoint (``lte export --quantize``) loads with its Linear layers compressed
-    (``weight_packed``, ``weight_scale``). Keep each routed projection's integers in the layout the CPU kernel
-    reads (``lte_qweight``, ``lte_qscales``: the first projections' rows as stored, the down projection's read
-    transposed with its stored groups, never rounded twice), then decompress the model, so everything else
-    (prefill, batches, GPUs, training) runs the dequantized weights, as the base class does."""
+    (``weight_packed``, ``weight_scale``). Keep each routed projection's integers, on its device, in the layout
+    the kernels (CPU and Triton) read (``lte_qweight``, ``lte_qscales``: the first projections' rows as stored,
+    the down projection's read transposed with its stored groups, never rounded twice), then decompress the
+    model, so everything else (prefill, batches, training) runs the dequantized weights, as the base class does."""
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if compressor is None or not hasattr(compressor, "decompress_model"):
         return
@@ -403,7 +404,7 @@ def install_quantized_rows(model: nn.Module) -> None:
         for module in model.modules():
             packed, state = getattr(module, "weight_packed", None), getattr(module, "lte_state", None)
             args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-            if packed is None or state is None or args is None or packed.device.type != "cpu":
+            if packed is None or state is None or args is None:
                 continue
             if not _kernel_reads(module, args, state.expert_size):
                 continue
