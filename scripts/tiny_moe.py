@@ -1,4 +1,4 @@
-"""Write a tiny random MoE model (a config of tests/model/test_moe.py) with stories260K's tokenizer.
+"""Write a tiny random MoE model (a config of tests/moe_configs.py) with stories260K's tokenizer.
 
 python scripts/tiny_moe.py FAMILY DIR        # FAMILY: qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss
 python train.py recipe=tiny model.name_or_path=DIR ...
@@ -11,9 +11,9 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "model"))
+sys.path.insert(0, str(REPO / "tests"))
 
-from test_moe import MOE_CONFIGS  # noqa: E402
+from moe_configs import MOE_CONFIGS  # noqa: E402
 
 
 def write(family: str, directory: Path, **sizes) -> Path:
@@ -30,4 +30,6 @@ def write(family: str, directory: Path, **sizes) -> Path:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in MOE_CONFIGS:
+        sys.exit(f"usage: python scripts/tiny_moe.py FAMILY DIR (FAMILY: {', '.join(MOE_CONFIGS)})")
     print(write(sys.argv[1], Path(sys.argv[2])))

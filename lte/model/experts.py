@@ -151,7 +151,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
     return out if bias is None else out + bias
 
 
-class ExpertRouters(nn.Module):
+class ExpertsRouter(nn.Module):
     """The LTE routers of one MoE layer: ``weight`` [E, G, H] (and ``bias`` [E, G]); expert ``e``'s
     groups are scored by ``sigmoid(x @ weight[e].T + bias[e])``. Not an ``nn.Linear`` (PEFT's
     ``all-linear`` must not adapt it)."""
@@ -200,7 +200,7 @@ class LTEExperts(LTEMLP):
         self.detach_router_input = detach_router_input
         weight = getattr(base_layer, layout.up)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.lte_router = ExpertRouters(
+        self.lte_router = ExpertsRouter(
             layout.num_experts, self.num_experts, layout.d_model, router_bias, device=weight.device, dtype=dtype
         )
         self._hooks = []

@@ -48,11 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from lte.export.remote import layout
+from lte.export.remote.experts import MAX_UNION_TOKENS  # the remote code's: up to this many tokens use the kernels
 from lte_kernels.cpu import dense_matmul_t
 
 logger = logging.getLogger("vllm.lte")  # a child of vLLM's logger: its handlers and format
-
-MAX_UNION_TOKENS = 8  # as the remote code: up to this many tokens run the kernels over their union
 
 
 def _log_interval() -> float:

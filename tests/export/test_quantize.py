@@ -165,7 +165,7 @@ def test_quantize_without_compressed_tensors_is_refused_before_any_work(tmp_path
 
 def test_quantize_refuses_moe_models_and_models_without_a_quantizable_linear():
     from lte.core.errors import UsageError
-    from model.test_moe import tiny_moe
+    from moe_configs import tiny_moe
 
     model = tiny_moe("qwen2_moe")
     inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)

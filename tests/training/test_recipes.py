@@ -17,9 +17,7 @@ from lte import UsageError
 from lte.cli import train_main
 from lte.training.config import STAGES, available_recipes, load_recipe, load_run_recipe
 from lte.training.data import ALPACA_CHAT_TEMPLATE
-
-sys.path.insert(0, str(REPO / "tests" / "model"))
-from test_moe import MOE_CONFIGS
+from moe_configs import MOE_CONFIGS
 
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 ALPACA = TEST_DATA / "alpaca"
@@ -172,7 +170,7 @@ MODEL_FAMILY = {
     "meta-llama/Llama-2-7b-hf": "llama",
     "Qwen/Qwen2.5-0.5B": "qwen2",
     "runs/tinystories-llama-4m": "llama",  # written by scripts/pretrain_tinystories_llama.py
-    "Qwen/Qwen1.5-MoE-A2.7B": "qwen2_moe",  # tests/model/test_moe.py's MOE_CONFIGS
+    "Qwen/Qwen1.5-MoE-A2.7B": "qwen2_moe",  # tests/moe_configs.py's MOE_CONFIGS
 }
 # Local data of each format in place of the recipe's (a hub dataset, usually): training file, held-out
 # file, and tokens per block (the recipes' 1024 would only make each step longer; an Alpaca prompt needs

@@ -41,8 +41,9 @@ except ImportError:  # the package's own copy (lte.export.remote): the masked pa
 
 IMPLEMENTATION = "lte_routed"
 
-# Up to this many tokens per expert, the kernel reads the rows of the union of their kept groups once for
-# all of them (modeling_lte.MAX_UNION_TOKENS: the same trade-off, measured with `lte bench kernel --batch`).
+# Up to this many tokens (per dense FFN in modeling_lte, per expert here), the kernels read the rows of the
+# union of their kept experts or groups once for all of them: measured with `lte bench kernel --batch`. The one
+# definition: modeling_lte and the vLLM plugin import it.
 MAX_UNION_TOKENS = 8
 
 

@@ -63,12 +63,13 @@ except ImportError:  # this package's own (`from . import`: transformers copies 
     HUB_KWARGS, load_routers, save_routers = _layout.HUB_KWARGS, _layout.load_routers, _layout.save_routers
 
 try:  # routed experts of MoE layers (the package's remote/experts.py), written next to this file by `lte export`
-    from .lte_experts import ExpertsRouter, install_routed_experts, kernel_ready, relayout_experts
+    from .lte_experts import MAX_UNION_TOKENS, ExpertsRouter, install_routed_experts, kernel_ready, relayout_experts
 except ImportError:  # this package's own (`from . import`: transformers copies only `from .x import` files)
     from . import experts as _experts
 
     ExpertsRouter, install_routed_experts = _experts.ExpertsRouter, _experts.install_routed_experts
     kernel_ready, relayout_experts = _experts.kernel_ready, _experts.relayout_experts
+    MAX_UNION_TOKENS = _experts.MAX_UNION_TOKENS
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
     from .lte_kernels_cpu import (
@@ -133,7 +134,7 @@ def _kernels(weight: torch.Tensor):
 # Up to this many tokens, the kernels compute the union of their experts (each weight row is read
 # once for all of them); on CPU even a full union is faster than F.linear's small GEMMs where
 # measured (`lte bench kernel --batch 4`). More tokens run the masked dense path.
-MAX_UNION_TOKENS = 8
+# (MAX_UNION_TOKENS, defined once in experts.py for the dense FFNs and the MoE experts alike)
 
 
 def _rows(module: nn.Module, out_is_rows: bool) -> torch.Tensor:
