@@ -31,5 +31,6 @@ def write(family: str, directory: Path, **sizes) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in MOE_CONFIGS:
-        sys.exit(f"usage: python scripts/tiny_moe.py FAMILY DIR (FAMILY: {', '.join(MOE_CONFIGS)})")
+        print(f"usage: python scripts/tiny_moe.py FAMILY DIR (FAMILY: {', '.join(MOE_CONFIGS)})", file=sys.stderr)
+        sys.exit(2)
     print(write(sys.argv[1], Path(sys.argv[2])))
