@@ -379,10 +379,21 @@ def register() -> None:
 
 
 def use_lte_experts(model: nn.Module) -> None:
-    """Make every experts module of ``model`` dispatch to the ``"lte"`` implementation."""
+    """Make every experts module of ``model`` dispatch to the ``"lte"`` implementation, remembering the one it
+    had (:func:`restore_experts_implementation`)."""
     register()
     if hasattr(model, "set_experts_implementation"):
+        current = getattr(model.config, "_experts_implementation", None)
+        if current != IMPLEMENTATION:
+            model.__dict__["_lte_previous_experts"] = current
         model.set_experts_implementation(IMPLEMENTATION)
+
+
+def restore_experts_implementation(model: nn.Module) -> None:
+    """Give ``model`` back the experts implementation it had before :func:`use_lte_experts` (``unload_lte``)."""
+    previous = model.__dict__.pop("_lte_previous_experts", None)
+    if previous is not None and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(previous)
 
 
 def moe_router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UsageError, renamed_kwargs, warn_deprecated
 from ..core.run_dir import LTE_CONFIG as LTE_CONFIG_NAME, LTE_ROUTERS as ROUTERS_NAME, is_lte_checkpoint
 from .detect import describe, detect_layout, ffn_widths
-from .experts import LTEExperts, experts_layout, group_experts, use_lte_experts
+from .experts import LTEExperts, experts_layout, group_experts, restore_experts_implementation, use_lte_experts
 from .grouping import moefy
 from .layers import LTEMLP, ROUTER_PREFIX, ROUTINGS, lte_layers
 from .registry import FFNSpec, layout_from_list, layout_to_list
@@ -176,6 +176,7 @@ def unload_lte(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LTEMLP):
             model.set_submodule(name, module.unwrap())
+    restore_experts_implementation(model)
     if hasattr(model, "lte_config"):
         del model.lte_config
     return model

@@ -112,6 +112,7 @@ def test_soft_routing_losses_reach_the_routers_over_the_tokens_each_expert_recei
 
 def test_unload_restores_the_model_and_the_moe_router_is_found():
     model = tiny_moe("mixtral")
+    model.set_experts_implementation("batched_mm")  # the user's choice, which unload_lte gives back
     x = ids()
     with torch.no_grad():
         base = model(x).logits
@@ -125,7 +126,9 @@ def test_unload_restores_the_model_and_the_moe_router_is_found():
     agreement = top_k_agreement(before, after)
     assert agreement["model.layers.0.mlp.experts"] == 1.0  # layer 0's input is unchanged by LTE
     assert 0.0 < agreement["model.layers.1.mlp.experts"] <= 1.0
+    assert model.config._experts_implementation == "lte"
     unload_lte(model)
+    assert model.config._experts_implementation == "batched_mm"
     with torch.no_grad():
         assert torch.allclose(model(x).logits, base, atol=1e-4)
 
