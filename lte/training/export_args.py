@@ -52,8 +52,8 @@ class ExportArgs:
     quantize: str | None = field(
         default=None,
         metadata={
-            "help": "Store every Linear weight as int8 or int4 (groups of 32, compressed-tensors' pack-quantized "
-            "format; loaders need the compressed-tensors package). Thresholds are tuned on the quantized model.",
+            "help": "Store the Linear weights (not lm_head) as int8 or int4 (groups of 32, compressed-tensors' "
+            "pack-quantized format; loaders need the compressed-tensors package). Thresholds are tuned on them.",
             "choices": list(QUANT_SCHEMES),
         },
     )
