@@ -3,7 +3,8 @@
 Symmetric per group of ``group_size`` consecutive entries of a row, one fp16 scale per group, as
 llama.cpp's Q8_0/Q4_0 (8.5 and 4.5 bits per weight at the default group of 32):
 
-* int8: ``q = round(w / s)`` in [-127, 127], ``s = max|w| / 127``; ``qweight`` int8 [rows, padded].
+* int8: ``q = round(w / s)`` in [-128, 127] (-128 only where a rounded scale allows it),
+  ``s = max|w| / 127``; ``qweight`` int8 [rows, padded].
 * int4: ``q = round(w / s)`` in [-8, 7], ``s = max|w| / 7``; two per byte as ``q + 8``, packed per
   group the way Q4_0 is (byte ``i`` of a group holds entry ``i`` in its low nibble and entry
   ``i + group_size / 2`` in its high one: one 16-byte load gives two runs of 16 entries);
@@ -88,8 +89,8 @@ def transposed(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.
     padded = -(-out // GROUP_SIZE) * GROUP_SIZE
     rows = torch.nn.functional.pad(q.t().to(torch.int8), (0, padded - out))
     per_column = torch.nn.functional.pad(scales.t().to(torch.float16), (0, padded - out))
-    if width % per_column.shape[0]:
-        raise ValueError(f"{scales.shape[1]} scale groups do not divide the {width} inputs")
+    if width % per_column.shape[0] or (width // per_column.shape[0]) % 4:
+        raise ValueError(f"{scales.shape[1]} scale groups of a multiple of 4 do not make the {width} inputs")
     return pack(rows, bits, GROUP_SIZE), per_column.contiguous()
 
 

@@ -111,7 +111,7 @@ def fake_quantize_(quant: QuantPlan) -> None:
         weight = module.weight
         scales = group_scales(weight, quant.bits, quant.group_size, weight.dtype)
         weight.copy_(dequantized(integers(weight, scales, quant.bits), scales, weight.dtype))
-        quant.scales[module] = scales
+        quant.scales[module] = scales.to("cpu")  # the writer reads the saved files on the CPU
 
 
 def compress_checkpoint(directory: Path, model: nn.Module, quant: QuantPlan) -> dict:

@@ -384,14 +384,17 @@ def use_lte_experts(model: nn.Module) -> None:
     register()
     if hasattr(model, "set_experts_implementation"):
         current = getattr(model.config, "_experts_implementation", None)
-        if current != IMPLEMENTATION:
-            model.__dict__["_lte_previous_experts"] = current
+        if current != IMPLEMENTATION:  # every sub-model's, where transformers can say (multimodal models)
+            getter = getattr(model, "get_experts_implementation", None)
+            model.__dict__["_lte_previous_experts"] = getter() if getter is not None else current
         model.set_experts_implementation(IMPLEMENTATION)
 
 
 def restore_experts_implementation(model: nn.Module) -> None:
     """Give ``model`` back the experts implementation it had before :func:`use_lte_experts` (``unload_lte``)."""
     previous = model.__dict__.pop("_lte_previous_experts", None)
+    if isinstance(previous, dict):  # sub-models without an implementation of their own keep the default
+        previous = {key: value for key, value in previous.items() if value is not None} or None
     if previous is not None and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(previous)
 

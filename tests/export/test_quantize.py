@@ -111,22 +111,26 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         assert (token - expected["token"]).abs().max() < tolerance
         assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < tolerance
         assert (model(ids).logits - expected["dense"]).abs().max() > 1e-3  # experts are skipped
-        # Decoding reads the integer rows: doubling their scales changes a token's logits, and not the masked
-        # path's (every row, the dequantized weights).
-        for mlp in mlps:
-            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                projection.lte_qscales.mul_(2)
-        assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-2
-        assert (model(ids).logits - expected["full"]).abs().max() < tolerance
-        for mlp in mlps:
-            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                projection.lte_qscales.div_(2)
+        # Decoding reads each projection's integer rows: doubling one projection's scales changes a token's
+        # logits, and not the masked path's (every row, the dequantized weights).
+        for projection in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj):
+            projection.lte_qscales.mul_(2)
+            assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3, projection
+            assert (model(ids).logits - expected["full"]).abs().max() < tolerance
+            projection.lte_qscales.div_(2)
         assert (model(ids[:1, :1]).logits - token).abs().max() < tolerance
         # Rows made before a weight was written are dropped, never read: decoding then runs the new weights.
         mlps[0].down_proj.weight.mul_(0.5)
         halved = model(ids[:1, :1]).logits
         assert mlps[0].down_proj.lte_qweight is None and mlps[0].gate_proj.lte_qweight is not None
         assert (halved - token).abs().max() > 1e-3
+        # A write through .data (PEFT's merge) is not seen; lte_drop_quantized_rows() says so to the model.
+        mlps[1].up_proj.weight.data.mul_(0.5)
+        assert mlps[1].up_proj.lte_qweight is not None
+        before = model(ids[:1, :1]).logits
+        model.lte_drop_quantized_rows()
+        assert all(getattr(m, "lte_qweight", None) is None for m in model.modules())
+        assert (model(ids[:1, :1]).logits - before).abs().max() > 1e-3  # now the float weights, halved
 
 
 def test_the_triton_decode_path_reads_the_same_integers_in_the_interpreter(tmp_path):
@@ -142,9 +146,11 @@ def test_the_triton_decode_path_reads_the_same_integers_in_the_interpreter(tmp_p
             token = model(ids[:1, :1]).logits
             assert (token - expected["token"]).abs().max() < 1e-4
             assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
-            down = model.model.layers[0].mlp.down_proj
-            down.lte_qscales.mul_(2)  # the rows are what it reads
-            assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3
+            mlp = model.model.layers[0].mlp
+            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):  # each one's rows are what it reads
+                projection.lte_qscales.mul_(2)
+                assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3, projection
+                projection.lte_qscales.div_(2)
     finally:
         modeling._FORCE_TRITON = False
 
@@ -161,6 +167,7 @@ def test_quantize_without_compressed_tensors_is_refused_before_any_work(tmp_path
     )
     err = capsys.readouterr().err
     assert code == 2 and "pip install compressed-tensors" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_quantize_refuses_moe_models_and_models_without_a_quantizable_linear():

@@ -156,9 +156,9 @@ def test_the_exported_routed_experts_compute_what_the_trained_layers_did(family,
     assert not torch.allclose(trained, original, atol=1e-3)
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("family", list(MOE_CONFIGS))
-def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, atol, monkeypatch):
+def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, monkeypatch):
     """The export's CPU-kernel path (an expert with at most MAX_UNION_TOKENS tokens: decode) against its
     masked path, on one token, a few tokens and more: the same logits, with only the kept groups' rows read.
     gpt-oss's interleaved, biased experts stay on the masked path."""
@@ -192,7 +192,8 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, atol,
             with monkeypatch.context() as patch:
                 bind_kernels(patch)
                 kernel = model(x).logits
-        assert torch.allclose(kernel, masked, atol=atol), (family, x.shape, (kernel - masked).abs().max())
+        error = float((kernel.float() - masked.float()).norm() / masked.float().norm())  # relative, whole logits
+        assert error < tol, (family, x.shape, error)
     calls = len(read)
     with monkeypatch.context() as patch:  # a forward that needs gradients (fine-tuning the export): masked
         bind_kernels(patch)

@@ -222,6 +222,8 @@ class RoutingState:
         tokens = on.shape[:-1].numel()
         self.clear()
         wrapped = self.wrapped()  # every call: it also masks a new wrapper's input
+        if wrapped:  # an adapter changes the weights the integer rows stand for (and a merge writes them via .data)
+            drop_quantized_rows(self.projections)
         compact = tokens <= MAX_UNION_TOKENS and not wrapped and not self.needs_grad(x)
         kernels = _kernels(self.projections[0].weight) if compact else None
         if kernels is not None:
@@ -354,21 +356,28 @@ class RoutedDown:
 
 
 def _weight_stamp(module: nn.Module) -> tuple:
-    """What changes when ``module.weight`` is written (in place: its version; replaced: its storage)."""
+    """What changes when ``module.weight`` is written (in place: its version; replaced: its storage). Writes
+    through ``.data`` change neither: see :meth:`LTEForCausalLM.lte_drop_quantized_rows`."""
     weight = module.weight
     return weight.data_ptr(), weight._version
+
+
+def drop_quantized_rows(modules) -> None:
+    for module in modules:
+        if getattr(module, "lte_qweight", None) is not None:
+            module.lte_qweight = module.lte_qscales = None
 
 
 def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
     """(rows, scales) of a quantized export's routed projection for the kernels (CPU or Triton: both read
     them), or None (float rows).
-    Rows are dropped for good once ``weight`` was written after they were made (fine-tuning, a merged
-    adapter, ``load_state_dict``): they would be the old weights."""
+    Rows are dropped for good once ``weight`` was written after they were made (an optimizer step,
+    ``load_state_dict``, a new tensor) or an adapter wraps the layer: they would be the old weights."""
     rows = getattr(module, "lte_qweight", None)
     if rows is None or rows.device != x.device:
         return None
-    if _weight_stamp(module) != module.lte_qstamp:
-        module.lte_qweight = module.lte_qscales = None
+    if not torch.compiler.is_compiling() and _weight_stamp(module) != getattr(module, "lte_qstamp", None):
+        drop_quantized_rows([module])
         return None
     return rows, module.lte_qscales
 
@@ -386,6 +395,7 @@ def _kernel_reads(module: nn.Module, args, expert_size: int) -> bool:
         and args.group_size % 32 == 0
         and not getattr(args, "actorder", None)
         and getattr(module, "weight_g_idx", None) is None
+        and module.in_features % args.group_size == 0  # whole groups (a rounded-up last group is another layout)
         and (isinstance(module, RoutedDown) or expert_size % args.group_size == 0)
     )
 
@@ -633,6 +643,12 @@ class LTEForCausalLM(_BaseForCausalLM):
         """Re-stride the FFN weights for the kernels (``from_pretrained`` does it; call it again
         after replacing a weight's tensor; the kernel paths also do it on first use)."""
         relayout_routed_ffns(self)
+
+    def lte_drop_quantized_rows(self) -> None:
+        """Stop decoding from a quantized export's integer rows (``lte export --quantize``) and run the float
+        weights: call it after writing FFN weights through ``.data`` (as PEFT's ``merge_and_unload`` does),
+        which the rows' staleness check cannot see. Writes through the parameters drop them by themselves."""
+        drop_quantized_rows(self.modules())
 
     def lte_sparsity(self) -> list[float | None]:
         """Per-layer fraction of FFN neurons skipped since the last reset (needs
