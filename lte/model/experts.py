@@ -259,8 +259,7 @@ def run_experts(self, layout: ExpertsLayout, hidden_states, top_k_index, top_k_w
     tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
     order = torch.argsort(experts, stable=True)  # expert-parallel sentinels (>= E) sort last and are skipped
     counts = torch.bincount(experts[experts < layout.num_experts], minlength=layout.num_experts).tolist()
-    # summed in fp32, as transformers' batched experts do (index_add_ in bf16 rounds after every expert)
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    out = torch.zeros_like(hidden_states)
     scores, owners = [], []
     start = 0
     for expert, count in enumerate(counts):
@@ -279,8 +278,8 @@ def run_experts(self, layout: ExpertsLayout, hidden_states, top_k_index, top_k_w
         y = _linear(h, down[expert], None if down_bias is None else down_bias[expert], layout.transposed)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
-        out.index_add_(0, token, y.float() * weights[pairs, None].float())
-    return out.to(hidden_states.dtype), scores, owners
+        out.index_add_(0, token, (y * weights[pairs, None]).to(out.dtype))
+    return out, scores, owners
 
 
 def lte_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -144,8 +144,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     rows = kernel_ready(self) and _in_kernel_layout(self)  # re-strided by from_pretrained / lte_relayout()
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or up.requires_grad or self.down_proj.requires_grad)
     kernel = rows and routing != "dense" and not grad  # the kernel has no backward: training runs masked
-    # summed in fp32, as transformers' batched experts do (index_add_ in bf16 rounds after every expert)
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    out = torch.zeros_like(hidden_states)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -172,8 +171,8 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
                 y = F.linear(h, _down_rows(self, expert).t(), None if down_bias is None else down_bias[expert])
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
-        out.index_add_(0, token, y.float() * weights[pairs, None].float())
-    return out.to(hidden_states.dtype)
+        out.index_add_(0, token, (y * weights[pairs, None]).to(out.dtype))
+    return out
 
 
 def install_routed_experts(model: nn.Module, config, index: int, host: dict) -> None:
