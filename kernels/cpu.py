@@ -123,13 +123,14 @@ struct QuantRows {
   int64_t row_bytes, group, groups, hidden;
   int64_t align() const { return group; }  // column blocks start on a group
   const uint8_t* at(int64_t r, int64_t g) const { return q + r * row_bytes + g * group * Bits / 8; }
-  float scale(int64_t r, int64_t g) const {
+  static float half(const at::Half* p) {  // one fp16 scale as fp32
 #ifdef __F16C__
-    return _cvtsh_ss(scales[r * groups + g].x);
+    return _cvtsh_ss(p->x);
 #else
-    return static_cast<float>(scales[r * groups + g]);
+    return static_cast<float>(*p);
 #endif
   }
+  float scale(int64_t r, int64_t g) const { return half(scales + r * groups + g); }
   float entry(const uint8_t* p, int64_t i) const {  // entry i of the group at p
     if (Bits == 8) return static_cast<float>(static_cast<int8_t>(p[i]));
     const int64_t half = group / 2;
@@ -236,13 +237,6 @@ template <int Bits>
 struct ColumnScaledRows : QuantRows<Bits> {
   int64_t rgroup, padded;
   const at::Half* cscales(int64_t r, int64_t c) const { return this->scales + (r / rgroup) * padded + c; }
-  static float half(const at::Half* p) {
-#ifdef __F16C__
-    return _cvtsh_ss(p->x);
-#else
-    return static_cast<float>(*p);
-#endif
-  }
   float dot(int64_t, const float*) const {
     TORCH_CHECK(false, "row-block scales are for the transposed product (expert_matvec_t / slot_matvec_t)");
     return 0.f;
@@ -278,7 +272,7 @@ struct ColumnScaledRows : QuantRows<Bits> {
       }
 #endif
       for (int64_t i = 0; i < n; ++i)
-        ag[i] += half(s + i) * (h[0] * this->entry(p[0], i) + h[1] * this->entry(p[1], i) +
+        ag[i] += this->half(s + i) * (h[0] * this->entry(p[0], i) + h[1] * this->entry(p[1], i) +
                                 h[2] * this->entry(p[2], i) + h[3] * this->entry(p[3], i));
     }
   }
@@ -288,7 +282,7 @@ struct ColumnScaledRows : QuantRows<Bits> {
       const uint8_t* p = this->at(r, g);
       const at::Half* s = cscales(r, g * group);
       float* ag = a + (g * group - c0);
-      for (int64_t i = 0; i < std::min(group, c1 - g * group); ++i) ag[i] += half(s + i) * h * this->entry(p, i);
+      for (int64_t i = 0; i < std::min(group, c1 - g * group); ++i) ag[i] += this->half(s + i) * h * this->entry(p, i);
     }
   }
 };

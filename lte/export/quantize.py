@@ -30,8 +30,6 @@ from lte_kernels.quant import GROUP_SIZE, group_scales, integers
 
 from ..core.errors import UsageError
 
-SCHEMES = {"int8": 8, "int4": 4}  # lte.training.export_args.QUANT_SCHEMES
-
 
 @dataclasses.dataclass
 class QuantPlan:
@@ -95,7 +93,7 @@ def plan(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, skip=()) -
             f"width is a multiple of {group_size} (GPT-2-style Conv1D layers are not quantized); export without "
             f"--quantize"
         )
-    return QuantPlan(SCHEMES[scheme], group_size, modules, kept)
+    return QuantPlan(int(scheme.removeprefix("int")), group_size, modules, kept)  # QUANT_SCHEMES: int8, int4
 
 
 def dequantized(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
