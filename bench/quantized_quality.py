@@ -5,33 +5,65 @@
 Each row is `lte export RUN --target-sparsity S [--quantize int8|int4]` (thresholds tuned on that model, so the
 sparsity matches), read back from its `lte_export.json`: held-out perplexity sparse and with every expert, in
 the run's eval split and in the two other layouts (</s> doc, packed), on text the run never trained or
-calibrated on. Exports are written to RUN/export-{float,int8,int4}-S and reused when there.
+calibrated on. Exports are written to RUN/export-<row>-S and reused when there.
+
+Two more pairs of rows swap the export's scale rule (``lte.export.quantize.fitted_scales``) for another, all else
+equal (the same layers, groups of 32, tuning, evaluation): ``max-abs`` (``max|w| / qmax``, no search) and
+``q8_0``/``q4_0``: the scales of llama.cpp's own Q8_0/Q4_0 quantizer (gguf-py's reference, ``gguf.quants``; Q4_0
+signs its scale so the largest weight lands on -8), i.e. llama.cpp's rounding of the same weights. llama.cpp would
+also quantize the token embeddings and, in its matrix products, the activations (to Q8_0): neither is in these
+rows. ``gguf`` is a benchmark-only package (``pip install gguf``); without it those rows are left out.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+# Rows: (name, --quantize scheme, scale rule): None keeps the export's own (the searched scales).
+ROWS = [
+    ("float", None, None),
+    ("int8", "int8", None),
+    ("int4", "int4", None),
+    ("int8 max-abs", "int8", "max_abs"),
+    ("int4 max-abs", "int4", "max_abs"),
+    ("q8_0 (llama.cpp scales)", "int8", "gguf"),
+    ("q4_0 (llama.cpp scales)", "int4", "gguf"),
+]
 
-def export(run: Path, sparsity: float, scheme: str | None, calibration_tokens: int) -> dict:
-    out = run / f"export-{scheme or 'float'}-{sparsity:g}"
+# Run in the export's process: the scale rule replaces lte.export.quantize.fitted_scales, then `lte export` runs.
+SCALE_RULES = {
+    "max_abs": """
+from lte_kernels.quant import group_scales
+def rule(weight, bits, group_size, dtype, importance=None):
+    return group_scales(weight, bits, group_size, dtype)
+""",
+    "gguf": """
+import numpy as np, torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+def rule(weight, bits, group_size, dtype, importance=None):
+    assert group_size == 32  # Q8_0 and Q4_0 blocks
+    qtype = GGMLQuantizationType.Q8_0 if bits == 8 else GGMLQuantizationType.Q4_0
+    rows, cols = weight.shape
+    blocks = quantize(weight.detach().float().cpu().numpy(), qtype).reshape(rows, cols // 32, -1)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]  # each block starts with its fp16 scale
+    return torch.from_numpy(d.astype(np.float32)).to(dtype).float().to(weight.device)
+""",
+}
+
+
+def export(run: Path, sparsity: float, name: str, scheme: str | None, rule: str | None, calibration_tokens: int):
+    out = run / f"export-{name.split(' (')[0].replace(' ', '-')}-{sparsity:g}"
     if not (out / "lte_export.json").is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "lte",
-            "export",
-            str(run),
-            "--target-sparsity",
-            str(sparsity),
-            "--out",
-            str(out),
-        ]
-        command += ["--calibration-tokens", str(calibration_tokens), *(["--quantize", scheme] if scheme else [])]
-        if subprocess.run(command).returncode:
-            sys.exit(f"failed: {' '.join(command)}")
+        argv = ["export", str(run), "--target-sparsity", str(sparsity), "--out", str(out)]
+        argv += ["--calibration-tokens", str(calibration_tokens), *(["--quantize", scheme] if scheme else [])]
+        code = (SCALE_RULES[rule] + "\nimport lte.export.quantize as q\nq.fitted_scales = rule\n") if rule else ""
+        code += f"import sys\nfrom lte.cli import main\nsys.exit(main({argv!r}))"
+        if subprocess.run([sys.executable, "-c", code]).returncode:
+            sys.exit(f"failed: lte {' '.join(argv)} (scale rule: {rule or 'searched'})")
     return json.loads((out / "lte_export.json").read_text())
 
 
@@ -43,14 +75,17 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    for scheme in (None, "int8", "int4"):
-        report = export(Path(args.run), args.target_sparsity, scheme, args.calibration_tokens)
+    for name, scheme, rule in ROWS:
+        if rule == "gguf" and importlib.util.find_spec("gguf") is None:
+            print(f"{name}: left out (pip install gguf for llama.cpp's scale rule)")
+            continue
+        report = export(Path(args.run), args.target_sparsity, name, scheme, rule, args.calibration_tokens)
         layouts = report.get("layouts") or {}
         quantization = report.get("quantization") or {}
         total = quantization.get("quantized_weights", 0) + quantization.get("float_weights", 0)
         rows.append(
             {
-                "weights": scheme or "float",
+                "weights": name,
                 "quantized_share": quantization["quantized_weights"] / total if total else 0.0,
                 "heldout_sparsity": report["heldout_sparsity"],
                 "sparse_ppl": report["sparse_ppl"],

@@ -23,7 +23,7 @@ import torch
 
 GROUP_SIZE = 32
 BITS = {8: torch.int8, 4: torch.uint8}
-_QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7}
 
 
 def check_group_size(group_size: int, expert_size: int | None = None) -> None:
@@ -56,7 +56,7 @@ def group_scales(
     read) and ``dtype`` (what a checkpoint of that dtype stores) both hold exactly."""
     rows, cols = weight.shape
     amax = weight.detach().float().reshape(rows, cols // group_size, group_size).abs().amax(dim=-1)
-    return (amax / _QMAX[bits]).to(torch.float16).to(dtype).float()
+    return (amax / QMAX[bits]).to(torch.float16).to(dtype).float()
 
 
 def integers(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def integers(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Ten
     rows, cols = weight.shape
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
     q = (weight.detach().float().reshape(rows, scales.shape[1], -1) / safe).round()
-    return q.clamp(-_QMAX[bits] - 1, _QMAX[bits]).to(torch.int8).reshape(rows, cols)
+    return q.clamp(-QMAX[bits] - 1, QMAX[bits]).to(torch.int8).reshape(rows, cols)
 
 
 def pack(q: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ..core.outputs import disk_guard, read_marker, staged_dir
 from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..model.inject import load_lte, lte_layers, unload_lte
-from .quantize import compress_checkpoint, describe_quantization, fake_quantize_, plan as quant_plan
+from .quantize import InputImportance, compress_checkpoint, describe_quantization, fake_quantize_, plan as quant_plan
 from .request import ExportRequest
 from .thresholds import KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
@@ -171,9 +171,10 @@ def to_routed(model, thresholds: list[float]):
     return model
 
 
-def quantize_in_memory(model, scheme: str):
+def quantize_in_memory(model, scheme: str, batches=None):
     """Quantize the in-memory LTE model's Linear weights (:mod:`lte.export.quantize`) before tuning, so the
-    thresholds, the held-out figures and the reload check all see the weights the checkpoint stores."""
+    thresholds, the held-out figures and the reload check all see the weights the checkpoint stores. With
+    calibration ``batches``, each scale is searched against the inputs' mean squares on them (one dense pass)."""
     layers = lte_layers(model)
     if any(getattr(layer, "routes_experts", False) for layer in layers):
         raise UsageError(
@@ -181,7 +182,11 @@ def quantize_in_memory(model, scheme: str):
             f"3-D tensors, not Linear layers); export without --quantize"
         )
     quant = quant_plan(model, scheme, skip=[layer.lte_router for layer in layers])
-    fake_quantize_(quant)
+    importance = None
+    if batches is not None:
+        with InputImportance(quant.modules) as importance:
+            dense_nll(model, batches)
+    fake_quantize_(quant, importance)
     logger.info("export: %s quantization of %d Linear layers in memory", scheme, len(quant.modules))
     return quant
 
@@ -392,7 +397,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     model = load_lte(source, **model_kwargs(recipe)).to(device).eval()
     base = base_architecture(model)
     dtype = next(model.parameters()).dtype if dtype == "auto" else dtype
-    quant = quantize_in_memory(model, request.quantize) if request.quantize is not None else None
+    quant = quantize_in_memory(model, request.quantize, batches) if request.quantize is not None else None
 
     if request.target_sparsity is not None:
         if warning := below_trained_sparsity(run_report.get("sparsity"), request.target_sparsity):

@@ -2,7 +2,11 @@
 
 Every ``nn.Linear`` of the exported model (attention, FFN) is quantized the same way:
 symmetric, one scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0/Q4_0 grouping:
-8.5 and 4.5 bits per weight with fp16-exact scales), round to nearest. The checkpoint is written in
+8.5 and 4.5 bits per weight with fp16-exact scales), round to nearest. Each group's scale is searched
+(:func:`fitted_scales`): of ``max|w| / qmax`` shrunk by a grid of clip factors, the one with the least
+squared error, weighted per input by its mean squared activation on the calibration text where the
+exporter has it (the clip search of AWQ and llama.cpp's k-quants; no second-order update as GPTQ's). The
+checkpoint is written in
 **compressed-tensors**' ``pack-quantized`` format (``weight_packed`` int32 words, ``weight_scale``,
 ``weight_shape``; ``quantization_config`` in config.json), which transformers (with the
 ``compressed-tensors`` package) and vLLM read, so the base class still loads it, dense. Why this
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lte_kernels.quant import GROUP_SIZE, group_scales, integers
+from lte_kernels.quant import GROUP_SIZE, QMAX, integers
 
 from ..core.errors import UsageError
 
@@ -102,12 +106,79 @@ def dequantized(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> to
     return (q.float().reshape(rows, groups, -1) * scales.float().unsqueeze(-1)).reshape(rows, cols).to(dtype)
 
 
+# Clip factors tried per group, from 1 (max|w| maps to qmax) down: int4 gains most (its 16 levels are coarse; a
+# group's largest weight is often better clipped than spending a level on it), int8 keeps 1 almost everywhere.
+CLIP_FACTORS = torch.linspace(1.0, 0.55, 31)
+_CHUNK_ELEMENTS = 1 << 22  # rows searched at once: a few 16 MB fp32 temporaries
+
+
 @torch.no_grad()
-def fake_quantize_(quant: QuantPlan) -> None:
-    """Replace each planned weight by its quantized-then-dequantized value, in place, and keep its scales."""
+def fitted_scales(
+    weight: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 [rows, cols / group_size]: per group, the scale (exact in fp16 and ``dtype``, as the kernels and
+    the checkpoint hold it) of least ``sum(importance * (w - s * q(w / s))**2)`` over :data:`CLIP_FACTORS`.
+    ``importance`` [cols]: each input's weight in the error (its mean squared activation); uniform if None.
+    Ties keep the larger scale, so a group no input reaches keeps ``max|w| / qmax``."""
+    rows, cols = weight.shape
+    qmax = QMAX[bits]
+    if importance is None:
+        importance = torch.ones(cols)
+    importance = importance.float().to(weight.device)
+    importance = (importance / importance.max().clamp_min(1e-30)).clamp_min(1e-6).reshape(1, -1, group_size)
+    out = torch.empty(rows, cols // group_size, device=weight.device)
+    step = max(1, _CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        w = weight[start : start + step].detach().float().reshape(-1, cols // group_size, group_size)
+        amax = w.abs().amax(dim=-1)
+        best_error = torch.full_like(amax, float("inf"))
+        best = torch.zeros_like(amax)
+        for factor in CLIP_FACTORS.tolist():
+            scales = (amax * (factor / qmax)).to(torch.float16).to(dtype).float()
+            safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+            q = (w / safe).round().clamp(-qmax - 1, qmax)
+            error = ((w - q * scales.unsqueeze(-1)).square() * importance).sum(dim=-1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best = torch.where(better, scales, best)
+        out[start : start + step] = best
+    return out
+
+
+class InputImportance:
+    """Each module's mean squared input per feature, gathered by forward pre-hooks while the caller runs the
+    model on calibration text (``with InputImportance(modules) as importance: run()``)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.sums: dict[nn.Module, torch.Tensor] = {}
+        self.counts: dict[nn.Module, int] = {}
+
+    def _hook(self, module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        self.sums[module] = self.sums.get(module, 0) + x.square().sum(dim=0)
+        self.counts[module] = self.counts.get(module, 0) + x.shape[0]
+
+    def __enter__(self) -> InputImportance:
+        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def of(self, module: nn.Module) -> torch.Tensor | None:
+        return self.sums[module] / self.counts[module] if module in self.sums else None
+
+
+@torch.no_grad()
+def fake_quantize_(quant: QuantPlan, importance: InputImportance | None = None) -> None:
+    """Replace each planned weight by its quantized-then-dequantized value, in place, and keep its scales
+    (searched per group, weighted by ``importance`` where given)."""
     for module in quant.modules:
         weight = module.weight
-        scales = group_scales(weight, quant.bits, quant.group_size, weight.dtype)
+        weights = importance.of(module) if importance is not None else None
+        scales = fitted_scales(weight, quant.bits, quant.group_size, weight.dtype, weights)
         weight.copy_(dequantized(integers(weight, scales, quant.bits), scales, weight.dtype))
         quant.scales[module] = scales.to("cpu")  # the writer reads the saved files on the CPU
 
@@ -136,7 +207,7 @@ def compress_checkpoint(directory: Path, model: nn.Module, quant: QuantPlan) -> 
                 continue
             prefix, scales = key[: -len("weight")], wanted[key]
             out[prefix + "weight_packed"] = pack_to_int32(integers(tensor, scales, quant.bits), quant.bits)
-            out[prefix + "weight_scale"] = scales.to(torch.float16)  # exact: group_scales rounds them so
+            out[prefix + "weight_scale"] = scales.to(torch.float16)  # exact: fitted_scales rounds them so
             out[prefix + "weight_shape"] = torch.tensor(tensor.shape)
             found.add(key)
             quantized_weights += tensor.numel()

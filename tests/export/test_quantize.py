@@ -11,8 +11,18 @@ from safetensors.torch import load_file
 from conftest import REPO
 from lte.cli import main
 from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
-from lte.export.quantize import compress_checkpoint, dequantized, plan
+from lte.export.quantize import InputImportance, compress_checkpoint, dequantized, fitted_scales, plan
 from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
+from lte_kernels.quant import group_scales, integers
+
+
+class _Wrapper(torch.nn.Module):  # what PEFT's adapter layers look like from outside: the original as base_layer
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x):
+        return self.base_layer(x)
 
 
 def _quantized_export(scheme: str, out, dtype=torch.float32, **save_kwargs):
@@ -111,9 +121,13 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         assert (token - expected["token"]).abs().max() < tolerance
         assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < tolerance
         assert (model(ids).logits - expected["dense"]).abs().max() > 1e-3  # experts are skipped
-        # Decoding reads each projection's integer rows: doubling one projection's scales changes a token's
-        # logits, and not the masked path's (every row, the dequantized weights).
-        for projection in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj):
+        attention = model.model.layers[0].self_attn
+        assert all(getattr(attention, p).lte_qweight is not None for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert model.lm_head.weight.dtype == dtype and not hasattr(model.lm_head, "lte_qweight")  # kept float
+        # Decoding reads each projection's integer rows (the FFN's selected experts', attention's every row):
+        # doubling one projection's scales changes a token's logits, and not the masked path's (more tokens than
+        # the kernels take: the dequantized weights). (Not q or k: one token attends to itself alone.)
+        for projection in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj, attention.v_proj, attention.o_proj):
             projection.lte_qscales.mul_(2)
             assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3, projection
             assert (model(ids).logits - expected["full"]).abs().max() < tolerance
@@ -124,6 +138,10 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         halved = model(ids[:1, :1]).logits
         assert mlps[0].down_proj.lte_qweight is None and mlps[0].gate_proj.lte_qweight is not None
         assert (halved - token).abs().max() > 1e-3
+        # A layer an adapter wraps drops its rows (the adapter's output is base + delta, a merge writes .data).
+        attention.o_proj = _Wrapper(attention.o_proj)
+        model(ids[:1, :1])
+        assert attention.o_proj.base_layer.lte_qweight is None and attention.v_proj.lte_qweight is not None
         # A write through .data (PEFT's merge) is not seen; lte_drop_quantized_rows() says so to the model.
         mlps[1].up_proj.weight.data.mul_(0.5)
         assert mlps[1].up_proj.lte_qweight is not None
@@ -146,13 +164,54 @@ def test_the_triton_decode_path_reads_the_same_integers_in_the_interpreter(tmp_p
             token = model(ids[:1, :1]).logits
             assert (token - expected["token"]).abs().max() < 1e-4
             assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < 1e-4
-            mlp = model.model.layers[0].mlp
-            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):  # each one's rows are what it reads
+            mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+            for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj, attention.o_proj):  # each reads its rows
                 projection.lte_qscales.mul_(2)
                 assert (model(ids[:1, :1]).logits - token).abs().max() > 1e-3, projection
                 projection.lte_qscales.div_(2)
     finally:
         modeling._FORCE_TRITON = False
+
+
+def _group_errors(weight, scales, bits, importance):
+    error = (weight - dequantized(integers(weight, scales, bits), scales, torch.float32)).square() * importance
+    return error.reshape(weight.shape[0], scales.shape[1], -1).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_searched_scales_beat_max_abs_per_group_and_follow_the_inputs_that_matter(bits):
+    """The clip search never does worse than max|w| / qmax in any group, clearly better for int4 (heavy-tailed
+    weights), and with an importance per input it trades error on idle inputs for error on busy ones; its scales
+    are exact in fp16 (what the kernels read) and in the model's dtype."""
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(4.0).sample((64, 256))
+    uniform = torch.ones(256)
+    plain = group_scales(weight, bits, 32, torch.float32)
+    searched = fitted_scales(weight, bits, 32, torch.float32)
+    before, after = _group_errors(weight, plain, bits, uniform), _group_errors(weight, searched, bits, uniform)
+    assert (after <= before * (1 + 1e-6)).all()
+    assert after.sum() < (0.85 if bits == 4 else 1.0) * before.sum()  # measured: 0.82 for int4
+    busy = torch.rand(256, generator=torch.Generator().manual_seed(1)) ** 4 * 100  # a few inputs dominate
+    weighted = fitted_scales(weight, bits, 32, torch.float32, busy)
+    aware, blind = _group_errors(weight, weighted, bits, busy), _group_errors(weight, searched, bits, busy)
+    assert (aware <= blind * (1 + 1e-6)).all()
+    assert aware.sum() < (0.97 if bits == 4 else 1.0) * blind.sum()
+    bf16 = fitted_scales(weight.bfloat16(), bits, 32, torch.bfloat16)
+    assert torch.equal(bf16, bf16.to(torch.float16).float()) and torch.equal(bf16, bf16.bfloat16().float())
+    assert torch.equal(searched, searched.to(torch.float16).float())
+
+
+def test_input_importance_is_the_mean_squared_input_of_each_module():
+    first, second = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    x = torch.randn(5, 7, 4)
+    with InputImportance([first, second]) as importance:
+        second(first(x))
+        first(x[:, :1])
+    expected = torch.cat([x.reshape(-1, 4), x[:, :1].reshape(-1, 4)]).square().mean(0)
+    assert torch.allclose(importance.of(first), expected)
+    assert torch.allclose(importance.of(second), first(x).detach().reshape(-1, 3).square().mean(0))
+    assert importance.of(torch.nn.Linear(2, 2)) is None
+    assert not first._forward_pre_hooks  # the hooks are gone after the block
 
 
 def test_quantize_without_compressed_tensors_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -283,7 +283,7 @@ class RoutedFirst:
         rows = _rows(self, out_is_rows=True)
         width, size, bias = rows.shape[0] // self.lte_chunks, state.expert_size, self.bias
         if state.order is not None:  # kernels: a slot per expert, the selected ones first
-            matvec, quantized = state.kernels[1], _quantized_rows(self, state, x)
+            matvec, quantized = state.kernels[1], _quantized_rows(self, x)
             if quantized is None:
                 _relayout(self, out_is_rows=True)
                 rows = _rows(self, out_is_rows=True)
@@ -323,7 +323,7 @@ class RoutedDown:
                 shape = h.shape
                 keep = state.token_mask.reshape(*shape[:-1], -1, 1).to(h.dtype)
                 h = (h.reshape(*shape[:-1], keep.shape[-2], state.expert_size) * keep).reshape(shape)
-            quantized = _quantized_rows(self, state, h)
+            quantized = _quantized_rows(self, h)
             if quantized is None:
                 _relayout(self, out_is_rows=False)
                 out = state.kernels[2](h, _rows(self, out_is_rows=False), state.order, state.count, state.expert_size)
@@ -362,13 +362,48 @@ def _weight_stamp(module: nn.Module) -> tuple:
     return weight.data_ptr(), weight._version
 
 
+class QuantizedDense:
+    """Mixed into a compressed ``nn.Linear`` outside the routed FFNs (attention, an FFN left dense) whose integer
+    rows the kernels read: decoding (up to ``MAX_UNION_TOKENS`` tokens, no gradient) multiplies them with every
+    row selected, so the whole model reads 4.5/8.5 bits per weight per token, not only its FFNs; everything else
+    runs the dequantized weight (the base class's forward). The rows are dropped, as the routed projections'
+    are, once the weight is written or an adapter wraps the layer."""
+
+    def forward(self, x):
+        quantized = None
+        if x.numel() // x.shape[-1] <= MAX_UNION_TOKENS and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        ):
+            owner, name = self.lte_qowner
+            if getattr(owner, name, None) is not self:  # wrapped (a PEFT adapter): the rows are not its weights
+                drop_quantized_rows([self])
+            quantized = _quantized_rows(self, x)
+        kernels = _kernels(self.weight) if quantized is not None else None
+        if kernels is None:
+            return super().forward(x)
+        rows, scales = quantized
+        order, count = self.lte_qslots
+        out = kernels[1](x, rows, order, count, _QUANT_SLOT, 0, scales=scales).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+
+class _Owner(tuple):
+    """(parent module, attribute name) of a :class:`QuantizedDense` layer: a plain tuple, so the parent is not
+    registered a second time as a submodule."""
+
+
+# The dense integer rows are read in slots of this many rows (the kernels' slot: a multiple of 32).
+_QUANT_SLOT = 32
+
+
 def drop_quantized_rows(modules) -> None:
     for module in modules:
         if getattr(module, "lte_qweight", None) is not None:
             module.lte_qweight = module.lte_qscales = None
 
 
-def _quantized_rows(module: nn.Module, state: RoutingState, x: torch.Tensor):
+def _quantized_rows(module: nn.Module, x: torch.Tensor):
     """(rows, scales) of a quantized export's routed projection for the kernels (CPU or Triton: both read
     them), or None (float rows).
     Rows are dropped for good once ``weight`` was written after they were made (an optimizer step,
@@ -412,21 +447,39 @@ def install_quantized_rows(model: nn.Module) -> None:
     if _quant_pack is not None:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-        for module in model.modules():
+        for name, module in list(model.named_modules()):
             packed, state = getattr(module, "weight_packed", None), getattr(module, "lte_state", None)
             args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-            if packed is None or state is None or args is None:
+            if packed is None or args is None:
                 continue
-            if not _kernel_reads(module, args, state.expert_size):
+            dense = state is None and isinstance(module, nn.Linear) and module.out_features % _QUANT_SLOT == 0
+            if not (dense or state is not None) or not _kernel_reads(
+                module, args, args.group_size if dense else state.expert_size
+            ):
                 continue
             q = unpack_from_int32(packed.data, args.num_bits, torch.Size(module.weight_shape.tolist()))
             scales = module.weight_scale.data
-            if isinstance(module, RoutedFirst):  # [out, in] rows, groups along in: the kernel's own layout
+            if dense or isinstance(module, RoutedFirst):  # [out, in] rows, groups along in: the kernel's own layout
                 module.lte_qweight = _quant_pack(q, args.num_bits, args.group_size)
                 module.lte_qscales = scales.to(torch.float16).contiguous()
             elif isinstance(module, RoutedDown):
                 module.lte_qweight, module.lte_qscales = _quant_transposed(q, scales, args.num_bits)
+            if dense:
+                parent, _, attribute = name.rpartition(".")
+                slots = module.out_features // _QUANT_SLOT
+                module.lte_qowner = _Owner((model.get_submodule(parent), attribute))
+                module.lte_qslots = (
+                    torch.arange(slots, dtype=torch.int32, device=packed.device),
+                    torch.tensor([slots], dtype=torch.int32, device=packed.device),
+                )
+                module.__class__ = _routed_class(QuantizedDense, type(module))
     compressor.decompress_model(model)
+    for module in model.modules():
+        # compressed-tensors wrapped each layer's forward at load and unwraps it to the one it wrapped: the base
+        # class's, bound to the instance, which would hide QuantizedDense.forward (mixed in after the wrapping)
+        bound = module.__dict__.get("forward")
+        if isinstance(module, QuantizedDense) and getattr(bound, "__func__", None) in vars(nn.Linear).values():
+            del module.forward
 
 
 def stamp_quantized_rows(model: nn.Module) -> None:
