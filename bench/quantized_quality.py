@@ -5,7 +5,7 @@
 Each row is `lte export RUN --target-sparsity S [--quantize int8|int4]` (thresholds tuned on that model, so the
 sparsity matches), read back from its `lte_export.json`: held-out perplexity sparse and with every expert, in
 the run's eval split and in the two other layouts (</s> doc, packed), on text the run never trained or
-calibrated on. Exports are written to RUN/export-<row>-S and reused when there.
+calibrated on. Exports are written to RUN/export-<row>-S and reused when there; ``--rows`` picks rows.
 
 Two more pairs of rows swap the export's scale rule (``lte.export.quantize.fitted_scales``) for another, all else
 equal (the same layers, groups of 32, tuning, evaluation): ``max-abs`` (``max|w| / qmax``, no search) and
@@ -20,18 +20,19 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-# Rows: (name, --quantize scheme, scale rule): None keeps the export's own (the searched scales).
-ROWS = [
-    ("float", None, None),
-    ("int8", "int8", None),
-    ("int4", "int4", None),
-    ("int8 max-abs", "int8", "max_abs"),
-    ("int4 max-abs", "int4", "max_abs"),
-    ("q8_0 (llama.cpp scales)", "int8", "gguf"),
-    ("q4_0 (llama.cpp scales)", "int4", "gguf"),
-]
+# Rows: {key: (name, --quantize scheme, scale rule)}: rule None keeps the export's own (the searched scales).
+ROWS = {
+    "float": ("float", None, None),
+    "int8": ("int8", "int8", None),
+    "int4": ("int4", "int4", None),
+    "int8-max-abs": ("int8 max-abs", "int8", "max_abs"),
+    "int4-max-abs": ("int4 max-abs", "int4", "max_abs"),
+    "q8_0": ("q8_0 (llama.cpp scales)", "int8", "gguf"),
+    "q4_0": ("q4_0 (llama.cpp scales)", "int4", "gguf"),
+}
 
 # Run in the export's process: the scale rule replaces lte.export.quantize.fitted_scales, then `lte export` runs.
 SCALE_RULES = {
@@ -62,9 +63,12 @@ def export(run: Path, sparsity: float, name: str, scheme: str | None, rule: str 
         argv += ["--calibration-tokens", str(calibration_tokens), *(["--quantize", scheme] if scheme else [])]
         code = (SCALE_RULES[rule] + "\nimport lte.export.quantize as q\nq.fitted_scales = rule\n") if rule else ""
         code += f"import sys\nfrom lte.cli import main\nsys.exit(main({argv!r}))"
+        start = time.perf_counter()
         if subprocess.run([sys.executable, "-c", code]).returncode:
             sys.exit(f"failed: lte {' '.join(argv)} (scale rule: {rule or 'searched'})")
-    return json.loads((out / "lte_export.json").read_text())
+        (out / "bench_export_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    seconds = out / "bench_export_seconds.txt"
+    return json.loads((out / "lte_export.json").read_text()), float(seconds.read_text()) if seconds.is_file() else None
 
 
 def main() -> None:
@@ -72,14 +76,15 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--target-sparsity", type=float, default=0.5)
     parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated (float first)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    for name, scheme, rule in ROWS:
+    for name, scheme, rule in (ROWS[key] for key in args.rows.split(",")):
         if rule == "gguf" and importlib.util.find_spec("gguf") is None:
             print(f"{name}: left out (pip install gguf for llama.cpp's scale rule)")
             continue
-        report = export(Path(args.run), args.target_sparsity, name, scheme, rule, args.calibration_tokens)
+        report, seconds = export(Path(args.run), args.target_sparsity, name, scheme, rule, args.calibration_tokens)
         layouts = report.get("layouts") or {}
         quantization = report.get("quantization") or {}
         total = quantization.get("quantized_weights", 0) + quantization.get("float_weights", 0)
@@ -91,18 +96,23 @@ def main() -> None:
                 "sparse_ppl": report["sparse_ppl"],
                 "dense_ppl": report["dense_ppl"],
                 "layouts": layouts,
+                "export_seconds": seconds,  # the whole `lte export` process, quantization and tuning included
             }
         )
     base = rows[0]
     lines = [
-        "| weights | share quantized | held-out sparsity | sparse ppl | vs float sparse | all experts ppl | vs float |",
-        "|---|---|---|---|---|---|---|",
+        (
+            "| weights | share quantized | held-out sparsity | sparse ppl | vs float sparse | all experts ppl "
+            "| vs float | export s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['weights']} | {100 * r['quantized_share']:.0f}% | {100 * r['heldout_sparsity']:.1f}% "
             f"| {r['sparse_ppl']:.4f} | {100 * (r['sparse_ppl'] / base['sparse_ppl'] - 1):+.2f}% "
-            f"| {r['dense_ppl']:.4f} | {100 * (r['dense_ppl'] / base['dense_ppl'] - 1):+.2f}% |"
+            f"| {r['dense_ppl']:.4f} | {100 * (r['dense_ppl'] / base['dense_ppl'] - 1):+.2f}% "
+            f"| {r['export_seconds'] or float('nan'):.0f} |"
         )
     print("\n".join(lines))
     print("\nother layouts (sparse ppl):")

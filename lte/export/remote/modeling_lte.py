@@ -473,13 +473,7 @@ def install_quantized_rows(model: nn.Module) -> None:
                     torch.tensor([slots], dtype=torch.int32, device=packed.device),
                 )
                 module.__class__ = _routed_class(QuantizedDense, type(module))
-    compressor.decompress_model(model)
-    for module in model.modules():
-        # compressed-tensors wrapped each layer's forward at load and unwraps it to the one it wrapped: the base
-        # class's, bound to the instance, which would hide QuantizedDense.forward (mixed in after the wrapping)
-        bound = module.__dict__.get("forward")
-        if isinstance(module, QuantizedDense) and getattr(bound, "__func__", None) in vars(nn.Linear).values():
-            del module.forward
+    compressor.decompress_model(model)  # its forward wrapper calls type(module).forward: QuantizedDense's too
 
 
 def stamp_quantized_rows(model: nn.Module) -> None:
