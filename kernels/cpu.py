@@ -103,9 +103,6 @@ struct DenseRows {
     for (int l = 0; l < 16; ++l) acc += lanes[l];
     return acc;
   }
-  void dot4(int64_t r, const float* x, float* out) const {  // rows r .. r + 3
-    for (int i = 0; i < 4; ++i) out[i] = dot(r + i, x);
-  }
   void axpy(int64_t r, float h, float* a, int64_t c0, int64_t c1) const {
     const W* row = w + r * hidden + c0;
     for (int64_t c = 0; c < c1 - c0; ++c) a[c] += h * load(row, c);
@@ -153,18 +150,29 @@ struct QuantRows {
     return _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
   }
 #endif
+  float dot(int64_t r, const float* x) const {
+    const int64_t full = hidden / group;
+    float acc = 0.f;
+    int64_t g = 0;
 #ifdef LTE_AVX2
-  static inline float hsum(__m256 v8) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+    __m256 vacc = _mm256_setzero_ps();
+    for (; g < full; ++g) {
+      const uint8_t* p = at(r, g);
+      const float* xg = x + g * group;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), w0, w1;
+      for (int64_t e = 0; e < group; e += 16) {
+        widen(entries16(p, e), w0, w1);
+        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + e), s0);
+        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + e + 8), s1);
+      }
+      vacc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(scale(r, g)), vacc);
+    }
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(vacc), _mm256_extractf128_ps(vacc, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    return _mm_cvtss_f32(v);
-  }
+    acc = _mm_cvtss_f32(v);
 #endif
-  // row r's products over groups g0 and on: the portable path, and the last group of a padded row
-  float tail(int64_t r, const float* x, int64_t g0) const {
-    float acc = 0.f;
-    for (int64_t g = g0; g < groups; ++g) {
+    for (; g < groups; ++g) {  // the portable path, and the last group of a padded row
       const uint8_t* p = at(r, g);
       const int64_t n = std::min(group, hidden - g * group);
       float lanes[8] = {0.f};
@@ -177,41 +185,6 @@ struct QuantRows {
       acc += scale(r, g) * sum;
     }
     return acc;
-  }
-  float dot(int64_t r, const float* x) const {
-    float out[1];
-    dots<1>(r, x, out);
-    return out[0];
-  }
-  // rows r .. r + 3 in one pass: each load of x serves four rows (the dense 0%-sparsity case is bound by
-  // these loads and the int -> float conversions, not by the bytes of the rows)
-  void dot4(int64_t r, const float* x, float* out) const { dots<4>(r, x, out); }
-  template <int N>
-  void dots(int64_t r, const float* x, float* out) const {  // the same sums in the same order for any N
-    int64_t g = 0;
-    float acc[N] = {0.f};
-#ifdef LTE_AVX2
-    const int64_t full = hidden / group;
-    __m256 vacc[N];
-    for (int i = 0; i < N; ++i) vacc[i] = _mm256_setzero_ps();
-    for (; g < full; ++g) {
-      const float* xg = x + g * group;
-      __m256 s0[N], s1[N], w0, w1;
-      for (int i = 0; i < N; ++i) s0[i] = _mm256_setzero_ps(), s1[i] = _mm256_setzero_ps();
-      for (int64_t e = 0; e < group; e += 16) {
-        const __m256 x0 = _mm256_loadu_ps(xg + e), x1 = _mm256_loadu_ps(xg + e + 8);
-        for (int i = 0; i < N; ++i) {
-          widen(entries16(at(r + i, g), e), w0, w1);
-          s0[i] = _mm256_fmadd_ps(w0, x0, s0[i]);
-          s1[i] = _mm256_fmadd_ps(w1, x1, s1[i]);
-        }
-      }
-      for (int i = 0; i < N; ++i)
-        vacc[i] = _mm256_fmadd_ps(_mm256_add_ps(s0[i], s1[i]), _mm256_set1_ps(scale(r + i, g)), vacc[i]);
-    }
-    for (int i = 0; i < N; ++i) acc[i] = hsum(vacc[i]);
-#endif
-    for (int i = 0; i < N; ++i) out[i] = acc[i] + tail(r + i, x, g);
   }
   // a[c - c0] += sum over rows r .. r + 3 of h[i] * row[c]: four rows per pass over a (a is read and written
   // once for four rows, four independent streams). Rows in order, so the sums do not depend on the threads.
@@ -268,7 +241,6 @@ struct ColumnScaledRows : QuantRows<Bits> {
     TORCH_CHECK(false, "row-block scales are for the transposed product (expert_matvec_t / slot_matvec_t)");
     return 0.f;
   }
-  void dot4(int64_t r, const float* x, float*) const { dot(r, x); }
   void axpy4(int64_t r, const float* h, float* a, int64_t c0, int64_t c1) const {
     const int64_t group = this->group;
     for (int64_t g = c0 / group; g * group < c1; ++g) {
@@ -318,18 +290,8 @@ struct ColumnScaledRows : QuantRows<Bits> {
 template <typename Rows>
 static void matvec_rows(const float* x, int64_t tokens, const Rows& w, const int64_t* experts, int64_t k,
                         int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
-  // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads, four
-  // rows of one expert at a time where the expert size allows.
+  // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads.
   const int64_t n = k * size;
-  if (size % 4 == 0) {
-    at::parallel_for(0, n / 4, grain(4 * hidden * tokens, 2), [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin * 4; j < end * 4; j += 4) {
-        const int64_t r = offset + experts[j / size] * size + j % size;
-        for (int64_t t = 0; t < tokens; ++t) w.dot4(r, x + t * hidden, y + t * ystride + j);
-      }
-    });
-    return;
-  }
   at::parallel_for(0, n, grain(hidden * tokens, 8), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t r = offset + experts[j / size] * size + j % size;
