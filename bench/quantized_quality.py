@@ -56,17 +56,22 @@ def rule(weight, bits, group_size, dtype, importance=None):
 }
 
 
-def export(run: Path, sparsity: float, name: str, scheme: str | None, rule: str | None, calibration_tokens: int):
+def export(run: Path, sparsity: float, name: str, scheme: str | None, rule: str | None, options: list[str]):
     out = run / f"export-{name.split(' (')[0].replace(' ', '-')}-{sparsity:g}"
+    argv = ["export", str(run), "--target-sparsity", str(sparsity), "--out", str(out), *options]
+    argv += ["--quantize", scheme] if scheme else []
+    settings = {"argv": argv, "scale_rule": rule or "searched (lte.export.quantize.fitted_scales)"}
+    made = out / "bench_settings.json"
+    if (out / "lte_export.json").is_file() and (not made.is_file() or json.loads(made.read_text()) != settings):
+        sys.exit(f"{out} was made with other settings than {settings} (or unknown ones): remove it to remake it")
     if not (out / "lte_export.json").is_file():
-        argv = ["export", str(run), "--target-sparsity", str(sparsity), "--out", str(out)]
-        argv += ["--calibration-tokens", str(calibration_tokens), *(["--quantize", scheme] if scheme else [])]
         code = (SCALE_RULES[rule] + "\nimport lte.export.quantize as q\nq.fitted_scales = rule\n") if rule else ""
         code += f"import sys\nfrom lte.cli import main\nsys.exit(main({argv!r}))"
         start = time.perf_counter()
         if subprocess.run([sys.executable, "-c", code]).returncode:
             sys.exit(f"failed: lte {' '.join(argv)} (scale rule: {rule or 'searched'})")
         (out / "bench_export_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        made.write_text(json.dumps(settings, indent=2) + "\n")
     seconds = out / "bench_export_seconds.txt"
     return json.loads((out / "lte_export.json").read_text()), float(seconds.read_text()) if seconds.is_file() else None
 
@@ -76,15 +81,20 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--target-sparsity", type=float, default=0.5)
     parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--allocation", help="lte export --allocation (default: the export's)")
     parser.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated (float first)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not args.rows.startswith("float"):
+        sys.exit("--rows: float first (the other rows are compared with it)")
     rows = []
     for name, scheme, rule in (ROWS[key] for key in args.rows.split(",")):
         if rule == "gguf" and importlib.util.find_spec("gguf") is None:
             print(f"{name}: left out (pip install gguf for llama.cpp's scale rule)")
             continue
-        report, seconds = export(Path(args.run), args.target_sparsity, name, scheme, rule, args.calibration_tokens)
+        options = ["--calibration-tokens", str(args.calibration_tokens)]
+        options += ["--allocation", args.allocation] if args.allocation else []
+        report, seconds = export(Path(args.run), args.target_sparsity, name, scheme, rule, options)
         layouts = report.get("layouts") or {}
         quantization = report.get("quantization") or {}
         total = quantization.get("quantized_weights", 0) + quantization.get("float_weights", 0)

@@ -60,11 +60,11 @@ def group_scales(
 
 
 def integers(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 [rows, cols]: ``round(w / s)`` against ``scales`` (0 where a scale is 0), clamped to the ``bits``
-    range. Of a weight dequantized with these scales, the integers it came from (in fp32 and bf16 the product's
-    rounding error is far below half a step)."""
+    """int8 [rows, cols]: ``round(w / s)`` against ``scales`` (0 where a scale is 0; a scale may be negative, as
+    llama.cpp's Q4_0 signs its own), clamped to the ``bits`` range. Of a weight dequantized with these scales, the
+    integers it came from (in fp32 and bf16 the product's rounding error is far below half a step)."""
     rows, cols = weight.shape
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+    safe = torch.where(scales != 0, scales, torch.ones_like(scales)).unsqueeze(-1)
     q = (weight.detach().float().reshape(rows, scales.shape[1], -1) / safe).round()
     return q.clamp(-QMAX[bits] - 1, QMAX[bits]).to(torch.int8).reshape(rows, cols)
 

@@ -118,8 +118,9 @@ def fitted_scales(
 ) -> torch.Tensor:
     """fp32 [rows, cols / group_size]: per group, the scale (exact in fp16 and ``dtype``, as the kernels and
     the checkpoint hold it) of least ``sum(importance * (w - s * q(w / s))**2)`` over :data:`CLIP_FACTORS`.
-    ``importance`` [cols]: each input's weight in the error (its mean squared activation); uniform if None.
-    Ties keep the larger scale, so a group no input reaches keeps ``max|w| / qmax``."""
+    ``importance`` [cols]: each input's weight in the error (its mean squared activation, floored at 1e-6 of the
+    largest); uniform if None, and in effect for a group whose inputs the calibration text never reaches.
+    The search starts from ``max|w| / qmax`` and moves only to a strictly smaller error."""
     rows, cols = weight.shape
     qmax = QMAX[bits]
     if importance is None:
@@ -131,13 +132,15 @@ def fitted_scales(
     for start in range(0, rows, step):
         w = weight[start : start + step].detach().float().reshape(-1, cols // group_size, group_size)
         amax = w.abs().amax(dim=-1)
-        best_error = torch.full_like(amax, float("inf"))
-        best = torch.zeros_like(amax)
-        for factor in CLIP_FACTORS.tolist():
+        best_error, best = None, None
+        for factor in CLIP_FACTORS.tolist():  # the first factor is 1: max|w| / qmax
             scales = (amax * (factor / qmax)).to(torch.float16).to(dtype).float()
             safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
             q = (w / safe).round().clamp(-qmax - 1, qmax)
             error = ((w - q * scales.unsqueeze(-1)).square() * importance).sum(dim=-1)
+            if best is None:
+                best_error, best = error, scales
+                continue
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best = torch.where(better, scales, best)

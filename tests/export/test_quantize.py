@@ -133,6 +133,15 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
             assert (model(ids).logits - expected["full"]).abs().max() < tolerance
             projection.lte_qscales.div_(2)
         assert (model(ids[:1, :1]).logits - token).abs().max() < tolerance
+        pair = model(ids[:1, :2]).logits  # two tokens: the second attends to both, so q and k matter too
+        for projection in (attention.q_proj, attention.k_proj):
+            projection.lte_qscales.mul_(2)
+            assert (model(ids[:1, :2]).logits - pair).abs().max() > 1e-3, projection
+            projection.lte_qscales.div_(2)
+        attention.k_proj.weight.mul_(2)  # written through the parameter: its rows are dropped, not read stale
+        model(ids[:1, :1])
+        assert attention.k_proj.lte_qweight is None and attention.q_proj.lte_qweight is not None
+        attention.k_proj.weight.div_(2)
         # Rows made before a weight was written are dropped, never read: decoding then runs the new weights.
         mlps[0].down_proj.weight.mul_(0.5)
         halved = model(ids[:1, :1]).logits
@@ -199,6 +208,42 @@ def test_searched_scales_beat_max_abs_per_group_and_follow_the_inputs_that_matte
     bf16 = fitted_scales(weight.bfloat16(), bits, 32, torch.bfloat16)
     assert torch.equal(bf16, bf16.to(torch.float16).float()) and torch.equal(bf16, bf16.bfloat16().float())
     assert torch.equal(searched, searched.to(torch.float16).float())
+
+
+def test_signed_scales_round_as_llama_cpp_q4_0_stores_them():
+    """llama.cpp's Q4_0 signs a group's scale (its largest weight lands on -8): integers() keeps the sign."""
+    weight = torch.tensor([[0.5, -0.1, 0.2, 0.05] * 8, [-0.4, 0.1, 0.3, -0.2] * 8])
+    signed = weight[torch.arange(2), weight.abs().argmax(dim=1)].unsqueeze(1) / -8  # [-0.0625], [0.05]
+    q = integers(weight, signed, 4)
+    assert q.min() >= -8 and q.max() <= 7 and q[0, 0] == -8 and q[1, 0] == -8
+    assert (dequantized(q, signed, torch.float32) - weight).abs().max() <= signed.abs().max() / 2 + 1e-7
+
+
+def test_the_exporter_weighs_every_quantized_layer_by_its_calibration_inputs(monkeypatch):
+    """quantize_in_memory with calibration batches: the pre-hooks see every planned Linear of the in-memory LTE
+    model (attention, the routed FFNs), so no layer falls back to the unweighted search."""
+    import lte.export.exporter as exporter
+
+    seen = {}
+
+    def capture(quant, importance=None):
+        seen.update(quant=quant, importance=importance)
+
+    monkeypatch.setattr(exporter, "fake_quantize_", capture)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    inject_lte(model, LTEModelConfig(expert_size=32, router_init="centroid"), progress=False)
+    set_lte_routing(model, "hard")
+    ids = torch.randint(0, 96, (2, 12))
+    quantize_in_memory(model, "int4", [{"input_ids": ids, "labels": ids}])
+    planned = seen["quant"].modules
+    assert len(planned) == 14  # 4 attention + 3 FFN projections per layer; lm_head stays float
+    assert all(
+        seen["importance"].of(m) is not None and seen["importance"].of(m).shape == (m.in_features,) for m in planned
+    )
 
 
 def test_input_importance_is_the_mean_squared_input_of_each_module():

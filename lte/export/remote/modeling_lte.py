@@ -404,8 +404,8 @@ def drop_quantized_rows(modules) -> None:
 
 
 def _quantized_rows(module: nn.Module, x: torch.Tensor):
-    """(rows, scales) of a quantized export's routed projection for the kernels (CPU or Triton: both read
-    them), or None (float rows).
+    """(rows, scales) of a quantized export's layer (a routed projection or a :class:`QuantizedDense`) for the
+    kernels (CPU or Triton: both read them), or None (float rows).
     Rows are dropped for good once ``weight`` was written after they were made (an optimizer step,
     ``load_state_dict``, a new tensor) or an adapter wraps the layer: they would be the old weights."""
     rows = getattr(module, "lte_qweight", None)
@@ -437,10 +437,11 @@ def _kernel_reads(module: nn.Module, args, expert_size: int) -> bool:
 
 def install_quantized_rows(model: nn.Module) -> None:
     """A compressed-tensors checkpoint (``lte export --quantize``) loads with its Linear layers compressed
-    (``weight_packed``, ``weight_scale``). Keep each routed projection's integers, on its device, in the layout
-    the kernels (CPU and Triton) read (``lte_qweight``, ``lte_qscales``: the first projections' rows as stored,
-    the down projection's read transposed with its stored groups, never rounded twice), then decompress the
-    model, so everything else (prefill, batches, training) runs the dequantized weights, as the base class does."""
+    (``weight_packed``, ``weight_scale``). Keep the integers the kernels (CPU and Triton) can read, on their
+    device, in their layout (``lte_qweight``, ``lte_qscales``): each routed projection's (the first projections'
+    rows as stored, the down projection's read transposed with its stored groups, never rounded twice) and every
+    other Linear's (attention: :class:`QuantizedDense`); then decompress the model, so everything else (prefill,
+    batches, training) runs the dequantized weights, as the base class does."""
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if compressor is None or not hasattr(compressor, "decompress_model"):
         return
@@ -454,7 +455,7 @@ def install_quantized_rows(model: nn.Module) -> None:
                 continue
             dense = state is None and isinstance(module, nn.Linear) and module.out_features % _QUANT_SLOT == 0
             if not (dense or state is not None) or not _kernel_reads(
-                module, args, args.group_size if dense else state.expert_size
+                module, args, _QUANT_SLOT if dense else state.expert_size
             ):
                 continue
             q = unpack_from_int32(packed.data, args.num_bits, torch.Size(module.weight_shape.tolist()))
@@ -693,7 +694,7 @@ class LTEForCausalLM(_BaseForCausalLM):
 
     def lte_drop_quantized_rows(self) -> None:
         """Stop decoding from a quantized export's integer rows (``lte export --quantize``) and run the float
-        weights: call it after writing FFN weights through ``.data`` (as PEFT's ``merge_and_unload`` does),
+        weights: call it after writing weights through ``.data`` (as PEFT's ``merge_and_unload`` does),
         which the rows' staleness check cannot see. Writes through the parameters drop them by themselves."""
         drop_quantized_rows(self.modules())
 
