@@ -56,7 +56,12 @@ def group_scales(
     read) and ``dtype`` (what a checkpoint of that dtype stores) both hold exactly."""
     rows, cols = weight.shape
     amax = weight.detach().float().reshape(rows, cols // group_size, group_size).abs().amax(dim=-1)
-    return (amax / QMAX[bits]).to(torch.float16).to(dtype).float()
+    return exact_scales(amax / QMAX[bits], dtype)
+
+
+def exact_scales(scales: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """fp32 ``scales`` rounded to values fp16 (what the kernels read) and ``dtype`` (a checkpoint's) both hold."""
+    return scales.to(torch.float16).to(dtype).float()
 
 
 def integers(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lte_kernels.quant import GROUP_SIZE, QMAX, integers
+from lte_kernels.quant import GROUP_SIZE, QMAX, exact_scales, integers
 
 from ..core.errors import UsageError
 
@@ -122,22 +122,21 @@ def fitted_scales(
     largest); uniform if None, and in effect for a group whose inputs the calibration text never reaches.
     The search starts from ``max|w| / qmax`` and moves only to a strictly smaller error."""
     rows, cols = weight.shape
-    qmax = QMAX[bits]
+    groups = cols // group_size
     if importance is None:
         importance = torch.ones(cols)
     importance = importance.float().to(weight.device)
-    importance = (importance / importance.max().clamp_min(1e-30)).clamp_min(1e-6).reshape(1, -1, group_size)
-    out = torch.empty(rows, cols // group_size, device=weight.device)
+    importance = (importance / importance.max().clamp_min(1e-30)).clamp_min(1e-6)
+    out = torch.empty(rows, groups, device=weight.device)
     step = max(1, _CHUNK_ELEMENTS // cols)
     for start in range(0, rows, step):
-        w = weight[start : start + step].detach().float().reshape(-1, cols // group_size, group_size)
-        amax = w.abs().amax(dim=-1)
+        w = weight[start : start + step].detach().float()
+        amax = w.reshape(-1, groups, group_size).abs().amax(dim=-1)
         best_error, best = None, None
         for factor in CLIP_FACTORS.tolist():  # the first factor is 1: max|w| / qmax
-            scales = (amax * (factor / qmax)).to(torch.float16).to(dtype).float()
-            safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
-            q = (w / safe).round().clamp(-qmax - 1, qmax)
-            error = ((w - q * scales.unsqueeze(-1)).square() * importance).sum(dim=-1)
+            scales = exact_scales(amax * (factor / QMAX[bits]), dtype)
+            error = (w - dequantized(integers(w, scales, bits), scales, torch.float32)).square() * importance
+            error = error.reshape(-1, groups, group_size).sum(dim=-1)
             if best is None:
                 best_error, best = error, scales
                 continue
