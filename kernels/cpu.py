@@ -30,10 +30,16 @@ in place; no gather copy. fp32 and bf16 weights, fp32 accumulation.
 
 Quantized weights (``quant.py``): int8 rows, or int4 rows packed two per byte (uint8), with fp16 scales
 per group of 32 (or a multiple of 32) entries, passed as ``scales`` beside the weight; the same four
-products, the same loops: only the row type differs (a template), so every dtype has one kernel. Groups
-are dequantized in registers (AVX2 + FMA intrinsics when the compiler targets them, ``-march=native`` on
-such a CPU, AVX-512 CPUs included; plain loops otherwise and in the portable build), fp32 accumulation,
-activations read as fp32. An expert size that is not a multiple of the group size is refused.
+products, the same loops: only the row type differs (a template), so every dtype has one kernel. The
+activations are rounded to int8 per block of 32 entries first, as llama.cpp's CPU kernels do (Q8_0:
+``d = max|x| / 127``; ``quant.quantized_activations`` is the same rounding in torch): a group's products are
+integer multiply-adds (AVX2's maddubs/madd, four products per 32-bit lane, when the compiler targets them,
+``-march=native`` on such a CPU, AVX-512 CPUs included; plain integer loops otherwise and in the portable
+build), then one fp32 multiply by the weight's and the activations' scales, fp32 accumulation. In the
+transposed product, ``h`` is rounded per 32 rows of one expert (an expert of a multiple of 32 rows and
+per-(32 rows, column) scales: the export's down projection; other layouts read ``h`` as fp32). The Triton
+kernels multiply the activations as they are, as GPU weight-only kernels do. An expert size that is not a
+multiple of the group size is refused.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++
 compiler and ninja are needed; about 20 s, logged once). The extension's name carries a hash
@@ -63,6 +69,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -85,14 +92,51 @@ static inline int64_t grain(int64_t work_per_item, int64_t at_least) {
   return std::max<int64_t>(at_least, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
+// Dynamic int8 activations, llama.cpp's Q8_0: per block of 32 entries d = max|v| / 127 and q = round(v / d) in
+// [-127, 127] (0 where d is 0 or v is not a number). A quantized row then multiplies integers (32 products in a
+// few instructions) and pays one float multiply per block, where widening every weight to fp32 was the bound.
+// quant.py's quantized_activations is the same rounding in torch (the tests' reference).
+static constexpr int64_t kBlock = 32;
+static void quantize_blocks(const float* v, int64_t blocks, int8_t* q, float* d) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* vb = v + b * kBlock;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(vb[i]));
+    const float db = amax / 127.f;
+    d[b] = db;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const float r = db == 0.f ? 0.f : std::nearbyint(vb[i] / db);
+      q[b * kBlock + i] = r == r ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, r))) : 0;
+    }
+  }
+}
+
+#ifdef LTE_AVX2
+static inline float hsum(__m256 v8) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+// 8 int32 lanes, lane i the sum of the products of bytes 4i .. 4i + 3 of w and x (int8, x in [-127, 127]):
+// |w| times x with w's sign (maddubs multiplies unsigned by signed bytes), pairs summed, then pairs of pairs.
+static inline __m256i products(__m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
 // A weight's rows as the two loops read them: dot(row, x) and a[c - c0] += h * row[c] for c in [c0, c1).
-// One loop per product for every dtype; the row type is the only thing that differs.
+// One loop per product for every dtype; the row type is the only thing that differs. Quantized rows take the
+// activations as int8 blocks too (kIntX: x in dot; kIntH: h in the transposed product, 32 rows at a time).
 template <typename W>
 struct DenseRows {
+  static constexpr bool kIntX = false, kIntH = false;
   const W* w;
   int64_t hidden;
   int64_t align() const { return 16; }
-  float dot(int64_t r, const float* x) const {
+  int64_t int_blocks() const { return 0; }
+  float dot(int64_t r, const float* x, const int8_t*, const float*) const {
     const W* row = w + r * hidden;
     float lanes[16] = {0.f};  // independent partial sums: the compiler vectorises the loop
     int64_t c = 0;
@@ -118,10 +162,12 @@ struct DenseRows {
 // group; rows zero-padded to whole groups, of which the first `hidden` entries are real.
 template <int Bits>
 struct QuantRows {
+  static constexpr bool kIntX = true, kIntH = false;
   const uint8_t* q;
   const at::Half* scales;
   int64_t row_bytes, group, groups, hidden;
   int64_t align() const { return group; }  // column blocks start on a group
+  int64_t int_blocks() const { return hidden / group * group / kBlock; }  // x's blocks in whole groups
   const uint8_t* at(int64_t r, int64_t g) const { return q + r * row_bytes + g * group * Bits / 8; }
   static float half(const at::Half* p) {  // one fp16 scale as fp32
 #ifdef __F16C__
@@ -131,11 +177,12 @@ struct QuantRows {
 #endif
   }
   float scale(int64_t r, int64_t g) const { return half(scales + r * groups + g); }
-  float entry(const uint8_t* p, int64_t i) const {  // entry i of the group at p
-    if (Bits == 8) return static_cast<float>(static_cast<int8_t>(p[i]));
+  int value(const uint8_t* p, int64_t i) const {  // entry i of the group at p
+    if (Bits == 8) return static_cast<int8_t>(p[i]);
     const int64_t half = group / 2;
-    return i < half ? static_cast<float>((p[i] & 15) - 8) : static_cast<float>((p[i - half] >> 4) - 8);
+    return i < half ? (p[i] & 15) - 8 : (p[i - half] >> 4) - 8;
   }
+  float entry(const uint8_t* p, int64_t i) const { return static_cast<float>(value(p, i)); }
 #ifdef LTE_AVX2
   static inline void widen(__m128i b, __m256& lo, __m256& hi) {  // 16 int8 -> two vectors of 8 floats
     lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
@@ -149,30 +196,42 @@ struct QuantRows {
     const __m128i v = e < half ? b : _mm_srli_epi16(b, 4);
     return _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
   }
+  inline __m256i entries32(const uint8_t* p, int64_t e) const {  // entries e .. e + 31 (e a multiple of 32)
+    if (Bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + e));
+    return _mm256_set_m128i(entries16(p, e + 16), entries16(p, e));
+  }
 #endif
-  float dot(int64_t r, const float* x) const {
-    const int64_t full = hidden / group;
+  // row r . x: whole groups as integers against x's int8 blocks xq (scales dx), the partial last group of a padded
+  // row against x itself.
+  float dot(int64_t r, const float* x, const int8_t* xq, const float* dx) const {
+    const int64_t full = hidden / group, per = group / kBlock;
     float acc = 0.f;
-    int64_t g = 0;
 #ifdef LTE_AVX2
     __m256 vacc = _mm256_setzero_ps();
-    for (; g < full; ++g) {
+    for (int64_t g = 0; g < full; ++g) {
       const uint8_t* p = at(r, g);
-      const float* xg = x + g * group;
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), w0, w1;
-      for (int64_t e = 0; e < group; e += 16) {
-        widen(entries16(p, e), w0, w1);
-        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + e), s0);
-        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + e + 8), s1);
+      const float s = scale(r, g);
+      for (int64_t b = 0; b < per; ++b) {
+        const int64_t xb = g * per + b;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + xb * kBlock));
+        const __m256 sums = _mm256_cvtepi32_ps(products(entries32(p, b * kBlock), xv));
+        vacc = _mm256_fmadd_ps(sums, _mm256_set1_ps(s * dx[xb]), vacc);
       }
-      vacc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(scale(r, g)), vacc);
     }
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(vacc), _mm256_extractf128_ps(vacc, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    acc = _mm_cvtss_f32(v);
+    acc = hsum(vacc);
+#else
+    for (int64_t g = 0; g < full; ++g) {
+      const uint8_t* p = at(r, g);
+      const float s = scale(r, g);
+      for (int64_t b = 0; b < per; ++b) {
+        const int64_t xb = g * per + b;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < kBlock; ++i) sum += value(p, b * kBlock + i) * xq[xb * kBlock + i];
+        acc += s * dx[xb] * static_cast<float>(sum);
+      }
+    }
 #endif
-    for (; g < groups; ++g) {  // the portable path, and the last group of a padded row
+    for (int64_t g = full; g < groups; ++g) {  // the last group of a padded row
       const uint8_t* p = at(r, g);
       const int64_t n = std::min(group, hidden - g * group);
       float lanes[8] = {0.f};
@@ -235,9 +294,71 @@ struct QuantRows {
 // (axpy) reads it; rows r .. r + 3 of axpy4 are in one block (r is a multiple of 4, and so is rgroup).
 template <int Bits>
 struct ColumnScaledRows : QuantRows<Bits> {
+  static constexpr bool kIntH = true;
   int64_t rgroup, padded;
   const at::Half* cscales(int64_t r, int64_t c) const { return this->scales + (r / rgroup) * padded + c; }
-  float dot(int64_t, const float*) const {
+  // a[c - c0] += s[block, c] * dh * sum_i hq[i] * row_{r + i}[c] over rows r .. r + 31 (one block of scales), with
+  // integer sums in `sums` (c1 - c0 int32): four rows at a time across the columns (four streams, as the float
+  // product reads them), their bytes interleaved per column (unpack) so maddubs + madd sum four products per lane;
+  // a whole group's sums are kept in that lane order (columns 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31)
+  // and put back in order once, when scaled. Four rows whose h are all 0 are skipped.
+  void block32(int64_t r, const int8_t* hq, float dh, float* a, int64_t c0, int64_t c1, int32_t* sums) const {
+    const int64_t group = this->group, g0 = c0 / group, g1 = (c1 + group - 1) / group;  // group is 32
+    std::fill(sums, sums + (c1 - c0), 0);
+    for (int64_t i = 0; i < kBlock; i += 4) {
+      int32_t quad;
+      std::memcpy(&quad, hq + i, sizeof(quad));
+      if (quad == 0) continue;
+      for (int64_t g = g0; g < g1; ++g) {
+        int32_t* sg = sums + (g - g0) * group;
+        const int64_t n = std::min(group, c1 - g * group);
+#if defined(LTE_AVX2) && defined(__F16C__)
+        if (n == group) {
+          const __m256i w0 = this->entries32(this->at(r + i, g), 0);
+          const __m256i w1 = this->entries32(this->at(r + i + 1, g), 0);
+          const __m256i w2 = this->entries32(this->at(r + i + 2, g), 0);
+          const __m256i w3 = this->entries32(this->at(r + i + 3, g), 0);
+          const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1),
+                        lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
+          const __m256i hv = _mm256_set1_epi32(quad);
+          const __m256i parts[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                                    _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+          for (int k = 0; k < 4; ++k) {
+            __m256i* v = reinterpret_cast<__m256i*>(sg + 8 * k);
+            _mm256_storeu_si256(v, _mm256_add_epi32(_mm256_loadu_si256(v), products(parts[k], hv)));
+          }
+          continue;
+        }
+#endif
+        for (int64_t c = 0; c < n; ++c)
+          for (int64_t k = 0; k < 4; ++k) sg[c] += this->value(this->at(r + i + k, g), c) * hq[i + k];
+      }
+    }
+    for (int64_t g = g0; g < g1; ++g) {
+      const at::Half* s = cscales(r, g * group);
+      const int32_t* sg = sums + (g - g0) * group;
+      float* ag = a + (g * group - c0);
+      const int64_t n = std::min(group, c1 - g * group);
+#if defined(LTE_AVX2) && defined(__F16C__)
+      if (n == group) {
+        const __m256i* v = reinterpret_cast<const __m256i*>(sg);
+        const __m256i p0 = _mm256_loadu_si256(v), p1 = _mm256_loadu_si256(v + 1), p2 = _mm256_loadu_si256(v + 2),
+                      p3 = _mm256_loadu_si256(v + 3);
+        const __m256i cols[4] = {_mm256_permute2x128_si256(p0, p1, 0x20), _mm256_permute2x128_si256(p2, p3, 0x20),
+                                 _mm256_permute2x128_si256(p0, p1, 0x31), _mm256_permute2x128_si256(p2, p3, 0x31)};
+        const __m256 vd = _mm256_set1_ps(dh);
+        for (int k = 0; k < 4; ++k) {
+          const __m256 sk =
+              _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8 * k))), vd);
+          _mm256_storeu_ps(ag + 8 * k, _mm256_fmadd_ps(sk, _mm256_cvtepi32_ps(cols[k]), _mm256_loadu_ps(ag + 8 * k)));
+        }
+        continue;
+      }
+#endif
+      for (int64_t c = 0; c < n; ++c) ag[c] += this->half(s + c) * dh * static_cast<float>(sg[c]);
+    }
+  }
+  float dot(int64_t, const float*, const int8_t*, const float*) const {
     TORCH_CHECK(false, "row-block scales are for the transposed product (expert_matvec_t / slot_matvec_t)");
     return 0.f;
   }
@@ -290,12 +411,18 @@ struct ColumnScaledRows : QuantRows<Bits> {
 template <typename Rows>
 static void matvec_rows(const float* x, int64_t tokens, const Rows& w, const int64_t* experts, int64_t k,
                         int64_t size, int64_t offset, int64_t hidden, float* y, int64_t ystride) {
-  // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads.
-  const int64_t n = k * size;
+  // y[t, j] = row_j . x[t]: each selected row is read once for all tokens; rows split across threads. Quantized
+  // rows: x's int8 blocks first, once per token.
+  const int64_t n = k * size, blocks = w.int_blocks();
+  std::vector<int8_t> xq(tokens * blocks * kBlock);
+  std::vector<float> dx(tokens * blocks);
+  for (int64_t t = 0; t < tokens; ++t)
+    quantize_blocks(x + t * hidden, blocks, xq.data() + t * blocks * kBlock, dx.data() + t * blocks);
   at::parallel_for(0, n, grain(hidden * tokens, 8), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t r = offset + experts[j / size] * size + j % size;
-      for (int64_t t = 0; t < tokens; ++t) y[t * ystride + j] = w.dot(r, x + t * hidden);
+      for (int64_t t = 0; t < tokens; ++t)
+        y[t * ystride + j] = w.dot(r, x + t * hidden, xq.data() + t * blocks * kBlock, dx.data() + t * blocks);
     }
   });
 }
@@ -310,6 +437,33 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
       std::min(std::max<int64_t>(1, at::get_num_threads()), std::max<int64_t>(1, n * hidden * tokens / kMinWork));
   const int64_t align = w.align();
   const int64_t block = ((hidden + threads - 1) / threads + align - 1) / align * align;
+  if constexpr (Rows::kIntH) {
+    if (size % kBlock == 0 && w.rgroup % kBlock == 0) {  // 32 rows of one scale block at a time, h as int8 blocks
+      const int64_t blocks = n / kBlock;
+      std::vector<int8_t> hq(tokens * n);
+      std::vector<float> dh(tokens * blocks);
+      for (int64_t t = 0; t < tokens; ++t)
+        quantize_blocks(h + t * hstride, blocks, hq.data() + t * n, dh.data() + t * blocks);
+      at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;
+          std::vector<float> acc(tokens * width, 0.f);
+          std::vector<int32_t> sums(width);
+          for (int64_t j = 0; j < n; j += kBlock) {
+            const int64_t r = experts[j / size] * size + j % size;
+            for (int64_t t = 0; t < tokens; ++t) {
+              const float d = dh[t * blocks + j / kBlock];
+              if (d == 0.f) continue;  // not this token's expert
+              w.block32(r, hq.data() + t * n + j, d, acc.data() + t * width, c0, c1, sums.data());
+            }
+          }
+          for (int64_t t = 0; t < tokens; ++t)
+            std::copy(acc.begin() + t * width, acc.begin() + (t + 1) * width, out + t * hidden + c0);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;

@@ -123,6 +123,23 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, hidden: int | None =
     return w[:, : w.shape[1] if hidden is None else hidden]
 
 
+ACTIVATION_BLOCK = 32
+
+
+def quantized_activations(x: torch.Tensor, entries: int | None = None) -> torch.Tensor:
+    """fp32 ``x`` as the CPU kernel multiplies it with quantized rows: each whole block of 32 consecutive entries
+    of the last dimension among the first ``entries`` (default: all) rounded to int8 with its own scale (llama.cpp's
+    Q8_0 activations: ``d = max|x| / 127``, ``round(x / d)``), the rest as they are. The kernel's rounding, in
+    torch: the reference its tests compare against, and what an evaluation applies to measure its cost."""
+    x = x.float()
+    n = x.shape[-1] if entries is None else entries
+    whole = n // ACTIVATION_BLOCK * ACTIVATION_BLOCK
+    blocks = x[..., :whole].reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(d > 0, (blocks / torch.where(d > 0, d, 1)).round().clamp(-127, 127), 0)
+    return torch.cat([(q * d).reshape(*x.shape[:-1], whole), x[..., whole:]], dim=-1)
+
+
 def bits_per_weight(bits: int, group_size: int = GROUP_SIZE) -> float:
     """Storage per weight with its share of the fp16 scale (8.5 and 4.5 at group 32)."""
     return bits + 16 / group_size

@@ -21,6 +21,7 @@ half-written checkpoint; ``--out`` is checked against the run and its inputs bef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,13 +33,22 @@ from pathlib import Path
 import torch
 import transformers
 
+from lte_kernels.quant import GROUP_SIZE
+
 from ..core.errors import UsageError
 from ..core.faults import fault_point
 from ..core.outputs import disk_guard, read_marker, staged_dir
 from ..core.record import heldout_settings
 from ..core.run_dir import EXPORT_REPORT, PLOT, stage2_model
 from ..model.inject import load_lte, lte_layers, unload_lte
-from .quantize import InputImportance, compress_checkpoint, describe_quantization, fake_quantize_, plan as quant_plan
+from .quantize import (
+    InputImportance,
+    KernelActivations,
+    compress_checkpoint,
+    describe_quantization,
+    fake_quantize_,
+    plan as quant_plan,
+)
 from .request import ExportRequest
 from .thresholds import KEEP_ALL, choose_thresholds, dense_nll, max_sparsity_within, set_thresholds
 
@@ -284,9 +294,31 @@ def validation_inputs(batches) -> list[dict]:
 
 
 @torch.no_grad()
-def reference_logits(model, inputs: list[dict]) -> list[torch.Tensor]:
+def reference_logits(model, inputs: list[dict], decoding=contextlib.nullcontext) -> list[torch.Tensor]:
+    """The in-memory model's logits on ``inputs``; the single tokens (the export's compact decode path) under the
+    context ``decoding`` makes (:func:`decoding_context`)."""
     device = next(model.parameters()).device
-    return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
+    logits = []
+    for x in inputs:
+        with decoding() if x["input_ids"].numel() == 1 else contextlib.nullcontext():
+            logits.append(model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu())
+    return logits
+
+
+def decoding_context(model, quant, device: torch.device):
+    """What the export computes decoding here, as a context for the in-memory model: on the CPU kernel, the
+    layers whose integer rows it reads multiply int8 activation blocks (:class:`KernelActivations`): an FFN's
+    projections where its experts are whole groups of 32 neurons, every other quantized Linear with a whole
+    number of 32-row slots (modeling_lte.py's ``install_quantized_rows``). The Triton kernels and the torch path
+    (no kernel built) multiply the activations as they are."""
+    from lte_kernels import cpu
+
+    forced_triton = os.environ.get("LTE_FORCE_TRITON") == "1"  # modeling_lte.py's switch
+    if quant is None or device.type != "cpu" or forced_triton or not cpu.available():
+        return contextlib.nullcontext
+    size = {id(m): layer.expert_size for layer in lte_layers(model) for m in layer.base_layer.modules()}
+    read = [m for m in quant.modules if size.get(id(m), m.out_features) % GROUP_SIZE == 0]
+    return lambda: KernelActivations(read)
 
 
 @torch.no_grad()
@@ -450,7 +482,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     }
     with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])
-        expected = reference_logits(model, inputs)
+        expected = reference_logits(model, inputs, decoding_context(model, quant, device))
         kinds = [
             "routed experts" if getattr(layer, "routes_experts", False) else "dense FFNs" for layer in lte_layers(model)
         ]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lte_kernels.quant import GROUP_SIZE, QMAX, exact_scales, integers
+from lte_kernels.quant import GROUP_SIZE, QMAX, exact_scales, integers, quantized_activations
 
 from ..core.errors import UsageError
 
@@ -171,6 +171,29 @@ class InputImportance:
 
     def of(self, module: nn.Module) -> torch.Tensor | None:
         return self.sums[module] / self.counts[module] if module in self.sums else None
+
+
+class KernelActivations:
+    """While active, each of ``modules`` sees its input as the CPU kernel multiplies it when decoding: rounded to
+    int8 per block of 32 features (:func:`lte_kernels.quant.quantized_activations`, llama.cpp's Q8_0). Under it,
+    an evaluation measures what that rounding costs, and the in-memory model computes what the export decodes.
+    Its pre-hooks run after any registered before them (an LTE layer's expert mask on the down projection)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+
+    @staticmethod
+    def _hook(module, args):
+        x = args[0]
+        return (quantized_activations(x).to(x.dtype), *args[1:])
+
+    def __enter__(self) -> KernelActivations:
+        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -331,8 +331,8 @@ for bits in (8, 4):  # quantized rows, padded to whole groups (100 -> 128)
     order, count = k.select_experts(torch.zeros(6, dtype=torch.bool).index_fill_(0, experts, True))
     slots = k.slot_matvec(x, qweight, order, count, 32, 0, scales)
     assert slots[:, rows.numel():].abs().max() == 0
-    pairs = [
-        (slots[:, : rows.numel()], x @ dense[rows].T),
+    pairs = [  # x in int8 blocks of 32 over its whole groups (96 of 100 entries), as the kernel multiplies it
+        (slots[:, : rows.numel()], quant.quantized_activations(x, 96) @ dense[rows].T),
         (k.slot_matvec_t(slots, qweight_t, order, count, 32, scales_t, 100), slots[:, : rows.numel()] @ dense_t[rows]),
         (k.expert_matvec_t(h, qweight_t, experts, 32, scales_t, 100), h @ dense_t[rows]),
     ]
@@ -341,7 +341,7 @@ for bits in (8, 4):  # quantized rows, padded to whole groups (100 -> 128)
     rows_c, scales_c = quant.transposed(quant.unpack(qdown, sdown), sdown, bits)
     dense_c = quant.dequantize(qdown, sdown).T
     column = k.slot_matvec_t(slots, rows_c, order, count, 32, scales_c, 100)
-    pairs.append((column, slots[:, : rows.numel()] @ dense_c[rows]))
+    pairs.append((column, quant.quantized_activations(slots[:, : rows.numel()]) @ dense_c[rows]))
     errors[f"int{bits}"] = max(((got - want).abs().max() / want.abs().max()).item() for got, want in pairs)
 print(json.dumps({"name": k.extension_name(), "so": k._extension.__file__, "errors": errors}))
 """
@@ -456,16 +456,57 @@ def test_quantized_slot_kernels_match_the_dequantized_reference(bits, shape, spa
     rows = (union[:, None] * size + torch.arange(size)).reshape(-1)
     y = cpu_kernel.slot_matvec(x, qweight, order, count, size, 0, scales)
     assert y.shape == (tokens, neurons) and y.dtype == torch.float32
-    _close(y[:, : rows.numel()], x @ dense[rows].T, 1e-5)
+    xq = quant.quantized_activations(x, hidden // group * group)  # int8 blocks over the whole groups
+    _close(y[:, : rows.numel()], xq @ dense[rows].T, 1e-5)
     assert not y[:, rows.numel() :].any()  # unselected slots stay zero
     out = cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden)
     assert out.shape == (tokens, hidden)
     _close(out, y[:, : rows.numel()] @ dense_t[rows], 1e-5)
     assert torch.equal(cpu_kernel.slot_matvec_t(y, qweight_t, order, count, size, scales_t, hidden), out)
     # the index selection: the same products
-    _close(cpu_kernel.expert_matvec(x, qweight, union, size, 0, scales), x @ dense[rows].T, 1e-5)
+    _close(cpu_kernel.expert_matvec(x, qweight, union, size, 0, scales), xq @ dense[rows].T, 1e-5)
     h = y[:, : rows.numel()]
     _close(cpu_kernel.expert_matvec_t(h, qweight_t, union, size, scales_t, hidden), h @ dense_t[rows], 1e-5)
+
+
+def test_activations_are_rounded_to_int8_blocks_of_32_as_q8_0():
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 100, generator=g) * torch.tensor([1e-3] * 32 + [10.0] * 68)  # blocks of unlike size
+    x[1, 32:64] = 0
+    q = quant.quantized_activations(x, 96)
+    assert torch.equal(q[:, 96:], x[:, 96:])  # past the whole groups: as it is
+    blocks, xb = q[:, :96].reshape(2, 3, 32), x[:, :96].reshape(2, 3, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    assert torch.allclose(blocks.abs().amax(-1, keepdim=True), d * 127)  # each block's largest entry exact
+    assert ((blocks - xb).abs() <= d / 2 + 1e-7 * xb.abs()).all()  # within half of its own block's step
+    assert not blocks[1, 1].any()  # an all-zero block
+    assert torch.allclose(blocks / torch.where(d > 0, d, 1), (blocks / torch.where(d > 0, d, 1)).round(), atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_rows_multiply_int8_activations_not_fp32(bits):
+    """The kernel's products are those of the rounded activations (to fp32 rounding), and measurably not those
+    of the fp32 ones: the integer path runs, in the row product and in the transposed one."""
+    from lte_kernels import quant
+
+    g = torch.Generator().manual_seed(12)
+    qweight, scales = quant.quantize(torch.randn(64, 256, generator=g), bits)
+    qdown, sdown = quant.quantize(torch.randn(256, 64, generator=g), bits)
+    rows_t, scales_t = quant.transposed(quant.unpack(qdown, sdown), sdown, bits)
+    x = torch.randn(1, 256, generator=g)
+    every = cpu_kernel.select_experts(torch.ones(2, dtype=torch.bool))
+    y = cpu_kernel.slot_matvec(x, qweight, *every, 32, 0, scales)
+    out = cpu_kernel.slot_matvec_t(y, rows_t, *every, 32, scales_t, 256)
+    dense, dense_t = quant.dequantize(qweight, scales), quant.dequantize(qdown, sdown).T
+    for got, rounded, fp32 in (
+        (y, quant.quantized_activations(x) @ dense.T, x @ dense.T),
+        (out, quant.quantized_activations(y) @ dense_t, y @ dense_t),
+    ):
+        top = fp32.abs().max()
+        assert (got - rounded).abs().max() < 1e-5 * top
+        assert (got - fp32).abs().max() > 1e-4 * top
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -481,7 +522,7 @@ def test_quantized_kernels_take_bf16_activations_and_a_fused_offset(bits):
     rows = 128 + (experts[:, None] * 32 + torch.arange(32)).reshape(-1)
     y = cpu_kernel.expert_matvec(x, qweight, experts, 32, 128, scales)
     assert y.dtype == torch.bfloat16
-    _close(y, x.float() @ dense[rows].T, 1e-2)
+    _close(y, quant.quantized_activations(x) @ dense[rows].T, 1e-2)
 
 
 def test_quantized_kernels_refuse_mismatched_inputs_by_name():
@@ -545,7 +586,9 @@ def test_a_build_lock_left_by_an_interrupted_build_is_named_then_removed(tmp_pat
     cpu_kernel._wait_for_build_lock(str(tmp_path))  # no lock: nothing to do
 
 
-@pytest.mark.parametrize("size", [32, 6])  # 6: rows one at a time (axpy), not four (axpy4)
+@pytest.mark.parametrize(
+    "size", [32, 6]
+)  # 32: int8 blocks of h (32 rows of a scale block); 6: fp32 h, one row at a time
 @pytest.mark.parametrize("bits", [8, 4])
 def test_the_transposed_products_read_a_weight_grouped_along_its_inputs_without_rounding_again(bits, size):
     """A [hidden, neurons] down projection quantized along the neurons (compressed-tensors' layout), read one
@@ -566,6 +609,7 @@ def test_the_transposed_products_read_a_weight_grouped_along_its_inputs_without_
     h = torch.zeros(tokens, neurons)
     h[:, : selected.numel()] = torch.randn(tokens, selected.numel(), generator=g)
     out = cpu_kernel.slot_matvec_t(h, rows, order, count, size, column_scales, hidden)
-    _close(out, h[:, : selected.numel()] @ stored[selected], 1e-5)
+    h_read = quant.quantized_activations(h) if size % 32 == 0 else h  # an expert of 6 rows splits a scale block
+    _close(out, h_read[:, : selected.numel()] @ stored[selected], 1e-5)
     with pytest.raises(RuntimeError, match="transposed product"):  # row-block scales read only transposed
         cpu_kernel.slot_matvec(torch.randn(1, 128), rows, order, count, size, 0, column_scales)

@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 from conftest import REPO
 from lte.cli import main
 from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
-from lte.export.quantize import InputImportance, compress_checkpoint, dequantized, fitted_scales, plan
+from lte.export.quantize import (
+    InputImportance,
+    KernelActivations,
+    compress_checkpoint,
+    dequantized,
+    fitted_scales,
+    plan,
+)
 from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 from lte_kernels.quant import group_scales, integers
 
@@ -48,6 +55,8 @@ def _quantized_export(scheme: str, out, dtype=torch.float32, **save_kwargs):
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = {"full": model(ids).logits, "token": model(ids[:1, :1]).logits, "few": model(ids[:, :2]).logits}
+        with KernelActivations(quant.modules):  # what the CPU kernel computes decoding: int8 activation blocks
+            expected |= {"token_cpu": model(ids[:1, :1]).logits, "few_cpu": model(ids[:, :2]).logits}
         set_lte_routing(model, "dense")
         expected["dense"] = model(ids).logits
         set_lte_routing(model, "hard")
@@ -118,8 +127,8 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         assert mlps[0].down_proj.lte_qscales.shape == (128 // 32, 64)  # per (32 neurons, output column): as stored
         assert (model(ids).logits - expected["full"]).abs().max() < tolerance
         token = model(ids[:1, :1]).logits
-        assert (token - expected["token"]).abs().max() < tolerance
-        assert (model(ids[:, :2]).logits - expected["few"]).abs().max() < tolerance
+        assert (token - expected["token_cpu"]).abs().max() < tolerance
+        assert (model(ids[:, :2]).logits - expected["few_cpu"]).abs().max() < tolerance
         assert (model(ids).logits - expected["dense"]).abs().max() > 1e-3  # experts are skipped
         attention = model.model.layers[0].self_attn
         assert all(getattr(attention, p).lte_qweight is not None for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
