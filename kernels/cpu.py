@@ -97,7 +97,7 @@ static inline int64_t grain(int64_t work_per_item, int64_t at_least) {
 // few instructions) and pays one float multiply per block, where widening every weight to fp32 was the bound.
 // quant.py's quantized_activations is the same rounding in torch (the tests' reference).
 static constexpr int64_t kBlock = 32;
-static void quantize_blocks(const float* v, int64_t blocks, int8_t* q, float* d) {
+static void quantize_blocks(const float* v, int64_t blocks, int8_t* q, float* d, int32_t* sums) {
   for (int64_t b = 0; b < blocks; ++b) {
     const float* vb = v + b * kBlock;
     float amax = 0.f;
@@ -108,6 +108,9 @@ static void quantize_blocks(const float* v, int64_t blocks, int8_t* q, float* d)
       const float r = db == 0.f ? 0.f : std::nearbyint(vb[i] / db);
       q[b * kBlock + i] = r == r ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, r))) : 0;
     }
+    int32_t sum = 0;  // int4's stored nibbles are q + 8: their products are 8 * sum(q) too many
+    for (int64_t i = 0; i < kBlock; ++i) sum += q[b * kBlock + i];
+    sums[b] = sum;
   }
 }
 
@@ -124,6 +127,9 @@ static inline __m256i products(__m256i w, __m256i x) {
   const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
+static inline __m256i unsigned_products(__m256i u, __m256i x) {  // the same, u unsigned (int4's nibbles)
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
 #endif
 
 // A weight's rows as the two loops read them: dot(row, x) and a[c - c0] += h * row[c] for c in [c0, c1).
@@ -136,7 +142,7 @@ struct DenseRows {
   int64_t hidden;
   int64_t align() const { return 16; }
   int64_t int_blocks() const { return 0; }
-  float dot(int64_t r, const float* x, const int8_t*, const float*) const {
+  float dot(int64_t r, const float* x, const int8_t*, const float*, const int32_t*) const {
     const W* row = w + r * hidden;
     float lanes[16] = {0.f};  // independent partial sums: the compiler vectorises the loop
     int64_t c = 0;
@@ -196,29 +202,43 @@ struct QuantRows {
     const __m128i v = e < half ? b : _mm_srli_epi16(b, 4);
     return _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
   }
-  inline __m256i entries32(const uint8_t* p, int64_t e) const {  // entries e .. e + 31 (e a multiple of 32)
+  static constexpr int kOffset = Bits == 4 ? 8 : 0;  // what operands32 adds to each entry
+  inline __m128i nibbles16(const uint8_t* p, int64_t e) const {  // int4 entries e .. e + 15 as stored: q + 8
+    const int64_t half = group / 2;
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (e < half ? e : e - half)));
+    return _mm_and_si128(e < half ? b : _mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+  }
+  // Entries e .. e + 31 (e a multiple of 32) as the integer products take them: int8 as stored, int4 as stored
+  // (q + 8, unsigned: maddubs multiplies them as they are, and the + 8 is taken off once per block).
+  inline __m256i operands32(const uint8_t* p, int64_t e) const {
     if (Bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + e));
-    return _mm256_set_m128i(entries16(p, e + 16), entries16(p, e));
+    return _mm256_set_m128i(nibbles16(p, e + 16), nibbles16(p, e));
+  }
+  static inline __m256i times(__m256i w, __m256i x) {  // per 32-bit lane, the sum of 4 products
+    return Bits == 8 ? products(w, x) : unsigned_products(w, x);
   }
 #endif
   // row r . x: whole groups as integers against x's int8 blocks xq (scales dx), the partial last group of a padded
   // row against x itself.
-  float dot(int64_t r, const float* x, const int8_t* xq, const float* dx) const {
+  float dot(int64_t r, const float* x, const int8_t* xq, const float* dx, const int32_t* xsum) const {
     const int64_t full = hidden / group, per = group / kBlock;
     float acc = 0.f;
 #ifdef LTE_AVX2
     __m256 vacc = _mm256_setzero_ps();
+    float offset = 0.f;  // int4: sum of s * dx * sum(x) over the blocks, kOffset times too much in vacc
     for (int64_t g = 0; g < full; ++g) {
       const uint8_t* p = at(r, g);
       const float s = scale(r, g);
       for (int64_t b = 0; b < per; ++b) {
         const int64_t xb = g * per + b;
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + xb * kBlock));
-        const __m256 sums = _mm256_cvtepi32_ps(products(entries32(p, b * kBlock), xv));
-        vacc = _mm256_fmadd_ps(sums, _mm256_set1_ps(s * dx[xb]), vacc);
+        const __m256 sums = _mm256_cvtepi32_ps(times(operands32(p, b * kBlock), xv));
+        const float f = s * dx[xb];
+        vacc = _mm256_fmadd_ps(sums, _mm256_set1_ps(f), vacc);
+        if (kOffset) offset += f * static_cast<float>(xsum[xb]);
       }
     }
-    acc = hsum(vacc);
+    acc = hsum(vacc) - kOffset * offset;
 #else
     for (int64_t g = 0; g < full; ++g) {
       const uint8_t* p = at(r, g);
@@ -305,6 +325,8 @@ struct ColumnScaledRows : QuantRows<Bits> {
   void block32(int64_t r, const int8_t* hq, float dh, float* a, int64_t c0, int64_t c1, int32_t* sums) const {
     const int64_t group = this->group, g0 = c0 / group, g1 = (c1 + group - 1) / group;  // group is 32
     std::fill(sums, sums + (c1 - c0), 0);
+    int32_t hsum_q = 0;
+    for (int64_t i = 0; i < kBlock; ++i) hsum_q += hq[i];
     for (int64_t i = 0; i < kBlock; i += 4) {
       int32_t quad;
       std::memcpy(&quad, hq + i, sizeof(quad));
@@ -314,10 +336,10 @@ struct ColumnScaledRows : QuantRows<Bits> {
         const int64_t n = std::min(group, c1 - g * group);
 #if defined(LTE_AVX2) && defined(__F16C__)
         if (n == group) {
-          const __m256i w0 = this->entries32(this->at(r + i, g), 0);
-          const __m256i w1 = this->entries32(this->at(r + i + 1, g), 0);
-          const __m256i w2 = this->entries32(this->at(r + i + 2, g), 0);
-          const __m256i w3 = this->entries32(this->at(r + i + 3, g), 0);
+          const __m256i w0 = this->operands32(this->at(r + i, g), 0);
+          const __m256i w1 = this->operands32(this->at(r + i + 1, g), 0);
+          const __m256i w2 = this->operands32(this->at(r + i + 2, g), 0);
+          const __m256i w3 = this->operands32(this->at(r + i + 3, g), 0);
           const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1),
                         lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
           const __m256i hv = _mm256_set1_epi32(quad);
@@ -325,7 +347,7 @@ struct ColumnScaledRows : QuantRows<Bits> {
                                     _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
           for (int k = 0; k < 4; ++k) {
             __m256i* v = reinterpret_cast<__m256i*>(sg + 8 * k);
-            _mm256_storeu_si256(v, _mm256_add_epi32(_mm256_loadu_si256(v), products(parts[k], hv)));
+            _mm256_storeu_si256(v, _mm256_add_epi32(_mm256_loadu_si256(v), this->times(parts[k], hv)));
           }
           continue;
         }
@@ -347,10 +369,12 @@ struct ColumnScaledRows : QuantRows<Bits> {
         const __m256i cols[4] = {_mm256_permute2x128_si256(p0, p1, 0x20), _mm256_permute2x128_si256(p2, p3, 0x20),
                                  _mm256_permute2x128_si256(p0, p1, 0x31), _mm256_permute2x128_si256(p2, p3, 0x31)};
         const __m256 vd = _mm256_set1_ps(dh);
+        const __m256i offset = _mm256_set1_epi32(this->kOffset * hsum_q);  // int4: the stored + 8, every column
         for (int k = 0; k < 4; ++k) {
           const __m256 sk =
               _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8 * k))), vd);
-          _mm256_storeu_ps(ag + 8 * k, _mm256_fmadd_ps(sk, _mm256_cvtepi32_ps(cols[k]), _mm256_loadu_ps(ag + 8 * k)));
+          const __m256 sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(cols[k], offset));
+          _mm256_storeu_ps(ag + 8 * k, _mm256_fmadd_ps(sk, sums, _mm256_loadu_ps(ag + 8 * k)));
         }
         continue;
       }
@@ -358,7 +382,7 @@ struct ColumnScaledRows : QuantRows<Bits> {
       for (int64_t c = 0; c < n; ++c) ag[c] += this->half(s + c) * dh * static_cast<float>(sg[c]);
     }
   }
-  float dot(int64_t, const float*, const int8_t*, const float*) const {
+  float dot(int64_t, const float*, const int8_t*, const float*, const int32_t*) const {
     TORCH_CHECK(false, "row-block scales are for the transposed product (expert_matvec_t / slot_matvec_t)");
     return 0.f;
   }
@@ -416,13 +440,16 @@ static void matvec_rows(const float* x, int64_t tokens, const Rows& w, const int
   const int64_t n = k * size, blocks = w.int_blocks();
   std::vector<int8_t> xq(tokens * blocks * kBlock);
   std::vector<float> dx(tokens * blocks);
+  std::vector<int32_t> xsum(tokens * blocks);
   for (int64_t t = 0; t < tokens; ++t)
-    quantize_blocks(x + t * hidden, blocks, xq.data() + t * blocks * kBlock, dx.data() + t * blocks);
+    quantize_blocks(x + t * hidden, blocks, xq.data() + t * blocks * kBlock, dx.data() + t * blocks,
+                    xsum.data() + t * blocks);
   at::parallel_for(0, n, grain(hidden * tokens, 8), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t r = offset + experts[j / size] * size + j % size;
       for (int64_t t = 0; t < tokens; ++t)
-        y[t * ystride + j] = w.dot(r, x + t * hidden, xq.data() + t * blocks * kBlock, dx.data() + t * blocks);
+        y[t * ystride + j] =
+            w.dot(r, x + t * hidden, xq.data() + t * blocks * kBlock, dx.data() + t * blocks, xsum.data() + t * blocks);
     }
   });
 }
@@ -442,8 +469,9 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
       const int64_t blocks = n / kBlock;
       std::vector<int8_t> hq(tokens * n);
       std::vector<float> dh(tokens * blocks);
+      std::vector<int32_t> hsum(tokens * blocks);  // unused: block32 sums its own 32
       for (int64_t t = 0; t < tokens; ++t)
-        quantize_blocks(h + t * hstride, blocks, hq.data() + t * n, dh.data() + t * blocks);
+        quantize_blocks(h + t * hstride, blocks, hq.data() + t * n, dh.data() + t * blocks, hsum.data() + t * blocks);
       at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;
