@@ -243,7 +243,8 @@ def main() -> None:
         {
             "device": machine(),
             "model": f"random Llama, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} layers, vocab 512",
-            "ours": f"transformers eager generate, trust_remote_code, {args.dtype} activations; {routed} Linear "
+            "ours": f"transformers eager generate, trust_remote_code, {args.dtype} activations (rounded to int8 "
+            f"blocks of 32 inside the CPU kernel); {routed} Linear "
             f"layers decode from their integer rows through the CPU kernel (routed FFNs: the selected experts; "
             f"attention: every row); the output layer runs its {args.dtype} weight (torch)",
             "llamacpp": "llama-cpp-python, every Linear weight quantized, token embeddings and output layer F32, "

@@ -11,8 +11,8 @@ Two more pairs of rows swap the export's scale rule (``lte.export.quantize.fitte
 equal (the same layers, groups of 32, tuning, evaluation): ``max-abs`` (``max|w| / qmax``, no search) and
 ``q8_0``/``q4_0``: the scales of llama.cpp's own Q8_0/Q4_0 quantizer (gguf-py's reference, ``gguf.quants``; Q4_0
 signs its scale so the largest weight lands on -8), i.e. llama.cpp's rounding of the same weights. llama.cpp would
-also quantize the token embeddings and, in its matrix products, the activations (to Q8_0): neither is in these
-rows. ``gguf`` is a benchmark-only package (``pip install gguf``); without it those rows are left out.
+also quantize the token embeddings (not in these rows) and, in its matrix products, the activations (to Q8_0: the
+``-a8`` rows below). ``gguf`` is a benchmark-only package (``pip install gguf``); without it those rows are left out.
 
 ``int8-a8``/``int4-a8`` measure what the CPU kernel's int8 activations cost (it rounds each quantized layer's
 input to int8 per block of 32 when decoding, as llama.cpp does): the export's own scales, but from quantization on,

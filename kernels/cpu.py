@@ -31,8 +31,8 @@ in place; no gather copy. fp32 and bf16 weights, fp32 accumulation.
 Quantized weights (``quant.py``): int8 rows, or int4 rows packed two per byte (uint8), with fp16 scales
 per group of 32 (or a multiple of 32) entries, passed as ``scales`` beside the weight; the same four
 products, the same loops: only the row type differs (a template), so every dtype has one kernel. The
-activations are rounded to int8 per block of 32 entries first, as llama.cpp's CPU kernels do (Q8_0:
-``d = max|x| / 127``; ``quant.quantized_activations`` is the same rounding in torch): a group's products are
+activations are rounded to int8 per block of 32 entries first, Q8_0-style, as llama.cpp's CPU kernels do
+(``d = max|x| / 127``; ``quant.quantized_activations`` is the same rounding in torch): a group's products are
 integer multiply-adds (AVX2's maddubs/madd, four products per 32-bit lane, when the compiler targets them,
 ``-march=native`` on such a CPU, AVX-512 CPUs included; plain integer loops otherwise and in the portable
 build), then one fp32 multiply by the weight's and the activations' scales, fp32 accumulation. In the
@@ -92,17 +92,23 @@ static inline int64_t grain(int64_t work_per_item, int64_t at_least) {
   return std::max<int64_t>(at_least, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
-// Dynamic int8 activations, llama.cpp's Q8_0: per block of 32 entries d = max|v| / 127 and q = round(v / d) in
-// [-127, 127] (0 where d is 0 or v is not a number). A quantized row then multiplies integers (32 products in a
-// few instructions) and pays one float multiply per block, where widening every weight to fp32 was the bound.
+// Dynamic int8 activations, Q8_0-style (llama.cpp's CPU kernels round theirs so): per block of 32 entries
+// d = max|v| / 127 (fp32) and q = round(v / d) (ties to even) in [-127, 127], 0 where d is 0. A NaN entry makes
+// its block's d NaN, so the products it enters are NaN, as fp32 activations would make them; sums[b] = sum(q).
+// A quantized row then multiplies integers (32 products in a few instructions) and pays one float multiply per
+// block, where widening every weight to fp32 cost more.
 // quant.py's quantized_activations is the same rounding in torch (the tests' reference).
 static constexpr int64_t kBlock = 32;
 static void quantize_blocks(const float* v, int64_t blocks, int8_t* q, float* d, int32_t* sums) {
   for (int64_t b = 0; b < blocks; ++b) {
     const float* vb = v + b * kBlock;
     float amax = 0.f;
-    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(vb[i]));
-    const float db = amax / 127.f;
+    bool nan = false;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      amax = std::max(amax, std::fabs(vb[i]));
+      nan |= vb[i] != vb[i];
+    }
+    const float db = nan ? std::nanf("") : amax / 127.f;
     d[b] = db;
     for (int64_t i = 0; i < kBlock; ++i) {
       const float r = db == 0.f ? 0.f : std::nearbyint(vb[i] / db);
@@ -134,10 +140,11 @@ static inline __m256i unsigned_products(__m256i u, __m256i x) {  // the same, u 
 
 // A weight's rows as the two loops read them: dot(row, x) and a[c - c0] += h * row[c] for c in [c0, c1).
 // One loop per product for every dtype; the row type is the only thing that differs. Quantized rows take the
-// activations as int8 blocks too (kIntX: x in dot; kIntH: h in the transposed product, 32 rows at a time).
+// activations as int8 blocks too (int_blocks(): x's blocks in dot; kIntH: h in the transposed product, 32 rows
+// at a time).
 template <typename W>
 struct DenseRows {
-  static constexpr bool kIntX = false, kIntH = false;
+  static constexpr bool kIntH = false;
   const W* w;
   int64_t hidden;
   int64_t align() const { return 16; }
@@ -168,7 +175,7 @@ struct DenseRows {
 // group; rows zero-padded to whole groups, of which the first `hidden` entries are real.
 template <int Bits>
 struct QuantRows {
-  static constexpr bool kIntX = true, kIntH = false;
+  static constexpr bool kIntH = false;
   const uint8_t* q;
   const at::Half* scales;
   int64_t row_bytes, group, groups, hidden;
@@ -316,17 +323,17 @@ template <int Bits>
 struct ColumnScaledRows : QuantRows<Bits> {
   static constexpr bool kIntH = true;
   int64_t rgroup, padded;
+  int64_t int_blocks() const { return 0; }  // no row product (dot refuses)
   const at::Half* cscales(int64_t r, int64_t c) const { return this->scales + (r / rgroup) * padded + c; }
   // a[c - c0] += s[block, c] * dh * sum_i hq[i] * row_{r + i}[c] over rows r .. r + 31 (one block of scales), with
   // integer sums in `sums` (c1 - c0 int32): four rows at a time across the columns (four streams, as the float
   // product reads them), their bytes interleaved per column (unpack) so maddubs + madd sum four products per lane;
   // a whole group's sums are kept in that lane order (columns 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31)
   // and put back in order once, when scaled. Four rows whose h are all 0 are skipped.
-  void block32(int64_t r, const int8_t* hq, float dh, float* a, int64_t c0, int64_t c1, int32_t* sums) const {
+  void block32(int64_t r, const int8_t* hq, float dh, int32_t hsum_q, float* a, int64_t c0, int64_t c1,
+               int32_t* sums) const {  // hsum_q: sum of hq (int4's offset)
     const int64_t group = this->group, g0 = c0 / group, g1 = (c1 + group - 1) / group;  // group is 32
     std::fill(sums, sums + (c1 - c0), 0);
-    int32_t hsum_q = 0;
-    for (int64_t i = 0; i < kBlock; ++i) hsum_q += hq[i];
     for (int64_t i = 0; i < kBlock; i += 4) {
       int32_t quad;
       std::memcpy(&quad, hq + i, sizeof(quad));
@@ -469,9 +476,9 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
       const int64_t blocks = n / kBlock;
       std::vector<int8_t> hq(tokens * n);
       std::vector<float> dh(tokens * blocks);
-      std::vector<int32_t> hsum(tokens * blocks);  // unused: block32 sums its own 32
+      std::vector<int32_t> hsums(tokens * blocks);
       for (int64_t t = 0; t < tokens; ++t)
-        quantize_blocks(h + t * hstride, blocks, hq.data() + t * n, dh.data() + t * blocks, hsum.data() + t * blocks);
+        quantize_blocks(h + t * hstride, blocks, hq.data() + t * n, dh.data() + t * blocks, hsums.data() + t * blocks);
       at::parallel_for(0, (hidden + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t c0 = b * block, c1 = std::min(hidden, c0 + block), width = c1 - c0;
@@ -482,7 +489,8 @@ static void matvec_t_rows(const float* h, int64_t hstride, int64_t tokens, const
             for (int64_t t = 0; t < tokens; ++t) {
               const float d = dh[t * blocks + j / kBlock];
               if (d == 0.f) continue;  // not this token's expert
-              w.block32(r, hq.data() + t * n + j, d, acc.data() + t * width, c0, c1, sums.data());
+              w.block32(r, hq.data() + t * n + j, d, hsums[t * blocks + j / kBlock], acc.data() + t * width, c0, c1,
+                        sums.data());
             }
           }
           for (int64_t t = 0; t < tokens; ++t)

@@ -128,9 +128,10 @@ ACTIVATION_BLOCK = 32
 
 def quantized_activations(x: torch.Tensor, entries: int | None = None) -> torch.Tensor:
     """fp32 ``x`` as the CPU kernel multiplies it with quantized rows: each whole block of 32 consecutive entries
-    of the last dimension among the first ``entries`` (default: all) rounded to int8 with its own scale (llama.cpp's
-    Q8_0 activations: ``d = max|x| / 127``, ``round(x / d)``), the rest as they are. The kernel's rounding, in
-    torch: the reference its tests compare against, and what an evaluation applies to measure its cost."""
+    of the last dimension among the first ``entries`` (default: all) rounded to int8 with its own scale, Q8_0-style
+    (``d = max|x| / 127`` in fp32, ``round(x / d)`` with ties to even; llama.cpp stores ``d`` in fp16 and rounds
+    ties away from zero), the rest as they are; a NaN makes its block NaN. The kernel's rounding, in torch: the
+    reference its tests compare against, and what an evaluation applies to measure its cost."""
     x = x.float()
     n = x.shape[-1] if entries is None else entries
     whole = n // ACTIVATION_BLOCK * ACTIVATION_BLOCK

@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from lte_kernels.quant import GROUP_SIZE
-
 from ..core.errors import UsageError
 from ..core.faults import fault_point
 from ..core.outputs import disk_guard, read_marker, staged_dir
@@ -305,19 +303,21 @@ def reference_logits(model, inputs: list[dict], decoding=contextlib.nullcontext)
     return logits
 
 
-def decoding_context(model, quant, device: torch.device):
-    """What the export computes decoding here, as a context for the in-memory model: on the CPU kernel, the
+def decoding_context(model, quant, device: torch.device, dtype: torch.dtype):
+    """What the export computes decoding here, as a context for the in-memory model: where the remote code decodes
+    on the CPU kernel (a CPU device, fp32/bf16 weights, the kernel built, no forced Triton that can run), the
     layers whose integer rows it reads multiply int8 activation blocks (:class:`KernelActivations`): an FFN's
-    projections where its experts are whole groups of 32 neurons, every other quantized Linear with a whole
-    number of 32-row slots (modeling_lte.py's ``install_quantized_rows``). The Triton kernels and the torch path
-    (no kernel built) multiply the activations as they are."""
-    from lte_kernels import cpu
+    projections where its experts are whole groups (``expert_size`` a multiple of the group size, which is 32, the
+    down projection's activation block too), every other quantized Linear with a whole number of 32-row slots
+    (modeling_lte.py's ``install_quantized_rows``). Elsewhere the activations are multiplied as they are."""
+    from lte_kernels import cpu, triton_ffn
 
-    forced_triton = os.environ.get("LTE_FORCE_TRITON") == "1"  # modeling_lte.py's switch
-    if quant is None or device.type != "cpu" or forced_triton or not cpu.available():
+    triton = os.environ.get("LTE_FORCE_TRITON") == "1" and triton_ffn.available()  # modeling_lte.py's switch
+    on_cpu_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not triton
+    if quant is None or not on_cpu_kernel or not cpu.available():
         return contextlib.nullcontext
     size = {id(m): layer.expert_size for layer in lte_layers(model) for m in layer.base_layer.modules()}
-    read = [m for m in quant.modules if size.get(id(m), m.out_features) % GROUP_SIZE == 0]
+    read = [m for m in quant.modules if size.get(id(m), m.out_features) % quant.group_size == 0]
     return lambda: KernelActivations(read)
 
 
@@ -482,7 +482,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
     }
     with disk_guard(request.out), staged_dir(request.out, "export", marker, overwrite=request.overwrite) as tmp:
         inputs = validation_inputs(batches[:2])
-        expected = reference_logits(model, inputs, decoding_context(model, quant, device))
+        expected = reference_logits(model, inputs, decoding_context(model, quant, device, dtype))
         kinds = [
             "routed experts" if getattr(layer, "routes_experts", False) else "dense FFNs" for layer in lte_layers(model)
         ]

@@ -482,23 +482,30 @@ def test_activations_are_rounded_to_int8_blocks_of_32_as_q8_0():
     assert torch.allclose(blocks.abs().amax(-1, keepdim=True), d * 127)  # each block's largest entry exact
     assert ((blocks - xb).abs() <= d / 2 + 1e-7 * xb.abs()).all()  # within half of its own block's step
     assert not blocks[1, 1].any()  # an all-zero block
+    x[0, 70] = float("nan")
+    assert (
+        quant.quantized_activations(x)[0, 64:96].isnan().all()
+        and not quant.quantized_activations(x)[0, :64].isnan().any()
+    )
     assert torch.allclose(blocks / torch.where(d > 0, d, 1), (blocks / torch.where(d > 0, d, 1)).round(), atol=1e-4)
 
 
+@pytest.mark.parametrize(("hidden", "neurons"), [(256, 64), (1024, 2048)])  # the second: two threads' columns
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_rows_multiply_int8_activations_not_fp32(bits):
+def test_quantized_rows_multiply_int8_activations_not_fp32(bits, hidden, neurons):
     """The kernel's products are those of the rounded activations (to fp32 rounding), and measurably not those
-    of the fp32 ones: the integer path runs, in the row product and in the transposed one."""
+    of the fp32 ones: the integer path runs, in the row product and in the transposed one; a NaN activation
+    reaches the output as with fp32 activations."""
     from lte_kernels import quant
 
     g = torch.Generator().manual_seed(12)
-    qweight, scales = quant.quantize(torch.randn(64, 256, generator=g), bits)
-    qdown, sdown = quant.quantize(torch.randn(256, 64, generator=g), bits)
+    qweight, scales = quant.quantize(torch.randn(neurons, hidden, generator=g), bits)
+    qdown, sdown = quant.quantize(torch.randn(hidden, neurons, generator=g), bits)
     rows_t, scales_t = quant.transposed(quant.unpack(qdown, sdown), sdown, bits)
-    x = torch.randn(1, 256, generator=g)
-    every = cpu_kernel.select_experts(torch.ones(2, dtype=torch.bool))
+    x = torch.randn(1, hidden, generator=g)
+    every = cpu_kernel.select_experts(torch.ones(neurons // 32, dtype=torch.bool))
     y = cpu_kernel.slot_matvec(x, qweight, *every, 32, 0, scales)
-    out = cpu_kernel.slot_matvec_t(y, rows_t, *every, 32, scales_t, 256)
+    out = cpu_kernel.slot_matvec_t(y, rows_t, *every, 32, scales_t, hidden)
     dense, dense_t = quant.dequantize(qweight, scales), quant.dequantize(qdown, sdown).T
     for got, rounded, fp32 in (
         (y, quant.quantized_activations(x) @ dense.T, x @ dense.T),
@@ -507,6 +514,10 @@ def test_quantized_rows_multiply_int8_activations_not_fp32(bits):
         top = fp32.abs().max()
         assert (got - rounded).abs().max() < 1e-5 * top
         assert (got - fp32).abs().max() > 1e-4 * top
+    x[0, 40] = float("nan")  # block 1 of x; of y, block 0 (neurons 0-31)
+    assert cpu_kernel.slot_matvec(x, qweight, *every, 32, 0, scales).isnan().all()
+    y[0, 5] = float("nan")
+    assert cpu_kernel.slot_matvec_t(y, rows_t, *every, 32, scales_t, hidden).isnan().all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -1,6 +1,7 @@
 """`lte export --quantize int8|int4`: a compressed-tensors checkpoint the base class loads (dense), whose remote
 code decodes sparse by reading the selected experts' integer rows as stored."""
 
+import contextlib
 import json
 
 import pytest
@@ -10,7 +11,13 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lte.cli import main
-from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
+from lte.export.exporter import (
+    base_architecture,
+    decoding_context,
+    quantize_in_memory,
+    to_routed,
+    write_checkpoint,
+)
 from lte.export.quantize import (
     InputImportance,
     KernelActivations,
@@ -167,6 +174,31 @@ def test_a_quantized_export_loads_dense_in_the_base_class_and_decodes_sparse_on_
         model.lte_drop_quantized_rows()
         assert all(getattr(m, "lte_qweight", None) is None for m in model.modules())
         assert (model(ids[:1, :1]).logits - before).abs().max() > 1e-3  # now the float weights, halved
+
+
+@pytest.mark.parametrize("expert_size", [32, 4])
+def test_the_reload_check_rounds_the_inputs_of_the_layers_the_export_decodes_on_integers(expert_size, monkeypatch):
+    """decoding_context mirrors the remote code: on the CPU kernel, experts of whole groups round every quantized
+    layer's input; 4-neuron experts (their FFN decodes on float rows) only attention's; elsewhere nothing."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    inject_lte(model, LTEModelConfig(expert_size=expert_size, router_init="centroid"), progress=False)
+    quant = quantize_in_memory(model, "int8")
+    cpu = torch.device("cpu")
+    attention = [m for name, m in model.named_modules() if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    read = decoding_context(model, quant, cpu, torch.float32)().modules
+    assert {id(m) for m in read} == {id(m) for m in (quant.modules if expert_size == 32 else attention)}
+    assert decoding_context(model, quant, cpu, torch.bfloat16)().modules == read
+    for unrounded in (
+        decoding_context(model, None, cpu, torch.float32),  # not quantized
+        decoding_context(model, quant, cpu, torch.float16),  # the remote code's torch path
+    ):
+        assert unrounded is contextlib.nullcontext
+    monkeypatch.setenv("LTE_FORCE_TRITON", "1")  # the interpreter's Triton path (installed here): as they are
+    assert decoding_context(model, quant, cpu, torch.float32) is contextlib.nullcontext
 
 
 def test_the_triton_decode_path_reads_the_same_integers_in_the_interpreter(tmp_path):
