@@ -310,11 +310,12 @@ def decoding_context(model, quant, device: torch.device, dtype: torch.dtype):
     projections where its experts are whole groups (``expert_size`` a multiple of the group size, which is 32, the
     down projection's activation block too), every other quantized Linear with a whole number of 32-row slots
     (modeling_lte.py's ``install_quantized_rows``). Elsewhere the activations are multiplied as they are."""
+    if quant is None or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return contextlib.nullcontext
     from lte_kernels import cpu, triton_ffn
 
     triton = os.environ.get("LTE_FORCE_TRITON") == "1" and triton_ffn.available()  # modeling_lte.py's switch
-    on_cpu_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not triton
-    if quant is None or not on_cpu_kernel or not cpu.available():
+    if triton or not cpu.available():
         return contextlib.nullcontext
     size = {id(m): layer.expert_size for layer in lte_layers(model) for m in layer.base_layer.modules()}
     read = [m for m in quant.modules if size.get(id(m), m.out_features) % quant.group_size == 0]

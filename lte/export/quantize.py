@@ -175,7 +175,7 @@ class InputImportance:
 
 class KernelActivations:
     """While active, each of ``modules`` sees its input as the CPU kernel multiplies it when decoding: rounded to
-    int8 per block of 32 features (:func:`lte_kernels.quant.quantized_activations`, llama.cpp's Q8_0). Under it,
+    int8 per block of 32 features, Q8_0-style (:func:`lte_kernels.quant.quantized_activations`). Under it,
     an evaluation measures what that rounding costs, and the in-memory model computes what the export decodes.
     Its pre-hooks run after any registered before them (an LTE layer's expert mask on the down projection)."""
 
