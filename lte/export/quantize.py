@@ -147,12 +147,30 @@ def fitted_scales(
     return out
 
 
-class InputImportance:
+class PreHooks:
+    """A forward pre-hook (``_hook``) on each of ``modules`` while the context is active."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+
+    def _hook(self, module, args):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class InputImportance(PreHooks):
     """Each module's mean squared input per feature, gathered by forward pre-hooks while the caller runs the
     model on calibration text (``with InputImportance(modules) as importance: run()``)."""
 
     def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
+        super().__init__(modules)
         self.sums: dict[nn.Module, torch.Tensor] = {}
         self.counts: dict[nn.Module, int] = {}
 
@@ -161,39 +179,19 @@ class InputImportance:
         self.sums[module] = self.sums.get(module, 0) + x.square().sum(dim=0)
         self.counts[module] = self.counts.get(module, 0) + x.shape[0]
 
-    def __enter__(self) -> InputImportance:
-        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.modules]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
     def of(self, module: nn.Module) -> torch.Tensor | None:
         return self.sums[module] / self.counts[module] if module in self.sums else None
 
 
-class KernelActivations:
+class KernelActivations(PreHooks):
     """While active, each of ``modules`` sees its input as the CPU kernel multiplies it when decoding: rounded to
     int8 per block of 32 features, Q8_0-style (:func:`lte_kernels.quant.quantized_activations`). Under it,
     an evaluation measures what that rounding costs, and the in-memory model computes what the export decodes.
     Its pre-hooks run after any registered before them (an LTE layer's expert mask on the down projection)."""
 
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
-
-    @staticmethod
-    def _hook(module, args):
+    def _hook(self, module, args):
         x = args[0]
         return (quantized_activations(x).to(x.dtype), *args[1:])
-
-    def __enter__(self) -> KernelActivations:
-        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.modules]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 @torch.no_grad()
