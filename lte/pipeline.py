@@ -61,7 +61,7 @@ from .model.inject import (
 )
 from .model.layers import ROUTER_PREFIX
 from .model.router_init import init_routers
-from .training.adapters import add_lora, merge_adapter, quantization_config
+from .training.adapters import add_lora, check_lora, merge_adapter, quantization_config
 from .training.config import ROUTING_OF_STAGE, Recipe, load_run_recipe
 from .training.data import LMData, build_data, check_source
 from .training.distributed import (
@@ -108,6 +108,7 @@ def preflight(recipe: Recipe) -> None:
     )
     skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
+    check_lora(skeleton, recipe.lora)
 
 
 def check_output_dir(path: str, key: str) -> None:
@@ -224,7 +225,11 @@ def build_stage_model(stage: str, recipe: Recipe, source: str | Path, args):
     register_zero3_leaves(model)
     if recipe.lora.enabled:
         model = add_lora(
-            model, recipe.lora, train_routers=stage == "stage1", gradient_checkpointing=args.gradient_checkpointing
+            model,
+            recipe.lora,
+            train_routers=stage == "stage1",
+            gradient_checkpointing=args.gradient_checkpointing,
+            train_moe_router=recipe.lte.train_moe_router,
         )
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if partitioned:

@@ -20,6 +20,9 @@ import torch
 from conftest import REPO, STORIES
 from lte.cli import INTERRUPTED, main, train_main
 
+sys.path.insert(0, str(REPO / "scripts"))
+from tiny_moe import write as write_moe
+
 STORY = (
     "Once upon a time there was a little cat named Tom. Tom liked to play in the garden with his ball. "
     "One day the ball rolled away and Tom ran after it. "
@@ -45,7 +48,8 @@ FILES = {  # name -> content, written into each test's tmp_path
 
 
 def _models(root: Path) -> None:
-    """Damaged copies of the shipped model: truncated weights, no weights, no tokenizer."""
+    """Damaged copies of the shipped model: truncated weights, no weights, no tokenizer; a tiny MoE model."""
+    write_moe("qwen3_moe", root / "moe")
     for name in ("truncated", "no_weights", "no_tokenizer"):
         shutil.copytree(STORIES, root / name)
     weights = root / "truncated" / "model.safetensors"
@@ -115,6 +119,11 @@ CASES = [
         "model-no-tokenizer",
         [*TRAIN, "model.name_or_path={tmp}/no_tokenizer"],
         ["model.name_or_path", "tokenizer does not load", "tokenizer files"],
+    ),
+    (
+        "lora-dropout-on-experts",
+        [*TRAIN, "model.name_or_path={tmp}/moe", "lora.r=4"],
+        ["lora.dropout=0.05", "routed experts", "set lora.dropout=0", "lora.target_parameters=[]"],
     ),
     (
         "model-attn-bogus",

@@ -184,13 +184,18 @@ class DataArgs:
         return self.eval_block_size or self.block_size
 
 
+ALL_EXPERTS = "all-experts"  # lora.target_parameters: every routed experts module's weights
+
+
 @dataclass
 class LoraArgs:
     """LoRA / QLoRA (PEFT) instead of full fine-tuning; off while ``r`` is 0.
 
-    Adapters go on every linear projection (attention and FFN); the routers are always trained
-    in full (PEFT ``modules_to_save``) and kept in float32. Each stage's adapter is merged into
-    an unquantized copy of its starting model, so every stage (and the export) is a plain LTE model.
+    Adapters go on every linear projection (attention and FFN) and on MoE models' routed experts
+    (their 3-D weights, PEFT ``target_parameters``); the LTE routers are always trained in full (PEFT
+    ``modules_to_save``) and kept in float32; the model's own MoE routers are never adapted. Each
+    stage's adapter is merged into an unquantized copy of its starting model, so every stage (and the
+    export) is a plain LTE model.
     """
 
     r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (the paper's setting)."})
@@ -198,7 +203,18 @@ class LoraArgs:
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head."},
+        metadata={
+            "help": "Module name suffixes to adapt; 'all-linear': every linear layer but the LM head and the routers."
+        },
+    )
+    target_parameters: list[str] = field(
+        default_factory=lambda: [ALL_EXPERTS],
+        metadata={
+            "help": f"3-D weights to adapt (PEFT target_parameters); '{ALL_EXPERTS}': the up and down weights of "
+            "every routed experts module (MoE models; none on dense ones); [] leaves the experts frozen. LoRA on "
+            "them has no dropout (lora.dropout=0). Under QLoRA they stay in the compute dtype (bitsandbytes "
+            "quantizes linear layers only)."
+        },
     )
     load_in_4bit: bool = field(
         default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (bitsandbytes)."}

@@ -7,12 +7,16 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from conftest import REPO, run_train, tiny_model
+from lte.core.errors import UsageError
+from lte.model.experts import experts_hosts, moe_router_parameters
 from lte.model.inject import LTEModelConfig, inject_lte, load_lte, lte_layers, save_lte, set_lte_routing
-from lte.training.adapters import add_lora, merge_adapter, quantization_config
+from lte.training.adapters import add_lora, check_lora, merge_adapter, quantization_config
 from lte.training.config import LoraArgs
+from moe_configs import MOE_CONFIGS, tiny_moe
 
 LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
 
@@ -100,6 +104,107 @@ def test_qlora_base_is_4bit_and_routers_stay_trainable_float32(lte_checkpoint):
     lora_grads = [g for n, g in grads.items() if "lora_B" in n]
     assert router_grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in router_grads)
     assert lora_grads and all(g is not None for g in lora_grads)
+
+
+def moe_checkpoint(family, path, **sizes):
+    model = tiny_moe(family)
+    if sizes:
+        config = MOE_CONFIGS[family]()
+        for key, value in sizes.items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    save_lte(model, path)
+    return path
+
+
+# qwen3_moe with a dense FFN in layer 0 (mlp_only_layers): PEFT rewrites the targets of this family for adapters
+# trained on transformers 4, and that rewrite would take the dense FFN's gate_proj/up_proj/down_proj for experts.
+FAMILIES = {**{family: {} for family in MOE_CONFIGS}, "qwen3_moe-dense-layer": {"mlp_only_layers": [0]}}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_adapts_every_routed_expert_and_merges_into_them(family, tmp_path):
+    """Each routed experts module's up and down weights get a LoRA (PEFT target_parameters: rank r per expert)
+    whatever PEFT's own rewrite for the family would do, and dense FFNs keep theirs; the MoE router is never
+    adapted (frozen, or trained in full with lte.train_moe_router); merging gives the model that was
+    trained, with the experts changed."""
+    source = moe_checkpoint(family.split("-")[0], tmp_path / "src", **FAMILIES[family])
+    model = load_lte(source)
+    set_lte_routing(model, "soft")
+    experts = experts_hosts(model)
+    peft_model = add_lora(model, LORA, train_routers=True)
+    trainable = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    for path, layout in experts.items():
+        # nested ParamWrappers: the outer one adapts one tensor, the inner one the other; r per expert
+        factors = [n for n in trainable if n.startswith(path + ".") and "lora_A" in n]
+        assert len(factors) == 2, factors
+        assert all(trainable[n].shape[0] == LORA.r * layout.num_experts for n in factors)
+    assert not any(n.startswith(r.rpartition(".")[0] + ".") for n in trainable for r, _ in moe_router_parameters(model))
+    assert not any("lora_" in n and "lte_router" in n for n in trainable)
+    paths = {id(m): n for n, m in model.named_modules()}
+    dense = [layer for layer in lte_layers(model) if not getattr(layer, "routes_experts", False)]
+    assert len(dense) == (1 if FAMILIES[family] else 2 if family == "qwen2_moe" else 0)  # + shared experts
+    for layer in dense:  # a dense FFN's (or shared expert's) projections keep their own LoRA
+        for name in (*layer.spec.first, layer.spec.down):
+            assert f"{paths[id(layer)]}.base_layer.{name}.lora_A.default.weight" in trainable, (name, sorted(trainable))
+    pretend_trained(peft_model)
+    with torch.no_grad():
+        trained = peft_model(tokens()).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(source, tmp_path / "adapter")
+    set_lte_routing(merged, "soft")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens()).logits, trained, atol=1e-5, rtol=1e-4)
+    original = load_lte(source)
+    for path, layout in experts.items():
+        for name in (layout.up, layout.down):
+            before = getattr(original.get_submodule(path), name)
+            after = getattr(merged.get_submodule(path), name)
+            assert after.shape == before.shape and not torch.allclose(after, before, atol=1e-3), (path, name)
+    for (name, before), (_, after) in zip(moe_router_parameters(original), moe_router_parameters(merged), strict=True):
+        assert torch.equal(before, after), name  # the model's own router: frozen
+
+
+def test_the_moe_router_trains_in_full_under_lora_when_the_recipe_trains_it(tmp_path):
+    source = moe_checkpoint("mixtral", tmp_path / "src")
+    peft_model = add_lora(load_lte(source), LORA, train_routers=False, train_moe_router=True)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert sum("mlp.gate.modules_to_save" in n for n in trainable) == 2  # both layers' routers, whole
+    assert not any("lte_router" in n for n in trainable) and not any("gate.lora_" in n for n in trainable)
+    pretend_trained(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(source, tmp_path / "adapter")
+    for (name, before), (_, after) in zip(
+        moe_router_parameters(load_lte(source)), moe_router_parameters(merged), strict=True
+    ):
+        assert not torch.allclose(before, after, atol=1e-3), name
+
+
+def test_qlora_on_an_moe_model_adapts_the_experts_over_a_4bit_base(tmp_path):
+    import bitsandbytes as bnb
+
+    source = moe_checkpoint("qwen3_moe", tmp_path / "src")
+    qlora = LoraArgs(r=4, alpha=8, dropout=0.0, load_in_4bit=True)
+    model = load_lte(source, dtype=torch.float32, quantization_config=quantization_config(qlora, torch.float32))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    set_lte_routing(model, "soft")
+    peft_model = add_lora(model, qlora, train_routers=True)
+    peft_model.train()
+    peft_model(tokens(), labels=tokens()).loss.backward()
+    named = peft_model.named_parameters()
+    expert_grads = {n: p.grad for n, p in named if "mlp.experts.base_layer" in n and "lora_B" in n}
+    assert len(expert_grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in expert_grads.values())
+
+
+def test_lora_dropout_is_refused_before_any_work_where_the_experts_are_adapted():
+    moe, dense = tiny_moe("qwen3_moe"), tiny_model("llama")
+    with pytest.raises(UsageError, match=r"lora.dropout=0.05: .*routed experts.*set lora.dropout=0"):
+        check_lora(moe, LoraArgs(r=4))
+    check_lora(moe, LoraArgs(r=4, target_parameters=[]))  # the experts left frozen: dropout is fine
+    check_lora(moe, LoraArgs(r=4, dropout=0.0))
+    check_lora(dense, LoraArgs(r=4))  # a dense model has no experts to adapt
 
 
 @pytest.mark.slow

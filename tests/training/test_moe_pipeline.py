@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import REPO
 
@@ -119,3 +120,39 @@ def test_the_moe_router_stays_frozen_unless_the_recipe_trains_it(family, sizes, 
         assert {p.requires_grad for _, p in routers} == {train_it}
         lte_routers = [p for name, p in stage.named_parameters() if ROUTER_PREFIX in name]
         assert lte_routers and all(p.requires_grad for p in lte_routers)  # stage 1 trains every LTE router
+
+
+@pytest.mark.slow
+def test_the_moe_recipe_trains_lora_on_the_experts_and_merges_it(tmp_path):
+    """`recipe=qwen2_moe lora.r=4`: each stage's adapter holds LoRA factors of every routed experts module (PEFT
+    target_parameters) beside the attention's and the shared expert's; the merged stage models are plain
+    checkpoints whose expert weights moved; the export lands at its target."""
+    # two steps per stage at the recipe's learning rate (1e-5) would not move bf16 weights
+    overrides = [*cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]", "lora.r=4", "train.learning_rate=1e-3"]
+    proc = subprocess.run(
+        [sys.executable, "train.py", "recipe=qwen2_moe", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("and the experts' weights of 2 MoE layers") == 2, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    for stage in ("stage1", "stage2"):
+        adapter = load_file(str(out / stage / "adapter" / "adapter_model.safetensors"))
+        for layer in (0, 1):
+            experts = [k for k in adapter if f"layers.{layer}.mlp.experts.base_layer" in k and "lora_A" in k]
+            assert len(experts) == 2, sorted(adapter)  # one factor pair per tensor: gate_up_proj and down_proj
+        assert any("shared_expert.base_layer.down_proj.lora_A" in k for k in adapter)
+        assert not any(".mlp.gate." in k for k in adapter)  # the model's own router: frozen, never adapted
+    prepared = load_file(str(out / "prepare" / "model" / "model.safetensors"))
+    merged = load_file(str(out / "stage2" / "model" / "model.safetensors"))
+    assert set(prepared) == set(merged) and not any("lora" in k for k in merged)
+    experts = [k for k in merged if ".mlp.experts." in k]
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    changed = [k for k in experts if not torch.equal(prepared[k], merged[k])]
+    assert len(changed) == len(experts), sorted(set(experts) - set(changed))  # the experts' adapters merged in
+    assert torch.equal(prepared["model.layers.0.mlp.gate.weight"], merged["model.layers.0.mlp.gate.weight"])
+    export = json.loads((out / "export" / "lte_export.json").read_text())
+    assert abs(export["heldout_sparsity"] - 0.5) < 0.02 and export["validation_error"] < 1e-4, export
