@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .grouping import balanced_kmeans
 from .layers import LTEMLP, RouterRecord, _collector, lte_layers
-from .registry import FFNSpec
+from .registry import FFNSpec, logical_shape
 
 IMPLEMENTATION = "lte"  # the name registered with transformers' ExpertsInterface
 DENSE_IMPLEMENTATION = "grouped_mm"  # what an experts module not (yet) routed by LTE runs
@@ -77,14 +77,17 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | None:
     gated, transposed = bool(module.has_gate), bool(module.is_transposed)
     up = getattr(module, "gate_up_proj" if gated else "up_proj", None)
     down = getattr(module, "down_proj", None)
-    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() != 3 or down.dim() != 3:
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor):
         return None
-    num_experts = up.shape[0]
-    d_model, width = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+    up_shape, down_shape = logical_shape(up), logical_shape(down)  # partitioned by ZeRO-3 too
+    if len(up_shape) != 3 or len(down_shape) != 3:
+        return None
+    num_experts = up_shape[0]
+    d_model, width = (down_shape[2], down_shape[1]) if transposed else (down_shape[1], down_shape[2])
     expected_up = (num_experts, d_model, (2 if gated else 1) * width)
     if not transposed:
         expected_up = (num_experts, expected_up[2], d_model)
-    if tuple(up.shape) != expected_up or down.shape[0] != num_experts:
+    if up_shape != expected_up or down_shape[0] != num_experts:
         return None
     return ExpertsLayout(
         up="gate_up_proj" if gated else "up_proj",
@@ -410,7 +413,8 @@ def moe_router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         for name, param in parent.named_parameters():
             if name.startswith(child + ".") or id(param) in lte:  # the experts' own tensors, LTE's layers
                 continue
-            if param.shape[0] == layout.num_experts and param.dim() <= 2:
+            shape = logical_shape(param)  # partitioned by ZeRO-3 too
+            if shape[0] == layout.num_experts and len(shape) <= 2:
                 found.append((f"{parent_path}.{name}", param))
     return found
 

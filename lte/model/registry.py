@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 
@@ -114,6 +115,11 @@ def feature_axes(projection: nn.Module) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
+def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """``tensor``'s shape, also when ZeRO-3 has partitioned it (``ds_shape``; the local tensor is empty)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
 def weight_shape(projection: nn.Module) -> tuple[int, ...]:
     """``projection.weight``'s logical shape, also when ZeRO-3 has partitioned it (``ds_shape``)
     or bitsandbytes has packed it into 4-bit storage (``quant_state.shape``)."""
@@ -121,7 +127,7 @@ def weight_shape(projection: nn.Module) -> tuple[int, ...]:
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
         return tuple(quant_state.shape)
-    return tuple(getattr(weight, "ds_shape", weight.shape))
+    return logical_shape(weight)
 
 
 def in_out(projection: nn.Module) -> tuple[int, int]:

@@ -31,8 +31,10 @@ CONFIGS = {
 SHARDED = ("fsdp2", "zero3")  # parameters (so routers) split across the processes
 
 
-def launch_command(config, out, port, *extra):
+def launch_command(config, out, port, *extra, run=None):
+    """``run``: the run's own arguments (default: the tiny recipe with FAST, into ``out``)."""
     file, flags, entry, _ = CONFIGS[config]
+    run = ["recipe=tiny", f"output_dir={out}", *FAST] if run is None else run
     return [
         sys.executable,
         "-m",
@@ -47,9 +49,7 @@ def launch_command(config, out, port, *extra):
         str(port),
         *flags,
         entry,
-        "recipe=tiny",
-        f"output_dir={out}",
-        *FAST,
+        *run,
         *extra,
     ]
 
@@ -189,3 +189,44 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_pat
     got, want = final_losses(out), final_losses(reference)
     for stage in ("stage1", "stage2"):
         assert got[stage][-1] == pytest.approx(want[stage][-1], rel=1e-3), (stage, got, want)
+
+
+@pytest.mark.parametrize("config", SHARDED)
+def test_the_moe_recipe_trains_sharded_expert_tensors(config, tmp_path):
+    """`recipe=qwen2_moe` (a tiny random Qwen2-MoE, the recipe's bf16 and gradient checkpointing) on two processes
+    under FSDP2 and ZeRO-3: the 3-D expert tensors and the [experts, groups, hidden] routers are sharded, both
+    stages train them, the stage checkpoints are gathered whole under the base names, the model's own router
+    stays frozen, and the export lands at its target."""
+    from test_recipes import cpu_overrides
+
+    run = ["recipe=qwen2_moe", *cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]"]
+    # two steps at the recipe's rates, within its 100 warm-up steps, may leave bf16 weights where they were
+    run += ["train.learning_rate=1e-3", "train.warmup_steps=0"]
+    port = 29570 + SHARDED.index(config)
+    proc = subprocess.run(launch_command(config, None, port, run=run), cwd=REPO, capture_output=True, text=True)
+    log = proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    out = tmp_path / "run"
+    prepared = load_file(str(out / "prepare" / "model" / "lte_routers.safetensors"))
+    assert len(prepared) == 4 and prepared["layers.0.weight"].dim() == 3  # routed experts' routers, shared ones
+    for stage in ("stage1", "stage2"):
+        assert log.count(f"{stage}: training 2 steps") == 2 and f"on 2 process(es) ({CONFIGS[config][3]})" in log
+        identical = re.findall(
+            rf"{stage}: routers identical on all 2 processes \((\d+) router parameters, (\d+) stored", log
+        )
+        assert len(identical) == 2, identical
+        total, local = map(int, identical[0])
+        assert total == sum(t.numel() for t in prepared.values()) and local < total  # sharded, gathered whole
+    if config == "zero3":
+        assert "model loaded partitioned by ZeRO-3" in log and "ZeRO-3: 4 LTE FFNs registered as leaf modules" in log
+    before = load_file(str(out / "prepare" / "model" / "model.safetensors"))
+    after = load_file(str(out / "stage1" / "model" / "model.safetensors"))
+    assert set(before) == set(after)  # the base checkpoint's own per-expert names
+    experts = [k for k in before if ".mlp.experts." in k]
+    assert len(experts) == 2 * 4 * 3 and all(not torch.equal(before[k], after[k]) for k in experts)
+    routers = [k for k in before if k.endswith("mlp.gate.weight")]
+    assert len(routers) == 2 and all(torch.equal(before[k], after[k]) for k in routers)  # frozen by default
+    trained = load_file(str(out / "stage1" / "model" / "lte_routers.safetensors"))
+    assert [k for k in prepared if torch.equal(prepared[k], trained[k])] == []
+    exported = json.loads((out / "export" / "lte_export.json").read_text())
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4, exported
