@@ -3,7 +3,8 @@
 Random Llama/Qwen2/Qwen3 models (hidden 128, 4 heads, 2 KV heads, FFN 256 = 8 experts of 32, 2 layers,
 stories260K's 512-token tokenizer with a chat template), exported by the project's own exporter code
 (``to_routed`` + ``write_checkpoint``): the files ``lte export`` writes. Thresholds are the median router
-score on random tokens (about half the experts run), except where a layer keeps all (-1).
+score on random tokens (about half the experts run), except where a layer keeps all (-1). Mixture-of-experts
+models (``qwen3_moe``, ``qwen2_moe``) route inside their experts at threshold 0.5 on centroid routers.
 Run as a script (``python tests/vllm_exports.py FAMILY OUT``) or imported.
 """
 
@@ -42,6 +43,13 @@ CONFIGS = {
         vocab_size=512, n_embd=128, n_inner=256, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
     ),
 }
+# Mixture-of-experts: 4 routed experts of 64 neurons (4 LTE groups of 16 each), top-2 (+ a shared expert).
+MOE = dict(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, head_dim=32)
+CONFIGS |= {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**DIMS, **MOE),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**DIMS, **MOE, shared_expert_intermediate_size=128),
+}
+MOE_EXPERT_SIZE = 16
 KEEP_ALL_LAYER = {"qwen3": 1}  # one family exports a layer that keeps every expert (threshold -1)
 
 
@@ -83,22 +91,30 @@ def export_tiny(
     ``quantize``: int8 / int4, as ``lte export --quantize``); returns ``out``."""
     from lte.export.exporter import base_architecture, quantize_in_memory, to_routed, write_checkpoint
     from lte.export.quantize import compress_checkpoint
-    from lte.model.inject import LTEModelConfig, inject_lte
+    from lte.model.inject import LTEModelConfig, inject_lte, lte_layers, set_lte_routing
 
     out = Path(out)
     model = tiny_base(family, **dims)
-    inject_lte(model, LTEModelConfig(expert_size=EXPERT_SIZE, router_init="centroid"), progress=False)
+    moe = family.endswith("_moe")
+    size = MOE_EXPERT_SIZE if moe else EXPERT_SIZE
+    inject_lte(model, LTEModelConfig(expert_size=size, router_init="centroid"), progress=False)
+    if moe:
+        set_lte_routing(model, "hard")
     quant = None
     if quantize is not None:
         assert dtype == torch.float32, "quantize here before model.to(dtype) below: fp32 exports only"
         quant = quantize_in_memory(model, quantize)
     base = base_architecture(model)
-    to_routed(model, [-1.0] * model.config.num_hidden_layers)
-    ids = torch.randint(3, DIMS["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
-    thresholds = median_thresholds(model, ids)
-    if family in KEEP_ALL_LAYER:
-        thresholds[KEEP_ALL_LAYER[family]] = -1.0
-    model.config.lte_thresholds = thresholds
+    hosts = len(lte_layers(model))
+    if moe:  # threshold 0.5 on centroid routers (the median rule below reads dense FFNs' routers)
+        to_routed(model, [0.5] * hosts)
+    else:
+        to_routed(model, [-1.0] * hosts)
+        ids = torch.randint(3, DIMS["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+        thresholds = median_thresholds(model, ids)
+        if family in KEEP_ALL_LAYER:
+            thresholds[KEEP_ALL_LAYER[family]] = -1.0
+        model.config.lte_thresholds = thresholds
     model.to(dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(REPO / "assets" / "stories260K")
     tokenizer.chat_template = CHAT_TEMPLATE

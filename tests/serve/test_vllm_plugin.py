@@ -137,6 +137,24 @@ def test_the_plugin_refuses_a_quantized_export_at_load_with_one_message(tmp_path
     assert "needs unquantized FFN weights" in refused["message"] and "without quantization" in refused["message"]
 
 
+def test_plain_vllm_loads_an_moe_export_dense_and_the_plugin_refuses_it(tmp_path):
+    """An export that routes inside the experts of a Qwen2-MoE (routed experts and a shared expert): vLLM without
+    the plugin loads its base names into its own fused-MoE class and generates the base model's tokens; with the
+    plugin, LLM() fails at load with the plugin's message (never served dense unasked)."""
+    from vllm_exports import export_tiny
+
+    export = str(export_tiny("qwen2_moe", tmp_path / "qwen2_moe"))
+    got, _ = run("generate", {"export": export}, VLLM_PLUGINS="none")
+    assert got["class"] == "Qwen2MoeForCausalLM", got["class"]
+    _, tokens, logprobs = greedy(export, got["prompts"], len(got["tokens"][0]), remote_code=False)
+    assert_same_generation(got, tokens, logprobs)
+    _, routed, _ = greedy(export, got["prompts"], len(got["tokens"][0]), remote_code=True)
+    assert routed != tokens  # the export does route: a plain vLLM serving it is the dense model
+    refused, _ = run("load", {"export": export})
+    assert refused["error"] and "routes inside the experts" in refused["message"], refused
+    assert "model.layers.0.mlp.experts" in refused["message"] and "VLLM_PLUGINS" in refused["message"], refused
+
+
 @pytest.fixture(scope="module")
 def module_outputs(exports):
     result, _ = run("modules", {"exports": [exports[f] for f in FAMILIES]})
