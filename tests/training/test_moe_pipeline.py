@@ -91,8 +91,17 @@ def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_proj
     assert r["sparse_vs_trained"] < 1e-5 and r["sparse_vs_base"] > 1e-3, r  # remote code: routed, sparse
     assert r["resaved_weight_names"] == r["weight_names"] and r["resaved_router_names"] == r["router_names"]
     assert r["resaved_sparse"] < 1e-5, r
+    # generate (KV cache, the routed experts' decode path) in the client gives the tokens of greedy full forwards
+    # of the trained model here: routed for the remote code, every group for the base class
     g = run_client("generate", export, cwd=tmp_path)[str(export)]
-    assert len(g["sparse"]) == len(g["dense"]) == 12
+    prompt = transformers.AutoTokenizer.from_pretrained(export)("Once upon a time", return_tensors="pt").input_ids
+    for routing in ("hard", "dense"):
+        sparse.config.lte_routing = routing
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(12):
+                ids = torch.cat([ids, sparse(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        assert g["sparse" if routing == "hard" else "dense"] == ids[0, prompt.shape[1] :].tolist(), routing
 
 
 # qwen2_moe: a shared expert of 16 neurons, 4 groups of 4, as many as the routed experts: its LTE router has the
