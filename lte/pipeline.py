@@ -784,6 +784,7 @@ def run_export(recipe: Recipe, report: dict) -> dict:
             "heldout_sparsity",
             "per_layer_sparsity",
             "sparsity_by_kind",
+            "ffn_bytes_per_token",
             "sparse_ppl",
             "dense_ppl",
             "allocation",

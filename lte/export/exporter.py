@@ -487,6 +487,7 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
         kinds = [
             "routed experts" if getattr(layer, "routes_experts", False) else "dense FFNs" for layer in lte_layers(model)
         ]
+        weights = ffn_weights_per_token(model, batches[:1])
         to_routed(model, chosen.thresholds)
         write_checkpoint(model, tokenizer, tmp, base)
         quantization = None
@@ -514,6 +515,9 @@ def export(request: ExportRequest, progress: bool = True) -> dict:
             "heldout_sparsity": sparse.sparsity,
             "per_layer_sparsity": sparse.per_layer_sparsity,
             "sparsity_by_kind": sparsity_by_kind(kinds, sparse.per_layer_sparsity),
+            "ffn_bytes_per_token": ffn_bytes_by_kind(
+                kinds, weights, sparse.per_layer_sparsity, ffn_bits(dtype, quantization)
+            ),
             "thresholds": chosen.thresholds,
             "layer_targets": chosen.targets,
             "dense_ppl": dense.ppl,
@@ -543,6 +547,43 @@ def sparsity_by_kind(kinds: list[str], per_layer: list[float]) -> dict[str, floa
     return {kind: sum(values) / len(values) for kind, values in by_kind.items()}
 
 
+@torch.no_grad()
+def ffn_weights_per_token(model, batches) -> list[float]:
+    """Per LTE layer, the FFN weights one token multiplies with every group on: (gate, up, down or up, down)
+    x neurons x hidden, times the experts a token runs in a routed-experts layer (the model's top-k, read on
+    ``batches``)."""
+    from ..model.experts import top_k_choices
+
+    routed = any(getattr(layer, "routes_experts", False) for layer in lte_layers(model))
+    chosen = {path: index.shape[1] for path, index in top_k_choices(model, batches).items()} if routed else {}
+    paths = {id(module): name for name, module in model.named_modules()}
+    out = []
+    for layer in lte_layers(model):
+        matrices = len(layer.spec.first) * layer.spec.fused_chunks + 1
+        width, d_model = layer.num_experts * layer.expert_size, layer.lte_router.weight.shape[-1]
+        experts = chosen.get(paths[id(layer)], 1) if getattr(layer, "routes_experts", False) else 1
+        out.append(float(matrices * width * d_model * experts))
+    return out
+
+
+def ffn_bits(dtype: torch.dtype, quantization: dict | None) -> float:
+    """Bits per FFN weight in the export: the quantized bits (scales included) where quantized."""
+    if quantization is not None:
+        return float(quantization["bits_per_quantized_weight"])
+    return float(torch.finfo(dtype).bits)
+
+
+def ffn_bytes_by_kind(kinds: list[str], weights: list[float], per_layer: list[float], bits: float) -> dict:
+    """FFN weight bytes one token reads, per kind of host: with every group, and at the held-out sparsity
+    (each layer's share of groups skipped; for routed experts, of the experts the token runs)."""
+    out: dict[str, dict[str, float]] = {}
+    for kind, n, sparsity in zip(kinds, weights, per_layer, strict=True):
+        entry = out.setdefault(kind, {"all_groups": 0.0, "sparse": 0.0})
+        entry["all_groups"] += n * bits / 8
+        entry["sparse"] += n * (1 - sparsity) * bits / 8
+    return out
+
+
 def summary(report: dict, out: str | os.PathLike) -> str:
     from ..training.loading import layout_summary
 
@@ -565,5 +606,15 @@ def summary(report: dict, out: str | os.PathLike) -> str:
             else ""
         )
         + (f"  weights       {describe_quantization(report['quantization'])}\n" if report.get("quantization") else "")
+        + (
+            "  FFN reads     "
+            + ", ".join(
+                f"{kind} {b['sparse'] / 1e6:.3g} of {b['all_groups'] / 1e6:.3g} MB"
+                for kind, b in report["ffn_bytes_per_token"].items()
+            )
+            + " per token\n"
+            if report.get("ffn_bytes_per_token")
+            else ""
+        )
         + f"  load it with  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
     )

@@ -59,6 +59,17 @@ def test_both_stages_train_and_the_export_lands_at_its_target(moe_run):
         mine = [s for k, s in zip(kinds, export["per_layer_sparsity"], strict=True) if k == kind]
         assert value == pytest.approx(sum(mine) / len(mine))
     assert set(export["sparsity_by_kind"]) == set(kinds) == {"routed experts", "dense FFNs"}
+    # FFN bytes one token reads, bf16, 2 layers: top-k experts x (gate, up, down) x width x hidden; shared alike
+    config = json.loads((out / "export" / "config.json").read_text())
+    hidden, width = config["hidden_size"], config["moe_intermediate_size"]
+    shared = config["shared_expert_intermediate_size"]
+    full = {
+        "routed experts": 2 * config["num_experts_per_tok"] * 3 * width * hidden * 2,
+        "dense FFNs": 2 * 3 * shared * hidden * 2,
+    }
+    for kind, read in export["ffn_bytes_per_token"].items():
+        assert read["all_groups"] == full[kind], (kind, read)
+        assert read["sparse"] == pytest.approx(full[kind] * (1 - export["sparsity_by_kind"][kind]), rel=1e-6)
 
 
 @pytest.mark.slow
