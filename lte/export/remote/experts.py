@@ -7,12 +7,14 @@ fused in-memory layout on load and back on save); each fused experts module gain
 :data:`IMPLEMENTATION`: for every expert the model's own router selected, the token's groups with
 ``sigmoid(router) > threshold`` run. Two paths compute it:
 
-* **kernel** (an expert that received at most :data:`MAX_UNION_TOKENS` tokens, on CPU, fp32 or bf16,
-  ``[gate; up]`` concatenated or up-only, no biases): the project's CPU kernel (``lte_kernels_cpu.py``)
-  reads only the rows of the groups kept by any of those tokens, from the expert's own slice of the
-  fused tensors, and each token's other groups are zeroed; the down projection reads one row per kept
-  neuron. Decode (one token per step) runs here. :func:`relayout_experts` stores each expert's rows the
-  way the kernel reads them (same parameters, shapes and values; ``from_pretrained`` does it).
+* **kernel** (an expert that received at most :data:`MAX_UNION_TOKENS` tokens; ``[gate; up]`` concatenated
+  or up-only, no biases; on CPU in fp32 or bf16 the project's CPU kernel, ``lte_kernels_cpu.py``, on CUDA
+  the Triton kernels, ``lte_kernels_triton.py``): the slot kernels the dense FFNs use, on the expert's own
+  slice of the fused tensors (gate rows at offset 0, up rows at offset ``I``), read only the rows of the
+  groups kept by any of those tokens; each token's other groups are zeroed; the down projection reads one
+  row per kept neuron. Decode (one token per step) runs here. :func:`relayout_experts` stores each
+  expert's rows the way the kernels read them (same parameters, shapes and values; ``from_pretrained``
+  does it).
 * **masked** (everything else: many tokens per expert, gpt-oss's interleaved or biased experts, GPUs,
   a forward that needs gradients):
   every neuron of the selected experts is computed and the skipped groups are zeroed before the down
@@ -25,6 +27,8 @@ Copied into each export as ``lte_experts.py``; imports torch, and the kernel fil
 where there is one. The training-time counterpart is ``lte.model.experts``.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,11 +37,26 @@ try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file
     from .lte_kernels_cpu import (
         available as _cpu_kernel_available,
         dense_matmul_t as _cpu_dense_matmul_t,
-        expert_matvec as _cpu_matvec,
-        expert_matvec_t as _cpu_matvec_t,
+        select_experts as _cpu_select,
+        slot_matvec as _cpu_matvec,
+        slot_matvec_t as _cpu_matvec_t,
     )
 except ImportError:  # the package's own copy (lte.export.remote): the masked path only
     _cpu_kernel_available = None
+
+try:  # the GPU kernels (the project's kernels/triton_ffn.py), written next to this file by `lte export`
+    from .lte_kernels_triton import (
+        available as _triton_available,
+        expert_matvec as _triton_matvec,
+        expert_matvec_t as _triton_matvec_t,
+        select_experts as _triton_select,
+    )
+except ImportError:
+    _triton_available = None
+
+# LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests it (as in
+# modeling_lte). Read once here, not in the decode step.
+_FORCE_TRITON = os.environ.get("LTE_FORCE_TRITON") == "1"
 
 IMPLEMENTATION = "lte_routed"
 
@@ -66,18 +85,23 @@ def _up(module) -> torch.Tensor:
     return module.gate_up_proj if module.has_gate else module.up_proj
 
 
-def kernel_ready(module) -> bool:
-    """Whether the CPU kernel can run this module's experts: a group's rows contiguous within each expert
-    (``[gate; up]`` concatenated, or up-only), no biases, fp32 or bf16 on the CPU."""
+def kernels(module):
+    """(select, matvec, matvec_t) for this module's experts, in the slot convention of both kernel files,
+    or None: a group's rows must be contiguous within each expert (``[gate; up]`` concatenated, or up-only)
+    and unbiased; Triton on CUDA (or forced), the CPU kernel for fp32 or bf16 on the CPU."""
     up = _up(module)
-    return (
+    if module.has_bias or (module.has_gate and not getattr(module, "is_concatenated", True)):
+        return None
+    if (up.device.type == "cuda" or _FORCE_TRITON) and _triton_available is not None and _triton_available():
+        return _triton_select, _triton_matvec, _triton_matvec_t
+    if (
         _cpu_kernel_available is not None
-        and not module.has_bias
-        and (not module.has_gate or getattr(module, "is_concatenated", True))
         and up.device.type == "cpu"
         and up.dtype in (torch.float32, torch.bfloat16)
         and _cpu_kernel_available()
-    )
+    ):
+        return _cpu_select, _cpu_matvec, _cpu_matvec_t
+    return None
 
 
 def _up_rows(module, expert: int) -> torch.Tensor:
@@ -111,18 +135,21 @@ def _in_kernel_layout(module) -> bool:
     return _up_rows(module, 0).is_contiguous() and _down_rows(module, 0).is_contiguous()
 
 
-def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int) -> torch.Tensor:
-    """One expert on its few tokens ``x`` [n, H]: only the rows of the groups some token keeps are read;
-    each token's other groups are zeroed before the down projection. [n, H]."""
-    groups = keep.any(dim=0).nonzero().flatten()
-    if groups.numel() == 0:
-        return x.new_zeros(x.shape)
-    # The gate's rows, then the up's, in one call: the up's group g is row block g + I / size.
-    blocks = torch.cat([groups, groups + width(module) // size]) if module.has_gate else groups
-    proj = _cpu_matvec(x, _up_rows(module, expert), blocks, size, 0).to(x.dtype)
+def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int, kernel_set) -> torch.Tensor:
+    """One expert on its few tokens ``x`` [n, H]: only the rows of the groups some token keeps are read
+    (their union, selected slots first); each token's other groups are zeroed before the down projection.
+    [n, H]."""
+    select, matvec, matvec_t = kernel_set
+    order, count = select(keep)
+    rows = _up_rows(module, expert)
+    proj = matvec(x, rows, order, count, size, 0)
+    if module.has_gate:  # [gate; up]: the up's rows start at I
+        proj = torch.cat([proj, matvec(x, rows, order, count, size, width(module))], dim=-1)
+    proj = proj.to(x.dtype)
     h = module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
-    h = (h.reshape(x.shape[0], -1, size) * keep[:, groups].unsqueeze(-1).to(h.dtype)).reshape(x.shape[0], -1)
-    return _cpu_matvec_t(h, _down_rows(module, expert), groups, size).to(x.dtype)
+    slots = keep[:, order.long()]  # each token's kept groups in slot order (none past the count)
+    h = (h.reshape(x.shape[0], -1, size) * slots.unsqueeze(-1).to(h.dtype)).reshape(x.shape[0], -1)
+    return matvec_t(h, _down_rows(module, expert), order, count, size).to(x.dtype)
 
 
 def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -141,9 +168,10 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
-    rows = kernel_ready(self) and _in_kernel_layout(self)  # re-strided by from_pretrained / lte_relayout()
+    kernel_set = kernels(self) if _in_kernel_layout(self) else None  # re-strided by from_pretrained / lte_relayout()
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or up.requires_grad or self.down_proj.requires_grad)
-    kernel = rows and routing != "dense" and not grad  # the kernel has no backward: training runs masked
+    kernel = kernel_set is not None and routing != "dense" and not grad  # no backward: training runs masked
+    cpu_rows = kernel_set is not None and up.device.type == "cpu" and _cpu_kernel_available is not None
     out = torch.zeros_like(hidden_states)
     start = 0
     for expert, count in enumerate(counts):
@@ -159,13 +187,13 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             with torch.no_grad():
                 keep = torch.sigmoid(F.linear(x.to(router.weight.dtype), router.weight[expert], bias)) > threshold
         if kernel and count <= MAX_UNION_TOKENS:
-            y = _kernel_expert(self, x, expert, keep, size)
+            y = _kernel_expert(self, x, expert, keep, size, kernel_set)
         else:  # masked: every neuron of the expert, the skipped groups zeroed
             proj = F.linear(x, _up_rows(self, expert), None if up_bias is None else up_bias[expert])
             h = self._apply_gate(proj) if gated else self.act_fn(proj)
             if keep is not None:
                 h = (h.reshape(count, -1, size) * keep.unsqueeze(-1).to(h.dtype)).reshape(h.shape)
-            if rows:  # down neuron-major; bf16 on a CPU without bf16 instructions: an fp32 GEMM (dense_matmul_t)
+            if cpu_rows:  # down neuron-major; bf16 on a CPU without bf16 instructions: an fp32 GEMM (dense_matmul_t)
                 y = _cpu_dense_matmul_t(h, _down_rows(self, expert))
             else:
                 y = F.linear(h, _down_rows(self, expert).t(), None if down_bias is None else down_bias[expert])

@@ -63,12 +63,18 @@ except ImportError:  # this package's own (`from . import`: transformers copies 
     HUB_KWARGS, load_routers, save_routers = _layout.HUB_KWARGS, _layout.load_routers, _layout.save_routers
 
 try:  # routed experts of MoE layers (the package's remote/experts.py), written next to this file by `lte export`
-    from .lte_experts import MAX_UNION_TOKENS, ExpertsRouter, install_routed_experts, kernel_ready, relayout_experts
+    from .lte_experts import (
+        MAX_UNION_TOKENS,
+        ExpertsRouter,
+        install_routed_experts,
+        kernels as expert_kernels,
+        relayout_experts,
+    )
 except ImportError:  # this package's own (`from . import`: transformers copies only `from .x import` files)
     from . import experts as _experts
 
     ExpertsRouter, install_routed_experts = _experts.ExpertsRouter, _experts.install_routed_experts
-    kernel_ready, relayout_experts = _experts.kernel_ready, _experts.relayout_experts
+    expert_kernels, relayout_experts = _experts.kernels, _experts.relayout_experts
     MAX_UNION_TOKENS = _experts.MAX_UNION_TOKENS
 
 try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
@@ -552,7 +558,7 @@ def relayout_routed_ffns(model: nn.Module) -> None:
             _relayout(module, out_is_rows=True)
         elif isinstance(module, RoutedDown):
             _relayout(module, out_is_rows=False)
-        elif isinstance(getattr(module, "lte_router", None), ExpertsRouter) and kernel_ready(module):
+        elif isinstance(getattr(module, "lte_router", None), ExpertsRouter) and expert_kernels(module):
             relayout_experts(module)
 
 
