@@ -27,36 +27,14 @@ Copied into each export as ``lte_experts.py``; imports torch, and the kernel fil
 where there is one. The training-time counterpart is ``lte.model.experts``.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # the CPU kernel (the project's kernels/cpu.py), written next to this file by `lte export`
-    from .lte_kernels_cpu import (
-        available as _cpu_kernel_available,
-        dense_matmul_t as _cpu_dense_matmul_t,
-        select_experts as _cpu_select,
-        slot_matvec as _cpu_matvec,
-        slot_matvec_t as _cpu_matvec_t,
-    )
-except ImportError:  # the package's own copy (lte.export.remote): the masked path only
+try:  # the CPU kernel's dense product (the project's kernels/cpu.py), written next to this file by `lte export`
+    from .lte_kernels_cpu import available as _cpu_kernel_available, dense_matmul_t as _cpu_dense_matmul_t
+except ImportError:  # the package's own copy (lte.export.remote)
     _cpu_kernel_available = None
-
-try:  # the GPU kernels (the project's kernels/triton_ffn.py), written next to this file by `lte export`
-    from .lte_kernels_triton import (
-        available as _triton_available,
-        expert_matvec as _triton_matvec,
-        expert_matvec_t as _triton_matvec_t,
-        select_experts as _triton_select,
-    )
-except ImportError:
-    _triton_available = None
-
-# LTE_FORCE_TRITON=1 runs the Triton path on CPU tensors (under TRITON_INTERPRET=1): how CI tests it (as in
-# modeling_lte). Read once here, not in the decode step.
-_FORCE_TRITON = os.environ.get("LTE_FORCE_TRITON") == "1"
 
 IMPLEMENTATION = "lte_routed"
 
@@ -88,20 +66,12 @@ def _up(module) -> torch.Tensor:
 def kernels(module):
     """(select, matvec, matvec_t) for this module's experts, in the slot convention of both kernel files,
     or None: a group's rows must be contiguous within each expert (``[gate; up]`` concatenated, or up-only)
-    and unbiased; Triton on CUDA (or forced), the CPU kernel for fp32 or bf16 on the CPU."""
-    up = _up(module)
-    if module.has_bias or (module.has_gate and not getattr(module, "is_concatenated", True)):
+    and unbiased. Which kernels a weight gets (Triton on CUDA, the CPU kernel for fp32 or bf16 on the CPU)
+    is modeling_lte's choice for every routed layer, given at install (:func:`install_routed_experts`)."""
+    choose = getattr(module, "lte_kernels", None)
+    if choose is None or module.has_bias or (module.has_gate and not getattr(module, "is_concatenated", True)):
         return None
-    if (up.device.type == "cuda" or _FORCE_TRITON) and _triton_available is not None and _triton_available():
-        return _triton_select, _triton_matvec, _triton_matvec_t
-    if (
-        _cpu_kernel_available is not None
-        and up.device.type == "cpu"
-        and up.dtype in (torch.float32, torch.bfloat16)
-        and _cpu_kernel_available()
-    ):
-        return _cpu_select, _cpu_matvec, _cpu_matvec_t
-    return None
+    return choose(_up(module))
 
 
 def _up_rows(module, expert: int) -> torch.Tensor:
@@ -203,8 +173,9 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def install_routed_experts(model: nn.Module, config, index: int, host: dict) -> None:
-    """Give the experts module at ``host["path"]`` its router and the routed forward, in place."""
+def install_routed_experts(model: nn.Module, config, index: int, host: dict, kernels_for=None) -> None:
+    """Give the experts module at ``host["path"]`` its router and the routed forward, in place;
+    ``kernels_for(weight)``: the kernel set for a weight, or None (modeling_lte's ``_kernels``)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
@@ -219,5 +190,5 @@ def install_routed_experts(model: nn.Module, config, index: int, host: dict) -> 
         device=up.device,
         dtype=up.dtype,
     )
-    module.lte_config, module.lte_layer_index = config, index
+    module.lte_config, module.lte_layer_index, module.lte_kernels = config, index, kernels_for
     config._experts_implementation = IMPLEMENTATION

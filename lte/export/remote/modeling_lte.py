@@ -524,7 +524,7 @@ def install_routed_ffns(model: nn.Module, config) -> None:
     size = ffn["expert_size"]
     for index, spec in enumerate(ffn["hosts"]):
         if spec.get("experts"):  # an MoE layer's fused routed experts
-            install_routed_experts(model, config, index, spec)
+            install_routed_experts(model, config, index, spec, _kernels)
             continue
         host = model.get_submodule(spec["path"])
         neurons = _rows(host.get_submodule(spec["down"]), out_is_rows=False).shape[0]
