@@ -22,7 +22,7 @@ import transformers
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import lte_kernels.cpu as cpu
-from lte.export.remote import experts as remote
+from lte.export.remote import experts as remote, modeling_lte as modeling
 
 BASELINES = ("eager", "batched_mm", "grouped_mm")
 
@@ -40,7 +40,8 @@ def build(args, dtype):
     config.lte_ffn, config.lte_routing, config.lte_thresholds = {"expert_size": args.group}, "hard", [0.0]
     holder = torch.nn.Module()
     holder.experts = module
-    remote.install_routed_experts(holder, config, 0, {"path": "experts"})
+    remote.install_routed_experts(holder, config, 0, {"path": "experts"}, modeling._kernels)
+    assert remote.kernels(module) is not None, "the routed experts would run the masked path, not the kernel"
     with torch.no_grad():  # scores that do not depend on the token: a threshold per target sparsity
         module.lte_router.weight.zero_()
         module.lte_router.bias = torch.nn.Parameter(torch.randn(args.experts, args.width // args.group).to(dtype))
@@ -73,8 +74,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assert cpu.available(), "the CPU kernel did not build"
-    remote._cpu_kernel_available = cpu.available  # what the export's copy binds from lte_kernels_cpu.py
-    remote._cpu_matvec, remote._cpu_matvec_t = cpu.expert_matvec, cpu.expert_matvec_t
+    # what the export's copies bind from lte_kernels_cpu.py: modeling_lte chooses the kernels, the experts use them
+    remote._cpu_kernel_available = modeling._cpu_kernel_available = cpu.available
+    modeling._cpu_select, modeling._cpu_matvec, modeling._cpu_matvec_t = (
+        cpu.select_experts,
+        cpu.slot_matvec,
+        cpu.slot_matvec_t,
+    )
     remote._cpu_dense_matmul_t = cpu.dense_matmul_t
     rows = []
     for name in args.dtype.split(","):

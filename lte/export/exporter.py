@@ -549,9 +549,9 @@ def sparsity_by_kind(kinds: list[str], per_layer: list[float]) -> dict[str, floa
 
 @torch.no_grad()
 def ffn_weights_per_token(model, batches) -> list[float]:
-    """Per LTE layer, the FFN weights one token multiplies with every group on: (gate, up, down or up, down)
-    x neurons x hidden, times the experts a token runs in a routed-experts layer (the model's top-k, read on
-    ``batches``)."""
+    """Per LTE layer, the FFN weights one token multiplies with every group on: (gate, up, down), or (up, down)
+    for a plain FFN, x neurons x hidden, times the experts a token runs in a routed-experts layer (the model's
+    top-k, read on one forward over ``batches``)."""
     from ..model.experts import top_k_choices
 
     routed = any(getattr(layer, "routes_experts", False) for layer in lte_layers(model))
@@ -561,7 +561,7 @@ def ffn_weights_per_token(model, batches) -> list[float]:
     for layer in lte_layers(model):
         matrices = len(layer.spec.first) * layer.spec.fused_chunks + 1
         width, d_model = layer.num_experts * layer.expert_size, layer.lte_router.weight.shape[-1]
-        experts = chosen.get(paths[id(layer)], 1) if getattr(layer, "routes_experts", False) else 1
+        experts = chosen[paths[id(layer)]] if getattr(layer, "routes_experts", False) else 1
         out.append(float(matrices * width * d_model * experts))
     return out
 

@@ -271,7 +271,7 @@ def run_experts(self, layout: ExpertsLayout, hidden_states, top_k_index, top_k_w
         pairs = order[start : start + count]
         start += count
         token = tokens[pairs]
-        x = hidden_states[token]
+        x = hidden_states[token].to(up.dtype)  # QLoRA: fp32 activations (upcast norms), experts as loaded
         proj = _linear(x, up[expert], None if up_bias is None else up_bias[expert], layout.transposed)
         h = self._apply_gate(proj) if layout.gated else self.act_fn(proj)
         if gate is not None:
@@ -292,8 +292,12 @@ def lte_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     lte: LTEExperts | None = self.__dict__.get("_lte")
-    if lte is None or lte.routing == "dense":
-        return ALL_EXPERTS_FUNCTIONS[DENSE_IMPLEMENTATION](self, hidden_states, top_k_index, top_k_weights)
+    dense = ALL_EXPERTS_FUNCTIONS[DENSE_IMPLEMENTATION]
+    if lte is None:
+        return dense(self, hidden_states, top_k_index, top_k_weights)
+    if lte.routing == "dense":  # in the experts' dtype (QLoRA: fp32 activations, experts as loaded)
+        dtype = getattr(self, lte.layout.up).dtype
+        return dense(self, hidden_states.to(dtype), top_k_index, top_k_weights).to(hidden_states.dtype)
     out, scores, owners = run_experts(self, lte.layout, hidden_states, top_k_index, top_k_weights, lte.route)
     if scores:
         lte.record(torch.cat(scores), torch.cat(owners))
@@ -414,7 +418,7 @@ def moe_router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if name.startswith(child + ".") or id(param) in lte:  # the experts' own tensors, LTE's layers
                 continue
             shape = logical_shape(param)  # partitioned by ZeRO-3 too
-            if shape[0] == layout.num_experts and len(shape) <= 2:
+            if 1 <= len(shape) <= 2 and shape[0] == layout.num_experts:
                 found.append((f"{parent_path}.{name}", param))
     return found
 

@@ -24,6 +24,7 @@ from ..core.imports import hidden
 from ..model.experts import experts_hosts, moe_router_parameters
 from ..model.inject import load_lte, lte_layers
 from ..model.layers import ROUTER_PREFIX
+from ..model.registry import logical_shape
 from .config import ALL_EXPERTS, LoraArgs
 
 logger = logging.getLogger("lte")
@@ -102,8 +103,26 @@ def _unwrapped(path: str) -> str:
 
 def check_lora(model, lora: LoraArgs) -> None:
     """What the recipe's LoRA settings need of ``model`` (an architecture skeleton will do), checked before
-    any work: PEFT's LoRA on a 3-D parameter has no dropout."""
-    if lora.enabled and lora.dropout and expert_parameters(model, lora):
+    any work: ``lora.target_parameters`` names parameters of it, and PEFT's LoRA on a 3-D parameter has no
+    dropout."""
+    if not lora.enabled:
+        return
+    given = lora.target_parameters
+    if ALL_EXPERTS in given and given != [ALL_EXPERTS]:
+        raise UsageError(
+            f"lora.target_parameters={given}: '{ALL_EXPERTS}' stands alone; give [{ALL_EXPERTS}] or parameter names"
+        )
+    if given != [ALL_EXPERTS]:
+        params = {_unwrapped(name): logical_shape(param) for name, param in model.named_parameters()}
+        for key in given:
+            if not any(name == key or name.endswith("." + key) for name in params):
+                three_d = sorted({".".join(n.split(".")[-2:]) for n, shape in params.items() if len(shape) == 3})
+                raise UsageError(
+                    f"lora.target_parameters: {key!r} names no parameter of {type(model).__name__}; "
+                    + (f"its 3-D weights end in {', '.join(three_d)}" if three_d else "it has no 3-D weights")
+                    + f"; give such names, [{ALL_EXPERTS}], or []"
+                )
+    if lora.dropout and expert_parameters(model, lora):
         raise UsageError(
             f"lora.dropout={lora.dropout}: LoRA on the routed experts' 3-D weights (lora.target_parameters, PEFT's "
             f"target_parameters) has no dropout; set lora.dropout=0, or lora.target_parameters=[] to leave the "
@@ -112,8 +131,11 @@ def check_lora(model, lora: LoraArgs) -> None:
 
 
 def _moe_routers(model) -> list[str]:
-    """The modules holding the model's own MoE router parameters (``...mlp.gate``)."""
-    return sorted({name.rpartition(".")[0] for name, _ in moe_router_parameters(model)})
+    """The modules holding the model's own MoE router parameters (``...mlp.gate``). A router parameter held
+    by the MoE block itself is left out (excluding the block would exclude its experts): PEFT keeps it frozen."""
+    hosts = list(experts_hosts(model))
+    owners = {name.rpartition(".")[0] for name, _ in moe_router_parameters(model)}
+    return sorted(owner for owner in owners if not any(path.startswith(owner + ".") for path in hosts))
 
 
 def _linear_targets(model, lora: LoraArgs, excluded: list[str]) -> list[str]:
@@ -160,12 +182,21 @@ def add_lora(
     for layer in lte_layers(model):
         layer.lte_router.float()
     if lora.load_in_4bit:
-        # Freezes the base, upcasts the non-quantized weights (norms, routers) to float32.
+        # Freezes the base, upcasts the non-quantized weights (norms, routers) to float32; but not the routed
+        # experts' 3-D tensors (bitsandbytes leaves them unquantized): most of an MoE model, kept as loaded.
+        experts = {
+            name: param
+            for path in experts_hosts(model)
+            for name, param in model.get_submodule(path).named_parameters(prefix=path)
+        }
+        dtypes = {name: param.dtype for name, param in experts.items()}
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        for name, param in experts.items():
+            param.data = param.data.to(dtypes[name])
     check_lora(model, lora)
     moe_routers = _moe_routers(model)
     experts = expert_parameters(model, lora)

@@ -212,8 +212,8 @@ class LoraArgs:
         metadata={
             "help": f"3-D weights to adapt (PEFT target_parameters); '{ALL_EXPERTS}': the up and down weights of "
             "every routed experts module (MoE models; none on dense ones); [] leaves the experts frozen. LoRA on "
-            "them has no dropout (lora.dropout=0). Under QLoRA they stay in the compute dtype (bitsandbytes "
-            "quantizes linear layers only)."
+            "them has no dropout (lora.dropout=0). Under QLoRA they stay in the dtype they were loaded in "
+            "(bitsandbytes quantizes linear layers only)."
         },
     )
     load_in_4bit: bool = field(

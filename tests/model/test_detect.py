@@ -264,3 +264,17 @@ def test_formerly_refused_decoders_train_and_export_through_the_tiny_recipe(tmp_
     assert math.isfinite(report["sparse_ppl"])
     hosts = json.loads((out / "stage2" / "model" / "lte_config.json").read_text())["ffn_hosts"]
     assert hosts and all(h["first"] and h["down"] for h in hosts)
+
+
+def test_a_model_whose_own_forward_fails_gets_one_message_naming_it(monkeypatch):
+    """Detection's trace is the first forward of the unchanged model: when the model itself cannot run (a config
+    with an unset special token id, as a Gemma 4 multimodal config without pad_token_id), the user gets one
+    message naming the model and its error, not a traceback from inside transformers."""
+    model = tiny_model("llama")
+
+    def broken(*args, **kwargs):
+        raise TypeError("where() received an invalid combination of arguments")
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(UsageError, match=r"LlamaForCausalLM fails its own forward .*TypeError: where\(\).*config"):
+        detect_layout(model)

@@ -183,14 +183,22 @@ def test_the_moe_router_trains_in_full_under_lora_when_the_recipe_trains_it(tmp_
 
 
 def test_qlora_on_an_moe_model_adapts_the_experts_over_a_4bit_base(tmp_path):
+    """bitsandbytes quantizes the linear layers; the experts' 3-D tensors stay as loaded (bf16 here: PEFT's
+    k-bit preparation would upcast them to float32, most of an MoE model's memory) and get LoRA factors that
+    receive gradients."""
     import bitsandbytes as bnb
 
     source = moe_checkpoint("qwen3_moe", tmp_path / "src")
     qlora = LoraArgs(r=4, alpha=8, dropout=0.0, load_in_4bit=True)
-    model = load_lte(source, dtype=torch.float32, quantization_config=quantization_config(qlora, torch.float32))
+    compute = torch.bfloat16
+    model = load_lte(source, dtype=compute, quantization_config=quantization_config(qlora, compute))
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     set_lte_routing(model, "soft")
     peft_model = add_lora(model, qlora, train_routers=True)
+    experts = {n: p for n, p in peft_model.named_parameters() if n.endswith(("_proj", "_proj.weight")) and p.dim() == 3}
+    assert len(experts) == 4 and all(p.dtype == compute and not p.requires_grad for p in experts.values()), {
+        n: p.dtype for n, p in experts.items()
+    }
     peft_model.train()
     peft_model(tokens(), labels=tokens()).loss.backward()
     named = peft_model.named_parameters()
@@ -198,13 +206,20 @@ def test_qlora_on_an_moe_model_adapts_the_experts_over_a_4bit_base(tmp_path):
     assert len(expert_grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in expert_grads.values())
 
 
-def test_lora_dropout_is_refused_before_any_work_where_the_experts_are_adapted():
+def test_lora_settings_the_model_cannot_take_are_refused_before_any_work():
     moe, dense = tiny_moe("qwen3_moe"), tiny_model("llama")
     with pytest.raises(UsageError, match=r"lora.dropout=0.05: .*routed experts.*set lora.dropout=0"):
         check_lora(moe, LoraArgs(r=4))
     check_lora(moe, LoraArgs(r=4, target_parameters=[]))  # the experts left frozen: dropout is fine
     check_lora(moe, LoraArgs(r=4, dropout=0.0))
     check_lora(dense, LoraArgs(r=4))  # a dense model has no experts to adapt
+    check_lora(moe, LoraArgs(r=4, dropout=0.0, target_parameters=["experts.down_proj"]))  # a suffix of a name
+    with pytest.raises(UsageError, match=r"'all-experts' stands alone"):
+        check_lora(moe, LoraArgs(r=4, dropout=0.0, target_parameters=["all-experts", "down_proj"]))
+    with pytest.raises(UsageError, match=r"'w1' names no parameter of .*end in experts.down_proj, experts.gate_up"):
+        check_lora(moe, LoraArgs(r=4, dropout=0.0, target_parameters=["w1"]))
+    with pytest.raises(UsageError, match=r"'w1' names no parameter .* it has no 3-D weights"):
+        check_lora(dense, LoraArgs(r=4, dropout=0.0, target_parameters=["w1"]))
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def install_routed_experts(model: nn.Module, config, index: int, host: dict, kernels_for=None) -> None:
+def install_routed_experts(model: nn.Module, config, index: int, host: dict, kernels_for) -> None:
     """Give the experts module at ``host["path"]`` its router and the routed forward, in place;
     ``kernels_for(weight)``: the kernel set for a weight, or None (modeling_lte's ``_kernels``)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
