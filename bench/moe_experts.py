@@ -102,6 +102,7 @@ def main() -> None:
                 dense[impl] = timed(module, calls)
             best = min(dense, key=dense.get)
             remote.relayout_experts(module)  # what the export's from_pretrained does (after the base layout's timings)
+            assert remote._in_kernel_layout(module), "the experts' rows are not in the kernel's layout"
             config._experts_implementation = remote.IMPLEMENTATION
             scores = torch.sigmoid(module.lte_router.bias.float()).flatten()
             for sparsity in map(float, args.sparsity.split(",")):

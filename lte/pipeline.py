@@ -108,7 +108,7 @@ def preflight(recipe: Recipe) -> None:
     )
     skeleton = model_skeleton(recipe, config)
     check_expert_size(skeleton, recipe.lte.expert_size, recipe.model.ffn_layout)
-    check_lora(skeleton, recipe.lora)
+    check_lora(skeleton, recipe.lora, recipe.lte.train_moe_router)
 
 
 def check_output_dir(path: str, key: str) -> None:

@@ -141,7 +141,7 @@ def row(r: dict) -> str:
         f"{r['expert_size']} | {100 * r['heldout_sparsity']:.1f}% ({kinds}) | {r['sparse_ppl']:.2f} / "
         f"{r['dense_ppl']:.2f} | {r['base_class']}, {r['base_vs_dense']:.1e} | {r['sparse_vs_trained']:.1e} "
         f"(vs dense {r['sparse_vs_base']:.1e}) | {len(r['auto_classes_vs_trained'])}, "
-        f"{max(r['auto_classes_vs_trained'].values()):.1e} | {generated.get('dense', 0)} / "
+        f"{max(r['auto_classes_vs_trained'].values(), default=float('nan')):.1e} | {generated.get('dense', 0)} / "
         f"{generated.get('sparse', 0)} | {r['seconds']:.0f} s |"
     )
 

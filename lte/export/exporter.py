@@ -561,7 +561,11 @@ def ffn_weights_per_token(model, batches) -> list[float]:
     for layer in lte_layers(model):
         matrices = len(layer.spec.first) * layer.spec.fused_chunks + 1
         width, d_model = layer.num_experts * layer.expert_size, layer.lte_router.weight.shape[-1]
-        experts = chosen[paths[id(layer)]] if getattr(layer, "routes_experts", False) else 1
+        experts = 1
+        if getattr(layer, "routes_experts", False):
+            if paths[id(layer)] not in chosen:
+                raise RuntimeError(f"no top-k choice was recorded for the routed experts at {paths[id(layer)]}")
+            experts = chosen[paths[id(layer)]]
         out.append(float(matrices * width * d_model * experts))
     return out
 

@@ -278,13 +278,15 @@ def _trace(model: nn.Module, found: list[Candidate], inputs: dict) -> tuple[_Tra
             handles.append(c.host.get_submodule(name).register_forward_pre_hook(on_projection))
     try:
         logits = _logits(model, inputs)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:  # the model's own forward, unchanged (the hooks only record): not LTE's to fix
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UsageError(
             f"{type(model).__name__} fails its own forward on {TRACE_TOKENS} token ids before LTE changes anything "
             f"({type(exc).__name__}: {first}); the model or its config.json cannot run as it is (an unset special "
             f"token id such as pad_token_id, for instance): fix the model's config and rerun"
-        ) from None
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()

@@ -101,12 +101,21 @@ def _unwrapped(path: str) -> str:
     return path.replace(".base_layer", "")
 
 
-def check_lora(model, lora: LoraArgs) -> None:
+def check_lora(model, lora: LoraArgs, train_moe_router: bool = False) -> None:
     """What the recipe's LoRA settings need of ``model`` (an architecture skeleton will do), checked before
-    any work: ``lora.target_parameters`` names parameters of it, and PEFT's LoRA on a 3-D parameter has no
-    dropout."""
+    any work: ``lora.target_parameters`` names parameters of it, PEFT's LoRA on a 3-D parameter has no
+    dropout, and a trained MoE router is held by modules PEFT can train in full."""
     if not lora.enabled:
         return
+    if train_moe_router:
+        owned = set(_moe_routers(model))
+        loose = [name for name, _ in moe_router_parameters(model) if name.rpartition(".")[0] not in owned]
+        if loose:
+            raise UsageError(
+                f"lte.train_moe_router=true with LoRA: the MoE router parameter {loose[0]} is held by the MoE block "
+                f"itself, which PEFT cannot train in full beside its experts; train without LoRA (lora.r=0), or "
+                f"keep the router frozen (lte.train_moe_router=false)"
+            )
     given = lora.target_parameters
     if ALL_EXPERTS in given and given != [ALL_EXPERTS]:
         raise UsageError(
@@ -184,20 +193,21 @@ def add_lora(
     if lora.load_in_4bit:
         # Freezes the base, upcasts the non-quantized weights (norms, routers) to float32; but not the routed
         # experts' 3-D tensors (bitsandbytes leaves them unquantized): most of an MoE model, kept as loaded.
-        experts = {
-            name: param
-            for path in experts_hosts(model)
-            for name, param in model.get_submodule(path).named_parameters(prefix=path)
-        }
-        dtypes = {name: param.dtype for name, param in experts.items()}
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-        for name, param in experts.items():
-            param.data = param.data.to(dtypes[name])
-    check_lora(model, lora)
+        # Their data is set aside meanwhile, so no fp32 copy of them ever exists (a peak of twice their size).
+        experts = [param for path in experts_hosts(model) for param in model.get_submodule(path).parameters()]
+        held = [param.data for param in experts]
+        for param in experts:
+            param.data = param.data.new_empty(0)
+        try:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        finally:
+            for param, data in zip(experts, held, strict=True):
+                param.data = data
+    check_lora(model, lora, train_moe_router)
     moe_routers = _moe_routers(model)
     experts = expert_parameters(model, lora)
     saved = ([ROUTER_PREFIX] if train_routers else []) + (moe_routers if train_moe_router else [])

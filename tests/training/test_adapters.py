@@ -220,6 +220,15 @@ def test_lora_settings_the_model_cannot_take_are_refused_before_any_work():
         check_lora(moe, LoraArgs(r=4, dropout=0.0, target_parameters=["w1"]))
     with pytest.raises(UsageError, match=r"'w1' names no parameter .* it has no 3-D weights"):
         check_lora(dense, LoraArgs(r=4, dropout=0.0, target_parameters=["w1"]))
+    # AFMoE keeps a router parameter (expert_bias [E]) on the MoE block itself: LoRA cannot train it in full
+    from lte.tools.coverage import tiny_config
+
+    with torch.device("meta"):
+        afmoe = transformers.AutoModelForCausalLM.from_config(tiny_config("afmoe"))
+    check_lora(afmoe, LoraArgs(r=4, dropout=0.0))  # frozen, as by default: fine
+    with pytest.raises(UsageError, match=r"lte.train_moe_router=true with LoRA: .*mlp.expert_bias .*lora.r=0"):
+        check_lora(afmoe, LoraArgs(r=4, dropout=0.0), train_moe_router=True)
+    check_lora(tiny_moe("mixtral"), LoraArgs(r=4, dropout=0.0), train_moe_router=True)  # mlp.gate: a module
 
 
 @pytest.mark.slow
