@@ -292,12 +292,8 @@ def lte_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     lte: LTEExperts | None = self.__dict__.get("_lte")
-    dense = ALL_EXPERTS_FUNCTIONS[DENSE_IMPLEMENTATION]
-    if lte is None:
-        return dense(self, hidden_states, top_k_index, top_k_weights)
-    if lte.routing == "dense":  # in the experts' dtype (QLoRA: fp32 activations, experts as loaded)
-        dtype = getattr(self, lte.layout.up).dtype
-        return dense(self, hidden_states.to(dtype), top_k_index, top_k_weights).to(hidden_states.dtype)
+    if lte is None or lte.routing == "dense":  # grouped_mm casts to the experts' dtype and back itself
+        return ALL_EXPERTS_FUNCTIONS[DENSE_IMPLEMENTATION](self, hidden_states, top_k_index, top_k_weights)
     out, scores, owners = run_experts(self, lte.layout, hidden_states, top_k_index, top_k_weights, lte.route)
     if scores:
         lte.record(torch.cat(scores), torch.cat(owners))
