@@ -38,9 +38,10 @@ def build(args, dtype):
         module.down_proj.normal_(0, 0.02)
     module = module.to(dtype)
     config.lte_ffn, config.lte_routing, config.lte_thresholds = {"expert_size": args.group}, "hard", [0.0]
+    config.lte_track_sparsity = False
     holder = torch.nn.Module()
     holder.experts = module
-    remote.install_routed_experts(holder, config, 0, {"path": "experts"}, modeling._kernels)
+    remote.install_routed_experts(holder, config, 0, {"path": "experts"}, modeling._kernels, modeling.SkipCounter())
     assert remote.kernels(module) is not None, "the routed experts would run the masked path, not the kernel"
     with torch.no_grad():  # scores that do not depend on the token: a threshold per target sparsity
         module.lte_router.weight.zero_()

@@ -14,6 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REPO
+from lte.export.thresholds import set_thresholds
+from lte.model.inject import load_lte
+from lte.tools.bench import run_counting_skips
+from lte.training.evaluate import evaluate_batches
 
 sys.path.insert(0, str(REPO / "tests" / "model"))
 sys.path.insert(0, str(REPO / "tests" / "export"))
@@ -90,6 +94,16 @@ def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_proj
     for layer in sparse.model.layers:  # from_pretrained put each expert's down rows neuron-major: the kernel reads them
         down = layer.mlp.experts.down_proj  # [E, H, I] as transformers keeps it
         assert down.transpose(1, 2).is_contiguous() and not down.is_contiguous()
+    # the export counts what each layer skips, its routed experts over the (token, selected expert) pairs, as
+    # the trained model's evaluation counts it on the same tokens (the report's held-out sparsity)
+    trained_model = load_lte(out / "stage2" / "model")
+    set_thresholds(trained_model, sparse.config.lte_thresholds)
+    expected_skips = evaluate_batches(trained_model, [{"input_ids": ids, "labels": ids}]).per_layer_sparsity
+    with torch.no_grad():
+        run_counting_skips(sparse, lambda: sparse(ids))
+    skips = sparse.lte_sparsity()  # None: a layer that counted nothing
+    assert len(skips) == 4 and None not in skips and max(skips) > 0.5, skips
+    assert skips == pytest.approx(expected_skips, abs=1e-6)
     with torch.no_grad():
         trained = sparse(ids).logits
         sparse.config.lte_routing = "dense"  # the trained model with every group of the selected experts

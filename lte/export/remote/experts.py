@@ -156,6 +156,8 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             bias = None if router.bias is None else router.bias[expert]
             with torch.no_grad():
                 keep = torch.sigmoid(F.linear(x.to(router.weight.dtype), router.weight[expert], bias)) > threshold
+            if config.lte_track_sparsity:
+                self.lte_skips.add(keep)
         if kernel and count <= MAX_UNION_TOKENS:
             y = _kernel_expert(self, x, expert, keep, size, kernel_set)
         else:  # masked: every neuron of the expert, the skipped groups zeroed
@@ -173,9 +175,10 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def install_routed_experts(model: nn.Module, config, index: int, host: dict, kernels_for) -> None:
+def install_routed_experts(model: nn.Module, config, index: int, host: dict, kernels_for, skips) -> None:
     """Give the experts module at ``host["path"]`` its router and the routed forward, in place;
-    ``kernels_for(weight)``: the kernel set for a weight, or None (modeling_lte's ``_kernels``)."""
+    ``kernels_for(weight)``: the kernel set for a weight, or None (modeling_lte's ``_kernels``);
+    ``skips``: the layer's counter of skipped groups (modeling_lte's ``SkipCounter``)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
@@ -190,5 +193,5 @@ def install_routed_experts(model: nn.Module, config, index: int, host: dict, ker
         device=up.device,
         dtype=up.dtype,
     )
-    module.lte_config, module.lte_layer_index, module.lte_kernels = config, index, kernels_for
+    module.lte_config, module.lte_layer_index, module.lte_kernels, module.lte_skips = config, index, kernels_for, skips
     config._experts_implementation = IMPLEMENTATION

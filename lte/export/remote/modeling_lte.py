@@ -175,6 +175,28 @@ class Router(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class SkipCounter:
+    """One FFN layer's skipped neuron groups over the rows it routed while ``config.lte_track_sparsity`` was
+    set: a token's, or, in routed MoE experts, a (token, selected expert) pair's. Summed on the device
+    (no sync per step)."""
+
+    def __init__(self):
+        self.reset()
+
+    def add(self, on: torch.Tensor) -> None:
+        """``on`` [..., groups]: which groups each row kept."""
+        off = (~on).sum(dtype=torch.float64)
+        self.skipped = off if self.skipped is None else self.skipped + off
+        self.groups += on.numel()
+
+    def sparsity(self) -> float | None:
+        """Fraction of groups (= of neurons) skipped; None when nothing was routed."""
+        return float(self.skipped) / self.groups if self.groups else None
+
+    def reset(self) -> None:
+        self.skipped, self.groups = None, 0
+
+
 class RoutingState:
     """What one FFN layer's router decided for the current forward, shared by its projections.
 
@@ -191,8 +213,7 @@ class RoutingState:
         self.expert_size = expert_size
         self.kernels = None
         self.experts = self.token_mask = self.order = self.count = self.mask = None
-        self.skipped = None  # experts skipped, summed over tracked tokens
-        self.tokens = 0
+        self.skips = SkipCounter()
 
     def needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -222,9 +243,7 @@ class RoutingState:
         with torch.no_grad():  # a hard threshold: no gradient reaches the router
             on = torch.sigmoid(router(x.to(router.weight.dtype))) > threshold
         if track:
-            off = (~on).sum(dtype=torch.float64)
-            self.skipped = off if self.skipped is None else self.skipped + off
-            self.tokens += on.shape[:-1].numel()
+            self.skips.add(on)
         tokens = on.shape[:-1].numel()
         self.clear()
         wrapped = self.wrapped()  # every call: it also masks a new wrapper's input
@@ -258,15 +277,6 @@ class RoutingState:
 
     def clear(self) -> None:
         self.experts = self.token_mask = self.order = self.count = self.mask = None
-
-    def sparsity(self) -> float | None:
-        """Fraction of experts (= of neurons) skipped over the tracked tokens."""
-        if not self.tokens:
-            return None
-        return float(self.skipped) / (self.tokens * self.num_experts)
-
-    def reset_sparsity(self) -> None:
-        self.skipped, self.tokens = None, 0
 
 
 class RoutedFirst:
@@ -524,7 +534,7 @@ def install_routed_ffns(model: nn.Module, config) -> None:
     size = ffn["expert_size"]
     for index, spec in enumerate(ffn["hosts"]):
         if spec.get("experts"):  # an MoE layer's fused routed experts
-            install_routed_experts(model, config, index, spec, _kernels)
+            install_routed_experts(model, config, index, spec, _kernels, SkipCounter())
             continue
         host = model.get_submodule(spec["path"])
         neurons = _rows(host.get_submodule(spec["down"]), out_is_rows=False).shape[0]
@@ -587,6 +597,17 @@ def set_routers(model: nn.Module, routers: dict, path: str) -> None:
 def routing_states(model: nn.Module) -> list[RoutingState]:
     """Each FFN layer's routing state, in depth order."""
     return [m.lte_state for m in model.modules() if isinstance(m, RoutedFirst) and m.router is not None]
+
+
+def skip_counters(model: nn.Module) -> list[SkipCounter]:
+    """Each routed layer's counter (dense FFNs and routed experts), in the order of ``config.lte_ffn["hosts"]``."""
+    counters = {}
+    for module in model.modules():
+        if isinstance(module, RoutedFirst) and module.router is not None:
+            counters[module.lte_layer_index] = module.lte_state.skips
+        elif isinstance(getattr(module, "lte_router", None), ExpertsRouter):
+            counters[module.lte_layer_index] = module.lte_skips
+    return [counters[index] for index in sorted(counters)]
 
 
 _BaseForCausalLM = getattr(transformers, BASE_ARCHITECTURE)
@@ -707,8 +728,8 @@ class LTEForCausalLM(_BaseForCausalLM):
     def lte_sparsity(self) -> list[float | None]:
         """Per-layer fraction of FFN neurons skipped since the last reset (needs
         ``config.lte_track_sparsity = True``)."""
-        return [state.sparsity() for state in routing_states(self)]
+        return [counter.sparsity() for counter in skip_counters(self)]
 
     def lte_reset_sparsity(self) -> None:
-        for state in routing_states(self):
-            state.reset_sparsity()
+        for counter in skip_counters(self):
+            counter.reset()
