@@ -148,6 +148,12 @@ FAMILY_FACTS = {
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},  # read by its attention, not defaulted
     "mamba2": {"num_heads": 8},  # hidden_size * expand = num_heads * head_dim
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default in the config
+    # Cohere Compass's default RoPE parameters name no layer type, and its rotary embedding looks each one up.
+    "cohere_compass_text": {
+        "rope_parameters": {
+            t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("sliding_attention", "full_attention")
+        }
+    },
 }
 # Causal LMs that transformers cannot train on text alone (LTE trains on text): the reason.
 NEEDS_IMAGES = {
@@ -354,6 +360,19 @@ def _buildable(model_type: str, kwargs: dict, check_model: bool = True):
     return config
 
 
+def _default_build_error(model_type: str) -> str | None:
+    """Why transformers itself cannot build the causal LM of ``model_type``'s default config, on the meta
+    device; None when it can. Said beside a tiny build's failure: the family's defaults are broken upstream."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type))
+    except Exception as exc:
+        return _first_line(exc)
+    return None
+
+
 def _expert_size(widths) -> int:
     return next(e for e in (16, 8, 4, 2, 1) if all(w % e == 0 and w // e >= 2 for w in widths) or e == 1)
 
@@ -437,6 +456,10 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
             model.generate(ids[:1, :4], attention_mask=torch.ones_like(ids[:1, :4]), max_new_tokens=2, do_sample=False)
     except Exception as exc:  # the tiny model itself: a limit of this harness, not of LTE
         out.status, out.reason = NOT_BUILT, _first_line(exc)
+        if (error := _default_build_error(model_type)) is not None:
+            out.reason += (
+                f"; transformers cannot build {model_class} from its default {model_type} config either: {error}"
+            )
         return out
     try:
         try:
