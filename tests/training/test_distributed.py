@@ -230,3 +230,35 @@ def test_the_moe_recipe_trains_sharded_expert_tensors(config, tmp_path):
     assert [k for k in prepared if torch.equal(prepared[k], trained[k])] == []
     exported = json.loads((out / "export" / "lte_export.json").read_text())
     assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4, exported
+
+
+@pytest.mark.parametrize("config", SHARDED)
+def test_lora_on_sharded_expert_tensors_merges_into_every_expert(config, tmp_path):
+    """`recipe=qwen2_moe lora.r=8` on two processes under FSDP2 and ZeRO-3: PEFT's adapters on the 3-D expert
+    tensors (``target_parameters``) and on the linear layers train on sharded weights, and each stage merges them
+    into its checkpoint under the base names: every expert tensor moved, the model's own router did not, and the
+    export lands at its target."""
+    from test_recipes import cpu_overrides
+
+    run = ["recipe=qwen2_moe", *cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]", "lora.r=8"]
+    run += ["train.learning_rate=1e-3", "train.warmup_steps=0"]
+    port = 29575 + SHARDED.index(config)
+    proc = subprocess.run(launch_command(config, None, port, run=run), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "run"
+    start = "prepare"
+    for stage in ("stage1", "stage2"):
+        assert proc.stderr.count(f"{stage}: training 2 steps") == 2 and f"({CONFIGS[config][3]})" in proc.stderr
+        assert (out / stage / "adapter" / "adapter_config.json").is_file()
+        before = load_file(str(out / start / "model" / "model.safetensors"))
+        after = load_file(str(out / stage / "model" / "model.safetensors"))
+        assert set(before) == set(after)  # merged: the base checkpoint's own names, no adapter keys
+        experts = [k for k in before if ".mlp.experts." in k]
+        assert len(experts) == 2 * 4 * 3 and [k for k in experts if torch.equal(before[k], after[k])] == [], stage
+        attention = [k for k in before if k.endswith("self_attn.q_proj.weight")]
+        assert attention and all(not torch.equal(before[k], after[k]) for k in attention)
+        routers = [k for k in before if k.endswith("mlp.gate.weight")]
+        assert len(routers) == 2 and all(torch.equal(before[k], after[k]) for k in routers)  # frozen
+        start = stage
+    exported = json.loads((out / "export" / "lte_export.json").read_text())
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4, exported
