@@ -176,14 +176,16 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
     set_lte_routing(model, "hard")
     with torch.no_grad():
         to_routed(model, [0.5] * len(lte_layers(model)))
-    read = []  # groups read per call of the up projection's kernel (once for the gate rows, once for the up's)
+    read = []  # (slots, groups read) per call of the up projection's kernel (once for the gate rows, once for the up's)
+    per_expert = 4  # an expert's groups (16 neurons in groups of 4)
+    per_token = per_expert * model.config.num_experts_per_tok  # one token's k experts at once (decode)
     kernel = cpu if device_kernels == "cpu" else triton_ffn
     matvec = cpu.slot_matvec if device_kernels == "cpu" else triton_ffn.expert_matvec
     matvec_t = cpu.slot_matvec_t if device_kernels == "cpu" else triton_ffn.expert_matvec_t
 
     def spy(x, rows, order, count, size, offset):
-        if order.numel() == 4:  # an expert's 4 groups (qwen2_moe's shared expert, a dense FFN, has 12)
-            read.append(int(count))
+        if order.numel() in (per_expert, per_token):  # not qwen2_moe's shared expert (a dense FFN of 12 groups)
+            read.append((order.numel(), int(count)))
         return matvec(x, rows, order, count, size, offset)
 
     def bind_kernels(patch):  # what the export's copies bind from its lte_kernels_cpu.py / lte_kernels_triton.py
@@ -200,6 +202,7 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
         relayout_routed_ffns(model)  # what from_pretrained does: the weights in the kernel's layout
 
     for x in (ids(1)[:1], ids(3), ids(12)):  # 1 token, 3 per sequence (<= 8 per expert), 24: some experts masked
+        before = len(read)
         with torch.no_grad():
             masked = model(x).logits
             with monkeypatch.context() as patch:
@@ -207,6 +210,8 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
                 kernel_logits = model(x).logits
         error = float((kernel_logits.float() - masked.float()).norm() / masked.float().norm())  # relative, whole
         assert error < tol, (family, x.shape, error)
+        if x.numel() == 1 and family != "gpt_oss":  # one token: its k experts in one selection, per layer
+            assert [slots for slots, _ in read[before:]] == [per_token] * 4, read[before:]  # 2 layers x (gate, up)
     thresholds = model.config.lte_thresholds
     model.config.lte_thresholds = [2.0] * len(thresholds)  # no group kept anywhere: the kernels' count is 0
     before = len(read)
@@ -217,7 +222,7 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
             kernel_logits = model(ids(1)[:1]).logits
     model.config.lte_thresholds = thresholds
     assert float((kernel_logits.float() - masked.float()).norm() / masked.float().norm()) < tol
-    assert set(read[before:]) == (set() if family == "gpt_oss" else {0}), read[before:]
+    assert set(read[before:]) == (set() if family == "gpt_oss" else {(per_token, 0)}), read[before:]
     calls = len(read)
     with monkeypatch.context() as patch:  # a forward that needs gradients (fine-tuning the export): masked
         bind_kernels(patch)
@@ -225,5 +230,7 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
     assert len(read) == calls
     if family == "gpt_oss":
         assert read == []
-    else:
-        assert read and max(read) <= 4 and min(read) < 4  # some of an expert's 4 groups were never read
+    else:  # some of the groups were never read, on both paths
+        assert {slots for slots, _ in read} == {per_expert, per_token}
+        assert all(0 <= count <= slots for slots, count in read)
+        assert all(any(count < slots for n, count in read if n == slots) for slots in (per_expert, per_token))

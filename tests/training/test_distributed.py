@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, REPO
+from moe_configs import BF16_VALIDATION_ERROR
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -229,7 +230,8 @@ def test_the_moe_recipe_trains_sharded_expert_tensors(config, tmp_path):
     trained = load_file(str(out / "stage1" / "model" / "lte_routers.safetensors"))
     assert [k for k in prepared if torch.equal(prepared[k], trained[k])] == []
     exported = json.loads((out / "export" / "lte_export.json").read_text())
-    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4, exported
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03, exported
+    assert exported["validation_error"] < BF16_VALIDATION_ERROR, exported
 
 
 @pytest.mark.parametrize("config", SHARDED)
@@ -261,4 +263,5 @@ def test_lora_on_sharded_expert_tensors_merges_into_every_expert(config, tmp_pat
         assert len(routers) == 2 and all(torch.equal(before[k], after[k]) for k in routers)  # frozen
         start = stage
     exported = json.loads((out / "export" / "lte_export.json").read_text())
-    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03 and exported["validation_error"] < 1e-4, exported
+    assert abs(exported["heldout_sparsity"] - 0.5) < 0.03, exported
+    assert exported["validation_error"] < BF16_VALIDATION_ERROR, exported

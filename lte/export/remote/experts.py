@@ -122,6 +122,40 @@ def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int, kernel
     return matvec_t(h, _down_rows(module, expert), order, count, size).to(x.dtype)
 
 
+def _all_rows(module):
+    """(up [E * out, H], down [E * I, H]): every expert's rows as one row-major matrix each (views), or None
+    where they are not one contiguous block (:func:`relayout_experts` makes them so)."""
+    up = _up(module).transpose(1, 2) if module.is_transposed else _up(module)
+    down = module.down_proj if module.is_transposed else module.down_proj.transpose(1, 2)
+    if not (up.is_contiguous() and down.is_contiguous()):
+        return None
+    return up.reshape(-1, up.shape[-1]), down.reshape(-1, down.shape[-1])
+
+
+def _kernel_token(module, x, experts, weights, keep, size, kernel_set, rows) -> torch.Tensor:
+    """One token ``x`` [1, H] through its k selected ``experts`` at once (decode): the kept groups of all k
+    are the slots of one selection over every expert's rows (``keep`` [k, G]), so the layer is one select,
+    a matvec per up block and one matvec_t, not a loop over the experts; each slot's rows are scaled by its
+    expert's routing weight before the down projection, which sums the k experts. [1, H]."""
+    select, matvec, matvec_t = kernel_set
+    up_rows, down_rows = rows
+    groups = keep.shape[1]
+    slots, count = select(keep.reshape(1, -1))  # the k * G groups, kept first
+    which = slots.long() // groups  # each slot's position among the k experts
+    group = slots.long() % groups
+    blocks = 2 if module.has_gate else 1  # [gate; up]: an expert's gate groups, then its up groups at offset I
+    first = (experts[which] * (blocks * groups) + group).to(slots.dtype)
+    proj = matvec(x, up_rows, first, count, size, 0)
+    if module.has_gate:
+        proj = torch.cat([proj, matvec(x, up_rows, first, count, size, width(module))], dim=-1)
+    proj = proj.to(x.dtype)
+    h = module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
+    live = torch.arange(slots.numel(), device=x.device) < count
+    scale = (weights[which].float() * live).repeat_interleave(size)  # fp32: the kernels accumulate in fp32
+    down = (experts[which] * groups + group).to(slots.dtype)
+    return matvec_t(h.float() * scale, down_rows, down, count, size).to(x.dtype)
+
+
 def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Every selected expert on the tokens it received, its unselected neuron groups zeroed."""
     config = self.lte_config
@@ -135,12 +169,21 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     k = top_k_index.shape[-1]
     experts = top_k_index.reshape(-1)
     weights = top_k_weights.reshape(-1)
-    tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
-    order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
     kernel_set = kernels(self) if _in_kernel_layout(self) else None  # re-strided by from_pretrained / lte_relayout()
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or up.requires_grad or self.down_proj.requires_grad)
     kernel = kernel_set is not None and routing != "dense" and not grad  # no backward: training runs masked
+    one_token = kernel and hidden_states.shape[0] == 1 and not getattr(self, "has_post_expert_norm", False)
+    if one_token and bool((experts < up.shape[0]).all()) and (rows := _all_rows(self)) is not None:
+        x = hidden_states
+        with torch.no_grad():
+            scores = torch.einsum("kgh,h->kg", router.weight[experts], x[0].to(router.weight.dtype))
+            keep = torch.sigmoid(scores if router.bias is None else scores + router.bias[experts]) > threshold
+        if config.lte_track_sparsity:
+            self.lte_skips.add(keep)
+        return _kernel_token(self, x, experts, weights, keep, size, kernel_set, rows).to(hidden_states.dtype)
+    tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
     cpu_rows = kernel_set is not None and up.device.type == "cpu" and _cpu_kernel_available is not None
     out = torch.zeros_like(hidden_states)
     start = 0
