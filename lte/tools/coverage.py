@@ -361,8 +361,9 @@ def _buildable(model_type: str, kwargs: dict, check_model: bool = True):
 
 
 def _default_build_error(model_type: str) -> str | None:
-    """Why transformers itself cannot build the causal LM of ``model_type``'s default config, on the meta
-    device; None when it can. Said beside a tiny build's failure: the family's defaults are broken upstream."""
+    """Why transformers itself cannot build the causal LM of ``model_type``'s default config on this machine (on
+    the meta device); None when it can. Said beside a tiny build's failure, whose cause may differ: a default
+    that does not build, or a package this machine lacks, is outside this project's reach."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -457,9 +458,7 @@ def check_architecture(model_type: str, model_class: str, workdir: Path, tokeniz
     except Exception as exc:  # the tiny model itself: a limit of this harness, not of LTE
         out.status, out.reason = NOT_BUILT, _first_line(exc)
         if (error := _default_build_error(model_type)) is not None:
-            out.reason += (
-                f"; transformers cannot build {model_class} from its default {model_type} config either: {error}"
-            )
+            out.reason += f"; transformers' own default {model_type} config does not build here either: {error}"
         return out
     try:
         try:

@@ -156,14 +156,33 @@ def test_the_exported_routed_experts_compute_what_the_trained_layers_did(family,
     assert not torch.allclose(trained, original, atol=1e-3)
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("family", list(MOE_CONFIGS))
-@pytest.mark.parametrize("device_kernels", ["cpu", "triton"])
+# The kernel path with both kernel sets on the families above, and with the CPU kernel on two more layouts from the
+# coverage harness's tiny configs: transposed (E, H, 2I) experts (aria_text) and up-only experts (nemotron_h); the
+# Triton interpreter takes 20-30 s on each of those, and the Python around both kernel sets is the same.
+KERNEL_CASES = [(kernels, family) for kernels in ("cpu", "triton") for family in MOE_CONFIGS]
+KERNEL_CASES += [("cpu", "aria_text"), ("cpu", "nemotron_h")]
+
+
+def _tiny_layout(family: str):
+    if family in MOE_CONFIGS:
+        return tiny_moe(family)
+    import transformers
+
+    from lte.tools.coverage import tiny_config
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+# bf16: the one-token path sums the k experts in fp32 and rounds once, the masked path rounds each expert's output
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(("device_kernels", "family"), KERNEL_CASES)
 def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, device_kernels, monkeypatch):
-    """The export's kernel path (an expert with at most MAX_UNION_TOKENS tokens: decode) against its masked
-    path, on one token, a few tokens and more: the same logits, with only the kept groups' rows read. The CPU
-    kernel, and the Triton kernels a CUDA model runs (here forced onto CPU tensors, TRITON_INTERPRET=1).
-    gpt-oss's interleaved, biased experts stay on the masked path."""
+    """The export's kernel path (an expert with at most MAX_UNION_TOKENS tokens) against its masked path, on one
+    token, a few tokens and more: the same logits, with only the kept groups' rows read. One token (decode) runs
+    its k experts at once: one selection over every expert's rows per layer, no loop. The CPU kernel, and the
+    Triton kernels a CUDA model runs (here forced onto CPU tensors, TRITON_INTERPRET=1). gpt-oss's interleaved,
+    biased experts stay on the masked path."""
     import lte_kernels.cpu as cpu
     import lte_kernels.triton_ffn as triton_ffn
     from lte.export.exporter import to_routed
@@ -171,21 +190,26 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
     from lte.export.remote.modeling_lte import relayout_routed_ffns
 
     assert cpu.available() and triton_ffn.available()
-    model = tiny_moe(family).to(dtype)
+    model = _tiny_layout(family).to(dtype)
     inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
     set_lte_routing(model, "hard")
     with torch.no_grad():
         to_routed(model, [0.5] * len(lte_layers(model)))
-    read = []  # (slots, groups read) per call of the up projection's kernel (once for the gate rows, once for the up's)
-    per_expert = 4  # an expert's groups (16 neurons in groups of 4)
-    per_token = per_expert * model.config.num_experts_per_tok  # one token's k experts at once (decode)
+    hosts = [m for m in model.modules() if isinstance(getattr(m, "lte_router", None), remote.ExpertsRouter)]
+    assert hosts
+    one = hosts[0]
+    per_expert = remote._up_rows(one, 0).shape[0]  # an expert's up rows ([gate; up] or up)
+    every_expert = per_expert * remote._up(one).shape[0]  # every expert's, flattened: one token's call
+    blocks = 2 if one.has_gate else 1
+    read = {per_expert: [], every_expert: []}  # rows given -> (slots, groups read) per up-projection call
     kernel = cpu if device_kernels == "cpu" else triton_ffn
     matvec = cpu.slot_matvec if device_kernels == "cpu" else triton_ffn.expert_matvec
     matvec_t = cpu.slot_matvec_t if device_kernels == "cpu" else triton_ffn.expert_matvec_t
 
     def spy(x, rows, order, count, size, offset):
-        if order.numel() in (per_expert, per_token):  # not qwen2_moe's shared expert (a dense FFN of 12 groups)
-            read.append((order.numel(), int(count)))
+        experts = {remote._up(m).untyped_storage().data_ptr() for m in hosts}  # as relaid out
+        if rows.untyped_storage().data_ptr() in experts:  # not a dense FFN's (a shared expert)
+            read[rows.shape[0]].append((order.numel(), int(count)))
         return matvec(x, rows, order, count, size, offset)
 
     def bind_kernels(patch):  # what the export's copies bind from its lte_kernels_cpu.py / lte_kernels_triton.py
@@ -201,8 +225,8 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
             patch.setattr(modeling, "_FORCE_TRITON", True)
         relayout_routed_ffns(model)  # what from_pretrained does: the weights in the kernel's layout
 
-    for x in (ids(1)[:1], ids(3), ids(12)):  # 1 token, 3 per sequence (<= 8 per expert), 24: some experts masked
-        before = len(read)
+    def run(x):
+        calls = {rows: len(got) for rows, got in read.items()}
         with torch.no_grad():
             masked = model(x).logits
             with monkeypatch.context() as patch:
@@ -210,27 +234,25 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
                 kernel_logits = model(x).logits
         error = float((kernel_logits.float() - masked.float()).norm() / masked.float().norm())  # relative, whole
         assert error < tol, (family, x.shape, error)
-        if x.numel() == 1 and family != "gpt_oss":  # one token: its k experts in one selection, per layer
-            assert [slots for slots, _ in read[before:]] == [per_token] * 4, read[before:]  # 2 layers x (gate, up)
+        return {rows: got[calls[rows] :] for rows, got in read.items()}
+
+    for x in (ids(1)[:1], ids(3), ids(12)):  # 1 token, 3 per sequence (<= 8 per expert), 24: some experts masked
+        new = run(x)
+        if x.numel() == 1 and family != "gpt_oss":  # one token: per layer, one call per up block, over all experts
+            assert new[per_expert] == [] and len(new[every_expert]) == len(hosts) * blocks, new
     thresholds = model.config.lte_thresholds
     model.config.lte_thresholds = [2.0] * len(thresholds)  # no group kept anywhere: the kernels' count is 0
-    before = len(read)
-    with torch.no_grad():
-        masked = model(ids(1)[:1]).logits
-        with monkeypatch.context() as patch:
-            bind_kernels(patch)
-            kernel_logits = model(ids(1)[:1]).logits
+    new = run(ids(1)[:1])
     model.config.lte_thresholds = thresholds
-    assert float((kernel_logits.float() - masked.float()).norm() / masked.float().norm()) < tol
-    assert set(read[before:]) == (set() if family == "gpt_oss" else {(per_token, 0)}), read[before:]
-    calls = len(read)
+    assert {count for _, count in new[every_expert]} == (set() if family == "gpt_oss" else {0}), new
+    calls = {rows: len(got) for rows, got in read.items()}
     with monkeypatch.context() as patch:  # a forward that needs gradients (fine-tuning the export): masked
         bind_kernels(patch)
         model(ids(1)[:1], labels=ids(1)[:1]).loss.backward()
-    assert len(read) == calls
+    assert {rows: len(got) for rows, got in read.items()} == calls
     if family == "gpt_oss":
-        assert read == []
-    else:  # some of the groups were never read, on both paths
-        assert {slots for slots, _ in read} == {per_expert, per_token}
-        assert all(0 <= count <= slots for slots, count in read)
-        assert all(any(count < slots for n, count in read if n == slots) for slots in (per_expert, per_token))
+        assert read == {per_expert: [], every_expert: []}
+    else:  # both paths ran, and each left some groups unread
+        for got in read.values():
+            assert got and all(0 <= count <= slots for slots, count in got)
+            assert any(count < slots for slots, count in got)

@@ -99,12 +99,13 @@ def test_the_export_keeps_base_names_and_loads_dense_and_sparse_without_the_proj
     # the trained model's evaluation counts it on the same tokens (the report's held-out sparsity)
     trained_model = load_lte(out / "stage2" / "model")
     set_thresholds(trained_model, sparse.config.lte_thresholds)
-    expected_skips = evaluate_batches(trained_model, [{"input_ids": ids, "labels": ids}]).per_layer_sparsity
-    with torch.no_grad():
-        run_counting_skips(sparse, lambda: sparse(ids))
-    skips = sparse.lte_sparsity()  # None: a layer that counted nothing
-    assert len(skips) == 4 and None not in skips and max(skips) > 0.5, skips
-    assert skips == pytest.approx(expected_skips, abs=1e-6)
+    for tokens in (ids, ids[:1, :1]):  # many tokens per expert (masked), one token (decode: the kernel path)
+        expected_skips = evaluate_batches(trained_model, [{"input_ids": tokens, "labels": tokens}]).per_layer_sparsity
+        with torch.no_grad():
+            run_counting_skips(sparse, lambda tokens=tokens: sparse(tokens))
+        skips = sparse.lte_sparsity()  # None: a layer that counted nothing
+        assert len(skips) == 4 and None not in skips and max(skips) > 0, skips
+        assert skips == pytest.approx(expected_skips, abs=1e-6)
     with torch.no_grad():
         trained = sparse(ids).logits
         sparse.config.lte_routing = "dense"  # the trained model with every group of the selected experts

@@ -12,11 +12,12 @@ fused in-memory layout on load and back on save); each fused experts module gain
   the Triton kernels, ``lte_kernels_triton.py``): the slot kernels the dense FFNs use, on the expert's own
   slice of the fused tensors (gate rows at offset 0, up rows at offset ``I``), read only the rows of the
   groups kept by any of those tokens; each token's other groups are zeroed; the down projection reads one
-  row per kept neuron. Decode (one token per step) runs here. :func:`relayout_experts` stores each
-  expert's rows the way the kernels read them (same parameters, shapes and values; ``from_pretrained``
-  does it).
-* **masked** (everything else: many tokens per expert, gpt-oss's interleaved or biased experts, GPUs,
-  a forward that needs gradients):
+  row per kept neuron. Decode (one token per step) runs here, all k selected experts at once: their
+  kept groups are the slots of one selection over every expert's rows (:func:`_kernel_token`).
+  :func:`relayout_experts` stores each expert's rows the way the kernels read them (same parameters,
+  shapes and values; ``from_pretrained`` does it).
+* **masked** (everything else: many tokens per expert, gpt-oss's interleaved or biased experts, a forward
+  that needs gradients):
   every neuron of the selected experts is computed and the skipped groups are zeroed before the down
   projection, so it is not faster than the base model.
 
@@ -105,18 +106,23 @@ def _in_kernel_layout(module) -> bool:
     return _up_rows(module, 0).is_contiguous() and _down_rows(module, 0).is_contiguous()
 
 
+def _activations(module, x, rows, order, count, size, matvec) -> torch.Tensor:
+    """The activations of the first ``count`` slots of ``order`` (zeros after): the gate's rows at each slot's
+    offset, the up's ``I`` rows further ([gate; up]), then the model's own gate function. [n, slots * size]."""
+    proj = matvec(x, rows, order, count, size, 0)
+    if module.has_gate:
+        proj = torch.cat([proj, matvec(x, rows, order, count, size, width(module))], dim=-1)
+    proj = proj.to(x.dtype)
+    return module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
+
+
 def _kernel_expert(module, x, expert: int, keep: torch.Tensor, size: int, kernel_set) -> torch.Tensor:
     """One expert on its few tokens ``x`` [n, H]: only the rows of the groups some token keeps are read
     (their union, selected slots first); each token's other groups are zeroed before the down projection.
     [n, H]."""
     select, matvec, matvec_t = kernel_set
     order, count = select(keep)
-    rows = _up_rows(module, expert)
-    proj = matvec(x, rows, order, count, size, 0)
-    if module.has_gate:  # [gate; up]: the up's rows start at I
-        proj = torch.cat([proj, matvec(x, rows, order, count, size, width(module))], dim=-1)
-    proj = proj.to(x.dtype)
-    h = module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
+    h = _activations(module, x, _up_rows(module, expert), order, count, size, matvec)
     slots = keep[:, order.long()]  # each token's kept groups in slot order (none past the count)
     h = (h.reshape(x.shape[0], -1, size) * slots.unsqueeze(-1).to(h.dtype)).reshape(x.shape[0], -1)
     return matvec_t(h, _down_rows(module, expert), order, count, size).to(x.dtype)
@@ -145,13 +151,8 @@ def _kernel_token(module, x, experts, weights, keep, size, kernel_set, rows) -> 
     group = slots.long() % groups
     blocks = 2 if module.has_gate else 1  # [gate; up]: an expert's gate groups, then its up groups at offset I
     first = (experts[which] * (blocks * groups) + group).to(slots.dtype)
-    proj = matvec(x, up_rows, first, count, size, 0)
-    if module.has_gate:
-        proj = torch.cat([proj, matvec(x, up_rows, first, count, size, width(module))], dim=-1)
-    proj = proj.to(x.dtype)
-    h = module._apply_gate(proj) if module.has_gate else module.act_fn(proj)
-    live = torch.arange(slots.numel(), device=x.device) < count
-    scale = (weights[which].float() * live).repeat_interleave(size)  # fp32: the kernels accumulate in fp32
+    h = _activations(module, x, up_rows, first, count, size, matvec)
+    scale = weights[which].float().repeat_interleave(size)  # fp32: the kernels accumulate in fp32
     down = (experts[which] * groups + group).to(slots.dtype)
     return matvec_t(h.float() * scale, down_rows, down, count, size).to(x.dtype)
 
@@ -175,9 +176,10 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     one_token = kernel and hidden_states.shape[0] == 1 and not getattr(self, "has_post_expert_norm", False)
     if one_token and bool((experts < up.shape[0]).all()) and (rows := _all_rows(self)) is not None:
         x = hidden_states
-        with torch.no_grad():
-            scores = torch.einsum("kgh,h->kg", router.weight[experts], x[0].to(router.weight.dtype))
-            keep = torch.sigmoid(scores if router.bias is None else scores + router.bias[experts]) > threshold
+        with torch.no_grad():  # the k experts' router rows in one product, each row's dot as the loop path's
+            weight = router.weight[experts].reshape(-1, router.weight.shape[-1])
+            bias = None if router.bias is None else router.bias[experts].reshape(-1)
+            keep = (torch.sigmoid(F.linear(x.to(weight.dtype), weight, bias)) > threshold).reshape(k, -1)
         if config.lte_track_sparsity:
             self.lte_skips.add(keep)
         return _kernel_token(self, x, experts, weights, keep, size, kernel_set, rows).to(hidden_states.dtype)

@@ -594,11 +594,6 @@ def set_routers(model: nn.Module, routers: dict, path: str) -> None:
         setattr(router, attribute, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
-def routing_states(model: nn.Module) -> list[RoutingState]:
-    """Each FFN layer's routing state, in depth order."""
-    return [m.lte_state for m in model.modules() if isinstance(m, RoutedFirst) and m.router is not None]
-
-
 def skip_counters(model: nn.Module) -> list[SkipCounter]:
     """Each routed layer's counter (dense FFNs and routed experts), in the order of ``config.lte_ffn["hosts"]``."""
     counters = {}
