@@ -1,7 +1,7 @@
 """An MoE export decoding end to end (batch 1, CPU) against the base model in transformers, same weights.
 
-    python bench/moe_decode.py --json bench/results/moe_decode_cpu_fp32.json
-    python bench/moe_decode.py --dtype bfloat16 --json bench/results/moe_decode_cpu_bf16.json
+    python bench/moe_decode.py --json bench/results/moe_decode_cpu_float32_fused.json
+    python bench/moe_decode.py --dtype bfloat16 --json bench/results/moe_decode_cpu_bfloat16_fused.json
 
 A random Qwen3-MoE model with Qwen3-30B-A3B's layer shapes (hidden 2048, experts of 768 neurons, top-8,
 32 query / 4 key-value heads of 128) but ``--layers`` layers, ``--experts`` experts per layer and a

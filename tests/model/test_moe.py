@@ -191,13 +191,17 @@ def test_the_kernel_path_computes_what_the_masked_path_does(family, dtype, tol, 
 
     assert cpu.available() and triton_ffn.available()
     model = _tiny_layout(family).to(dtype)
-    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid"), progress=False)
+    inject_lte(model, LTEModelConfig(expert_size=4, router_init="centroid", router_bias=True), progress=False)
     set_lte_routing(model, "hard")
     with torch.no_grad():
         to_routed(model, [0.5] * len(lte_layers(model)))
     hosts = [m for m in model.modules() if isinstance(getattr(m, "lte_router", None), remote.ExpertsRouter)]
     assert hosts
+    with torch.no_grad():  # router biases that matter: a misread bias row changes which groups run
+        for host in hosts:
+            host.lte_router.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     one = hosts[0]
+    assert one.is_transposed == (family in ("gpt_oss", "aria_text")) and one.has_gate == (family != "nemotron_h")
     per_expert = remote._up_rows(one, 0).shape[0]  # an expert's up rows ([gate; up] or up)
     every_expert = per_expert * remote._up(one).shape[0]  # every expert's, flattened: one token's call
     blocks = 2 if one.has_gate else 1

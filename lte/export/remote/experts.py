@@ -176,7 +176,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     one_token = kernel and hidden_states.shape[0] == 1 and not getattr(self, "has_post_expert_norm", False)
     if one_token and bool((experts < up.shape[0]).all()) and (rows := _all_rows(self)) is not None:
         x = hidden_states
-        with torch.no_grad():  # the k experts' router rows in one product, each row's dot as the loop path's
+        with torch.no_grad():  # the k experts' router rows in one product (a GEMV, as the loop path's per expert)
             weight = router.weight[experts].reshape(-1, router.weight.shape[-1])
             bias = None if router.bias is None else router.bias[experts].reshape(-1)
             keep = (torch.sigmoid(F.linear(x.to(weight.dtype), weight, bias)) > threshold).reshape(k, -1)
