@@ -192,22 +192,25 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(ddp_run, tmp_pat
         assert got[stage][-1] == pytest.approx(want[stage][-1], rel=1e-3), (stage, got, want)
 
 
+def run_moe_recipe(config, tmp_path, port, *extra) -> tuple[str, object]:
+    """`recipe=qwen2_moe` (a tiny random Qwen2-MoE) on two processes under ``config``; (its log, its run dir)."""
+    from test_recipes import cpu_overrides
+
+    run = ["recipe=qwen2_moe", *cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]", *extra]
+    # two steps at the recipe's rates, within its 100 warm-up steps, may leave bf16 weights where they were
+    run += ["train.learning_rate=1e-3", "train.warmup_steps=0"]
+    proc = subprocess.run(launch_command(config, None, port, run=run), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr, tmp_path / "run"
+
+
 @pytest.mark.parametrize("config", SHARDED)
 def test_the_moe_recipe_trains_sharded_expert_tensors(config, tmp_path):
     """`recipe=qwen2_moe` (a tiny random Qwen2-MoE, the recipe's bf16 and gradient checkpointing) on two processes
     under FSDP2 and ZeRO-3: the 3-D expert tensors and the [experts, groups, hidden] routers are sharded, both
     stages train them, the stage checkpoints are gathered whole under the base names, the model's own router
     stays frozen, and the export lands at its target."""
-    from test_recipes import cpu_overrides
-
-    run = ["recipe=qwen2_moe", *cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]"]
-    # two steps at the recipe's rates, within its 100 warm-up steps, may leave bf16 weights where they were
-    run += ["train.learning_rate=1e-3", "train.warmup_steps=0"]
-    port = 29570 + SHARDED.index(config)
-    proc = subprocess.run(launch_command(config, None, port, run=run), cwd=REPO, capture_output=True, text=True)
-    log = proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    out = tmp_path / "run"
+    log, out = run_moe_recipe(config, tmp_path, 29570 + SHARDED.index(config))
     prepared = load_file(str(out / "prepare" / "model" / "lte_routers.safetensors"))
     assert len(prepared) == 4 and prepared["layers.0.weight"].dim() == 3  # routed experts' routers, shared ones
     for stage in ("stage1", "stage2"):
@@ -240,18 +243,11 @@ def test_lora_on_sharded_expert_tensors_merges_into_every_expert(config, tmp_pat
     tensors (``target_parameters``) and on the linear layers train on sharded weights, and each stage merges them
     into its checkpoint under the base names: every expert tensor moved, the model's own router did not, and the
     export lands at its target."""
-    from test_recipes import cpu_overrides
-
-    run = ["recipe=qwen2_moe", *cpu_overrides("qwen2_moe", tmp_path), "train.report_to=[]", "lora.r=8"]
-    run += ["train.learning_rate=1e-3", "train.warmup_steps=0"]
-    port = 29575 + SHARDED.index(config)
-    proc = subprocess.run(launch_command(config, None, port, run=run), cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = tmp_path / "run"
+    log, out = run_moe_recipe(config, tmp_path, 29575 + SHARDED.index(config), "lora.r=8")
     start = "prepare"
     for stage in ("stage1", "stage2"):
-        assert proc.stderr.count(f"{stage}: training 2 steps") == 2
-        assert f"on 2 process(es) ({CONFIGS[config][3]})" in proc.stderr
+        assert log.count(f"{stage}: training 2 steps") == 2
+        assert f"on 2 process(es) ({CONFIGS[config][3]})" in log
         assert (out / stage / "adapter" / "adapter_config.json").is_file()
         before = load_file(str(out / start / "model" / "model.safetensors"))
         after = load_file(str(out / stage / "model" / "model.safetensors"))

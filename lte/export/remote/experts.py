@@ -157,6 +157,20 @@ def _kernel_token(module, x, experts, weights, keep, size, kernel_set, rows) -> 
     return matvec_t(h.float() * scale, down_rows, down, count, size).to(x.dtype)
 
 
+def _kept(module, x, expert, threshold) -> torch.Tensor:
+    """Which groups the LTE router of ``expert`` keeps for each row of ``x`` [n, H] ([n, G]); with ``expert`` the
+    k experts of one token (``x`` [1, H]), all k routers in one product ([k, G]). Counted when tracking."""
+    router = module.lte_router
+    weight = router.weight[expert]
+    bias = None if router.bias is None else router.bias[expert].reshape(-1)
+    with torch.no_grad():  # a hard threshold: no gradient reaches the router
+        scores = F.linear(x.to(weight.dtype), weight.reshape(-1, weight.shape[-1]), bias)
+    keep = (torch.sigmoid(scores) > threshold).reshape(-1, weight.shape[-2])
+    if module.lte_config.lte_track_sparsity:
+        module.lte_skips.add(keep)
+    return keep
+
+
 def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Every selected expert on the tokens it received, its unselected neuron groups zeroed."""
     config = self.lte_config
@@ -164,7 +178,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     up = self.gate_up_proj if gated else self.up_proj
     up_bias = (self.gate_up_proj_bias if gated else self.up_proj_bias) if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
-    router, size = self.lte_router, config.lte_ffn["expert_size"]
+    size = config.lte_ffn["expert_size"]
     threshold = config.lte_thresholds[self.lte_layer_index]
     routing = config.lte_routing
     k = top_k_index.shape[-1]
@@ -175,14 +189,8 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     kernel = kernel_set is not None and routing != "dense" and not grad  # no backward: training runs masked
     one_token = kernel and hidden_states.shape[0] == 1 and not getattr(self, "has_post_expert_norm", False)
     if one_token and bool((experts < up.shape[0]).all()) and (rows := _all_rows(self)) is not None:
-        x = hidden_states
-        with torch.no_grad():  # the k experts' router rows in one product (a GEMV, as the loop path's per expert)
-            weight = router.weight[experts].reshape(-1, router.weight.shape[-1])
-            bias = None if router.bias is None else router.bias[experts].reshape(-1)
-            keep = (torch.sigmoid(F.linear(x.to(weight.dtype), weight, bias)) > threshold).reshape(k, -1)
-        if config.lte_track_sparsity:
-            self.lte_skips.add(keep)
-        return _kernel_token(self, x, experts, weights, keep, size, kernel_set, rows).to(hidden_states.dtype)
+        keep = _kept(self, hidden_states, experts, threshold)
+        return _kernel_token(self, hidden_states, experts, weights, keep, size, kernel_set, rows)
     tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts[experts < up.shape[0]], minlength=up.shape[0]).tolist()
@@ -196,13 +204,7 @@ def routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         start += count
         token = tokens[pairs]
         x = hidden_states[token]
-        keep = None
-        if routing != "dense":
-            bias = None if router.bias is None else router.bias[expert]
-            with torch.no_grad():
-                keep = torch.sigmoid(F.linear(x.to(router.weight.dtype), router.weight[expert], bias)) > threshold
-            if config.lte_track_sparsity:
-                self.lte_skips.add(keep)
+        keep = None if routing == "dense" else _kept(self, x, expert, threshold)
         if kernel and count <= MAX_UNION_TOKENS:
             y = _kernel_expert(self, x, expert, keep, size, kernel_set)
         else:  # masked: every neuron of the expert, the skipped groups zeroed
