@@ -31,6 +31,7 @@ per method and target), ``results.md`` and ``sparsity_vs_ppl.png``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -352,18 +353,39 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
     from ..export.exporter import below_trained_sparsity
     from ..export.thresholds import choose_thresholds, sensitivity, set_thresholds
     from ..model.inject import load_lte, lte_layers
+    from ..model.layers import collect_router_scores
     from ..training.loading import load_report
 
     model = load_lte(stage2_model(run)).to(device).eval()
     handle = Sparsified(LTE, model)
+    routed = {}  # LTE layers inside routed experts: counted per (token, selected expert) from their records
     for site, layer in zip(handle.sites, lte_layers(model), strict=True):
-        handle.router_flops += 2 * site.d_model * layer.num_experts
+        handle.router_flops += site.top_k * 2 * site.d_model * layer.num_experts
+        if site.experts is not None:
+            routed[layer.layer_index] = site
+            continue
 
         def observe(module, args, logits, layer=layer, site=site):
             keep = torch.sigmoid(logits) > layer.threshold  # [B, T, experts]; experts are equal-size
             handle.count(site.index, keep)
 
         handle.hook(layer.lte_router.register_forward_hook(observe))
+    if routed:
+        open_blocks: list = []
+
+        def start(module, args):  # not while the thresholds are tuned (disabled): that collects the records
+            block = collect_router_scores() if handle.enabled else contextlib.nullcontext([])
+            open_blocks.append((block, block.__enter__()))
+
+        def finish(module, args, output):
+            block, records = open_blocks.pop()
+            block.__exit__(None, None, None)
+            for record in records:
+                if record.tokens is not None and record.layer in routed:
+                    handle.count(routed[record.layer].index, record.scores > record.threshold, record.tokens)
+
+        handle.hook(model.register_forward_pre_hook(start))
+        handle.hook(model.register_forward_hook(finish))
     cache = {}
     trained = load_report(run).get("sparsity")
 

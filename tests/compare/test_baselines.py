@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, STORIES, tiny_model
 from lte.compare.baselines import METHODS, dense_ffn_flops_per_token, ffn_sites
 from lte.compare.baselines.griffin import select
+from moe_configs import MOE_CONFIGS, tiny_moe
 
 SPARSE = [m for m in METHODS if m != "dense"]
 L, PREFIX = 24, 12
@@ -266,3 +267,47 @@ def test_sparse_expansion_routes_tokens_to_cluster_copies():
         assert four.per_layer_sparsity() == pytest.approx([0.5, 0.5], abs=0.02)  # weight sparsity of the copies run
         four.remove()
     assert not torch.allclose(single, routed, atol=1e-4)  # different copies for different tokens
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_methods_inside_routed_experts_count_over_the_selected_pairs_and_restore_the_model(family):
+    """TEAL and CATS inside routed experts: one threshold per MoE layer over the (token, selected expert)
+    pairs, exact at 0, at the target where the scored tokens are the calibration ones, the dense
+    reference while disabled, and the model (its experts implementation too) as it was after remove()."""
+    model = tiny_moe(family)
+    sites = ffn_sites(model)
+    routed = [site for site in sites if site.experts is not None]
+    assert len(routed) == 2 and all(site.top_k == 2 for site in routed)
+    gated = 3 * 2 * 32 * 16  # gate, up, down of one 32 x 16 expert
+    assert dense_ffn_flops_per_token(sites) == 2 * 2 * gated + (2 * 3 * 2 * 32 * 48 if family == "qwen2_moe" else 0)
+    calibration = batches(2)
+    implementation = model.config._experts_implementation
+    with torch.no_grad():
+        dense = [model(**b).logits for b in calibration]
+        for method in ("teal", "cats", "griffin", "moefication", "sparse_expansion"):
+            if method in ("griffin", "moefication", "sparse_expansion") or (method, family) == ("cats", "gpt_oss"):
+                with pytest.raises(ValueError, match=r"routed experts|activation module"):
+                    apply(method, model, 0.5, calibration)
+                continue
+            handle = apply(method, model, 0.0, calibration)
+            torch.testing.assert_close(model(**calibration[0]).logits, dense[0], atol=1e-5, rtol=0)
+            handle.remove()
+            handle = apply(method, model, 0.5, calibration)
+            handle.prefix = 0
+            sparse = [model(**b).logits for b in calibration]
+            handle.reset()
+            handle.prefix = PREFIX
+            model(**calibration[0])  # counted: the (token, expert) pairs of the positions after the prompt
+            assert [int(handle._count[site.index]) for site in routed] == [2 * (L - PREFIX) * 2] * 2
+            with handle.disabled():
+                torch.testing.assert_close(model(**calibration[0]).logits, dense[0])
+            handle.remove()
+            assert model.config._experts_implementation == implementation
+            torch.testing.assert_close(model(**calibration[0]).logits, dense[0])
+            assert not torch.allclose(sparse[0], dense[0], atol=1e-4)
+            realized = [handle.per_layer_sparsity()[site.index] for site in routed]
+            # CATS's thresholds are the calibration quantiles of these very pairs; TEAL's z quantile is taken
+            # with its input threshold in place: both land on the target
+            assert all(abs(s - 0.5) < 0.03 for s in realized), (method, realized)
+            kept = handle.ffn_flops_per_token() - handle.router_flops
+            assert 0.3 * dense_ffn_flops_per_token(sites) < kept < 0.8 * dense_ffn_flops_per_token(sites)

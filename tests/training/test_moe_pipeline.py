@@ -193,3 +193,51 @@ def test_the_moe_recipe_trains_lora_on_the_experts_and_merges_it(tmp_path):
     assert torch.equal(prepared["model.layers.0.mlp.gate.weight"], merged["model.layers.0.mlp.gate.weight"])
     export = json.loads((out / "export" / "lte_export.json").read_text())
     assert abs(export["heldout_sparsity"] - 0.5) < 0.02 and export["validation_error"] < BF16_VALIDATION_ERROR, export
+
+
+@pytest.mark.slow
+def test_compare_runs_lte_and_the_baselines_inside_the_routed_experts(moe_run, tmp_path):
+    """`lte compare` on an MoE export: TEAL and CATS run inside the routed experts, the methods defined on dense
+    FFNs are skipped with the reason, and the LTE row counts what the trained model's evaluation counts."""
+    _, model_dir, out = moe_run
+    data = REPO / "assets" / "tinystories" / "eval.txt"
+    cmp = tmp_path / "cmp"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "lte", "compare", "--model", str(model_dir), "--lte", str(out / "export")),
+            *("--data", str(data), "--methods", "dense,lte,teal,cats,griffin,moefication", "--sparsity", "0.5"),
+            *("--calibration-tokens", "1024", "--max-eval-tokens", "1024", "--block-size", "64", "--out", str(cmp)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((cmp / "results.json").read_text())["rows"]}
+    for method in ("griffin", "moefication"):
+        assert "routed experts" in rows[method]["skipped"], rows[method]
+    dense = rows["dense"]
+    for method in ("lte", "teal", "cats"):
+        row = rows[method]
+        assert len(row["per_layer_sparsity"]) == 4  # 2 routed experts modules, 2 shared experts
+        assert abs(row["realized_sparsity"] - 0.5) < 0.1, (method, row["realized_sparsity"])
+        # a random model: KL, not perplexity
+        assert row["kl"] > 0 and row["ffn_flops_per_token"] < dense["ffn_flops_per_token"]
+    # the LTE row: counted over the (token, selected expert) pairs of the scored positions, as the trained model's
+    # evaluation counts them on the same tokens (with the prompt scored too: prefix 0)
+    from lte.compare.harness import lte_method, score
+
+    exported = [json.loads((out / "export" / "lte_export.json").read_text())]
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "labels": ids}]
+    model, handle, set_target = lte_method(out, batches, "tuned", torch.device("cpu"), exported)
+    set_target(0.5)
+    counted = score(model, model, handle, batches, prefix=0)["per_layer_sparsity"]
+    trained = load_lte(out / "stage2" / "model")
+    set_thresholds(trained, exported[0]["thresholds"])
+    expected = evaluate_batches(trained, batches).per_layer_sparsity
+    assert counted == pytest.approx(expected, abs=1e-6) and max(counted) > 0.2
+    set_target(0.7)  # another target: the thresholds are tuned on the calibration batch, here the scored one
+    tuned = score(model, model, handle, batches, prefix=0)["realized_sparsity"]
+    assert abs(tuned - 0.7) < 0.05, tuned

@@ -4,7 +4,8 @@ Per FFN, neurons with ``|act(gate(x))| <= t`` are zeroed; ``t`` is the ``s`` qua
 ``|act(gate(x))|`` over calibration tokens (the dense model), so each layer hits the target on
 calibration data. The gate is still computed for every neuron (that is how the decision is made),
 so the FLOPs count the whole gate; up and down skip the zeroed neurons. For a non-gated FFN the
-activation output is the down projection's input itself.
+activation output is the down projection's input itself. Inside routed experts the same rule runs
+per (token, selected expert) pair, with one threshold per MoE layer over the pairs it ran.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sites import Sparsified, cached, collect, ffn_sites, quantile
+from .sites import Sparsified, cached, collect, expert_activation, ffn_sites, quantile
 
 
 @torch.no_grad()
@@ -26,6 +27,9 @@ def apply(model: nn.Module, target_sparsity: float, calibration, cache: dict | N
     handle.gate_dense = True
     for site in sites:
         threshold = quantile(acts["act"][site.index].abs(), target_sparsity)
+        if site.experts is not None:  # each selected expert's gate activation, for its tokens
+            handle.mask_neurons(site, lambda site, z, call, t=threshold: expert_activation(site, call, z).abs() > t)
+            continue
         decided: dict[str, torch.Tensor] = {}
 
         def decide(module, args, output, threshold=threshold, decided=decided):
@@ -33,5 +37,5 @@ def apply(model: nn.Module, target_sparsity: float, calibration, cache: dict | N
                 decided["keep"] = output.abs() > threshold
 
         handle.hook(site.act.register_forward_hook(decide))
-        handle.mask_neurons(site, lambda site, z, decided=decided: decided.pop("keep"))
+        handle.mask_neurons(site, lambda site, z, call, decided=decided: decided.pop("keep"))
     return handle

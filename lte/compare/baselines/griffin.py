@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sites import Sparsified, ffn_sites
+from .sites import Sparsified, dense_only, ffn_sites
 
 
 def select(z_prompt: torch.Tensor, kept: int) -> torch.Tensor:
@@ -36,10 +36,11 @@ def select(z_prompt: torch.Tensor, kept: int) -> torch.Tensor:
 def apply(model: nn.Module, target_sparsity: float, calibration=None, cache: dict | None = None) -> Sparsified:
     """``calibration`` and ``cache`` are unused: GRIFFIN needs no calibration."""
     sites = ffn_sites(model)
+    dense_only(sites, "GRIFFIN")
     handle = Sparsified("griffin", model, sites)
     handle.reads_prompt = True
 
-    def rule(site, z):
+    def rule(site, z, call):
         prefix = handle.prefix
         if prefix <= 0 or z.shape[1] <= prefix:
             raise ValueError("GRIFFIN needs a prompt: set Sparsified.prefix to the prompt length (< sequence length)")

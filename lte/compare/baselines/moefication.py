@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...model.grouping import balanced_kmeans, neuron_rows
-from .sites import Sparsified, cached, collect, ffn_sites
+from .sites import Sparsified, cached, collect, dense_only, ffn_sites
 
 ROUTER_STEPS = 300
 ROUTER_TOKENS = 8192  # calibration tokens a router is fitted on (the same ones for its inputs and targets)
@@ -56,6 +56,7 @@ def fit_router(
 def fit(model: nn.Module, calibration, expert_size: int = 32, seed: int = 0) -> list[tuple[MLPRouter, torch.Tensor]]:
     """Per FFN: (router, neuron -> expert labels), fitted on the calibration data."""
     sites = ffn_sites(model)
+    dense_only(sites, "MoEfication")
     for site in sites:
         if site.width % expert_size:
             raise ValueError(f"expert_size={expert_size} does not divide the FFN width {site.width}")
@@ -111,7 +112,7 @@ def apply(
             if handle.enabled:
                 seen["x"] = args[0]
 
-        def rule(site, z, router=router, kept=kept, seen=seen, label=label):
+        def rule(site, z, call, router=router, kept=kept, seen=seen, label=label):
             with torch.no_grad():
                 scores = router(seen.pop("x").float())
             chosen = torch.zeros_like(scores, dtype=torch.bool)

@@ -5,6 +5,12 @@ the intermediate neurons and the one that consumes them. A method sparsifies by 
 keep-mask over the down projection's input ``Z`` (one entry per token and neuron) and, for TEAL,
 by zeroing entries of the FFN input. :class:`Sparsified` installs those hooks, counts what was
 kept over the scored positions, and removes everything again, leaving the model as it was.
+
+The routed experts of a mixture-of-experts layer are sites too (``site.experts``): one module runs
+every expert on the tokens the model's own router sent it, so the keep-mask is applied per (token,
+selected expert) pair, inside transformers' ``"lte"`` experts implementation
+(:mod:`lte.model.experts`), and counted over those pairs: "sparsity inside the selected experts".
+A rule then also gets ``call = (expert, x)``, the expert and its tokens' inputs (None for a dense FFN).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...model.experts import ExpertsLayout, experts_layout, gate_rows, restore_experts_implementation, use_lte_experts
 from ...model.layers import threshold_skipping
 from ...model.registry import FFNSpec, feature_axes, layout_from_list, layout_to_list, weight_shape
 
@@ -23,17 +30,21 @@ _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations"
 
 @dataclass
 class FFNSite:
-    """One FFN: its host module, its projections, and its activation module."""
+    """One FFN: its host module, its projections, and its activation module. For routed experts
+    (``experts`` set), the experts module, no projection modules, ``width`` per expert, and
+    ``top_k`` experts run per token."""
 
     index: int
     name: str
     host: nn.Module
     spec: FFNSpec
     first: list[nn.Module]
-    down: nn.Module
+    down: nn.Module | None
     act: nn.Module | None
     d_model: int
     width: int
+    experts: ExpertsLayout | None = None
+    top_k: int = 1
 
     @property
     def gated(self) -> bool:
@@ -58,8 +69,22 @@ def activation_module(host: nn.Module) -> nn.Module | None:
     return None
 
 
+def _top_k(model: nn.Module, path: str) -> int:
+    """Experts per token of the MoE block holding the experts module at ``path``: its router's
+    ``top_k`` (transformers 5's routers), else the config's ``num_experts_per_tok``."""
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    for module in parent.modules():
+        for name in ("top_k", "num_experts_per_tok"):
+            if isinstance(getattr(module, name, None), int):
+                return getattr(module, name)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if isinstance(getattr(config, "num_experts_per_tok", None), int):
+        return config.num_experts_per_tok
+    raise ValueError(f"cannot tell how many experts per token the MoE block at {path} runs (no top_k)")
+
+
 def ffn_sites(model: nn.Module) -> list[FFNSite]:
-    """Every FFN of ``model`` in depth order."""
+    """Every FFN of ``model`` in depth order (routed experts modules included)."""
     from ...model.detect import detect_layout
     from ...model.layers import LTEMLP
 
@@ -72,6 +97,11 @@ def ffn_sites(model: nn.Module) -> list[FFNSite]:
     ]
     sites = []
     for name, host, spec in found:
+        if (layout := experts_layout(host)) is not None:
+            act, top_k = getattr(host, "act_fn", None), _top_k(model, name.removesuffix(".base_layer"))
+            d_model, width = layout.d_model, layout.width
+            sites.append(FFNSite(len(sites), name, host, spec, [], None, act, d_model, width, layout, top_k))
+            continue
         down = host.get_submodule(spec.down)
         first = [host.get_submodule(n) for n in spec.first]
         d_model = weight_shape(first[0])[feature_axes(first[0])[1]]
@@ -110,6 +140,7 @@ class Sparsified:
 
     def __init__(self, name: str, model: nn.Module, sites: list[FFNSite] | None = None):
         self.name = name
+        self.model = model
         self.sites = ffn_sites(model) if sites is None else sites
         self.prefix = 0
         self.reads_prompt = False  # GRIFFIN: the harness must set ``prefix`` for each sequence
@@ -137,13 +168,18 @@ class Sparsified:
         return t if t.dim() == 3 else t.reshape(*self._batch_shape, t.shape[-1])
 
     def mask_neurons(self, site: FFNSite, rule) -> None:
-        """Zero the down projection's input where ``rule(site, z) -> keep`` (bool, z's shape) is False."""
+        """Zero the down projection's input where ``rule(site, z, call) -> keep`` (bool, z's shape) is
+        False; for routed experts per (token, selected expert) pair, ``z`` one expert's rows and
+        ``call = (expert, x)``."""
+        if site.experts is not None:
+            self.hook(_NeuronGate(self, site, rule).install(self.model))
+            return
 
         def pre_hook(module, args):
             if not self.enabled:
                 return None
             z = args[0]
-            keep = rule(site, self.as_tokens(z))
+            keep = rule(site, self.as_tokens(z), None)
             self.count(site.index, keep)
             return (z * keep.reshape(z.shape).to(z.dtype), *args[1:])
 
@@ -152,8 +188,10 @@ class Sparsified:
     def _scored(self, mask: torch.Tensor) -> torch.Tensor:
         return self.as_tokens(mask)[:, self.prefix :]
 
-    def count(self, layer: int, keep: torch.Tensor) -> None:
-        scored = self._scored(keep)
+    def count(self, layer: int, keep: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Neurons kept, per token (``keep`` [batch, sequence, neurons] or the flat tokens'), or per
+        (token, expert) pair: ``keep`` [pairs, neurons] with each pair's flat token index ``tokens``."""
+        scored = self._scored(keep) if tokens is None else keep[tokens % self._batch_shape[1] >= self.prefix]
         self._kept[layer] += float(scored.float().mean(dim=-1).sum())
         self._count[layer] += scored.shape[:-1].numel()
 
@@ -198,11 +236,12 @@ class Sparsified:
             keep = self._keep(site.index)
             if self._input_count[site.index] > 0:  # TEAL: sparse inputs skip weight columns of every row
                 keep_in = float(self._input_kept[site.index] / self._input_count[site.index])
-                total += site.unit_flops * ((site.matrices - 1) * keep_in + keep)
+                matrices = (site.matrices - 1) * keep_in + keep
             elif self.gate_dense:  # CATS: the gate is computed for every neuron
-                total += site.unit_flops * (1 + (site.matrices - 1) * keep)
+                matrices = 1 + (site.matrices - 1) * keep
             else:  # whole neurons skipped: their rows of gate/up and column of down
-                total += site.unit_flops * site.matrices * keep
+                matrices = site.matrices * keep
+            total += site.top_k * site.unit_flops * matrices  # routed experts: each of the top-k selected
         return total
 
     def remove(self) -> None:
@@ -227,7 +266,7 @@ def run_batches(model: nn.Module, batches, hooks: list, progress: str | None = N
 
 
 def dense_ffn_flops_per_token(sites: list[FFNSite]) -> float:
-    return float(sum(site.unit_flops * site.matrices for site in sites))
+    return float(sum(site.top_k * site.unit_flops * site.matrices for site in sites))
 
 
 @torch.no_grad()
@@ -251,10 +290,14 @@ def collect(
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     handles = []
     for slot, site in enumerate(sites):
+        grabs = {}
         for tap, transform in taps.items():
+            if tap not in ("input", "act", "z"):
+                raise ValueError(f"unknown tap {tap!r}")
+            if tap == "act" and site.act is None:
+                raise ValueError(f"{type(site.host).__name__} has no activation module to tap")
 
-            def grab(module, args, output=None, site=site, slot=slot, tap=tap, transform=transform):
-                value = output if tap == "act" else args[0]
+            def grab(value, site=site, slot=slot, tap=tap, transform=transform):
                 value = value.detach().reshape(-1, value.shape[-1]).float()
                 if transform is not None:
                     value = transform(site, value)
@@ -262,16 +305,25 @@ def collect(
                 stride = max(1, -(-tokens // budget))
                 out[tap][slot].append(value[::stride].cpu())
 
-            if tap == "input":
-                handles.append(site.first[0].register_forward_pre_hook(grab))
-            elif tap == "z":
-                handles.append(site.down.register_forward_pre_hook(grab))
-            elif tap == "act":
-                if site.act is None:
-                    raise ValueError(f"{type(site.host).__name__} has no activation module to tap")
-                handles.append(site.act.register_forward_hook(grab))
-            else:
-                raise ValueError(f"unknown tap {tap!r}")
+            grabs[tap] = grab
+        if "input" in grabs:  # the FFN's input; for routed experts, every token's, once
+            where = site.host if site.experts is not None else site.first[0]
+            handles.append(where.register_forward_pre_hook(lambda m, args, grab=grabs["input"]: grab(args[0])))
+        if site.experts is not None and ("z" in grabs or "act" in grabs):  # per (token, selected expert) pair
+
+            def record(site, z, call, grabs=grabs):
+                if "act" in grabs:
+                    grabs["act"](expert_activation(site, call, z))
+                if "z" in grabs:
+                    grabs["z"](z)
+                return torch.ones_like(z, dtype=torch.bool)
+
+            handles.append(_NeuronGate(None, site, record).install(model))
+        elif site.experts is None:
+            if "z" in grabs:
+                handles.append(site.down.register_forward_pre_hook(lambda m, args, grab=grabs["z"]: grab(args[0])))
+            if "act" in grabs:
+                handles.append(site.act.register_forward_hook(lambda m, args, output, grab=grabs["act"]: grab(output)))
     run_batches(model, batches, handles)
     return {tap: [torch.cat(chunks) for chunks in per_site] for tap, per_site in out.items()}
 
@@ -284,3 +336,77 @@ def layer_inputs(
     each, the same tokens for both, at most about ``max_tokens`` of them."""
     out = collect(model, calibration, {"input": None, "z": None}, max_tokens=max_tokens, sites=[site])
     return out["input"][0], out["z"][0]
+
+
+class _ExpertsDispatch:
+    """Routes a model's experts modules through transformers' ``"lte"`` experts implementation while
+    any gate needs it, and gives the model back its own implementation when the last one is removed
+    (a calibration pass can run while a method's gates are installed)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        users = model.__dict__.setdefault("_lte_gate_users", [0])
+        if users[0] == 0:
+            use_lte_experts(model)
+        users[0] += 1
+
+    def remove(self) -> None:
+        users = self.model.__dict__["_lte_gate_users"]
+        users[0] -= 1
+        if users[0] == 0:
+            restore_experts_implementation(self.model)
+
+
+class _NeuronGate:
+    """A method's keep-rule on one routed experts module, in the place of an LTE layer: transformers'
+    ``"lte"`` experts implementation runs each selected expert on its tokens and calls :meth:`route`
+    on its neurons, then :meth:`record` with every (token, expert) pair's keep-mask."""
+
+    def __init__(self, handle: Sparsified | None, site: FFNSite, rule):
+        self.handle, self.site, self.rule, self.layout = handle, site, rule, site.experts
+
+    @property
+    def routing(self) -> str:  # the reference logits: the experts run dense
+        return "hard" if self.handle is None or self.handle.enabled else "dense"
+
+    def route(self, expert: int, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = self.rule(self.site, h, (expert, x))
+        return h * keep.to(h.dtype), keep
+
+    def record(self, keep: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self.handle is not None:
+            self.handle.count(self.site.index, keep, tokens)
+
+    def install(self, model: nn.Module):
+        if "_lte" in self.site.host.__dict__:
+            raise ValueError(f"{self.site.name} is already routed (an LTE layer or another method's rule)")
+        self.site.host.__dict__["_lte"] = self
+        dispatch = _ExpertsDispatch(model)
+        gate = self
+
+        class Handle:
+            def remove(self) -> None:
+                if gate.site.host.__dict__.get("_lte") is gate:
+                    del gate.site.host.__dict__["_lte"]
+                dispatch.remove()
+
+        return Handle()
+
+
+def expert_activation(site: FFNSite, call: tuple[int, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """``act(gate(x))`` of one expert's neurons for its tokens ``x`` (CATS decides on it); for an
+    up-only expert the down projection's input ``z`` itself."""
+    if not site.experts.gated:
+        return z
+    if site.act is None or site.experts.bias:
+        raise ValueError(f"{type(site.host).__name__}: no plain activation of the gate to threshold (CATS)")
+    expert, x = call
+    rows = gate_rows(site.host, site.experts, expert)
+    return site.act(x.to(rows.dtype) @ rows.t())
+
+
+def dense_only(sites: list[FFNSite], method: str) -> None:
+    """A method defined for dense FFNs only refuses a model with routed experts (its row says why)."""
+    routed = [site.name for site in sites if site.experts is not None]
+    if routed:
+        raise ValueError(f"{method} is defined on dense FFNs only; {routed[0]} holds routed experts")

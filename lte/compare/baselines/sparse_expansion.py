@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...model.registry import feature_axes
-from .sites import FFNSite, Sparsified, ffn_sites, layer_inputs
+from .sites import FFNSite, Sparsified, dense_only, ffn_sites, layer_inputs
 from .sparsegpt import prune
 
 MAX_TOKENS = 16384  # calibration tokens a layer's routers and Hessians are built from
@@ -192,6 +192,7 @@ def apply(
     """Expand every FFN of ``model`` (see the module docstring). ``cache`` is unused: the experts
     depend on the target."""
     sites = ffn_sites(model)
+    dense_only(sites, "Sparse Expansion")
     handle = ExpandedFFNs(model, sites)
     device = next(model.parameters()).device
     for site in sites:

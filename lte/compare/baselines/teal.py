@@ -9,6 +9,9 @@ realised sparsity is the target (TEAL's release takes them all from the dense mo
 * ``teal`` (FFN only, matched to the FFN-sparsity methods): the FFN input (read by gate/up, TEAL's
   "h1") and the down projection's input ("h2");
 * ``teal_all``: also the inputs of every attention projection, as TEAL deploys it.
+
+Routed experts: the experts module's input (every selected expert reads the same sparse token), and
+each selected expert's down-projection input, one threshold per MoE layer.
 """
 
 from __future__ import annotations
@@ -87,14 +90,16 @@ def apply(
 
         x = layer_inputs(model, site, calibration)[0] if sequential else dense["input"][site.index]
         t_in = quantile(x.abs(), target_sparsity)
-        for i, projection in enumerate(site.first):  # gate and up read the same input: one threshold
+        # gate and up read the same input: one threshold (routed experts: their module's input, once)
+        readers = [site.host] if site.experts is not None else site.first
+        for i, projection in enumerate(readers):
             hook = _threshold_hook(t_in, count_input if i == 0 else None)
             handle.hook(
                 projection.register_forward_pre_hook(lambda m, a, hook=hook: hook(m, a) if handle.enabled else None)
             )
         z = layer_inputs(model, site, calibration)[1] if sequential else dense["z"][site.index]
         t_z = quantile(z.abs(), target_sparsity)
-        handle.mask_neurons(site, lambda site, z, t=t_z: z.abs() > t)
+        handle.mask_neurons(site, lambda site, z, call, t=t_z: z.abs() > t)
     if attention:
         projections = _attention_projections(model, sites)
         inputs = cached(cache, "attention_inputs", lambda: _projection_inputs(model, projections, calibration))
