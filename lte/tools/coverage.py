@@ -143,7 +143,15 @@ FAMILY_FACTS = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "xmod": {"default_language": "en_XX"},
-    "reformer": {"is_decoder": True},
+    # Reformer: the axial position embeddings' widths sum to hidden_size, and in training their shape
+    # multiplies to the sequence length (the harness's 16 tokens); its layer count is attn_layers' length.
+    "reformer": {
+        "is_decoder": True,
+        "axial_pos_embds_dim": [16, 48],
+        "axial_pos_shape": [4, 4],
+        "attn_layers": ["local", "lsh"],
+        "attention_head_size": 16,
+    },
     "moshi": {"ffn_dim": 256},  # its gated MLP is ffn_dim // 2 wide: not the hidden size
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},  # read by its attention, not defaulted
     "mamba2": {"num_heads": 8},  # hidden_size * expand = num_heads * head_dim
