@@ -7,7 +7,7 @@ then the export as a user without this project loads it: the base class (dense) 
 
     python scripts/family_runs.py --set moe          # qwen3_moe qwen2_moe mixtral olmoe gpt_oss nemotron_h
     python scripts/family_runs.py --set multimodal   # gemma3 qwen3_5 gemma4_text gemma4
-    python scripts/family_runs.py MODEL_TYPE ... [--out DIR] [--steps N]
+    python scripts/family_runs.py MODEL_TYPE ... [--out DIR] [--steps N] [--override KEY=VALUE ...]
 
 Prints one markdown table row per model type and writes DIR/results.json. A documented check, not a test:
 CI runs the qwen2_moe recipe (tests/training/test_moe_pipeline.py), the mechanism per MoE family, and a
@@ -72,7 +72,7 @@ def client(check: str, export: Path, cwd: Path) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])[str(export)]
 
 
-def run_family(family: str, root: Path, steps: int) -> dict:
+def run_family(family: str, root: Path, steps: int, extra: list[str] = ()) -> dict:
     model_dir, out = root / family / "model", root / family / "run"
     expert_size = write_model(family, model_dir)
     start = time.perf_counter()
@@ -85,6 +85,7 @@ def run_family(family: str, root: Path, steps: int) -> dict:
         "lte.router_init=centroid",  # routed experts start at their centroids; dense FFNs too, alike
         "train.report_to=[]",
         "train.save_steps=1000",
+        *extra,  # --override: recipe keys as a user sets them (data.max_eval_tokens for a slow family)
     ]
     proc = subprocess.run(
         [sys.executable, "train.py", "recipe=tiny", *overrides], cwd=REPO, capture_output=True, text=True
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--set", choices=SETS, default="moe")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "family_runs")
     parser.add_argument("--steps", type=int, default=20, help="steps per stage")
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="a recipe key for train.py (repeatable)"
+    )
     args = parser.parse_args()
     families = args.families or SETS[args.set]
     results = []
@@ -162,7 +166,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for family in families:
         try:
-            results.append(run_family(family, args.out, args.steps))
+            results.append(run_family(family, args.out, args.steps, args.override))
         except Exception as exc:  # one family's failure is its row; the others still run
             results.append({"family": family, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
         print(row(results[-1]), flush=True)

@@ -288,7 +288,9 @@ def run_experts(self, layout: ExpertsLayout, hidden_states, top_k_index, top_k_w
 def lte_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """The ``"lte"`` experts implementation: each selected expert runs on the tokens it received, its
     neuron groups gated by its LTE router (masked path: every neuron is computed, the skipped ones are
-    zeroed). An experts module without LTE (or with dense routing) runs transformers' grouped one."""
+    zeroed). An experts module without LTE (or with dense routing) runs transformers' grouped one.
+    The gate is whatever the module holds as ``_lte`` with ``routing``, ``layout``, ``route`` and
+    ``record``: an :class:`LTEExperts`, or a compared method's keep-rule (:mod:`lte.compare.baselines`)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     lte: LTEExperts | None = self.__dict__.get("_lte")

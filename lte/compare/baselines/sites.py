@@ -377,20 +377,18 @@ class _NeuronGate:
         if self.handle is not None:
             self.handle.count(self.site.index, keep, tokens)
 
-    def install(self, model: nn.Module):
+    def install(self, model: nn.Module) -> _NeuronGate:
+        """Put the gate on its experts module; ``remove()`` takes it off."""
         if "_lte" in self.site.host.__dict__:
             raise ValueError(f"{self.site.name} is already routed (an LTE layer or another method's rule)")
         self.site.host.__dict__["_lte"] = self
-        dispatch = _ExpertsDispatch(model)
-        gate = self
+        self._dispatch = _ExpertsDispatch(model)
+        return self
 
-        class Handle:
-            def remove(self) -> None:
-                if gate.site.host.__dict__.get("_lte") is gate:
-                    del gate.site.host.__dict__["_lte"]
-                dispatch.remove()
-
-        return Handle()
+    def remove(self) -> None:
+        if self.site.host.__dict__.get("_lte") is self:
+            del self.site.host.__dict__["_lte"]
+        self._dispatch.remove()
 
 
 def expert_activation(site: FFNSite, call: tuple[int, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
