@@ -2,12 +2,14 @@
 every layer holds ``--experts`` copies of the layer's FFN and a new top-``--top-k`` router.
 
 The MoE comparison (docs/comparison.md, "Inside the experts of an MoE") needs a mixture-of-experts model
-that has learned something and that this 2-core CPU can fine-tune: stories260K upcycled, then fine-tuned
-dense (``train.py``'s stage 0), is one. Right after upcycling the model computes what the dense one does
-(the top-k routing weights sum to one and every expert is the same FFN); the fine-tune makes the experts
-and the router diverge.
+that has learned something and that a CPU can fine-tune: stories260K upcycled, then fine-tuned dense
+(``train.py``'s stage 0), is one. Right after upcycling the model computes what the dense one does (the
+top-k routing weights sum to one and every expert is the same FFN); the fine-tune makes the experts and
+the router diverge. ``--spread MODEL`` prints how far apart each layer's experts are (each expert's
+distance from the layer's mean expert, relative to the mean expert's norm).
 
     python bench/upcycle_moe.py --model assets/stories260K --experts 8 --top-k 2 --out runs/stories260K-moe
+    python bench/upcycle_moe.py --spread runs/moe260k-t50/stage0/model
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def upcycle(dense, experts: int, top_k: int, seed: int = 0):
     weights = dense.state_dict()
     own = moe.state_dict()
     for name, value in weights.items():
-        if ".mlp." not in name and name in own:
+        if ".mlp." not in name:
+            if name not in own:  # a tensor Mixtral has no place for (attention or MLP biases)
+                raise ValueError(f"{name} has no counterpart in a Mixtral; this checkpoint cannot be upcycled here")
             own[name].copy_(value)
     for index, layer in enumerate(moe.model.layers):
         mlp = dense.model.layers[index].mlp
@@ -64,14 +68,35 @@ def upcycle(dense, experts: int, top_k: int, seed: int = 0):
     return moe
 
 
+@torch.no_grad()
+def spread(model) -> list[float]:
+    """Per MoE layer: the root mean square over experts of ``|expert - mean expert| / |mean expert|``
+    (gate/up and down together); 0 right after upcycling."""
+    out = []
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        weights = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1)
+        mean = weights.mean(0, keepdim=True)
+        out.append(float(((weights - mean).norm(dim=1) / mean.norm()).pow(2).mean().sqrt()))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a dense Llama-architecture checkpoint (directory)")
+    parser.add_argument("--model", help="a dense Llama-architecture checkpoint (directory)")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--spread", metavar="MODEL", help="only print how far MODEL's experts are apart, per layer")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.spread:
+        values = spread(AutoModelForCausalLM.from_pretrained(args.spread, dtype=torch.float32))
+        print("experts' spread per layer: " + " ".join(f"{100 * v:.2f}%" for v in values))
+        return
+    if not args.model or not args.out:
+        parser.error("--model and --out are required (or --spread MODEL)")
 
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     moe = upcycle(dense, args.experts, args.top_k)

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ def client(check: str, export: Path, cwd: Path) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])[str(export)]
 
 
-def run_family(family: str, root: Path, steps: int, extra: list[str] = ()) -> dict:
+def run_family(family: str, root: Path, steps: int, extra: Sequence[str] = ()) -> dict:
     model_dir, out = root / family / "model", root / family / "run"
     expert_size = write_model(family, model_dir)
     start = time.perf_counter()

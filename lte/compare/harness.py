@@ -385,7 +385,7 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
                     handle.count(routed[record.layer].index, record.scores > record.threshold, record.tokens)
 
         handle.hook(model.register_forward_pre_hook(start))
-        handle.hook(model.register_forward_hook(finish))
+        handle.hook(model.register_forward_hook(finish, always_call=True))  # closed when a forward raises too
     cache = {}
     trained = load_report(run).get("sparsity")
 

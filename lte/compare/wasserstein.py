@@ -74,7 +74,7 @@ def perplexity_without(model, batches, neurons: list[np.ndarray]) -> float:
         keep = torch.ones(site.width, dtype=torch.bool)
         keep[torch.as_tensor(chosen, dtype=torch.long)] = False
         masks.append(keep)
-        handle.mask_neurons(site, lambda site, z: masks[site.index].to(z.device).expand(z.shape))
+        handle.mask_neurons(site, lambda site, z, call: masks[site.index].to(z.device).expand(z.shape))
     try:
         return evaluate_batches(model, batches).ppl
     finally:

@@ -238,6 +238,12 @@ def test_compare_runs_lte_and_the_baselines_inside_the_routed_experts(moe_run, t
     set_thresholds(trained, exported[0]["thresholds"])
     expected = evaluate_batches(trained, batches).per_layer_sparsity
     assert counted == pytest.approx(expected, abs=1e-6) and max(counted) > 0.2
+    handle.reset()
+    handle.prefix = 16
+    with torch.no_grad():
+        model(input_ids=ids)  # counted: the (token, selected expert) pairs after a 16-token prompt
+    routed = [site for site in handle.sites if site.experts is not None]
+    assert len(routed) == 2 and [int(handle._count[s.index]) for s in routed] == [2 * 16 * s.top_k for s in routed]
     set_target(0.7)  # another target: the thresholds are tuned on the calibration batch, here the scored one
     tuned = score(model, model, handle, batches, prefix=0)["realized_sparsity"]
     assert abs(tuned - 0.7) < 0.05, tuned

@@ -284,7 +284,9 @@ def collect(
     (None keeps it). At most about ``max_values`` numbers are kept per tap and FFN: tokens are
     taken at an even stride, which is plenty for quantiles and keeps 7B-sized FFNs in memory.
     ``max_tokens`` instead keeps the same tokens for every tap (rows stay aligned across taps).
-    ``sites``: only these FFNs (default all); the lists follow their order."""
+    ``sites``: only these FFNs (default all); the lists follow their order. Routed experts: "input"
+    has a row per token, "act" and "z" a row per (token, selected expert) pair, in the order the
+    experts ran, sampled at an even stride over all pairs (not aligned with "input")."""
     sites = ffn_sites(model) if sites is None else sites
     out: dict[str, list[list[torch.Tensor]]] = {tap: [[] for _ in sites] for tap in taps}
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -297,13 +299,18 @@ def collect(
             if tap == "act" and site.act is None:
                 raise ValueError(f"{type(site.host).__name__} has no activation module to tap")
 
-            def grab(value, site=site, slot=slot, tap=tap, transform=transform):
+            pairs = site.experts is not None and tap != "input"  # a row per (token, selected expert)
+            seen = [0]  # pair rows come expert by expert: the stride runs on over the calls
+
+            def grab(value, site=site, slot=slot, tap=tap, transform=transform, pairs=pairs, seen=seen):
                 value = value.detach().reshape(-1, value.shape[-1]).float()
                 if transform is not None:
                     value = transform(site, value)
                 budget = max_tokens if max_tokens is not None else max(1, max_values // value.shape[-1])
-                stride = max(1, -(-tokens // budget))
-                out[tap][slot].append(value[::stride].cpu())
+                stride = max(1, -(-tokens * (site.top_k if pairs else 1) // budget))
+                start = (-seen[0]) % stride if pairs else 0
+                seen[0] += value.shape[0]
+                out[tap][slot].append(value[start::stride].cpu())
 
             grabs[tap] = grab
         if "input" in grabs:  # the FFN's input; for routed experts, every token's, once
@@ -333,7 +340,8 @@ def layer_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FFN's inputs and down-projection inputs on the calibration data, as the model now runs
     (with whatever sparsity is already installed in the layers before it): [tokens, features]
-    each, the same tokens for both, at most about ``max_tokens`` of them."""
+    each, the same tokens for both, at most about ``max_tokens`` of them (routed experts: the
+    down-projection inputs per (token, selected expert) pair, see :func:`collect`)."""
     out = collect(model, calibration, {"input": None, "z": None}, max_tokens=max_tokens, sites=[site])
     return out["input"][0], out["z"][0]
 
@@ -351,10 +359,14 @@ class _ExpertsDispatch:
         users[0] += 1
 
     def remove(self) -> None:
+        if self.model is None:  # removed already
+            return
         users = self.model.__dict__["_lte_gate_users"]
         users[0] -= 1
         if users[0] == 0:
+            del self.model.__dict__["_lte_gate_users"]
             restore_experts_implementation(self.model)
+        self.model = None
 
 
 class _NeuronGate:
@@ -385,7 +397,7 @@ class _NeuronGate:
         self._dispatch = _ExpertsDispatch(model)
         return self
 
-    def remove(self) -> None:
+    def remove(self) -> None:  # idempotent, as a hook handle's
         if self.site.host.__dict__.get("_lte") is self:
             del self.site.host.__dict__["_lte"]
         self._dispatch.remove()
