@@ -55,11 +55,13 @@ def upcycle(dense, experts: int, top_k: int, seed: int = 0):
     moe = MixtralForCausalLM(config).to(dense.dtype)
     weights = dense.state_dict()
     own = moe.state_dict()
+    ffn = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")  # copied into every expert below
     for name, value in weights.items():
-        if ".mlp." not in name:
-            if name not in own:  # a tensor Mixtral has no place for (attention or MLP biases)
-                raise ValueError(f"{name} has no counterpart in a Mixtral; this checkpoint cannot be upcycled here")
-            own[name].copy_(value)
+        if ".mlp." in name and name.rpartition(".mlp.")[2] in ffn:
+            continue
+        if name not in own:  # attention or MLP biases: Mixtral has no place for them
+            raise ValueError(f"{name} has no counterpart in a Mixtral; this checkpoint cannot be upcycled here")
+        own[name].copy_(value)
     for index, layer in enumerate(moe.model.layers):
         mlp = dense.model.layers[index].mlp
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # [2I, H]

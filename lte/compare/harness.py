@@ -378,8 +378,12 @@ def lte_method(run: Path, calibration: list[dict], allocation: str, device, expo
             open_blocks.append((block, block.__enter__()))
 
         def finish(module, args, output):
+            if not open_blocks:  # a pre-hook before start raised
+                return
             block, records = open_blocks.pop()
             block.__exit__(None, None, None)
+            if output is None:  # the forward raised: nothing to count
+                return
             for record in records:
                 if record.tokens is not None and record.layer in routed:
                     handle.count(routed[record.layer].index, record.scores > record.threshold, record.tokens)

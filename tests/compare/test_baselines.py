@@ -300,8 +300,6 @@ def test_methods_inside_routed_experts_count_over_the_selected_pairs_and_restore
                     del site.host.act_fn
                 assert model.config._experts_implementation == implementation  # the failed calibration undid it
                 continue
-            if (method, family) == ("cats", "gpt_oss"):
-                continue
             handle = apply(method, model, 0.0, calibration)
             torch.testing.assert_close(model(**calibration[0]).logits, dense[0], atol=1e-5, rtol=0)
             handle.remove()
@@ -324,3 +322,18 @@ def test_methods_inside_routed_experts_count_over_the_selected_pairs_and_restore
             assert all(abs(s - 0.5) < 0.03 for s in realized), (method, realized)
             kept = handle.ffn_flops_per_token() - handle.router_flops
             assert 0.3 * dense_ffn_flops_per_token(sites) < kept < 0.8 * dense_ffn_flops_per_token(sites)
+
+
+def test_pair_taps_inside_routed_experts_sample_at_one_stride_over_all_pairs():
+    """collect's down-projection inputs of routed experts: a row per (token, selected expert) pair, in the
+    order the experts ran; under a budget, every stride-th of those rows across all calls (experts, batches)."""
+    from lte.compare.baselines.sites import collect
+
+    model = tiny_moe("qwen3_moe")
+    calibration = batches(3)
+    tokens = sum(b["input_ids"].numel() for b in calibration)
+    full = collect(model, calibration, {"z": None})["z"]
+    sampled = collect(model, calibration, {"z": None}, max_tokens=tokens // 3)["z"]
+    assert [z.shape[0] for z in full] == [2 * tokens] * 2  # top-2: two rows per token
+    for every, some in zip(full, sampled, strict=True):
+        torch.testing.assert_close(some, every[::3])

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 from lte.export.thresholds import set_thresholds
 from lte.model.inject import load_lte
+from lte.model.layers import _collector
 from lte.tools.bench import run_counting_skips
 from lte.training.evaluate import evaluate_batches
 from moe_configs import BF16_VALIDATION_ERROR
@@ -244,6 +245,9 @@ def test_compare_runs_lte_and_the_baselines_inside_the_routed_experts(moe_run, t
         model(input_ids=ids)  # counted: the (token, selected expert) pairs after a 16-token prompt
     routed = [site for site in handle.sites if site.experts is not None]
     assert len(routed) == 2 and [int(handle._count[s.index]) for s in routed] == [2 * 16 * s.top_k for s in routed]
+    with pytest.raises(IndexError), torch.no_grad():  # a forward that raises (an id outside the vocabulary)
+        model(input_ids=torch.full((1, 4), 10**6))
+    assert _collector.get() is None  # closed the router records it had opened
     set_target(0.7)  # another target: the thresholds are tuned on the calibration batch, here the scored one
     tuned = score(model, model, handle, batches, prefix=0)["realized_sparsity"]
     assert abs(tuned - 0.7) < 0.05, tuned

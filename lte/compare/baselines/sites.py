@@ -286,7 +286,8 @@ def collect(
     ``max_tokens`` instead keeps the same tokens for every tap (rows stay aligned across taps).
     ``sites``: only these FFNs (default all); the lists follow their order. Routed experts: "input"
     has a row per token, "act" and "z" a row per (token, selected expert) pair, in the order the
-    experts ran, sampled at an even stride over all pairs (not aligned with "input")."""
+    experts ran, sampled at an even stride over all pairs (not aligned with "input"); the budgets
+    count tokens, so up to ``top_k`` times as many pair rows are kept."""
     sites = ffn_sites(model) if sites is None else sites
     out: dict[str, list[list[torch.Tensor]]] = {tap: [[] for _ in sites] for tap in taps}
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -307,7 +308,7 @@ def collect(
                 if transform is not None:
                     value = transform(site, value)
                 budget = max_tokens if max_tokens is not None else max(1, max_values // value.shape[-1])
-                stride = max(1, -(-tokens * (site.top_k if pairs else 1) // budget))
+                stride = max(1, -(-tokens // budget))  # budgets count tokens (pair taps: their k pairs each)
                 start = (-seen[0]) % stride if pairs else 0
                 seen[0] += value.shape[0]
                 out[tap][slot].append(value[start::stride].cpu())
