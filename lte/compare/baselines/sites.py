@@ -347,29 +347,6 @@ def layer_inputs(
     return out["input"][0], out["z"][0]
 
 
-class _ExpertsDispatch:
-    """Routes a model's experts modules through transformers' ``"lte"`` experts implementation while
-    any gate needs it, and gives the model back its own implementation when the last one is removed
-    (a calibration pass can run while a method's gates are installed)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        users = model.__dict__.setdefault("_lte_gate_users", [0])
-        if users[0] == 0:
-            use_lte_experts(model)
-        users[0] += 1
-
-    def remove(self) -> None:
-        if self.model is None:  # removed already
-            return
-        users = self.model.__dict__["_lte_gate_users"]
-        users[0] -= 1
-        if users[0] == 0:
-            del self.model.__dict__["_lte_gate_users"]
-            restore_experts_implementation(self.model)
-        self.model = None
-
-
 class _NeuronGate:
     """A method's keep-rule on one routed experts module, in the place of an LTE layer: transformers'
     ``"lte"`` experts implementation runs each selected expert on its tokens and calls :meth:`route`
@@ -391,17 +368,22 @@ class _NeuronGate:
             self.handle.count(self.site.index, keep, tokens)
 
     def install(self, model: nn.Module) -> _NeuronGate:
-        """Put the gate on its experts module; ``remove()`` takes it off."""
+        """Put the gate on its experts module, which then dispatches to the ``"lte"`` implementation;
+        ``remove()`` takes it off."""
         if "_lte" in self.site.host.__dict__:
             raise ValueError(f"{self.site.name} is already routed (an LTE layer or another method's rule)")
+        use_lte_experts(model)  # remembers the model's own implementation once, while gates are on
         self.site.host.__dict__["_lte"] = self
-        self._dispatch = _ExpertsDispatch(model)
+        self.model = model
         return self
 
-    def remove(self) -> None:  # idempotent, as a hook handle's
+    def remove(self) -> None:
+        """Idempotent, as a hook handle's. The last gate off (a calibration pass's gates can come and go
+        while a method's stay) gives the model back its own experts implementation."""
         if self.site.host.__dict__.get("_lte") is self:
             del self.site.host.__dict__["_lte"]
-        self._dispatch.remove()
+        if not any("_lte" in module.__dict__ for module in self.model.modules()):
+            restore_experts_implementation(self.model)
 
 
 def expert_activation(site: FFNSite, call: tuple[int, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
